@@ -1,0 +1,92 @@
+"""FlatParams: a client's trainable weights as ONE flat float32 buffer, so that one noise pass
+(hosl.noise.add_ on `.flat`) perturbs, restores or updates all of them in a single launch.
+
+Each parameter keeps its identity (the same nn.Parameter object, requires_grad and all) but its
+data becomes a view into the buffer. Noise position j of the buffer is element j of `.flat`, so a
+parameter's noise is fixed by the seed and its place in the buffer.
+
+Two parameters that are the same tensor (tied weights, listed twice or held by two modules) are
+stored once and stay tied. A bfloat16 or float16 parameter becomes a float32 master copy (its
+value is unchanged): a zeroth-order update (about lr * projected gradient, often ~1e-6 relative)
+is far below a bfloat16 ulp and would round away, and a +mu / -mu perturbation applied in place in
+low precision does not undo exactly. Run the forward of such a model under
+`torch.autocast(device_type, dtype=flat.compute_dtype)` to keep low-precision compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FlatParams:
+    """Packs parameters into one contiguous float32 tensor `.flat` and makes each a view of it.
+
+    Attributes:
+        flat: the float32 buffer, 1-D and contiguous.
+        params: the distinct parameters, in buffer order.
+        offsets: start of each parameter of `params` in `flat`.
+        dtypes: each parameter's dtype before packing.
+        compute_dtype: the lowest precision among those dtypes (float32 if all were float32).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self.params: list[torch.Tensor] = []
+        self.dtypes: list[torch.dtype] = []
+        aliases: list[list[torch.Tensor]] = []
+        keys: dict[tuple, int] = {}
+        seen: set[int] = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"FlatParams takes tensors (parameters); got {type(p).__name__}")
+            if p.dtype not in _FLOATS:
+                raise TypeError(f"FlatParams packs float32, bfloat16 or float16 parameters; got {p.dtype}")
+            # The same storage seen through another Parameter object is a tie, not a second weight.
+            key = (p.device, p.data_ptr(), p.dtype, tuple(p.shape), p.stride())
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if key in keys and p.numel() > 0:
+                aliases[keys[key]].append(p)
+                continue
+            keys[key] = len(self.params)
+            self.params.append(p)
+            self.dtypes.append(p.dtype)
+            aliases.append([p])
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"FlatParams needs all parameters on one device; got {sorted(map(str, devices))}")
+        device = devices.pop() if devices else torch.device("cpu")
+
+        self.offsets: list[int] = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.flat = torch.empty(total, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for p, start, group in zip(self.params, self.offsets, aliases):
+                view = self.flat[start : start + p.numel()].view(p.shape)
+                view.copy_(p.detach())
+                for q in group:
+                    q.data = view
+        low = [d for d in self.dtypes if d != torch.float32]
+        self.compute_dtype = torch.bfloat16 if torch.bfloat16 in low else (low[0] if low else torch.float32)
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel()
+
+    def __len__(self) -> int:
+        return self.flat.numel()
+
+    def segments(self) -> Iterable[tuple[torch.Tensor, int, int]]:
+        """(parameter, start, end) for each distinct parameter, in buffer order."""
+        for p, start in zip(self.params, self.offsets):
+            yield p, start, start + p.numel()
+
+    def __repr__(self) -> str:
+        return f"FlatParams({len(self.params)} tensors, {self.numel} float32 elements on {self.flat.device})"

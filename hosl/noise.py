@@ -1,0 +1,217 @@
+"""The seeded noise primitive: every zeroth-order weight write in hosl goes through `add_`.
+
+    add_(x, seeds, scales, offset=o):  x[i] += sum_k scales[k] * z(seeds[k], o + i)   (x viewed flat)
+
+z(seed, j) is a standard normal fixed by the seed and the position j alone (Philox4x32-10 and
+Box-Muller; hosl/reference.py gives the exact recipe). It is regenerated inside the kernel and
+never stored, so a perturbation, a restore, or a restore plus an update over many probes costs one
+read and one write of x. The sum is taken in float32, in the order of the terms, and rounded once
+(to nearest even) into x's dtype.
+
+Backends, all bit-identical:
+
+* "cpp": the C++ CPU kernel in hosl._C, multithreaded (torch.get_num_threads() threads).
+* "triton": the Triton kernel, for CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
+  before Triton was imported.
+* "torch": the pure-PyTorch reference, any device; slow, used by tests and as the last fallback.
+
+backend=None picks "triton" for CUDA tensors and "cpp" for CPU tensors, falling back to "torch"
+when those cannot run; the environment variable HOSL_NOISE_BACKEND forces one backend for every call
+that does not name its own.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+
+import torch
+
+from hosl import _ext
+from hosl import reference as _reference
+
+BACKENDS = ("torch", "cpp", "triton")
+MAX_TERMS = 64
+SEED_LIMIT = 1 << 63
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ENV = "HOSL_NOISE_BACKEND"
+# Philox counters per Triton program. Under the interpreter each program costs a Python-level
+# trip through the kernel, so programs are made large.
+_TRITON_BLOCK_GPU = 256
+_TRITON_BLOCK_INTERPRETER = 1 << 16
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested noise backend cannot run here; the message says why."""
+
+
+def _triton_kernels():
+    """hosl.kernels and whether it was compiled for the interpreter, or BackendUnavailableError."""
+    try:
+        from hosl import kernels
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the triton backend needs Triton, which did not import ({exc})") from exc
+    interpreted = type(kernels.noise._noise_kernel).__name__ == "InterpretedFunction"
+    return kernels, interpreted
+
+
+def _why_not(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, not {device.type}"
+        if _ext._C is None:
+            return f"the cpp backend needs the compiled extension hosl._C, which did not load ({_ext.load_error})"
+        return None
+    try:
+        _, interpreted = _triton_kernels()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    if device.type == "cuda" or (device.type == "cpu" and interpreted):
+        return None
+    if device.type == "cpu":
+        return "Triton needs a CUDA tensor, or TRITON_INTERPRET=1 in the environment before Triton is imported"
+    return f"the triton backend runs on CUDA tensors, not {device.type}"
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """For each backend, None if it can run on `device`, else why not."""
+    device = torch.device(device)
+    return {name: _why_not(name, device) for name in BACKENDS}
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """The backend a call would use on `device`: `backend`, else $HOSL_NOISE_BACKEND, else the
+    fastest one that can run. Raises BackendUnavailableError for a named backend that cannot."""
+    device = torch.device(device)
+    named = backend if backend is not None else os.environ.get(_ENV) or None
+    if named is not None:
+        if named not in BACKENDS:
+            source = "backend" if backend is not None else _ENV
+            raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {named!r}")
+        reason = _why_not(named, device)
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+        return named
+    preferred = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    return next(name for name in preferred if _why_not(name, device) is None)
+
+
+def _check_seeds(seeds) -> list[int]:
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype != torch.int64 or seeds.dim() != 1:
+            raise TypeError(f"seeds must be a 1-D int64 tensor or a sequence of ints; got {seeds.dtype} {seeds.dim()}-D")
+        values = seeds.tolist()
+    elif isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)):
+        values = list(seeds)
+    else:
+        raise TypeError(f"seeds must be a sequence of ints or a 1-D int64 tensor; got {type(seeds).__name__}")
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"seeds must be ints; got {s!r}")
+        if not 0 <= s < SEED_LIMIT:
+            raise ValueError(f"seeds must be in [0, 2**63); got {s}")
+    if not 1 <= len(values) <= MAX_TERMS:
+        raise ValueError(f"add_ takes 1 to {MAX_TERMS} terms; got {len(values)} seeds")
+    return [int(s) for s in values]
+
+
+def _check_scales(scales, count: int) -> torch.Tensor:
+    if isinstance(scales, torch.Tensor):
+        if scales.dtype != torch.float32 or scales.dim() != 1:
+            raise TypeError(f"scales must be a 1-D float32 tensor or a sequence of floats; got {scales.dtype}")
+        values = scales.detach().cpu()
+    elif isinstance(scales, Sequence) and not isinstance(scales, (str, bytes)):
+        for c in scales:
+            if isinstance(c, bool) or not isinstance(c, numbers.Real):
+                raise TypeError(f"scales must be real numbers; got {c!r}")
+        values = torch.tensor([float(c) for c in scales], dtype=torch.float32)
+    else:
+        raise TypeError(f"scales must be a sequence of floats or a 1-D float32 tensor; got {type(scales).__name__}")
+    if values.numel() != count:
+        raise ValueError(f"got {count} seeds but {values.numel()} scales")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"scales must be finite; got {values.tolist()}")
+    return values
+
+
+def _check_offset(offset, n: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0; got {offset!r}")
+    if offset + n > SEED_LIMIT:
+        raise ValueError(f"offset + numel must be <= 2**63; got {offset} + {n}")
+    return int(offset)
+
+
+def add_(
+    x: torch.Tensor,
+    seeds: Sequence[int] | torch.Tensor,
+    scales: Sequence[float] | torch.Tensor,
+    *,
+    offset: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """In place, for contiguous x viewed flat: x[i] += sum_k scales[k] * z(seeds[k], offset + i).
+
+    x: float32, bfloat16 or float16. seeds: 1 to 64 ints in [0, 2**63). scales: as many finite
+    floats. Computed in float32 and rounded once into x's dtype. Returns x.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x must be float32, bfloat16 or float16; got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"x must be contiguous (noise positions follow memory order); got shape {tuple(x.shape)} "
+            f"with strides {x.stride()}: apply add_ to a contiguous copy and copy it back"
+        )
+    seed_list = _check_seeds(seeds)
+    scale_t = _check_scales(scales, len(seed_list))
+    offset = _check_offset(offset, x.numel())
+    name = resolve_backend(backend, x.device)
+    if x.numel() == 0:
+        return x
+    if name == "cpp":
+        _ext._C.add_noise(
+            x.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], seed_list, scale_t.tolist(), offset, torch.get_num_threads()
+        )
+    elif name == "triton":
+        kernels, interpreted = _triton_kernels()
+        seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=x.device)
+        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+        with torch.no_grad():
+            kernels.add_noise_(x, seeds_t, scale_t.to(x.device), offset, block)
+    else:
+        with torch.no_grad():
+            _reference.add_(x, seed_list, scale_t, offset)
+        return x
+    # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
+    torch.autograd.graph.increment_version(x)
+    return x
+
+
+def gaussian(
+    n: int, seed: int, *, offset: int = 0, device: torch.device | str = "cpu", backend: str | None = None
+) -> torch.Tensor:
+    """z(seed, offset), ..., z(seed, offset + n - 1) as a new float32 tensor on `device`."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0; got {n!r}")
+    (seed,) = _check_seeds([seed])
+    offset = _check_offset(offset, n)
+    device = torch.device(device)
+    name = resolve_backend(backend, device)
+    if name == "torch":
+        return _reference.gaussian(n, seed, offset, device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    if name == "cpp":
+        _ext._C.gaussian(out.data_ptr(), n, seed, offset, torch.get_num_threads())
+    else:
+        kernels, interpreted = _triton_kernels()
+        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+        kernels.gaussian_(out, torch.tensor([seed], dtype=torch.int64, device=device), offset, block)
+    return out
