@@ -68,7 +68,7 @@ inline float load_as_float(const void* x, int64_t i, DType dtype) {
 
 // Rounds once, from the float accumulator into x's dtype.
 template <DType kDType>
-void store_tile(void* x, int64_t first, const float* acc, int count) {
+inline void store_tile(void* x, int64_t first, const float* acc, int count) {
   if constexpr (kDType == DType::kFloat32) {
     std::memcpy(static_cast<float*>(x) + first, acc, sizeof(float) * count);
   } else {

@@ -63,11 +63,11 @@ inline uint32_t float_as_bits(float f) {
 // Natural log of u in [2^-24, 1] (always a normal float here).
 inline float log_unit(float u) {
   const uint32_t bits = float_as_bits(u);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-  uint32_t mbits = (bits & 0x007FFFFFu) | 0x3F800000u;  // mantissa m in [1, 2)
-  const bool big = mbits > kSqrt2Bits;                   // keep m in [sqrt(2)/2, sqrt(2)]
-  mbits = big ? mbits - 0x00800000u : mbits;
-  e = big ? e + 1 : e;
+  // Arithmetic instead of branches or selects, so that the tile loops vectorise.
+  uint32_t mbits = (bits & 0x007FFFFFu) | 0x3F800000u;             // mantissa m in [1, 2)
+  const uint32_t big = static_cast<uint32_t>(mbits > kSqrt2Bits);  // keep m in [sqrt(2)/2, sqrt(2)]
+  mbits -= big << 23;
+  const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + static_cast<int32_t>(big);
   const float f = bits_as_float(mbits) - 1.0f;  // exact (Sterbenz)
   const float s = f / (2.0f + f);
   const float z = s * s;
@@ -101,8 +101,15 @@ inline void box_muller(uint32_t a, uint32_t b, float* z_cos, float* z_sin) {
   const float pc3 = kC2 + a2 * pc2;
   const float pc4 = kC1 + a2 * pc3;
   const float cs = 1.0f + a2 * pc4;
-  const float cos_t = q == 0 ? cs : (q == 1 ? -sn : (q == 2 ? -cs : sn));
-  const float sin_t = q == 0 ? sn : (q == 1 ? cs : (q == 2 ? -sn : -cs));
+  // Rotate by the quadrant: odd quadrants swap cos and sin; cos is negated in quadrants 1 and 2,
+  // sin in 2 and 3. Negation flips the sign bit, exactly what unary minus does.
+  const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
+  const uint32_t cs_bits = float_as_bits(cs);
+  const uint32_t sn_bits = float_as_bits(sn);
+  const uint32_t neg_cos = static_cast<uint32_t>((q ^ (q >> 1)) & 1) << 31;
+  const uint32_t neg_sin = static_cast<uint32_t>(q >> 1) << 31;
+  const float cos_t = bits_as_float(((cs_bits & ~swap) | (sn_bits & swap)) ^ neg_cos);
+  const float sin_t = bits_as_float(((sn_bits & ~swap) | (cs_bits & swap)) ^ neg_sin);
   *z_cos = radius * cos_t;
   *z_sin = radius * sin_t;
 }
