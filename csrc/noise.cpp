@@ -118,7 +118,8 @@ void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* s
   }
   // Chunk boundaries fall on multiples of 4 * kTile positions so that no tile is computed twice.
   const int64_t quantum = 4 * kTile;
-  const int64_t chunk = (n / threads + quantum - 1) / quantum * quantum;
+  const int64_t per_thread = (n + threads - 1) / threads;
+  const int64_t chunk = (per_thread + quantum - 1) / quantum * quantum;
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
   for (int t = 1; t < threads; ++t) {

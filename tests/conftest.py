@@ -1,0 +1,22 @@
+"""Test tiers: plain CPU (always), `interpreter` (Triton on the CPU; its own process with
+TRITON_INTERPRET=1), `gpu` (needs CUDA), `slow` (needs --runslow)."""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for item in items:
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(pytest.mark.skip(reason="Triton interpreter tier: run with TRITON_INTERPRET=1 -m interpreter"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))

@@ -1,0 +1,295 @@
+"""hosl.noise on the CPU: the cpp backend bit for bit against the torch reference, the reference
+against an independent numpy Philox and float64 Box-Muller, the law of z, and input checks."""
+
+import numpy as np
+import pytest
+import torch
+from _numpy_philox import gaussian_float64, philox4x32_10, words
+from scipy import stats
+
+from hosl import _ext, noise, reference
+
+SEEDS = [0, 1, 2**32 + 7, 2**63 - 1]
+OFFSETS = [0, 3, 2**33 + 1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
+    diff = (ia != ib).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].item()}: {a[diff[0]]} vs {b[diff[0]]}"
+
+
+# ---------------------------------------------------------------- the reference's integers and math
+
+
+def test_numpy_philox_known_answers():
+    # Random123's known-answer vectors for philox4x32-10.
+    out = philox4x32_10(0, 0, 0, 0, 0, 0)
+    assert [int(v) for v in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    f = 0xFFFFFFFF
+    out = philox4x32_10(f, f, f, f, f, f)
+    assert [int(v) for v in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    out = philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    assert [int(v) for v in out] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reference_philox_matches_numpy(seed):
+    rng = np.random.default_rng(seed % 1000)
+    counters = np.concatenate([np.arange(0, 1000), rng.integers(0, 2**61, 1000), [2**32 - 1, 2**32, 2**61 - 1]])
+    got = reference.philox(torch.from_numpy(counters.astype(np.int64)), seed)
+    want, _ = words(seed, counters.astype(np.uint64) * 4)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy().astype(np.uint64), w)
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2**63 - 1, 2**33 + 1), (12345, 7)])
+def test_reference_close_to_float64_box_muller(seed, offset):
+    n = 200_003
+    z = reference.gaussian(n, seed, offset).double().numpy()
+    exact = gaussian_float64(seed, offset, n)
+    # log, sin and cos are polynomials and every step rounds in float32: a few float32 ulps.
+    err = np.abs(z - exact)
+    assert err.max() <= 8 * np.finfo(np.float32).eps * np.maximum(1.0, np.abs(exact)).max()
+    assert np.median(err / np.maximum(np.abs(exact), 1e-3)) < 2 * np.finfo(np.float32).eps
+
+
+# ------------------------------------------------------------------------ cpp == torch, bit for bit
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gaussian_cpp_bit_identical(seed, offset):
+    n = 1 << 20
+    assert_bits_equal(
+        noise.gaussian(n, seed, offset=offset, backend="cpp"), noise.gaussian(n, seed, offset=offset, backend="torch")
+    )
+
+
+@pytest.mark.parametrize("terms", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_cpp_bit_identical(dtype, terms):
+    n = 100_003
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(terms)) * 0.05).to(dtype)
+    seeds = [2**40 + 17 * k for k in range(terms)]
+    scales = [(-1) ** k * 10 ** -(k % 4) for k in range(terms)]
+    a, b = x.clone(), x.clone()
+    noise.add_(a, seeds, scales, offset=5, backend="cpp")
+    noise.add_(b, seeds, scales, offset=5, backend="torch")
+    assert_bits_equal(a, b)
+    assert not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_add_rounds_once_to_nearest_even(backend, dtype):
+    # Independent of reference.add_: sum in float32 with plain torch ops, then one cast (torch
+    # rounds to nearest even).
+    n = 50_001
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(3)) * 4 - 2).to(dtype)
+    seeds, scales = [11, 12], [0.3, -0.02]
+    expected = x.float()
+    for s, c in zip(seeds, scales):
+        expected = expected + torch.tensor(c, dtype=torch.float32) * noise.gaussian(n, s, offset=9, backend="torch")
+    got = noise.add_(x.clone(), seeds, scales, offset=9, backend=backend)
+    assert_bits_equal(got, expected.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_special_values_survive(dtype):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 65504.0], dtype=torch.float32)
+    x = x.to(dtype)
+    for backend in ("cpp", "torch"):
+        y = noise.add_(x.clone(), [1], [1e-3], backend=backend)
+        assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf")
+        assert torch.isfinite(y[3:]).all() or dtype == torch.float16  # 65504 + noise may round to inf in fp16
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 255, 256, 257, 1009, 4097, 65_537])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 1021])
+def test_shapes(n, offset):
+    assert_bits_equal(
+        noise.gaussian(n, 99, offset=offset, backend="cpp"), noise.gaussian(n, 99, offset=offset, backend="torch")
+    )
+    x = torch.linspace(-1, 1, n)
+    assert_bits_equal(
+        noise.add_(x.clone(), [5, 6], [0.5, 0.25], offset=offset, backend="cpp"),
+        noise.add_(x.clone(), [5, 6], [0.5, 0.25], offset=offset, backend="torch"),
+    )
+
+
+def test_multidimensional_x_is_viewed_flat():
+    x = torch.zeros(3, 5, 7)
+    noise.add_(x, [4], [1.0], offset=2)
+    assert_bits_equal(x.view(-1), noise.gaussian(105, 4, offset=2))
+
+
+# ---------------------------------------------------------------------- independence of the split
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_gaussian_independent_of_chunking(backend):
+    n, seed = 300_007, 2**62 + 5
+    whole = noise.gaussian(n, seed, backend=backend)
+    cuts = [0, 1, 2, 7, 4096, 4099, 100_000, 250_001, n]
+    pieces = [noise.gaussian(b - a, seed, offset=a, backend=backend) for a, b in zip(cuts, cuts[1:])]
+    assert_bits_equal(whole, torch.cat(pieces))
+
+
+def test_cpp_independent_of_thread_count():
+    _C = _ext.require("this test")
+    n = (1 << 20) + 13
+    results = []
+    for threads in (1, 2, 3, 7):
+        out = torch.empty(n)
+        _C.gaussian(out.data_ptr(), n, 77, 3, threads)
+        x = torch.linspace(-1, 1, n, dtype=torch.bfloat16)
+        _C.add_noise(x.data_ptr(), n, 1, [1, 2, 3], [0.1, -0.2, 0.3], 3, threads)
+        results.append((out, x))
+    for out, x in results[1:]:
+        assert_bits_equal(out, results[0][0])
+        assert_bits_equal(x, results[0][1])
+
+
+# ------------------------------------------------------------------------------------- the z law
+
+
+def test_moments_and_ks():
+    z = noise.gaussian(1_000_000, 2024).double()
+    assert abs(z.mean().item()) < 0.005
+    assert abs(z.std().item() - 1) < 0.005
+    result = stats.kstest(z.numpy(), "norm")
+    assert result.pvalue > 0.01, result
+    # Tails: P(|z| > 3) = 0.0026998; four standard errors of slack.
+    tail = (z.abs() > 3).double().mean().item()
+    assert abs(tail - 0.0026998) < 4 * (0.0027 / 1e6) ** 0.5
+
+
+def test_lanes_counters_and_seeds_uncorrelated():
+    n = 1 << 20
+    z = noise.gaussian(n, 7).double().view(-1, 4)  # rows: counters, columns: lanes
+    bound = 5 / (n // 4) ** 0.5
+    corr = torch.corrcoef(z.T)
+    assert (corr - torch.eye(4, dtype=torch.float64)).abs().max() < bound
+    for lane in range(4):  # the same lane at neighbouring counters
+        c = torch.corrcoef(torch.stack([z[:-1, lane], z[1:, lane]]))[0, 1]
+        assert abs(c) < bound
+    # Seeds that differ in one bit, low or high word, and seeds far apart.
+    base = noise.gaussian(n, 7).double()
+    for other in (6, 7 + 2**32, 2**63 - 1):
+        c = torch.corrcoef(torch.stack([base, noise.gaussian(n, other).double()]))[0, 1]
+        assert abs(c) < 5 / n**0.5
+
+
+# ---------------------------------------------------------------------------- in-place round trip
+
+
+def test_round_trip_fp32():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1 << 16, generator=g) * 0.02
+    mu = 1e-3
+    x = x0.clone()
+    noise.add_(x, [42], [mu])
+    assert not torch.equal(x, x0)
+    noise.add_(x, [42], [-mu])
+    # (x + p) - p with p = mu z rounded once: within one ulp of the larger of |x| and |p|.
+    p = mu * noise.gaussian(x.numel(), 42).abs()
+    ulp = torch.finfo(torch.float32).eps * torch.maximum(x0.abs(), p)
+    assert ((x - x0).abs() <= ulp).all()
+
+
+def test_round_trip_drift_over_1000_cycles():
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4096, generator=g) * 0.02
+    x = x0.clone()
+    mu = 1e-3
+    for step in range(1000):
+        noise.add_(x, [step], [mu])
+        noise.add_(x, [step], [-mu])
+    # Each cycle adds at most one rounding error of about ulp(|x| + mu |z|), a random walk.
+    # Measured on this data: max |drift| 8.8e-8, mean 2.1e-9 (about one ulp of a typical weight).
+    # Bound: 1e-6, a thousandth of mu and a third of 1000 worst-case ulps at |x| = 0.05.
+    drift = (x - x0).abs()
+    assert drift.max().item() < 1e-6
+    assert drift.mean().item() < 1e-8
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def test_errors():
+    x = torch.zeros(10)
+    with pytest.raises(ValueError, match="contiguous"):
+        noise.add_(torch.zeros(4, 4).t(), [1], [1.0])
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63\)"):
+        noise.add_(x, [-1], [1.0])
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63\)"):
+        noise.add_(x, [2**63], [1.0])
+    with pytest.raises(ValueError, match="1 to 64"):
+        noise.add_(x, list(range(65)), [1.0] * 65)
+    with pytest.raises(ValueError, match="1 to 64"):
+        noise.add_(x, [], [])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        noise.add_(torch.zeros(10, dtype=torch.int32), [1], [1.0])
+    with pytest.raises(ValueError, match="2 seeds but 1 scales"):
+        noise.add_(x, [1, 2], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        noise.add_(x, [1], [float("nan")])
+    with pytest.raises(TypeError, match="ints"):
+        noise.add_(x, [1.5], [1.0])
+    with pytest.raises(TypeError, match="int64"):
+        noise.add_(x, torch.tensor([1], dtype=torch.int32), [1.0])
+    with pytest.raises(ValueError, match="offset"):
+        noise.add_(x, [1], [1.0], offset=-1)
+    with pytest.raises(ValueError, match="offset"):
+        noise.add_(x, [1], [1.0], offset=2**63 - 5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        noise.add_(x, [1], [1.0], backend="cuda")
+    with pytest.raises(ValueError, match="n must be"):
+        noise.gaussian(-1, 0)
+    assert torch.equal(x, torch.zeros(10)), "a rejected call must not touch x"
+
+
+def test_tensor_seeds_and_scales_accepted():
+    a = noise.add_(torch.zeros(100), torch.tensor([3, 4]), torch.tensor([0.5, 2.0]))
+    b = noise.add_(torch.zeros(100), [3, 4], [0.5, 2.0])
+    assert_bits_equal(a, b)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("HOSL_NOISE_BACKEND", raising=False)
+    assert noise.resolve_backend(None, "cpu") == "cpp"
+    monkeypatch.setenv("HOSL_NOISE_BACKEND", "torch")
+    assert noise.resolve_backend(None, "cpu") == "torch"
+    assert noise.resolve_backend("cpp", "cpu") == "cpp"  # an explicit backend wins
+    monkeypatch.setenv("HOSL_NOISE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="HOSL_NOISE_BACKEND"):
+        noise.resolve_backend(None, "cpu")
+
+
+def test_unusable_backend_says_why(monkeypatch):
+    with pytest.raises(noise.BackendUnavailableError, match="CPU tensors"):
+        noise.resolve_backend("cpp", "meta")
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "load_error", "ImportError: simulated")
+    with pytest.raises(noise.BackendUnavailableError, match="hosl._C.*simulated"):
+        noise.add_(torch.zeros(4), [1], [1.0], backend="cpp")
+    assert noise.resolve_backend(None, "cpu") == "torch"  # automatic choice falls back
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    kernels, interpreted = noise._triton_kernels()
+    if interpreted:
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1")
+    with pytest.raises(noise.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        noise.add_(torch.zeros(4), [1], [1.0], backend="triton")
+
+
+def test_add_bumps_autograd_version():
+    x = torch.zeros(8)
+    before = x._version
+    noise.add_(x, [1], [1.0], backend="cpp")
+    assert x._version > before
