@@ -25,7 +25,8 @@ def report() -> str:
         f"hosl {hosl.__version__} at {os.path.dirname(hosl.__file__)}",
         f"python {platform.python_version()} ({sys.executable}) on {platform.platform()}",
         f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}",
-        "hosl._C: " + ("loaded from " + _ext._C.__file__ if _ext._C is not None else f"NOT loaded ({_ext.load_error})"),
+        "hosl._C: "
+        + ("loaded from " + _ext._C.__file__ if _ext._C is not None else f"NOT loaded ({_ext.load_error})"),
         f"cpu threads: {torch.get_num_threads()} (torch.get_num_threads)",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}, "
         f"HOSL_NOISE_BACKEND={os.environ.get('HOSL_NOISE_BACKEND', '')!r}",

@@ -103,7 +103,9 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
 def _check_seeds(seeds) -> list[int]:
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype != torch.int64 or seeds.dim() != 1:
-            raise TypeError(f"seeds must be a 1-D int64 tensor or a sequence of ints; got {seeds.dtype} {seeds.dim()}-D")
+            raise TypeError(
+                f"seeds must be a 1-D int64 tensor or a sequence of ints; got {seeds.dtype} {seeds.dim()}-D"
+            )
         values = seeds.tolist()
     elif isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)):
         values = list(seeds)
@@ -176,7 +178,13 @@ def add_(
         return x
     if name == "cpp":
         _ext._C.add_noise(
-            x.data_ptr(), x.numel(), _DTYPE_CODES[x.dtype], seed_list, scale_t.tolist(), offset, torch.get_num_threads()
+            x.data_ptr(),
+            x.numel(),
+            _DTYPE_CODES[x.dtype],
+            seed_list,
+            scale_t.tolist(),
+            offset,
+            torch.get_num_threads(),
         )
     elif name == "triton":
         kernels, interpreted = _triton_kernels()

@@ -15,7 +15,9 @@ def pytest_collection_modifyitems(config, items):
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "interpreter" in item.keywords and not interpreted:
-            item.add_marker(pytest.mark.skip(reason="Triton interpreter tier: run with TRITON_INTERPRET=1 -m interpreter"))
+            item.add_marker(
+                pytest.mark.skip(reason="Triton interpreter tier: run with TRITON_INTERPRET=1 -m interpreter")
+            )
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slow" in item.keywords and not config.getoption("--runslow"):

@@ -43,7 +43,9 @@ def logits(model, autocast_dtype=None):
         return model(input_ids=INPUT).logits.float()
 
 
-@pytest.mark.parametrize("make", [gpt2, lambda: llama(True), lambda: llama(False)], ids=["gpt2", "llama-tied", "llama"])
+@pytest.mark.parametrize(
+    "make", [gpt2, lambda: llama(True), lambda: llama(False)], ids=["gpt2", "llama-tied", "llama"]
+)
 def test_packing_keeps_outputs_state_and_ties(make):
     model = make()
     before_logits = logits(model)
@@ -77,7 +79,7 @@ def test_offsets_match_noise_positions():
     noise.add_(flat.flat, [3], [1.0])
     # Perturbing the whole buffer equals perturbing each parameter at its own offset.
     model2 = gpt2()
-    for p, start, end in FlatParams(model2.parameters()).segments():
+    for p, start, _end in FlatParams(model2.parameters()).segments():
         noise.add_(p.data, [3], [1.0], offset=start)
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name

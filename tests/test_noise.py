@@ -19,7 +19,9 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor):
     assert a.dtype == b.dtype and a.shape == b.shape
     ia, ib = a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype])
     diff = (ia != ib).nonzero()
-    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].item()}: {a[diff[0]]} vs {b[diff[0]]}"
+    assert diff.numel() == 0, (
+        f"{diff.numel()} elements differ, first at {diff[0].item()}: {a[diff[0]]} vs {b[diff[0]]}"
+    )
 
 
 # ---------------------------------------------------------------- the reference's integers and math

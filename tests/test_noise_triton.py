@@ -8,7 +8,6 @@ from test_noise import DTYPES, OFFSETS, SEEDS, assert_bits_equal
 
 from hosl import noise, reference
 
-
 tiers = [pytest.param("cpu", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
