@@ -57,8 +57,8 @@ void gaussian(uintptr_t out_ptr, int64_t n, uint64_t seed, uint64_t offset, int 
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hosl's compiled kernels: CPU noise (Philox4x32-10 + Box-Muller) and, later, the split boundary.";
-  m.def("add_noise", &add_noise, py::arg("x_ptr"), py::arg("n"), py::arg("dtype"), py::arg("seeds"),
-        py::arg("scales"), py::arg("offset"), py::arg("num_threads"),
+  m.def("add_noise", &add_noise, py::arg("x_ptr"), py::arg("n"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
+        py::arg("offset"), py::arg("num_threads"),
         "x[i] += sum_k scales[k] * z(seeds[k], offset + i) in place on n contiguous elements at x_ptr "
         "(dtype 0 float32, 1 bfloat16, 2 float16), accumulated in float32 and rounded once.");
   m.def("gaussian", &gaussian, py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"),

@@ -13,7 +13,7 @@ namespace hosl {
 namespace noise {
 namespace {
 
-constexpr int kTile = 64;                  // Philox counters per tile: 256 normals, 1 KiB of floats
+constexpr int kTile = 64;                   // Philox counters per tile: 256 normals, 1 KiB of floats
 constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more than it saves
 
 // The 4 * kTile normals of counters [counter0, counter0 + kTile), interleaved: z[4 * i + lane].
@@ -73,7 +73,8 @@ inline void store_tile(void* x, int64_t first, const float* acc, int count) {
     std::memcpy(static_cast<float*>(x) + first, acc, sizeof(float) * count);
   } else {
     uint16_t* out = static_cast<uint16_t*>(x) + first;
-    for (int j = 0; j < count; ++j) out[j] = kDType == DType::kBFloat16 ? float_to_bf16(acc[j]) : float_to_fp16(acc[j]);
+    for (int j = 0; j < count; ++j)
+      out[j] = kDType == DType::kBFloat16 ? float_to_bf16(acc[j]) : float_to_fp16(acc[j]);
   }
 }
 
@@ -108,8 +109,8 @@ void add_noise_range(void* x, int64_t begin, int64_t end, const uint64_t* seeds,
 }
 
 template <DType kDType>
-void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* scales, int num_terms,
-                       uint64_t offset, bool accumulate, int num_threads) {
+void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* scales, int num_terms, uint64_t offset,
+                       bool accumulate, int num_threads) {
   const int64_t most = std::max<int64_t>(1, n / kMinPerThread);
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), most));
   if (threads == 1) {
