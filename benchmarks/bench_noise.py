@@ -1,0 +1,518 @@
+"""Noise passes: hosl.noise.add_ against the MeZO way of regenerating the noise with torch.normal.
+
+What is measured (bench field of each record):
+
+* pass: one in-place noise pass, x += scale * z(seed), one term.
+    - hosl-cpp: hosl.noise.add_ on the C++ CPU backend with torch.get_num_threads() threads;
+    - hosl-triton: hosl.noise.add_ on the Triton backend, on CUDA when a GPU is present;
+    - mezo: the baseline, `mezo_perturb_` below: torch.manual_seed(seed), then for each tensor
+      z = torch.normal(...) and p.data.add_(z, alpha=scale), as MeZO (Malladi et al., 2023) does.
+  Cases: one flat float32 buffer of 1M, 16M and 64M floats (--quick: 1M and 4M), and the weights of
+  an OPT-125M-shaped client: embed_tokens, embed_positions and the first 3 decoder layers of a randomly
+  initialised transformers.OPTForCausalLM(OPTConfig()) (--quick: hidden 256, 4 heads, ffn 1024,
+  vocab 8192). hosl runs on them packed into one buffer by hosl.FlatParams; MeZO loops over the
+  individual parameters.
+* zo_step: the noise cost of one whole ZO-SGD step with Q=1 probe on the client, forward passes left
+  out. MeZO: 4 regenerating passes (+mu, -2mu, +mu to restore, -lr*g to update). hosl: 3 add_ calls
+  (+mu, -2mu, then mu - lr*g: the restore and the update merged into one pass).
+* copy (CUDA only): dst.copy_(src) on a large buffer, the device's copy bandwidth; the GPU rows report
+  the fraction of it that each method reaches.
+
+Timing. CPU: time.perf_counter around single calls after 2 warm-up calls, one method after the
+other (time_cpu says why they are not alternated); median and min of --repeats. CUDA:
+triton.testing.do_bench (it picks its own number of runs and clears the L2 cache before each;
+--repeats does not apply); median and min. GB/s counts the bytes of x alone, one read and one write per pass, for both methods, so MeZO's extra
+traffic (writing z, reading it back) shows as lower GB/s.
+
+Memory, beyond x itself (peak_extra_bytes, peak_extra_source says how it was obtained):
+
+* measured, CPU: in a fresh subprocess (this script with a hidden flag) per case, method and bench,
+  the tensors are built and touched and a tiny warm-up runs; then the peak-RSS counter is reset
+  (writing 5 to /proc/self/clear_refs), one pass or step runs, and VmHWM minus the RSS before it is
+  recorded. Page-granular: a few KiB (thread stacks, small tensors) is noise. None (n/a) where the
+  reset is not allowed, since a stale high-water mark would hide the allocation.
+* measured, CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before, over one call.
+* accounted (peak_extra_accounted_bytes): hosl 0 by design (z lives in registers, never in memory);
+  MeZO the z tensors alive at once. `z = torch.normal(...)` inside a loop allocates the next z before
+  the name z lets go of the previous one, so that is the largest two consecutive z.
+
+Run from the repository root:
+
+    python benchmarks/bench_noise.py --quick    # small sizes, about a minute on 2 cores
+    python benchmarks/bench_noise.py            # full sizes; use an idle machine
+
+Writes one JSON object per measurement to benchmarks/results/bench_noise.jsonl (--quick:
+bench_noise_quick.jsonl), overwritten each run, and prints a table to stdout (progress to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hosl
+from hosl import noise
+
+REPO = Path(__file__).resolve().parent.parent
+MU = 1e-3  # perturbation scale
+LR_G = 1e-6 * 0.37  # lr times a projected gradient, for the update term; its value does not change the cost
+SEED = 20240601
+CLIENT_LAYERS = 3
+WARMUP = 2
+MIB = 1 << 20
+# A measured CPU delta under this counts as "no extra memory": page and thread-stack noise, far below
+# any z (the smallest case's z is 4 MiB).
+NOISE_FLOOR_BYTES = 1 * MIB
+
+METHODS = {"cpu": "hosl-cpp", "cuda": "hosl-triton"}
+MEZO = "mezo"
+
+
+# --------------------------------------------------------------------------------------------------
+# The two ways of adding noise.
+
+
+def mezo_perturb_(tensors, seed, scale):
+    """The MeZO way: reseed the global generator, then regenerate z for each tensor in turn with a
+    full-size torch.normal and add scale * z in place."""
+    torch.manual_seed(seed)
+    for p in tensors:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data.add_(z, alpha=scale)
+
+
+def mezo_step_(tensors, seed):
+    """MeZO's noise for one ZO step with one probe: four passes, each regenerating z from the seed."""
+    mezo_perturb_(tensors, seed, MU)  # perturb to theta + mu z
+    mezo_perturb_(tensors, seed, -2 * MU)  # to theta - mu z
+    mezo_perturb_(tensors, seed, MU)  # restore theta
+    mezo_perturb_(tensors, seed, -LR_G)  # update
+
+
+def hosl_pass_(x, seed, backend):
+    noise.add_(x, [seed], [MU], backend=backend)
+
+
+def hosl_step_(x, seed, backend):
+    """hosl's noise for one ZO step with one probe: three passes, the restore merged with the update."""
+    noise.add_(x, [seed], [MU], backend=backend)
+    noise.add_(x, [seed], [-2 * MU], backend=backend)
+    noise.add_(x, [seed], [MU - LR_G], backend=backend)
+
+
+def mezo_accounted_bytes(tensors):
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    return max([sizes[0]] + [a + b for a, b in itertools.pairwise(sizes)])
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine and the versions.
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def environment():
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "hosl": hosl.__version__,
+        "git_sha": sha or "unknown",
+    }
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def time_cpu(fn, repeats):
+    """(median, min) seconds of fn() over `repeats` timed runs after WARMUP untimed ones.
+
+    One method's runs are kept together rather than alternated with the other's: right after a
+    parallel torch op, torch's OpenMP workers spin-wait for a while and hold cores that hosl's own
+    threads then compete for (on 2 cores this slowed a 1M-float add_ 1.5-2.5x), so alternating would
+    charge the baseline's idle threads to hosl."""
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def time_cuda(fn):
+    from triton.testing import do_bench
+
+    times_ms = do_bench(fn, return_mode="all")
+    return statistics.median(times_ms) * 1e-3, min(times_ms) * 1e-3
+
+
+def cuda_peak_extra(fn, device):
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+def _probe_memory(spec):
+    """Child side of the CPU memory measurement; prints {"peak_extra_bytes": int or None}."""
+    torch.set_num_threads(spec["threads"])
+    tensors = [torch.randn(shape) for shape in spec["shapes"]]
+    x = hosl.FlatParams(tensors).flat if spec["pack"] else tensors[0]
+    runs = {
+        ("hosl", "pass"): lambda: hosl_pass_(x, SEED, "cpp"),
+        ("hosl", "zo_step"): lambda: hosl_step_(x, SEED, "cpp"),
+        ("mezo", "pass"): lambda: mezo_perturb_(tensors, SEED, MU),
+        ("mezo", "zo_step"): lambda: mezo_step_(tensors, SEED),
+    }
+    run = runs[spec["method"], spec["bench"]]
+    # One-off initialisation (thread stacks, generator state, lazy imports) happens here, on a tiny
+    # tensor, and is not counted.
+    small = torch.zeros(4096)
+    hosl_step_(small, SEED, "cpp")
+    mezo_step_([small], SEED)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        print(json.dumps({"peak_extra_bytes": None}))
+        return
+    before = _status_kib("VmHWM")
+    run()
+    print(json.dumps({"peak_extra_bytes": (_status_kib("VmHWM") - before) * 1024}))
+
+
+def cpu_peak_extra(tensors, pack, method, bench):
+    """Peak RSS added by one pass or step, measured in a fresh subprocess on tensors of the same shapes."""
+    spec = {
+        "shapes": [list(t.shape) for t in tensors],
+        "pack": pack,
+        "method": method,
+        "bench": bench,
+        "threads": torch.get_num_threads(),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_memory-probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {method}/{bench} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases.
+
+
+def opt_client_params(quick):
+    """The client's parameters: embeddings and the first CLIENT_LAYERS decoder layers of a randomly
+    initialised OPT (OPT-125M's shape; a small one with --quick), in module order."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    if quick:
+        config = OPTConfig(
+            hidden_size=256,
+            word_embed_proj_dim=256,  # else OPT adds projections and keeps 768-wide embeddings
+            num_attention_heads=4,
+            ffn_dim=1024,
+            vocab_size=8192,
+            num_hidden_layers=CLIENT_LAYERS,
+        )
+        name = "opt-small-client"
+    else:
+        config = OPTConfig()
+        name = "opt125m-client"
+    model = OPTForCausalLM(config)
+    decoder = model.model.decoder
+    del decoder.layers[CLIENT_LAYERS:]
+    modules = [decoder.embed_tokens, decoder.embed_positions, *decoder.layers]
+    return name, [p for m in modules for p in m.parameters()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring and recording.
+
+
+class Recorder:
+    """Builds the records, writes each as one JSON line as soon as it is measured, keeps them for the table."""
+
+    def __init__(self, path, env):
+        self.path = path
+        self.env = env
+        self.records = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def add(self, device, **fields):
+        rec = {
+            **fields,
+            "device": device.type,
+            "device_name": device_name(device),
+            **self.env,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.records.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def measure(rec, device, bench, case, x, tensors, pack, repeats, copy_gbps):
+    """Times hosl on the flat buffer x and MeZO on `tensors` (the same storage: x itself, or the
+    parameters packed into x when `pack`), one pass or one ZO step, and records both."""
+    numel = x.numel()
+    backend = "cpp" if device.type == "cpu" else "triton"
+    if bench == "pass":
+        fns = {"hosl": lambda: hosl_pass_(x, SEED, backend), "mezo": lambda: mezo_perturb_(tensors, SEED, MU)}
+        passes = {"hosl": 1, "mezo": 1}
+    else:
+        fns = {"hosl": lambda: hosl_step_(x, SEED, backend), "mezo": lambda: mezo_step_(tensors, SEED)}
+        passes = {"hosl": 3, "mezo": 4}
+    accounted = {"hosl": 0, "mezo": mezo_accounted_bytes(tensors)}
+    for method, fn in fns.items():
+        log(f"  {device.type} {bench} {case} {method} ...")
+        if device.type == "cpu":
+            median_s, min_s = time_cpu(fn, repeats)
+            extra = cpu_peak_extra(tensors, pack, method, bench)
+            source = "measured: VmHWM delta in a fresh subprocess" if extra is not None else "n/a"
+        else:
+            median_s, min_s = time_cuda(fn)
+            extra = cuda_peak_extra(fn, device)
+            source = "measured: torch.cuda.max_memory_allocated delta"
+        gbps = passes[method] * 2 * numel * x.element_size() / median_s / 1e9
+        rec.add(
+            device,
+            bench=bench,
+            case=case,
+            method=METHODS[device.type] if method == "hosl" else MEZO,
+            numel=numel,
+            terms=1,
+            passes=passes[method],
+            median_s=median_s,
+            min_s=min_s,
+            gbytes_per_s=gbps,
+            fraction_of_copy_bandwidth=gbps / copy_gbps if copy_gbps else None,
+            peak_extra_bytes=extra,
+            peak_extra_source=source,
+            peak_extra_accounted_bytes=accounted[method],
+            timer="time.perf_counter" if device.type == "cpu" else "triton.testing.do_bench",
+            repeats=repeats if device.type == "cpu" else None,
+        )
+
+
+def copy_bandwidth(rec, device, quick):
+    numel = (64 if quick else 256) * MIB
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    median_s, min_s = time_cuda(lambda: dst.copy_(src))
+    gbps = 2 * numel * 4 / median_s / 1e9
+    rec.add(
+        device,
+        bench="copy",
+        case=f"copy-{numel // MIB}M",
+        method="torch.copy_",
+        numel=numel,
+        terms=0,
+        passes=1,
+        median_s=median_s,
+        min_s=min_s,
+        gbytes_per_s=gbps,
+        peak_extra_bytes=None,
+        peak_extra_source="n/a",
+        timer="triton.testing.do_bench",
+    )
+    return gbps
+
+
+# --------------------------------------------------------------------------------------------------
+# Output.
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_numel(n):
+    return f"{n / 1e6:.2f}M"
+
+
+def print_table(records):
+    rows = []
+    header = [
+        "device",
+        "case",
+        "numel",
+        "hosl ms/pass",
+        "MeZO ms/pass",
+        "MeZO/hosl",
+        "hosl GB/s",
+        "hosl % copy BW",
+        "extra mem hosl measured (accounted)",
+        "extra mem MeZO measured (accounted)",
+        "target met",
+    ]
+    passes = [r for r in records if r["bench"] == "pass"]
+    keys = list(dict.fromkeys((r["device"], r["case"]) for r in passes))
+    verdicts = []
+    for dev, case in keys:
+        h = next(r for r in passes if (r["device"], r["case"]) == (dev, case) and r["method"] != MEZO)
+        m = next(r for r in passes if (r["device"], r["case"]) == (dev, case) and r["method"] == MEZO)
+        target = "-"
+        if dev == "cpu":
+            ok = h["median_s"] <= 0.5 * m["median_s"] and (
+                h["peak_extra_bytes"] is not None and h["peak_extra_bytes"] < NOISE_FLOOR_BYTES
+            )
+            target = "yes" if ok else "NO"
+            verdicts.append(ok)
+        frac = h.get("fraction_of_copy_bandwidth")
+        rows.append(
+            [
+                dev,
+                case,
+                fmt_numel(h["numel"]),
+                f"{h['median_s'] * 1e3:.3f}",
+                f"{m['median_s'] * 1e3:.3f}",
+                f"{m['median_s'] / h['median_s']:.2f}x",
+                f"{h['gbytes_per_s']:.1f}",
+                f"{100 * frac:.0f}%" if frac else "-",
+                f"{fmt_bytes(h['peak_extra_bytes'])} ({fmt_bytes(h['peak_extra_accounted_bytes'])})",
+                f"{fmt_bytes(m['peak_extra_bytes'])} ({fmt_bytes(m['peak_extra_accounted_bytes'])})",
+                target,
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = " | ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format(*header))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+    print()
+    if verdicts:
+        print(
+            f"Target (cpp add_ at most half the MeZO way's time per pass, measured extra memory under "
+            f"{fmt_bytes(NOISE_FLOOR_BYTES)}): met on {sum(verdicts)} of {len(verdicts)} CPU cases."
+        )
+    for r in records:
+        if r["bench"] == "copy":
+            print(f"Copy bandwidth ({r['device_name']}, {r['case']}): {r['gbytes_per_s']:.1f} GB/s.")
+    steps = [r for r in records if r["bench"] == "zo_step"]
+    for dev, case in dict.fromkeys((r["device"], r["case"]) for r in steps):
+        h = next(r for r in steps if (r["device"], r["case"]) == (dev, case) and r["method"] != MEZO)
+        m = next(r for r in steps if (r["device"], r["case"]) == (dev, case) and r["method"] == MEZO)
+        print(
+            f"ZO step noise, Q=1, {case} ({fmt_numel(h['numel'])} params) on {dev}: "
+            f"hosl {h['passes']} passes {h['median_s'] * 1e3:.2f} ms (min {h['min_s'] * 1e3:.2f}), "
+            f"MeZO {m['passes']} passes {m['median_s'] * 1e3:.2f} ms (min {m['min_s'] * 1e3:.2f}); "
+            f"MeZO/hosl = {m['median_s'] / h['median_s']:.2f}x; extra memory measured (accounted): "
+            f"hosl {fmt_bytes(h['peak_extra_bytes'])} ({fmt_bytes(h['peak_extra_accounted_bytes'])}), "
+            f"MeZO {fmt_bytes(m['peak_extra_bytes'])} ({fmt_bytes(m['peak_extra_accounted_bytes'])})."
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and a small OPT client (about a minute)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per CPU measurement (5; --quick: 3)")
+    parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        _probe_memory(json.loads(args.memory_probe))
+        return
+    repeats = args.repeats or (3 if args.quick else 5)
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {repeats}")
+
+    env = environment()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"bench_noise{' --quick' if args.quick else ''}: hosl.noise.add_ vs MeZO-style torch.normal regeneration")
+    print(f"CPU: {cpu_name()}, {env['threads']} threads (torch.get_num_threads())")
+    if len(devices) > 1:
+        print(f"GPU: {torch.cuda.get_device_name(devices[1])}")
+    print(
+        f"torch {env['torch']}, triton {env['triton']}, hosl {env['hosl']} ({Path(hosl.__file__).parent}), "
+        f"git {env['git_sha']}; {repeats} timed runs after {WARMUP} warm-up on CPU, do_bench on CUDA"
+    )
+    print()
+
+    path = args.out / ("bench_noise_quick.jsonl" if args.quick else "bench_noise.jsonl")
+    rec = Recorder(path, env)
+    sizes = [1 * MIB, 4 * MIB] if args.quick else [1 * MIB, 16 * MIB, 64 * MIB]
+    log(f"building the OPT client ({'small' if args.quick else 'OPT-125M'} config) ...")
+    client_name, client = opt_client_params(args.quick)
+    for device in devices:
+        copy_gbps = copy_bandwidth(rec, device, args.quick) if device.type == "cuda" else None
+        for numel in sizes:
+            buf = torch.randn(numel, device=device)
+            measure(rec, device, "pass", f"flat-{numel // MIB}M", buf, [buf], False, repeats, copy_gbps)
+            del buf
+        params = client if device.type == "cpu" else [p.detach().to(device) for p in client]
+        flat = hosl.FlatParams(params).flat  # the parameters become views of it
+        for bench in ("pass", "zo_step"):
+            measure(rec, device, bench, client_name, flat, params, True, repeats, copy_gbps)
+        del params, flat
+    print_table(rec.records)
+    print(f"\n{len(rec.records)} records written to {path}")
+
+
+if __name__ == "__main__":
+    main()
