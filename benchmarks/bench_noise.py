@@ -21,8 +21,9 @@ What is measured (bench field of each record):
 Timing. CPU: time.perf_counter around single calls after 2 warm-up calls, one method after the
 other (time_cpu says why they are not alternated); median and min of --repeats. CUDA:
 triton.testing.do_bench (it picks its own number of runs and clears the L2 cache before each;
---repeats does not apply); median and min. GB/s counts the bytes of x alone, one read and one write per pass, for both methods, so MeZO's extra
-traffic (writing z, reading it back) shows as lower GB/s.
+--repeats does not apply); median and min. GB/s counts the bytes of x alone, one read and one
+write per pass, for both methods, so MeZO's extra traffic (writing z, reading it back) shows as
+lower GB/s.
 
 Memory, beyond x itself (peak_extra_bytes, peak_extra_source says how it was obtained):
 
