@@ -63,8 +63,10 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     if backend == "cpp":
         if device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, not {device.type}"
-        if _ext._C is None:
-            return f"the cpp backend needs the compiled extension hosl._C, which did not load ({_ext.load_error})"
+        try:
+            _ext.require("the cpp backend")
+        except _ext.ExtensionUnavailableError as exc:
+            return str(exc)
         return None
     try:
         _, interpreted = _triton_kernels()
