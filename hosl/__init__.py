@@ -1,7 +1,9 @@
 """hosl: hybrid-order split learning. A zeroth-order (forward-only) edge client trains the first
 blocks of a language model; a first-order server trains the rest.
 
-Public API so far: hosl.noise (the seeded noise primitive) and hosl.FlatParams.
+Public API so far: hosl.noise (the seeded noise primitive), hosl.FlatParams, the cut
+(hosl.split_model, hosl.load_client, hosl.load_server, hosl.split_summary, hosl.Activation) and
+hosl.boundary (frames and the boundary buffer).
 """
 
 import pkgutil
@@ -16,5 +18,15 @@ __version__ = "0.1.0"
 
 from hosl import noise  # noqa: E402
 from hosl.flat import FlatParams  # noqa: E402
+from hosl.split import Activation, load_client, load_server, split_model, split_summary  # noqa: E402
 
-__all__ = ["FlatParams", "noise", "__version__"]
+__all__ = [
+    "Activation",
+    "FlatParams",
+    "load_client",
+    "load_server",
+    "noise",
+    "split_model",
+    "split_summary",
+    "__version__",
+]

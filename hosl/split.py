@@ -1,0 +1,597 @@
+"""Cut a Hugging Face causal LM after decoder block k: a client (embeddings and blocks 0..k-1) and a
+server (blocks k.., final norm, head, loss) that together compute what the unsplit model computes.
+
+How the cut is found, from the model's own structure rather than a list of classes:
+  * the blocks are the ModuleList with one entry per layer (config.num_hidden_layers); its parent
+    is the *stack* (LlamaModel, GPT2Model, OPTDecoder, ...), whose forward embeds, loops over the
+    blocks and applies the final norm;
+  * the stack's other children with parameters are sorted by where its forward first uses them:
+    before the loop over the blocks they belong to the client (token and position embeddings,
+    OPT's project_in), after it to the server (final norm, OPT's project_out).
+
+How each side runs, through the family's own code (so masks, positions and rotary embeddings are
+whatever the family computes, for any padding):
+  * the client runs a copy of the stack whose block list is blocks[:k] and whose post-loop
+    modules are identities: its output is exactly the input of block k;
+  * the server runs a copy of the whole causal LM (so head, logit scaling and loss are the
+    family's) with blocks[k:], called with inputs_embeds=h; its client-owned modules are
+    parameter-free stubs, and the first module after the cut (block k, or the final norm when
+    k equals the number of blocks) takes h as its input in place of whatever the embedding
+    stage computed. That replacement is what makes families that transform inputs_embeds
+    (GPT-2 and OPT add positions, Gemma scales by sqrt(hidden)) come out right.
+  * Each side gets its own copy of the config with the layer count (and per-layer lists such as
+    `layer_types`) cut to its blocks, because some families pick a block's mask by its index in
+    the loop.
+
+What split_model does to the model you pass: nothing to its structure. The two sides are new
+module trees built from shallow copies of the containers; they share the parameter tensors (no
+weight is copied) except a head tied to the input embedding, which the server gets as its own
+copy (the client owns the embedding; the tie cannot cross the network). Training either side
+therefore changes the shared tensors in the original model too, and so do .train()/.eval() on a
+side (they set the shared blocks' flags); the original model's own tie is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Activation",
+    "ClientModel",
+    "ServerModel",
+    "SplitError",
+    "SplitSummary",
+    "load_client",
+    "load_server",
+    "split_model",
+    "split_summary",
+]
+
+
+class SplitError(ValueError):
+    """The model cannot be cut as asked; the message names the model and says why."""
+
+
+@dataclass
+class Activation:
+    """What crosses the cut upward: the hidden states entering block k, and what the server needs
+    to rebuild the family's masks and positions (the attention mask and position ids exactly as
+    the caller gave them; None stays None, so the server computes the same defaults)."""
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name (what a boundary frame carries)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Activation:
+        unknown = set(tensors) - {f.name for f in fields(cls)}
+        if "hidden" not in tensors or unknown:
+            raise ValueError(f"an Activation needs 'hidden' and only its own fields; got {sorted(tensors)}")
+        return cls(**tensors)
+
+    def to(self, device: torch.device | str) -> Activation:
+        return Activation(**{k: v.to(device) for k, v in self.tensors().items()})
+
+    def detach(self, requires_grad: bool = False) -> Activation:
+        """A copy whose hidden is a new leaf (what a server receives); requires_grad for FO clients."""
+        hidden = self.hidden.detach().requires_grad_(requires_grad)
+        return Activation(hidden, self.attention_mask, self.position_ids)
+
+
+@dataclass
+class _Cut:
+    """Where a model is cut: the path from the top module to the stack, and the stack's parts."""
+
+    stack_path: list[str]  # attribute names from the causal LM down to the stack ([] if it is the top)
+    blocks_name: str
+    num_blocks: int
+    pre: list[str]  # stack children with parameters used before the block loop (client), in use order
+    post: list[str]  # stack children with parameters used after it (server), in use order
+
+
+def _num_layers(config) -> int | None:
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
+def _find_cut(model: nn.Module) -> _Cut:
+    name = type(model).__name__
+    n = _num_layers(getattr(model, "config", None))
+    if n is None:
+        raise SplitError(f"cannot split {name}: it has no config.num_hidden_layers (not a transformers causal LM?)")
+    lists = [
+        (qual, mod)
+        for qual, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and len({type(b) for b in mod}) == 1
+    ]
+    if len(lists) != 1:
+        found = ", ".join(q for q, _ in lists) or "none"
+        raise SplitError(
+            f"cannot split {name}: expected exactly one ModuleList of its {n} decoder blocks, found {found}"
+        )
+    qual = lists[0][0]
+    stack_path, blocks_name = qual.split(".")[:-1], qual.split(".")[-1]
+    stack = model.get_submodule(".".join(stack_path))
+    if "inputs_embeds" not in inspect.signature(stack.forward).parameters:
+        raise SplitError(f"cannot split {name}: {type(stack).__name__}.forward takes no inputs_embeds")
+    try:
+        source = inspect.getsource(inspect.unwrap(type(stack).forward))
+    except (OSError, TypeError) as exc:
+        raise SplitError(f"cannot split {name}: the source of {type(stack).__name__}.forward is unavailable") from exc
+    loop = re.search(rf"\bfor\b[^\n]*\bin\b[^\n]*self\.{blocks_name}\b", source)
+    if loop is None:
+        raise SplitError(f"cannot split {name}: {type(stack).__name__}.forward has no loop over self.{blocks_name}")
+    pre, post = [], []
+    for child, mod in stack.named_children():
+        if child == blocks_name or next(mod.parameters(), None) is None:
+            continue  # parameter-free parts (rotary tables, dropout) run on both sides
+        use = re.search(rf"self\.{child}\b", source)
+        if use is None:
+            raise SplitError(
+                f"cannot split {name}: {type(stack).__name__}.{child} has parameters but its forward never uses it"
+            )
+        (pre if use.start() < loop.start() else post).append((use.start(), child))
+    # In the order the forward uses them: the server's entry module is the first post-loop one.
+    return _Cut(stack_path, blocks_name, n, [c for _, c in sorted(pre)], [c for _, c in sorted(post)])
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A new module object sharing parameters, buffers and submodules with `module`, with its own
+    child/parameter/buffer/hook tables, so replacing a child of the copy leaves `module` alone."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new.__dict__["_hosl_copy"] = True
+    for attr, value in vars(module).items():
+        if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") or attr.endswith("hooks_always_called"):
+            new.__dict__[attr] = copy.copy(value)
+    return new
+
+
+def _cut_config(config, lo: int, hi: int):
+    """A config copy for blocks lo..hi-1: layer count and per-layer lists cut to match."""
+    cfg = copy.deepcopy(config)
+    n = config.num_hidden_layers
+    for key in ("layer_types",):
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(cfg, key, type(value)(value[lo:hi]))
+    cfg.num_hidden_layers = hi - lo
+    return cfg
+
+
+class _Absent(nn.Module):
+    """Stands where the other side's module was. Its output is never used (the server's entry
+    module replaces the embedding stage's result by h), so a scalar zero keeps the family's
+    arithmetic (`inputs_embeds + positions`) well-formed without holding a weight."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        ref = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return torch.zeros((), device=ref.device if ref is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: held by the other side"
+
+
+def _entry(module: nn.Module, server: ServerModel) -> nn.Module:
+    """A copy of the first server module whose hidden-states input is the received activation."""
+    new = _shallow(module)
+    forward = type(module).forward
+
+    def entry_forward(*args, **kwargs):
+        h = server._incoming
+        if h is None:
+            raise RuntimeError("the server's first block ran outside ServerModel.forward")
+        if args:
+            args = (h, *args[1:])
+        else:
+            kwargs["hidden_states"] = h
+        return forward(new, *args, **kwargs)
+
+    new.forward = entry_forward
+    return new
+
+
+class ClientModel(nn.Module):
+    """Embeddings and blocks 0..k-1. `client(input_ids=..., attention_mask=...)` -> Activation."""
+
+    def __init__(self, stack: nn.Module, k: int, source: str):
+        super().__init__()
+        self.stack = stack
+        self.k = k
+        self.source = source
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> Activation:
+        out = self.stack(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        )
+        return Activation(out.last_hidden_state, attention_mask, position_ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.source}: embeddings + blocks [0, {self.k})"
+
+
+class ServerModel(nn.Module):
+    """Blocks k.., final norm, head and loss. `server(h)` -> output with .logits; with labels, .loss."""
+
+    def __init__(self, lm: nn.Module, k: int, num_blocks: int, hidden_size: int, source: str):
+        super().__init__()
+        self.lm = lm
+        self.k = k
+        self.num_blocks = num_blocks
+        self.hidden_size = hidden_size
+        self.source = source
+        self._incoming: torch.Tensor | None = None
+
+    def forward(self, h: Activation, labels: torch.Tensor | None = None, **kwargs):
+        if not isinstance(h, Activation):
+            raise TypeError(f"ServerModel takes a hosl.Activation, got {type(h).__name__}")
+        if h.hidden.dim() != 3 or h.hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"activation hidden must be (batch, seq, {self.hidden_size}), got {tuple(h.hidden.shape)}"
+            )
+        self._incoming = h.hidden
+        try:
+            return self.lm(
+                inputs_embeds=h.hidden,
+                attention_mask=h.attention_mask,
+                position_ids=h.position_ids,
+                labels=labels,
+                use_cache=False,
+                **kwargs,
+            )
+        finally:
+            self._incoming = None
+
+    def extra_repr(self) -> str:
+        return f"{self.source}: blocks [{self.k}, {self.num_blocks}) + final norm + head"
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter goes by (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _build(model: nn.Module, k: int) -> tuple[ClientModel, ServerModel, dict[int, nn.Parameter]]:
+    """The two sides, and the server's copies of tied parameters by the id of the original."""
+    cut = _find_cut(model)
+    n = cut.num_blocks
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
+        raise SplitError(f"split layer must be an integer in [0, {n}] for {type(model).__name__}, got {k!r}")
+    source = type(model).__name__
+    stack = model.get_submodule(".".join(cut.stack_path))
+    blocks = getattr(stack, cut.blocks_name)
+
+    client_stack = _shallow(stack)
+    client_stack.config = _cut_config(stack.config, 0, k)
+    setattr(client_stack, cut.blocks_name, nn.ModuleList(list(blocks[:k])))
+    for child in cut.post:
+        setattr(client_stack, child, nn.Identity())
+    client = ClientModel(client_stack, k, source)
+    client.training = stack.training  # the wrapper's own flag only: train()/eval() would recurse
+
+    # The server: a copy of every container on the path from the causal LM down to the stack.
+    lm = _shallow(model)
+    lm.config = _cut_config(model.config, k, n)
+    parent = lm
+    for part in cut.stack_path:
+        child = _shallow(getattr(parent, part))
+        child.config = lm.config if hasattr(child, "config") else None
+        setattr(parent, part, child)
+        parent = child
+    server_stack = parent
+    server = ServerModel(lm, k, n, model.config.hidden_size, source)
+    server.training = model.training
+    for child in cut.pre:
+        setattr(server_stack, child, _Absent(child))
+    server_blocks = list(blocks[k:])
+    if server_blocks:
+        server_blocks[0] = _entry(server_blocks[0], server)
+    setattr(server_stack, cut.blocks_name, nn.ModuleList(server_blocks))
+    if not server_blocks:
+        if cut.post:
+            setattr(server_stack, cut.post[0], _entry(getattr(server_stack, cut.post[0]), server))
+        else:
+            head_name = _child_name(lm, model.get_output_embeddings())
+            setattr(lm, head_name, _entry(getattr(lm, head_name), server))
+
+    # Untie a head shared with the client's input embedding: the server gets its own copy. The
+    # modules on the way to it are copied first, so the original model keeps its tie.
+    client_ids = {id(p) for p in client.parameters()}
+    clones: dict[int, nn.Parameter] = {}
+    for qual, p in list(lm.named_parameters(remove_duplicate=False)):
+        if id(p) not in client_ids:
+            continue
+        if id(p) not in clones:
+            clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        *path, pname = qual.split(".")
+        holder = lm
+        for part in path:
+            holder = _own_child(holder, part)
+        holder._parameters[pname] = clones[id(p)]
+    return client, server, clones
+
+
+def _own_child(parent: nn.Module, name: str) -> nn.Module:
+    """parent.name, replaced by a copy of its own unless it already is one."""
+    child = getattr(parent, name)
+    if not getattr(child, "_hosl_copy", False):
+        child = _shallow(child)
+        setattr(parent, name, child)
+    return child
+
+
+def _child_name(parent: nn.Module, module: nn.Module | None) -> str:
+    for name, child in parent.named_children():
+        if child is module:
+            return name
+    raise SplitError(f"cannot split {type(parent).__name__}: its output embedding is not a direct child")
+
+
+def split_model(model: nn.Module, k: int) -> tuple[ClientModel, ServerModel]:
+    """Cut a transformers causal LM after decoder block k (0 <= k <= number of blocks).
+
+    Returns (client, server): `h = client(input_ids=..., attention_mask=...)` is a hosl.Activation
+    and `server(h, labels=...)` the model's output (.logits, and .loss with labels). The sides share
+    parameter tensors with `model`; a head tied to the input embedding is copied for the server.
+    The model's own structure is not changed (see the module docstring).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"split_model takes a torch.nn.Module, got {type(model).__name__}")
+    client, server, _ = _build(model, k)
+    return client, server
+
+
+@dataclass
+class SideSummary:
+    params: int  # distinct parameter elements
+    trainable: int  # of which requires_grad
+    bytes: int
+    blocks: tuple[int, int]  # [first, end) decoder blocks
+
+
+@dataclass
+class SplitSummary:
+    client: SideSummary
+    server: SideSummary
+    shared: int = 0  # parameter elements held by both sides (0 for a clean cut)
+    names: dict = field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        rows = [("side", "blocks", "params", "trainable", "MiB")]
+        for side in ("client", "server"):
+            s = getattr(self, side)
+            rows.append(
+                (
+                    side,
+                    f"[{s.blocks[0]}, {s.blocks[1]})",
+                    f"{s.params:,}",
+                    f"{s.trainable:,}",
+                    f"{s.bytes / 2**20:.1f}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        if self.shared:
+            lines.append(f"warning: {self.shared:,} parameter elements are held by both sides")
+        return "\n".join(lines)
+
+
+def _distinct(module: nn.Module) -> list[torch.Tensor]:
+    return list({id(p): p for p in module.parameters()}.values())
+
+
+def split_summary(client: ClientModel, server: ServerModel) -> SplitSummary:
+    """Parameter counts per side (distinct tensors), how many require grad, bytes, and the blocks held."""
+
+    def side(module, blocks):
+        ps = _distinct(module)
+        return SideSummary(
+            params=sum(p.numel() for p in ps),
+            trainable=sum(p.numel() for p in ps if p.requires_grad),
+            bytes=sum(p.numel() * p.element_size() for p in ps),
+            blocks=blocks,
+        )
+
+    client_ids = {id(p) for p in client.parameters()}
+    shared = sum(p.numel() for p in _distinct(server) if id(p) in client_ids)
+    return SplitSummary(side(client, (0, client.k)), side(server, (server.k, server.num_blocks)), shared)
+
+
+# --- Building one side alone -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside is moved to the meta device as it is registered, so a
+    model's skeleton costs no memory and its init functions run on meta tensors (no work).
+    Buffers stay real: non-persistent ones (rotary inverse frequencies) are computed in __init__
+    and are not in checkpoints."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Checkpoint:
+    """Reads single tensors from a checkpoint directory without loading the rest.
+
+    safetensors (one file or sharded with an index) is read with plain file reads straight into the
+    destination tensor when the dtypes match: no memory map whose touched pages would count toward
+    the process's resident set, no second copy. pytorch_model.bin is memory-mapped by torch.load.
+    """
+
+    def __init__(self, directory: Path):
+        self.files: dict[str, Path] = {}
+        self.entries: dict[str, tuple] = {}
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists() or single.exists():
+            shards = (
+                sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [single.name]
+            )
+            for shard in shards:
+                self._read_header(directory / shard)
+            return
+        bins = sorted(directory.glob("pytorch_model*.bin"))
+        if not bins:
+            raise SplitError(f"{directory} holds no model.safetensors(.index.json) or pytorch_model*.bin")
+        for path in bins:
+            for key, tensor in torch.load(path, map_location="cpu", mmap=True, weights_only=True).items():
+                self.entries[key] = ("torch", tensor)
+
+    def _read_header(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            (size,) = torch.tensor(bytearray(f.read(8)), dtype=torch.uint8).view(torch.int64).tolist()
+            header = json.loads(f.read(size))
+        start = 8 + size
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise SplitError(f"{path}: tensor {key} has dtype {info['dtype']}, which hosl does not read")
+            lo, hi = info["data_offsets"]
+            self.entries[key] = (
+                "safetensors",
+                path,
+                _SAFETENSORS_DTYPES[info["dtype"]],
+                info["shape"],
+                start + lo,
+                hi - lo,
+            )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        entry = self.entries[key]
+        if entry[0] == "torch":
+            src = entry[1]
+            if tuple(src.shape) != tuple(out.shape):
+                raise SplitError(
+                    f"checkpoint tensor {key} has shape {tuple(src.shape)}, the model wants {tuple(out.shape)}"
+                )
+            out.copy_(src)
+            return
+        _, path, dtype, shape, offset, nbytes = entry
+        if tuple(shape) != tuple(out.shape):
+            raise SplitError(f"checkpoint tensor {key} has shape {tuple(shape)}, the model wants {tuple(out.shape)}")
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(shape, dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if nbytes else memoryview(b"")
+            if f.readinto(view) != nbytes:
+                raise SplitError(f"{path} is truncated inside tensor {key}")
+        if target is not out:
+            out.copy_(target)
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as exc:  # no network, unknown id, ...
+        raise SplitError(f"{name_or_path!s} is not a local model directory and could not be fetched: {exc}") from exc
+
+
+def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = _resolve(name_or_path)
+    config = AutoConfig.from_pretrained(directory)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    names = _tied_names(model)
+    buffer_names = {id(b): n for n, b in model.named_buffers()}
+    client, server, clones = _build(model, k)
+    part = client if side == "client" else server
+    origin = {id(clone): orig for orig, clone in clones.items()}
+    checkpoint = _Checkpoint(directory)
+    real: dict[int, nn.Parameter] = {}
+    for module in part.modules():
+        for pname, p in module._parameters.items():
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in real:
+                keys = names.get(origin.get(id(p), id(p)), [])
+                key = next((key for key in keys if key in checkpoint), None)
+                if key is None:
+                    raise SplitError(f"{directory}: no tensor for {' or '.join(keys) or pname} in the checkpoint")
+                data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                checkpoint.read_into(key, data)
+                real[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            module._parameters[pname] = real[id(p)]
+        for bname, b in module._buffers.items():
+            key = buffer_names.get(id(b)) if b is not None else None
+            if key is not None and key in checkpoint and bname not in module._non_persistent_buffers_set:
+                checkpoint.read_into(key, b)
+    return part.to(device).eval()  # as from_pretrained returns a model
+
+
+def load_client(name_or_path: str | Path, k: int, *, dtype: torch.dtype | None = None, device="cpu") -> ClientModel:
+    """Build only the client side (embeddings and blocks 0..k-1) of a saved causal LM.
+
+    The whole model is first built as a skeleton whose parameters are on the meta device (no
+    memory); then only the client's tensors are read from the checkpoint (safetensors or
+    pytorch_model.bin, in a local directory or a hub id). The server's weights are never read, so
+    the process's peak memory while loading stays near the client's own weights. dtype defaults to
+    the checkpoint's (config.dtype). Like from_pretrained, the result is in eval mode.
+    """
+    return _load_side(name_or_path, k, "client", dtype, device)
+
+
+def load_server(name_or_path: str | Path, k: int, *, dtype: torch.dtype | None = None, device="cpu") -> ServerModel:
+    """Build only the server side (blocks k.., final norm, head) of a saved causal LM; see load_client.
+    A head tied to the input embedding is read from the embedding's tensor."""
+    return _load_side(name_or_path, k, "server", dtype, device)
