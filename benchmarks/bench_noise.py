@@ -49,7 +49,6 @@ bench_noise_quick.jsonl), overwritten each run, and prints a table to stdout (pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import re
@@ -60,17 +59,16 @@ import time
 from pathlib import Path
 
 import torch
+from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, log
 
 import hosl
 from hosl import noise
 
-REPO = Path(__file__).resolve().parent.parent
 MU = 1e-3  # perturbation scale
 LR_G = 1e-6 * 0.37  # lr times a projected gradient, for the update term; its value does not change the cost
 SEED = 20240601
 CLIENT_LAYERS = 3
 WARMUP = 2
-MIB = 1 << 20
 # A measured CPU delta under this counts as "no extra memory": page and thread-stack noise, far below
 # any z (the smallest case's z is 4 MiB).
 NOISE_FLOOR_BYTES = 1 * MIB
@@ -114,49 +112,6 @@ def hosl_step_(x, seed, backend):
 def mezo_accounted_bytes(tensors):
     sizes = [t.numel() * t.element_size() for t in tensors]
     return max([sizes[0]] + [a + b for a, b in itertools.pairwise(sizes)])
-
-
-# --------------------------------------------------------------------------------------------------
-# The machine and the versions.
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
-def environment():
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    return {
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "hosl": hosl.__version__,
-        "git_sha": sha or "unknown",
-    }
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,34 +237,6 @@ def opt_client_params(quick):
 # Measuring and recording.
 
 
-class Recorder:
-    """Builds the records, writes each as one JSON line as soon as it is measured, keeps them for the table."""
-
-    def __init__(self, path, env):
-        self.path = path
-        self.env = env
-        self.records = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
-
-    def add(self, device, **fields):
-        rec = {
-            **fields,
-            "device": device.type,
-            "device_name": device_name(device),
-            **self.env,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.records.append(rec)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        return rec
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def measure(rec, device, bench, case, x, tensors, pack, repeats, copy_gbps):
     """Times hosl on the flat buffer x and MeZO on `tensors` (the same storage: x itself, or the
     parameters packed into x when `pack`), one pass or one ZO step, and records both."""
@@ -379,15 +306,6 @@ def copy_bandwidth(rec, device, quick):
 
 # --------------------------------------------------------------------------------------------------
 # Output.
-
-
-def fmt_bytes(n):
-    if n is None:
-        return "n/a"
-    for unit, size in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def fmt_numel(n):

@@ -4,15 +4,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "boundary.h"
 #include "noise.h"
 
 namespace py = pybind11;
+namespace hb = hosl::boundary;
 
 namespace {
 
@@ -53,10 +58,93 @@ void gaussian(uintptr_t out_ptr, int64_t n, uint64_t seed, uint64_t offset, int 
                          /*accumulate=*/false, num_threads);
 }
 
+// ------------------------------------------------------------------------------------ split boundary
+
+uint32_t crc32c(uintptr_t ptr, uint64_t nbytes, uint32_t crc, bool portable) {
+  if (nbytes > 0 && ptr == 0) throw std::invalid_argument("hosl._C: null data pointer");
+  py::gil_scoped_release release;
+  const void* data = reinterpret_cast<const void*>(ptr);
+  return portable ? hb::crc32c_portable(crc, data, nbytes) : hb::crc32c(crc, data, nbytes);
+}
+
+uint32_t encode_tensor(uintptr_t frame_ptr, uint64_t frame_len, uint32_t crc, uint64_t crc_from, uint64_t offset,
+                       int encoding, uintptr_t src_ptr, int dtype, uint64_t numel, uint64_t row_len,
+                       uint64_t scales_offset, bool portable) {
+  py::gil_scoped_release release;
+  return hb::encode_tensor(reinterpret_cast<uint8_t*>(frame_ptr), frame_len, crc, crc_from, offset,
+                           static_cast<hb::Encoding>(encoding), reinterpret_cast<const void*>(src_ptr),
+                           static_cast<hb::DType>(dtype), numel, row_len, scales_offset, portable);
+}
+
+int64_t decode_tensor(uintptr_t frame_ptr, uint64_t frame_len, uint64_t offset, int encoding, int dtype,
+                      uint64_t numel, uint64_t row_len, uint64_t scales_offset, uintptr_t dst_ptr, bool portable) {
+  py::gil_scoped_release release;
+  return hb::decode_tensor(reinterpret_cast<const uint8_t*>(frame_ptr), frame_len, offset,
+                           static_cast<hb::Encoding>(encoding), static_cast<hb::DType>(dtype), numel, row_len,
+                           scales_offset, reinterpret_cast<void*>(dst_ptr), portable);
+}
+
+// A blocked push or pop waits in slices of this many seconds, taking the GIL back between slices to
+// let Python handle signals: without it, Ctrl-C could not stop a thread waiting forever.
+constexpr double kWaitSlice = 0.05;
+// Timeouts above this (about 30 years), and inf, mean wait forever: a deadline that far out would
+// overflow the clock's representation.
+constexpr double kForever = 1e9;
+
+// Runs attempt(wait_s) -> bool with the GIL released until it returns true, the timeout (seconds,
+// None = forever) passes (TimeoutError) or a signal handler raises.
+template <typename Attempt>
+void wait_in_slices(std::optional<double> timeout, const char* what, Attempt attempt) {
+  if (timeout && !(*timeout >= 0.0))
+    throw std::invalid_argument(std::string("hosl._C.BoundaryBuffer: timeout must be None or >= 0 seconds, got ") +
+                                std::to_string(*timeout));
+  using Clock = std::chrono::steady_clock;
+  const bool forever = !timeout || *timeout >= kForever;
+  const Clock::time_point deadline =
+      forever ? Clock::time_point::max()
+              : Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(*timeout));
+  while (true) {
+    double wait_s = kWaitSlice;
+    if (!forever) wait_s = std::clamp(std::chrono::duration<double>(deadline - Clock::now()).count(), 0.0, kWaitSlice);
+    bool done;
+    {
+      py::gil_scoped_release release;
+      done = attempt(wait_s);
+    }
+    if (done) return;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!forever && Clock::now() >= deadline) {
+      PyErr_Format(PyExc_TimeoutError, "hosl._C.BoundaryBuffer: %s timed out after %g s", what, *timeout);
+      throw py::error_already_set();
+    }
+  }
+}
+
+void buffer_push(hb::BoundaryBuffer& buffer, uintptr_t ptr, uint64_t nbytes, std::optional<double> timeout) {
+  wait_in_slices(timeout, "push",
+                 [&](double wait_s) { return buffer.push(reinterpret_cast<const void*>(ptr), nbytes, wait_s); });
+}
+
+uint64_t buffer_pop_into(hb::BoundaryBuffer& buffer, uintptr_t ptr, uint64_t capacity, std::optional<double> timeout) {
+  uint64_t nbytes = 0;
+  wait_in_slices(timeout, "pop_into", [&](double wait_s) {
+    return buffer.pop_into(reinterpret_cast<void*>(ptr), capacity, wait_s, &nbytes);
+  });
+  return nbytes;
+}
+
+std::string buffer_repr(const hb::BoundaryBuffer& buffer) {
+  return "BoundaryBuffer(slots=" + std::to_string(buffer.slots()) +
+         ", slot_bytes=" + std::to_string(buffer.slot_bytes()) + ", size=" + std::to_string(buffer.size()) +
+         ", closed=" + (buffer.closed() ? "True" : "False") + ")";
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hosl's compiled kernels: CPU noise (Philox4x32-10 + Box-Muller) and, later, the split boundary.";
+  m.doc() =
+      "hosl's compiled kernels: CPU noise (Philox4x32-10 + Box-Muller) and the split boundary's byte work "
+      "(CRC32C, wire casts, BoundaryBuffer).";
   m.def("add_noise", &add_noise, py::arg("x_ptr"), py::arg("n"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
         py::arg("offset"), py::arg("num_threads"),
         "x[i] += sum_k scales[k] * z(seeds[k], offset + i) in place on n contiguous elements at x_ptr "
@@ -64,4 +152,41 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian", &gaussian, py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("num_threads"), "Writes z(seed, offset + i) for i < n into n float32 elements at out_ptr.");
   m.attr("MAX_TERMS") = kMaxTerms;
+
+  m.def("crc32c", &crc32c, py::arg("ptr"), py::arg("nbytes"), py::arg("crc") = 0, py::arg("portable") = false,
+        "CRC-32C of nbytes at ptr, continuing from crc (0 to start); portable=True forces the table code.");
+  m.def("crc32c_hardware", &hb::crc32c_hardware, "Whether crc32c runs on the CPU's SSE4.2 crc32 instruction.");
+  m.def("encode_tensor", &encode_tensor, py::arg("frame_ptr"), py::arg("frame_len"), py::arg("crc"),
+        py::arg("crc_from"), py::arg("offset"), py::arg("encoding"), py::arg("src_ptr"), py::arg("dtype"),
+        py::arg("numel"), py::arg("row_len"), py::arg("scales_offset"), py::arg("portable") = false,
+        "Writes a tensor's wire form at frame offset (int8 scales at scales_offset); returns crc extended over "
+        "frame[crc_from, end of the data). ValueError for overflow to inf and for non-finite int8 rows. "
+        "portable=True avoids the crc32 and F16C instructions.");
+  m.def("decode_tensor", &decode_tensor, py::arg("frame_ptr"), py::arg("frame_len"), py::arg("offset"),
+        py::arg("encoding"), py::arg("dtype"), py::arg("numel"), py::arg("row_len"), py::arg("scales_offset"),
+        py::arg("dst_ptr"), py::arg("portable") = false,
+        "Reads a tensor's wire form into numel elements at dst_ptr; returns -1, or the first "
+        "int8 row whose scale is negative or not finite.");
+
+  py::register_exception<hb::BufferClosed>(m, "BufferClosedError", PyExc_RuntimeError);
+  py::class_<hb::BoundaryBuffer>(
+      m, "BoundaryBuffer",
+      "A bounded FIFO ring of `slots` preallocated slots of `slot_bytes` bytes for frames "
+      "between threads: push blocks while full, pop_into while empty, both without the GIL.")
+      .def(py::init<int64_t, int64_t>(), py::arg("slots"), py::arg("slot_bytes"))
+      .def("push", &buffer_push, py::arg("ptr"), py::arg("nbytes"), py::arg("timeout") = py::none(),
+           "Copies nbytes at ptr into the next free slot, waiting up to timeout seconds (None: forever; then "
+           "TimeoutError). ValueError if nbytes > slot_bytes; BufferClosedError once closed.")
+      .def("pop_into", &buffer_pop_into, py::arg("ptr"), py::arg("capacity"), py::arg("timeout") = py::none(),
+           "Copies the oldest frame to ptr and returns its length, waiting up to timeout seconds (None: forever; "
+           "then TimeoutError). ValueError if it is longer than capacity (it stays); BufferClosedError when closed "
+           "and drained.")
+      .def("close", &hb::BoundaryBuffer::close,
+           "Refuses further pushes and wakes every waiter; held frames can still be popped.")
+      .def_property_readonly("slots", &hb::BoundaryBuffer::slots, "Number of slots.")
+      .def_property_readonly("slot_bytes", &hb::BoundaryBuffer::slot_bytes, "Bytes per slot: the largest frame.")
+      .def_property_readonly("size", &hb::BoundaryBuffer::size, "Frames pushed and not yet popped.")
+      .def_property_readonly("closed", &hb::BoundaryBuffer::closed, "Whether close() was called.")
+      .def("__len__", &hb::BoundaryBuffer::size)
+      .def("__repr__", &buffer_repr);
 }

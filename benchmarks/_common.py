@@ -1,0 +1,104 @@
+"""What the benchmark scripts share: the machine and versions behind each record, JSON Lines output, formatting.
+
+Imported as `_common` by scripts run as `python benchmarks/bench_<subject>.py` (their directory is on sys.path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import hosl
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine and the versions.
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def environment():
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "hosl": hosl.__version__,
+        "git_sha": sha or "unknown",
+    }
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording and output.
+
+
+class Recorder:
+    """Builds the records, writes each as one JSON line as soon as it is measured, keeps them for the table."""
+
+    def __init__(self, path, env):
+        self.path = path
+        self.env = env
+        self.records = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def add(self, device, **fields):
+        rec = {
+            **fields,
+            "device": device.type,
+            "device_name": device_name(device),
+            **self.env,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.records.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,233 @@
+"""Frame encode + decode: hosl.boundary against torch.save/torch.load and pickle, on activation-sized tensors.
+
+What is measured (bench field "roundtrip"; one record per case and method):
+
+* hosl-raw, hosl-fp16, hosl-bf16, hosl-int8: decode_frame(encode_frame(Frame(Kind.ACT, tensors={"act": x}),
+  compression)) with compression None, "fp16", "bf16", "int8". Both calls return fresh memory, as the
+  library does by default.
+* hosl-raw-out: the same as hosl-raw, encoding into one send buffer reused across calls
+  (encode_frame(..., out=buffer)), as a transport would; it saves the page faults of fresh memory.
+* torch.save: torch.save(x, io.BytesIO()) and .getvalue(); torch.load(io.BytesIO(data), weights_only=True).
+* pickle: pickle.dumps(x, protocol=5); pickle.loads(data).
+* copy: x.clone(), one read and one write of x (fresh memory): what one pass over the data costs here.
+
+Cases: float32 activations, batch x seq x hidden = 16x128x768, 32x256x1024 and 64x512x2048 (6, 32 and
+256 MiB); --quick: 4x32x64 and 16x128x768.
+
+GB/s = bytes of x / median (encode + decode) seconds, for every method (copy: / median clone seconds).
+wire = bytes of the encoded form. err/absmax = max |x - x_hat| / max |x| for the lossy modes; the exact
+methods' outputs are checked equal to x.
+
+Timing: time.perf_counter around the encode and around the decode of each round trip, WARMUP untimed
+round trips first, then --repeats timed ones; median and min of the totals. Methods run one after the
+other. hosl's byte work (copies, casts, CRC) runs on one thread; torch.save/load and clone may use
+torch's intra-op threads (the threads field of each record).
+
+Run from the repository root:
+
+    python benchmarks/bench_boundary.py --quick    # a few seconds
+    python benchmarks/bench_boundary.py            # full sizes, about a minute on 2 cores; use an idle machine
+
+Writes one JSON object per measurement to benchmarks/results/bench_boundary.jsonl (--quick:
+bench_boundary_quick.jsonl), overwritten each run, and prints a table to stdout (progress to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import MIB, REPO, Recorder, cpu_name, environment, log
+
+import hosl
+from hosl.boundary import Frame, Kind, decode_frame, encode_frame
+
+WARMUP = 2
+SEED = 20240601
+SHAPES = [(16, 128, 768), (32, 256, 1024), (64, 512, 2048)]
+QUICK_SHAPES = [(4, 32, 64), (16, 128, 768)]
+BASELINE = "torch.save"
+
+
+def wire_bytes(wire):
+    return wire.numel() if isinstance(wire, torch.Tensor) else len(wire)
+
+
+def methods(x):
+    """name -> (encode() -> wire, decode(wire) -> tensor, exact)."""
+    frame = Frame(Kind.ACT, tensors={"act": x})
+    send_buffer = encode_frame(frame).clone()  # the right size for the raw frame, pages already touched
+
+    def with_hosl(compression, out=None):
+        return lambda: encode_frame(frame, compression, out=out), lambda w: decode_frame(w).tensors["act"]
+
+    def torch_save():
+        buf = io.BytesIO()
+        torch.save(x, buf)
+        return buf.getvalue()
+
+    table = {f"hosl-{c or 'raw'}": (*with_hosl(c), c is None) for c in (None, "fp16", "bf16", "int8")}
+    table["hosl-raw-out"] = (*with_hosl(None, send_buffer), True)
+    table[BASELINE] = (torch_save, lambda w: torch.load(io.BytesIO(w), weights_only=True), True)
+    table["pickle"] = (lambda: pickle.dumps(x, protocol=5), pickle.loads, True)
+    return table
+
+
+def time_round_trips(encode, decode, repeats):
+    """Median encode, decode and total seconds and the min total, over `repeats` timed round trips."""
+    for _ in range(WARMUP):
+        decode(encode())
+    enc, dec, total = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        wire = encode()
+        t1 = time.perf_counter()
+        out = decode(wire)
+        t2 = time.perf_counter()
+        del wire, out  # freed before the next round, as a steady stream of frames would
+        enc.append(t1 - t0)
+        dec.append(t2 - t1)
+        total.append(t2 - t0)
+    return statistics.median(enc), statistics.median(dec), statistics.median(total), min(total)
+
+
+def time_copy(x, repeats):
+    for _ in range(WARMUP):
+        x.clone()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        y = x.clone()
+        times.append(time.perf_counter() - t0)
+        del y
+    return statistics.median(times), min(times)
+
+
+def measure(rec, device, shape, repeats):
+    case = "x".join(map(str, shape))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+    nbytes = x.numel() * x.element_size()
+    common = {"bench": "roundtrip", "case": case, "shape": list(shape), "dtype": "float32", "orig_bytes": nbytes}
+    for name, (encode, decode, exact) in methods(x).items():
+        log(f"  {case} {name} ...")
+        wire = encode()
+        got = decode(wire)
+        if exact and not torch.equal(got, x):
+            raise AssertionError(f"{name} did not give x back exactly")
+        err = (got - x).abs().max().item() / x.abs().max().item()
+        size = wire_bytes(wire)
+        del wire, got
+        enc_s, dec_s, median_s, min_s = time_round_trips(encode, decode, repeats)
+        rec.add(
+            device,
+            **common,
+            method=name,
+            wire_bytes=size,
+            encode_median_s=enc_s,
+            decode_median_s=dec_s,
+            median_s=median_s,
+            min_s=min_s,
+            gbytes_per_s=nbytes / median_s / 1e9,
+            max_err_over_absmax=err,
+            timer="time.perf_counter",
+            repeats=repeats,
+        )
+    median_s, min_s = time_copy(x, repeats)
+    rec.add(
+        device,
+        **common,
+        method="copy",
+        wire_bytes=None,
+        encode_median_s=None,
+        decode_median_s=None,
+        median_s=median_s,
+        min_s=min_s,
+        gbytes_per_s=nbytes / median_s / 1e9,
+        max_err_over_absmax=0.0,
+        timer="time.perf_counter",
+        repeats=repeats,
+    )
+
+
+def fmt_ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def print_table(records):
+    header = [
+        "case",
+        "MiB",
+        "method",
+        "wire MiB",
+        "wire/x",
+        "encode ms",
+        "decode ms",
+        "total ms",
+        "GB/s",
+        f"vs {BASELINE}",
+        "err/absmax",
+    ]
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        mine = [r for r in records if r["case"] == case]
+        base = next(r for r in mine if r["method"] == BASELINE)
+        for r in mine:
+            rows.append(
+                [
+                    case,
+                    f"{r['orig_bytes'] / MIB:.1f}",
+                    r["method"],
+                    "-" if r["wire_bytes"] is None else f"{r['wire_bytes'] / MIB:.2f}",
+                    "-" if r["wire_bytes"] is None else f"{r['wire_bytes'] / r['orig_bytes']:.3f}",
+                    fmt_ms(r["encode_median_s"]),
+                    fmt_ms(r["decode_median_s"]),
+                    fmt_ms(r["median_s"]),
+                    f"{r['gbytes_per_s']:.2f}",
+                    "-" if r["method"] == "copy" else f"{base['median_s'] / r['median_s']:.2f}x",
+                    f"{r['max_err_over_absmax']:.1e}" if r["max_err_over_absmax"] else "0",
+                ]
+            )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = " | ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format(*header))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small cases (a few seconds)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed round trips per method (7; --quick: 5)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 7)
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {repeats}")
+
+    env = environment()
+    device = torch.device("cpu")  # frames are built and read on the CPU; CUDA tensors are copied there first
+    print(f"bench_boundary{' --quick' if args.quick else ''}: hosl frames vs torch.save/torch.load and pickle")
+    print(f"CPU: {cpu_name()}, {env['threads']} torch threads; hosl's byte work on 1 thread")
+    print(
+        f"torch {env['torch']}, hosl {env['hosl']} ({Path(hosl.__file__).parent}), git {env['git_sha']}; "
+        f"median of {repeats} round trips after {WARMUP} warm-up"
+    )
+    print()
+    path = args.out / ("bench_boundary_quick.jsonl" if args.quick else "bench_boundary.jsonl")
+    rec = Recorder(path, env)
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        measure(rec, device, shape, repeats)
+    print_table(rec.records)
+    print(f"\n{len(rec.records)} records written to {path}")
+
+
+if __name__ == "__main__":
+    main()
