@@ -24,13 +24,23 @@ def report() -> str:
     lines = [
         f"hosl {hosl.__version__} at {os.path.dirname(hosl.__file__)}",
         f"python {platform.python_version()} ({sys.executable}) on {platform.platform()}",
-        f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}",
+        f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}, "
+        f"transformers {_version('transformers')}",
         "hosl._C: "
         + ("loaded from " + _ext._C.__file__ if _ext._C is not None else f"NOT loaded ({_ext.load_error})"),
         f"cpu threads: {torch.get_num_threads()} (torch.get_num_threads)",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}, "
         f"HOSL_NOISE_BACKEND={os.environ.get('HOSL_NOISE_BACKEND', '')!r}",
     ]
+    import torch.distributed as dist
+
+    gloo = dist.is_available() and dist.is_gloo_available()
+    lines.append(
+        "transports: local "
+        + ("usable" if _ext._C is not None else "unusable (needs hosl._C)")
+        + ", dist "
+        + ("usable (gloo)" if gloo else "unusable (this torch has no gloo backend)")
+    )
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]

@@ -229,6 +229,17 @@ def test_load_side_equals_split(tmp_path, family, overrides, save):
             assert all(p.device.type == "cpu" for p in [*client.parameters(), *server.parameters()])
 
 
+def test_load_from_pytorch_bin(tmp_path):
+    m = model("gpt2")
+    m.config.save_pretrained(tmp_path)
+    state = {k: v for k, v in m.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        out = load_server(tmp_path, 2)(load_client(tmp_path, 2)(input_ids=ids, attention_mask=mask))
+        torch.testing.assert_close(out.logits, m(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+
+
 def test_load_casts_to_dtype(tmp_path):
     m = model("llama")
     m.save_pretrained(tmp_path)

@@ -1,0 +1,285 @@
+"""How frames travel between a client and a server: `local` (one process, threads, through two
+hosl.boundary.FrameQueues: C++ rings of preallocated slots) or `dist` (two processes, on one machine or two, over
+torch.distributed point-to-point messages; gloo on CPU).
+
+Both ends are a `Link`: `send(frame)`, `recv()`, byte and frame counters, `close()`. Nothing waits
+forever: every wait is bounded by the link's timeout, and a peer that stops answering or dies ends
+in a LinkError on the other side that says which and what to look at. An end that fails can
+`fail(message)` first: its peer then gets the message as a PeerError instead of waiting out the
+timeout.
+
+Counting: `bytes_sent` / `bytes_received` are what crosses, frames plus the transport's own framing
+(dist sends an 8-byte length before each frame). On the client, sent is "up" and received "down".
+
+Roles over dist: rank 0 is the server and rank 1 the client, started with torchrun
+(`torchrun --nproc-per-node 2 ...`, or one process per machine with --nnodes 2) or with the usual
+MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE environment.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+
+from hosl.boundary import BufferClosedError, Frame, FrameError, FrameQueue, Kind, decode_frame, encode_frame
+
+__all__ = ["Link", "LinkError", "LinkTimeout", "PeerError", "dist_link", "local_links", "TRANSPORTS"]
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("local", "dist")
+ROLES = ("server", "client")  # rank 0, rank 1 over dist
+DEFAULT_TIMEOUT = 300.0
+
+
+class LinkError(RuntimeError):
+    """The link is broken: the peer closed it, died, or sent something unusable."""
+
+
+class LinkTimeout(LinkError, TimeoutError):
+    """The peer did not answer within the link's timeout."""
+
+
+class PeerError(LinkError):
+    """The peer failed and said why (it sent an ERROR frame)."""
+
+
+class Link:
+    """One end of a client-server connection; see the module docstring."""
+
+    def __init__(self, role: str, timeout: float, compression: str | None, client_id: int):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.role = role
+        self.peer = ROLES[1 - ROLES.index(role)]
+        self.timeout = float(timeout)
+        self.compression = compression
+        self.client_id = client_id
+        self.bytes_sent = self.bytes_received = 0
+        self.frames_sent = self.frames_received = 0
+        self.closed = False
+        self.broken = False  # a send or receive failed: the peer is gone or the channel is unusable
+
+    def send(self, frame: Frame) -> None:
+        """Encode and send one frame (the link's compression applies to activations and gradients)."""
+        if self.closed:
+            raise LinkError(f"the {self.role}'s link is closed")
+        frame.client_id = self.client_id
+        compression = self.compression if frame.kind in (Kind.ACT, Kind.GRAD) else None
+        buf = encode_frame(frame, compression=compression)
+        try:
+            self.bytes_sent += self._send_bytes(buf)
+        except LinkError:
+            self.broken = True
+            raise
+        self.frames_sent += 1
+
+    def recv(self) -> Frame:
+        """The next frame from the peer. An ERROR frame raises PeerError with the peer's message."""
+        if self.closed:
+            raise LinkError(f"the {self.role}'s link is closed")
+        try:
+            buf, wire = self._recv_bytes()
+        except LinkError:
+            self.broken = True
+            raise
+        self.bytes_received += wire
+        self.frames_received += 1
+        try:
+            frame = decode_frame(buf)
+        except FrameError as exc:
+            raise LinkError(f"the {self.role} received a bad frame from the {self.peer}: {exc}") from exc
+        if frame.kind == Kind.ERROR:
+            raise PeerError(f"the {self.peer} failed: {frame.meta.get('message', '(no message)')}")
+        return frame
+
+    def fail(self, message: str) -> None:
+        """Tell the peer this end is failing (best effort), then close."""
+        try:
+            if not self.closed and not self.broken:
+                self.send(Frame(Kind.ERROR, meta={"message": message}))
+        except Exception:  # the peer may be gone already; the message is a courtesy
+            logger.debug("could not send the ERROR frame", exc_info=True)
+        self.close()
+
+    def stats(self) -> dict:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+        }
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and not isinstance(exc, LinkError):
+            self.fail(f"{type(exc).__name__}: {exc}")
+        self.close()
+
+    # Transport-specific: send encoded bytes and return what crossed; receive one frame's bytes.
+    def _send_bytes(self, buf: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def _recv_bytes(self) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+
+class _LocalLink(Link):
+    """One end of an in-process link: it puts into one FrameQueue and gets from the other."""
+
+    def __init__(self, role, outbox: FrameQueue, inbox: FrameQueue, timeout, compression, client_id):
+        super().__init__(role, timeout, compression, client_id)
+        self._outbox, self._inbox = outbox, inbox
+
+    def _send_bytes(self, buf):
+        try:
+            self._outbox.put(buf, self.timeout)
+        except TimeoutError as exc:
+            raise LinkTimeout(
+                f"the {self.role} could not send for {self.timeout:g} s: the {self.peer} stopped taking frames"
+            ) from exc
+        except BufferClosedError as exc:
+            raise LinkError(f"the {self.peer} closed the link") from exc
+        except ValueError as exc:  # a frame larger than a slot
+            raise LinkError(f"{exc}; make the local link's slot_bytes larger") from exc
+        return buf.numel()
+
+    def _recv_bytes(self):
+        try:
+            buf = self._inbox.get(self.timeout)  # a view of the queue's receive buffer: decoded at once
+        except TimeoutError as exc:
+            raise LinkTimeout(f"the {self.role} got no frame from the {self.peer} within {self.timeout:g} s") from exc
+        except BufferClosedError as exc:
+            raise LinkError(f"the {self.peer} closed the link") from exc
+        return buf, buf.numel()
+
+    def close(self):
+        # Closing both queues wakes the peer if it is waiting on either.
+        if not self.closed:
+            self._outbox.close()
+            self._inbox.close()
+        super().close()
+
+
+def local_links(
+    *,
+    slots: int = 8,
+    slot_bytes: int = 64 << 20,
+    timeout: float = DEFAULT_TIMEOUT,
+    compression: str | None = None,
+    client_id: int = 0,
+) -> tuple[Link, Link]:
+    """(client_end, server_end) of an in-process link: two FrameQueues (up and down) of `slots`
+    slots of `slot_bytes` bytes each, allocated here once. A frame larger than a slot is an error
+    naming both sizes; up to `slots` frames can be in flight each way before send blocks."""
+    up, down = FrameQueue(slots, slot_bytes), FrameQueue(slots, slot_bytes)
+    client = _LocalLink("client", up, down, timeout, compression, client_id)
+    server = _LocalLink("server", down, up, timeout, compression, client_id)
+    return client, server
+
+
+class _DistLink(Link):
+    """One end of a two-process link over torch.distributed: an int64 length, then the frame."""
+
+    _LENGTH_BYTES = 8
+
+    def __init__(self, role, timeout, compression, client_id, owns_group):
+        super().__init__(role, timeout, compression, client_id)
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._group = None  # the default group, of exactly these two processes
+        self._owns_group = owns_group
+        self._peer_rank = 1 - ROLES.index(role)
+        self._length = torch.zeros(1, dtype=torch.int64)
+        self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            text = str(exc)
+            if "timed out" in text.lower():  # gloo: "Timed out waiting 300000ms for recv operation"
+                raise LinkTimeout(
+                    f"the {self.role} waited {self.timeout:g} s to {what} the {self.peer} (rank {self._peer_rank}) "
+                    "and got no answer"
+                ) from exc
+            raise LinkError(
+                f"the {self.role} lost the {self.peer} (rank {self._peer_rank}) while trying to {what} it; "
+                f"check the {self.peer}'s log. ({text.splitlines()[0][:200]})"
+            ) from exc
+
+    def _send_bytes(self, buf):
+        self._length[0] = buf.numel()
+        self._wait(self._dist.isend(self._length, dst=self._peer_rank, group=self._group), "send to")
+        if buf.numel():
+            self._wait(self._dist.isend(buf, dst=self._peer_rank, group=self._group), "send to")
+        return self._LENGTH_BYTES + buf.numel()
+
+    def _recv_bytes(self):
+        self._wait(self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
+        n = int(self._length[0])
+        if n < 0 or n > (1 << 40):
+            raise LinkError(f"the {self.role} received an impossible frame length {n} from the {self.peer}")
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.uint8)
+        buf = self._scratch[:n]
+        if n:
+            self._wait(self._dist.irecv(buf, src=self._peer_rank, group=self._group), "receive from")
+        return buf, self._LENGTH_BYTES + n
+
+    def close(self):
+        if not self.closed and self._owns_group and self._dist.is_initialized():
+            self._dist.destroy_process_group()
+        super().close()
+
+
+def dist_link(
+    role: str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    compression: str | None = None,
+    client_id: int = 0,
+    backend: str | None = None,
+) -> Link:
+    """This process's end of a two-process link over torch.distributed.
+
+    Joins (or reuses) the default process group from the torchrun environment: WORLD_SIZE must be
+    2; rank 0 is the server and rank 1 the client (`role`, if given, must agree with the rank).
+    backend defaults to gloo; pass "nccl" only when both ends hold CUDA tensors (frames are CPU
+    bytes, so gloo is what hosl uses on GPU machines too). Every wait is bounded by `timeout`.
+    """
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in os.environ]
+        if missing:
+            raise LinkError(
+                "the dist transport needs a torch.distributed environment (missing "
+                + ", ".join(missing)
+                + "): start it with `torchrun --nproc-per-node 2 ...`"
+            )
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            dist.init_process_group(backend or "gloo", timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:  # the peer never came, the address is wrong, the port is taken
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise LinkError(f"could not join the other process at {where} within {timeout:g} s ({first})") from exc
+        owns = True
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != 2:
+        raise LinkError(f"the dist transport joins exactly 2 processes (server and client); WORLD_SIZE is {world}")
+    if role is not None and role != ROLES[rank]:
+        raise LinkError(f"rank {rank} is the {ROLES[rank]}, but this process was asked to be the {role}")
+    return _DistLink(ROLES[rank], timeout, compression, client_id, owns_group=owns)

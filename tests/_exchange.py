@@ -1,0 +1,88 @@
+"""One client-server exchange over a hosl link, run as a program: the client embeds a batch with the
+first blocks of a tiny model, sends the activation up, the server returns the loss. The result is
+printed as JSON (and written to OUT_DIR/<role>.json if given); a link failure prints one line to stderr and exits 3.
+
+    python tests/_exchange.py MODE TRANSPORT [TIMEOUT [OUT_DIR]]   (dist: RANK etc. in the environment)
+
+MODE: exchange (the whole round trip), client-dies (the client says hello, then waits to be killed),
+client-silent (the client says hello, then sleeps past the server's timeout).
+"""
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_models import batch, model  # noqa: E402
+
+from hosl.boundary import Frame, Kind  # noqa: E402
+from hosl.split import Activation, split_model  # noqa: E402
+from hosl.transport import LinkError, dist_link, local_links  # noqa: E402
+
+K = 2
+
+
+def sides():
+    return split_model(model("llama"), K)
+
+
+def client_side(link, mode, client):
+    ids, mask, labels = batch()
+    link.send(Frame(Kind.HELLO, meta={"mode": mode}))
+    if mode == "client-dies":
+        print("ready", flush=True)
+        time.sleep(3600)
+    if mode == "client-silent":
+        time.sleep(2 * link.timeout + 5)
+        return {}
+    with torch.no_grad():
+        h = client(input_ids=ids, attention_mask=mask)
+    link.send(Frame(Kind.ACT, step=7, tensors={**h.tensors(), "labels": labels}))
+    reply = link.recv()
+    assert reply.kind == Kind.LOSS and reply.step == 7
+    return {"loss": reply.tensors["loss"].item(), **{"client_" + k: v for k, v in link.stats().items()}}
+
+
+def server_side(link, server):
+    hello = link.recv()
+    assert hello.kind == Kind.HELLO
+    frame = link.recv()
+    labels = frame.tensors.pop("labels")
+    with torch.no_grad():
+        loss = server(Activation.from_tensors(frame.tensors), labels=labels).loss
+    link.send(Frame(Kind.LOSS, step=frame.step, tensors={"loss": loss}))
+    return {"server_" + k: v for k, v in link.stats().items()}
+
+
+def main():
+    mode, transport = sys.argv[1], sys.argv[2]
+    timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 60.0
+    try:
+        if transport == "local":
+            client_link, server_link = local_links(slots=2, slot_bytes=1 << 20, timeout=timeout)
+            client, server = sides()  # built once: two threads seeding one generator would race
+            result = {}
+            thread = threading.Thread(target=lambda: result.update(server_side(server_link, server)))
+            thread.start()
+            result.update(client_side(client_link, mode, client))
+            thread.join()
+        else:
+            link = dist_link(timeout=timeout)
+            client, server = sides()  # each process builds the same model and keeps its side
+            result = client_side(link, mode, client) if link.role == "client" else server_side(link, server)
+            result["role"] = link.role
+            link.close()
+    except LinkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    print(json.dumps(result))
+    if len(sys.argv) > 4:
+        (Path(sys.argv[4]) / f"{result.get('role', 'local')}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

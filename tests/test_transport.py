@@ -1,0 +1,198 @@
+"""hosl.transport: an exchange over the local and the dist link against the same computation done
+directly; byte counts; timeouts, a peer that fails, dies or goes silent ends in a clear error."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import batch, model
+
+from hosl.boundary import Frame, Kind, encode_frame
+from hosl.split import split_model
+from hosl.transport import LinkError, LinkTimeout, PeerError, dist_link, local_links
+
+EXCHANGE = Path(__file__).parent / "_exchange.py"
+
+
+def _direct_loss():
+    client, server = split_model(model("llama"), 2)
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        return server(client(input_ids=ids, attention_mask=mask), labels=labels).loss.item()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank, port):
+    return dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+
+
+def _start_pair(mode, timeout):
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(EXCHANGE), mode, "dist", str(timeout)],
+            env=_env(rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+
+
+def _run_local(mode="exchange"):
+    out = subprocess.run([sys.executable, str(EXCHANGE), mode, "local"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_local_exchange_matches_direct():
+    result = _run_local()
+    assert result["loss"] == _direct_loss()  # exact: frames carry the float32 bytes unchanged
+    assert result["client_bytes_sent"] == result["server_bytes_received"] > 0
+    assert result["client_bytes_received"] == result["server_bytes_sent"] > 0
+    assert result["client_frames_sent"] == 2 and result["client_frames_received"] == 1
+
+
+def test_dist_exchange_matches_local():
+    procs = _start_pair("exchange", 60)
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    server, client = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    local = _run_local()
+    assert (server["role"], client["role"]) == ("server", "client")
+    assert client["loss"] == local["loss"] == _direct_loss()
+    # Over dist each frame also carries an 8-byte length.
+    assert client["client_bytes_sent"] == server["server_bytes_received"] == local["client_bytes_sent"] + 2 * 8
+    assert client["client_bytes_received"] == server["server_bytes_sent"] == local["client_bytes_received"] + 8
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_dist_exchange_under_torchrun(tmp_path):
+    port = str(_free_port())
+    out = subprocess.run(
+        [
+            "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            port,
+            str(EXCHANGE),
+            "exchange",
+            "dist",
+            "60",
+            tmp_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    client = json.loads((tmp_path / "client.json").read_text())
+    server = json.loads((tmp_path / "server.json").read_text())
+    assert client["loss"] == _direct_loss()
+    assert client["client_bytes_sent"] == server["server_bytes_received"]
+
+
+def test_killed_client_fails_the_server_cleanly():
+    timeout = 30
+    server, client = _start_pair("client-dies", timeout)
+    assert client.stdout.readline().strip() == "ready"  # connected, hello sent: now it dies
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    start = time.monotonic()
+    _, err = server.communicate(timeout=timeout + 30)
+    assert server.returncode == 3, err
+    assert time.monotonic() - start < timeout
+    assert err.strip().splitlines()[-1].startswith("error: the server lost the client (rank 1)")
+
+
+def test_silent_client_times_the_server_out():
+    timeout = 4
+    server, client = _start_pair("client-silent", timeout)
+    try:
+        _, err = server.communicate(timeout=120)
+    finally:
+        client.kill()
+    assert server.returncode == 3, err
+    assert err.strip().splitlines()[-1].startswith("error: the server waited 4 s to receive from the client")
+
+
+def test_dist_link_needs_its_environment(monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LinkError, match="torchrun --nproc-per-node 2"):
+        dist_link()
+
+
+def test_local_timeout_and_close():
+    client, server = local_links(slots=1, slot_bytes=4096, timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(LinkTimeout, match="client got no frame from the server within 0.2 s"):
+        client.recv()
+    assert 0.15 < time.monotonic() - start < 5
+    assert client.broken
+
+    client, server = local_links(slots=1, slot_bytes=4096, timeout=0.2)
+    client.send(Frame(Kind.HELLO))
+    with pytest.raises(LinkTimeout, match="could not send for 0.2 s"):  # backpressure: one slot, not taken
+        client.send(Frame(Kind.HELLO))
+
+    client, server = local_links(slots=2, slot_bytes=4096, timeout=30)
+    threading.Timer(0.2, server.close).start()
+    start = time.monotonic()
+    with pytest.raises(LinkError, match="the server closed the link"):
+        client.recv()
+    assert time.monotonic() - start < 10
+
+
+def test_peer_failure_message_arrives():
+    client, server = local_links(slots=2, slot_bytes=4096, timeout=5)
+    with pytest.raises(KeyError):
+        with server:
+            {}["missing"]
+    with pytest.raises(PeerError, match="the server failed: KeyError: 'missing'"):
+        client.recv()
+
+
+def test_local_counts_bytes_and_checks_slot_size():
+    client, server = local_links(slots=2, slot_bytes=4096, timeout=5)
+    frame = Frame(Kind.ACT, step=3, probe=1, sign=-1, tensors={"hidden": torch.randn(2, 3, 8)})
+    client.send(frame)
+    got = server.recv()
+    assert (got.kind, got.step, got.probe, got.sign) == (Kind.ACT, 3, 1, -1)
+    torch.testing.assert_close(got.tensors["hidden"], frame.tensors["hidden"], rtol=0, atol=0)
+    assert client.bytes_sent == server.bytes_received == encode_frame(frame).numel()
+    with pytest.raises(LinkError, match="slot_bytes"):
+        client.send(Frame(Kind.ACT, tensors={"hidden": torch.zeros(2048)}))
+
+
+def test_compression_applies_to_activations_only():
+    client, server = local_links(slots=4, slot_bytes=1 << 16, timeout=5, compression="int8")
+    x = torch.randn(4, 64)
+    client.send(Frame(Kind.ACT, tensors={"hidden": x}))
+    client.send(Frame(Kind.LOSS, tensors={"loss": x}))
+    act, loss = server.recv(), server.recv()
+    assert not torch.equal(act.tensors["hidden"], x)
+    torch.testing.assert_close(act.tensors["hidden"], x, rtol=0, atol=x.abs().max().item() / 127)
+    assert torch.equal(loss.tensors["loss"], x)
+    assert client.bytes_sent < 2 * encode_frame(Frame(Kind.ACT, tensors={"hidden": x})).numel()
