@@ -18,6 +18,7 @@ MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE environment.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -175,23 +176,37 @@ def local_links(
     *,
     slots: int = 8,
     slot_bytes: int = 64 << 20,
+    down_slots: int | None = None,
+    down_slot_bytes: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     compression: str | None = None,
     client_id: int = 0,
 ) -> tuple[Link, Link]:
-    """(client_end, server_end) of an in-process link: two FrameQueues (up and down) of `slots`
-    slots of `slot_bytes` bytes each, allocated here once. A frame larger than a slot is an error
-    naming both sizes; up to `slots` frames can be in flight each way before send blocks."""
-    up, down = FrameQueue(slots, slot_bytes), FrameQueue(slots, slot_bytes)
+    """(client_end, server_end) of an in-process link: an up queue of `slots` slots of `slot_bytes`
+    bytes and a down queue (by default the same sizes), allocated here once. A frame larger than a
+    slot is an error naming both sizes.
+
+    A streaming client sends a whole step before it reads any answer, so the down queue must hold
+    a step's answers (one per upload) or the server blocks on it while the client blocks on a full
+    up queue; the trainer sizes it so."""
+    up = FrameQueue(slots, slot_bytes)
+    down = FrameQueue(down_slots or slots, down_slot_bytes or slot_bytes)
     client = _LocalLink("client", up, down, timeout, compression, client_id)
     server = _LocalLink("server", down, up, timeout, compression, client_id)
     return client, server
 
 
 class _DistLink(Link):
-    """One end of a two-process link over torch.distributed: an int64 length, then the frame."""
+    """One end of a two-process link over torch.distributed: an int64 length, then the frame.
+
+    Sends are asynchronous: a send returns once it is posted, and its buffers are kept until it
+    completes. Blocking sends would deadlock a streaming exchange (gloo completes a send only when
+    the peer posts the matching receive, and both sides send before they receive). At most
+    MAX_IN_FLIGHT sends are outstanding; the next one waits for the oldest (backpressure).
+    """
 
     _LENGTH_BYTES = 8
+    MAX_IN_FLIGHT = 256
 
     def __init__(self, role, timeout, compression, client_id, owns_group):
         super().__init__(role, timeout, compression, client_id)
@@ -203,6 +218,7 @@ class _DistLink(Link):
         self._peer_rank = 1 - ROLES.index(role)
         self._length = torch.zeros(1, dtype=torch.int64)
         self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
+        self._in_flight: collections.deque = collections.deque()  # (work, buffers kept alive)
 
     def _wait(self, work, what: str) -> None:
         try:
@@ -219,14 +235,21 @@ class _DistLink(Link):
                 f"check the {self.peer}'s log. ({text.splitlines()[0][:200]})"
             ) from exc
 
+    def _reap(self, keep: int) -> None:
+        """Forget completed sends; wait for the oldest while more than `keep` are outstanding."""
+        while self._in_flight and (self._in_flight[0][0].is_completed() or len(self._in_flight) > keep):
+            work, _ = self._in_flight.popleft()
+            self._wait(work, "send to")
+
     def _send_bytes(self, buf):
-        self._length[0] = buf.numel()
-        self._wait(self._dist.isend(self._length, dst=self._peer_rank, group=self._group), "send to")
-        if buf.numel():
-            self._wait(self._dist.isend(buf, dst=self._peer_rank, group=self._group), "send to")
+        self._reap(self.MAX_IN_FLIGHT - 2)
+        length = torch.tensor([buf.numel()], dtype=torch.int64)
+        for tensor in (length, buf) if buf.numel() else (length,):
+            self._in_flight.append((self._dist.isend(tensor, dst=self._peer_rank, group=self._group), tensor))
         return self._LENGTH_BYTES + buf.numel()
 
     def _recv_bytes(self):
+        self._reap(self.MAX_IN_FLIGHT)
         self._wait(self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
         n = int(self._length[0])
         if n < 0 or n > (1 << 40):
@@ -239,8 +262,13 @@ class _DistLink(Link):
         return buf, self._LENGTH_BYTES + n
 
     def close(self):
-        if not self.closed and self._owns_group and self._dist.is_initialized():
-            self._dist.destroy_process_group()
+        if not self.closed:
+            try:
+                if not self.broken:
+                    self._reap(0)  # deliver what was sent before leaving
+            finally:
+                if self._owns_group and self._dist.is_initialized():
+                    self._dist.destroy_process_group()
         super().close()
 
 

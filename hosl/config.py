@@ -1,0 +1,253 @@
+"""The run configuration: one dataclass, checked on construction, saved as JSON, and the command
+line generated from it (kebab-case flags with the fields' help texts; `--config FILE` loads a saved
+config and explicit flags override it).
+
+The defaults are the embedded default run: `python -m hosl.train` with no flags trains a built-in
+model on the built-in synthetic task with HOSL, needs no network and ends in about a minute on two
+CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("hosl", "fo", "zo", "fo-full", "zo-full")
+SPLIT_METHODS = ("hosl", "fo", "zo")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Fields in RUN_ONLY may change on --resume; the rest may not."""
+
+    method: str = field(
+        default="hosl",
+        metadata=_help(
+            "hosl: ZO client, FO server (the paper). fo: FO on both sides (split learning). zo: ZO on both sides "
+            "with shared seeds (MeZO over the split). fo-full, zo-full: the unsplit model, FO and MeZO",
+            choices=METHODS,
+        ),
+    )
+    model: str = field(
+        default="builtin:tiny",
+        metadata=_help("a local model directory, a hub id, or builtin:<name> (random init, no network)"),
+    )
+    gguf_file: str | None = field(default=None, metadata=_help("a GGUF file inside --model's directory to load"))
+    task: str = field(default="synthetic", metadata=_help("sst2, rte, cb, boolq, wsc, wic, or synthetic (built in)"))
+    data_dir: str | None = field(
+        default=None, metadata=_help("local task files (GLUE TSV or SuperGLUE JSONL); default: the datasets hub")
+    )
+    train_examples: int | None = field(default=None, metadata=_help("sample this many training examples (seeded)"))
+    eval_examples: int | None = field(default=None, metadata=_help("sample this many evaluation examples (seeded)"))
+    max_length: int = field(default=64, metadata=_help("tokens per example; longer contexts lose their start"))
+    split_layer: int = field(default=1, metadata=_help("the client holds the embeddings and blocks [0, k)"))
+    dtype: str = field(
+        default="float32",
+        metadata=_help(
+            "model dtype; bfloat16/float16 keep fp32 masters of the ZO weights",
+            choices=("float32", "bfloat16", "float16"),
+        ),
+    )
+    q: int = field(default=1, metadata=_help("ZO probes per step (1 to 64)"))
+    mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
+    zo_estimator: str = field(
+        default="central",
+        metadata=_help(
+            "central: (L(w+mu z) - L(w-mu z)) / 2mu, 2Q uploads; forward: (L(w+mu z) - L(w)) / mu, Q+1",
+            choices=("central", "forward"),
+        ),
+    )
+    server_grad: str = field(
+        default="clean",
+        metadata=_help(
+            "hosl: the server's FO step on a clean upload (clean, the paper) or on the first +mu probe (probe)",
+            choices=("clean", "probe"),
+        ),
+    )
+    client_lr: float = field(
+        default=1e-4, metadata=_help("client learning rate (ZO-SGD; the FO optimiser for fo; both sides for zo)")
+    )
+    server_lr: float = field(default=1e-3, metadata=_help("server learning rate (and the whole model's for fo-full)"))
+    optimizer: str = field(
+        default="adamw", metadata=_help("first-order optimiser (server; client too for fo)", choices=("sgd", "adamw"))
+    )
+    momentum: float = field(default=0.0, metadata=_help("SGD momentum (0: none, as in the paper)"))
+    weight_decay: float = field(
+        default=0.0, metadata=_help("decoupled weight decay, not on biases and norms (ZO and FO alike)")
+    )
+    batch_size: int = field(default=16, metadata=_help("examples per step"))
+    steps: int = field(default=300, metadata=_help("training steps"))
+    seed: int = field(default=0, metadata=_help("run seed: data order, model init (builtin), ZO noise"))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)"))
+    eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation batch"))
+    log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
+    save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only the final weights)"))
+    out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))
+    resume: str | None = field(default=None, metadata=_help("continue the run in this directory from its checkpoint"))
+    transport: str = field(
+        default="local",
+        metadata=_help("local: one process; dist: torchrun, rank 0 server, rank 1 client", choices=("local", "dist")),
+    )
+    compression: str | None = field(
+        default=None,
+        metadata=_help("activation compression on the link", choices=(None, "fp16", "bf16", "int8")),
+    )
+    timeout: float = field(default=300.0, metadata=_help("seconds to wait for the peer before failing"))
+    sync_probes: bool = field(
+        default=False,
+        metadata=_help("make the client wait for each probe's loss before the next (for benchmarks; same math)"),
+    )
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming the first bad value."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{_flag(f.name)} must be one of {_fmt_choices(choices)}, got {value!r}")
+        positive = {"max_length": 1, "batch_size": 1, "steps": 0, "eval_batch_size": 1, "log_every": 1}
+        for name, low in positive.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "split_layer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.q <= 64:
+            raise ValueError(f"--q must be in [1, 64], got {self.q}")
+        if not (math.isfinite(self.mu) and self.mu > 0):
+            raise ValueError(f"--mu must be a finite number > 0, got {self.mu}")
+        for name in ("client_lr", "server_lr", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if self.momentum >= 1:
+            raise ValueError(f"--momentum must be < 1, got {self.momentum}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.transport == "dist" and self.method not in SPLIT_METHODS:
+            raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a config file holds a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def identity(self) -> dict:
+        """The fields that define the run's trajectory (everything but RUN_ONLY)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# May differ between a run and its resumption: where it is written, how long it runs and how often
+# it evaluates, logs and saves, how long it waits. None of these changes the trajectory.
+RUN_ONLY = frozenset({"steps", "eval_every", "log_every", "save_every", "out", "resume", "timeout", "transport"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _fmt_choices(choices) -> str:
+    return ", ".join("none" if c is None else str(c) for c in choices)
+
+
+def _base_type(name: str):
+    """(type, optional) of a TrainConfig field: int, float, str, bool, or one of them `| None`."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def _converter(name: str, kind, optional: bool):
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+def build_parser(prog: str = "python -m hosl.train") -> argparse.ArgumentParser:
+    """Flags for every TrainConfig field, plus --config FILE. Unset flags stay unset (None in the
+    namespace is "not given"), so a config file's values survive unless a flag overrides them."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a causal LM split between a zeroth-order client and a first-order server (HOSL).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="load a saved config.json; flags given here override it")
+    for f in dataclasses.fields(TrainConfig):
+        kind, optional = _base_type(f.name)
+        default = f.default
+        choices = f.metadata.get("choices")
+        help_text = f.metadata["help"] + f" (default: {'none' if default is None else default})"
+        if choices is not None:
+            help_text += f"; one of {_fmt_choices(choices)}"
+        metavar = None if choices is None else "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, dest=f.name, help=help_text)
+        else:
+            parser.add_argument(
+                _flag(f.name), dest=f.name, type=_converter(f.name, kind, optional), metavar=metavar, help=help_text
+            )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from the command line. Raises SystemExit(2) with one line for bad flags, and
+    ValueError for bad values or files (the trainer turns those into one line and exit status 2)."""
+    args = vars(build_parser().parse_args(argv))
+    base: dict = {}
+    path = args.pop("config", None)
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read --config {path}: {exc.strerror}") from None
+        try:
+            base = dataclasses.asdict(TrainConfig.from_json(text))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--config {path}: {exc}") from None
+    base.update(args)
+    return TrainConfig(**base)

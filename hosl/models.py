@@ -1,0 +1,95 @@
+"""Models and tokenizers for the trainer: built-in configs (random init, no network) and Hugging Face
+checkpoints (a local directory, a GGUF file in one, or a hub id)."""
+
+from __future__ import annotations
+
+import torch
+
+from hosl.tasks import HFTokenizer, WordTokenizer
+
+# Built-in architectures, by name. Sizes other than vocab_size are fixed; vocab_size comes from the
+# tokenizer. "tiny" is what the embedded default run trains; the larger ones have the shapes of
+# real models (for memory and speed measurements; their weights are random).
+BUILTIN = {
+    "tiny": (
+        "llama",
+        dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128),
+    ),
+    "tiny-opt": ("opt", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=128)),
+    "opt-125m": ("opt", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192)),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+        ),
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model named cannot be built or loaded; the message says why."""
+
+
+def builtin_config(name: str, vocab_size: int, max_positions: int, *, pad_token_id=0, bos_token_id=2, eos_token_id=3):
+    import transformers
+
+    if name not in BUILTIN:
+        raise ModelError(f"unknown built-in model {name!r}; choose from {', '.join('builtin:' + n for n in BUILTIN)}")
+    family, sizes = BUILTIN[name]
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if family == "opt":
+        return transformers.OPTConfig(
+            vocab_size=vocab_size, max_position_embeddings=max(max_positions, 2048),
+            word_embed_proj_dim=sizes["hidden_size"], dropout=0.0, attention_dropout=0.0, **sizes, **ids,
+        )  # fmt: skip
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=max(max_positions, 2048), tie_word_embeddings=False,
+        **sizes, **ids,
+    )  # fmt: skip
+
+
+def build_model(name: str, tokenizer, *, seed: int, dtype: str = "float32", gguf_file: str | None = None):
+    """The full causal LM in eval mode (dropout off: a ZO probe pair must see the same function).
+
+    builtin:<name>: random init from `seed` with the tokenizer's vocabulary. Otherwise a local
+    directory or hub id, through transformers' from_pretrained (gguf_file for a GGUF checkpoint).
+    """
+    import transformers
+
+    torch_dtype = DTYPES[dtype]
+    if name.startswith("builtin:"):
+        config = builtin_config(name.removeprefix("builtin:"), tokenizer.vocab_size, 2048)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch_dtype)
+    else:
+        kwargs = {"dtype": torch_dtype}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load model {name!r}: {first}") from None
+    return model.eval()
+
+
+def build_tokenizer(name: str, task: str, examples=(), gguf_file: str | None = None):
+    """The tokenizer for `name`. Built-in models use a word-level vocabulary: the synthetic task's own,
+    or every word of the task's examples for a real task."""
+    if name.startswith("builtin:"):
+        if task == "synthetic":
+            return WordTokenizer.for_task("synthetic")
+        words = {w for ex in examples for text in (ex.context, *ex.candidates) for w in WordTokenizer.words(text)}
+        return WordTokenizer(sorted(words))
+    import transformers
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {first}") from None
+    return HFTokenizer(hf)

@@ -1,0 +1,77 @@
+"""Rebuild a ZO-trained client's weights from its initial weights and the run's log of projected
+gradients, bit for bit: the client's whole trajectory is a few scalars per step.
+
+    python -m hosl.replay RUN_DIR      # checks the replayed client against RUN_DIR/client.safetensors
+
+A server that knows the client's initial weights (it may have shipped them) can thus follow the
+client's training from zo_log.jsonl alone, on any device: the noise is bit-identical across the
+CPU kernel, the Triton kernel and the torch reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from hosl import zo
+from hosl.config import TrainConfig
+
+
+def read_log(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
+    """Apply the logged steps to `params` (at the run's initial weights) exactly as the client did:
+    every perturbation pass of the schedule, then the step's final pass (update, or restore only
+    for a skipped step) and weight decay."""
+    for record in log:
+        seeds = zo.step_seeds(cfg.seed, record["step"], cfg.q)
+        for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
+            params.add_(probe.seeds, probe.scales)
+        grads = None if record["skipped"] else record["grads"]
+        params.end_step(seeds, cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads)
+
+
+def replay_run(run_dir: str | Path):
+    """The client model of a builtin-model run, rebuilt from its seed and replayed from its log."""
+    from hosl.models import build_model, build_tokenizer
+    from hosl.split import split_model
+    from hosl.tasks import load_examples
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_json((run_dir / "config.json").read_text())
+    if not cfg.model.startswith("builtin:") or cfg.method != "hosl":
+        raise ValueError("replay_run rebuilds the initial weights of builtin-model hosl runs only")
+    examples = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
+    tokenizer = build_tokenizer(cfg.model, cfg.task, examples)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype)
+    client, _ = split_model(model, cfg.split_layer)
+    params = zo.ZOParams([(n, p) for n, p in client.named_parameters()])
+    replay(params, cfg, read_log(run_dir / "zo_log.jsonl"))
+    return client
+
+
+def main(argv=None) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m hosl.replay RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        client = replay_run(argv[0])
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    saved = load_file(Path(argv[0]) / "client.safetensors")
+    same = all(torch.equal(p, saved[n]) for n, p in client.named_parameters())
+    print("replayed client weights equal the run's:", "yes, bit for bit" if same else "NO")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""The two roles of a split run and the protocol between them, for every split method.
+
+Per training step the client sends one BATCH frame (labels and attention mask) and then ACT frames
+(the activation at the cut), and the server answers each ACT with a LOSS frame (for `fo`, a GRAD
+frame: dL/dh and the loss). Evaluation is a BATCH frame marked eval and one ACT; the server answers
+with the rank-classification scores. CONTROL frames save, load and stop. The server knows from the
+config (checked at HELLO) how many ACT frames a step has, so no frame says "end of step".
+
+    hosl  central: clean h, then h(w + mu z_q), h(w - mu z_q) for q = 1..Q        1 + 2Q uploads
+          --server-grad probe: no clean upload; the server's FO step uses (q=1, +)    2Q
+          forward estimator: clean h (also L(w)), then h(w + mu z_q)                  1 + Q
+    zo    central: h(w + mu z_q), h(w - mu z_q); forward: clean, then +mu probes     2Q or 1 + Q
+    fo    h with autograd kept on the client; the server returns dL/dh               1
+
+hosl: the clean upload goes first (the client is at w then, and needs one pass fewer than the
+paper's probes-then-clean order). The server computes its gradient on it at once but takes the
+optimiser step only after it has answered every probe of the step, so all of the step's losses
+are at the same server weights: the paper's math, in a cheaper order.
+
+Streaming: the client sends every upload of a step without waiting, and reads the losses when it
+needs them for its update. The server answers in order; the result equals the synchronous loop's
+(`sync_probes` makes the client wait for each loss, for comparison).
+
+A non-finite loss anywhere in a step skips both sides' updates for that step (the client still
+undoes its probes); both sides see the same losses, so they agree without another message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hosl import zo
+from hosl.boundary import Frame, Kind
+from hosl.config import TrainConfig
+from hosl.split import Activation, ClientModel, ServerModel
+from hosl.tasks import candidate_scores
+from hosl.transport import Link, LinkError
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = 1
+
+
+def expected_uploads(cfg: TrainConfig) -> int:
+    """ACT frames per training step for cfg.method."""
+    if cfg.method == "fo":
+        return 1
+    if cfg.zo_estimator == "forward":
+        return 1 + cfg.q
+    if cfg.method == "hosl" and cfg.server_grad == "clean":
+        return 1 + 2 * cfg.q
+    return 2 * cfg.q
+
+
+def clean_first(cfg: TrainConfig) -> bool:
+    """Whether a step starts with an upload at the unperturbed client weights."""
+    return cfg.zo_estimator == "forward" or (cfg.method == "hosl" and cfg.server_grad == "clean")
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float):
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        # Decoupled decay for SGD too: torch's SGD weight_decay is L2 in the gradient, so apply it by hand.
+        return _DecoupledSGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+class _DecoupledSGD(torch.optim.SGD):
+    """SGD (with optional momentum) and decoupled weight decay: w <- w - lr * (update + wd * w)."""
+
+    def __init__(self, groups, lr, momentum):
+        self._decay = [g.pop("weight_decay") for g in groups]
+        super().__init__(groups, lr=lr, momentum=momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group, wd in zip(self.param_groups, self._decay):
+            if wd:
+                for p in group["params"]:
+                    p.mul_(1 - group["lr"] * wd)
+        return super().step(closure)
+
+
+@dataclass
+class StepStats:
+    loss: float  # the clean loss when there is one, else the mean of the probe losses
+    client_s: float
+    server_s: float
+    link_s: float
+    skipped: bool
+    grads: list[float] | None = None  # the projected gradients (ZO clients)
+
+
+def _scalar(t: torch.Tensor) -> float:
+    return float(t.reshape(()).item())
+
+
+class SplitClient:
+    """The client of a split run: holds the client model and drives the protocol."""
+
+    def __init__(self, cfg: TrainConfig, model: ClientModel, link: Link):
+        self.cfg = cfg
+        self.model = model
+        self.link = link
+        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if cfg.method == "fo":
+            self.zo = None
+            self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
+        else:
+            self.zo = zo.ZOParams(params)
+            self.optimizer = None
+            for _, p in params:
+                p.requires_grad_(False)  # forward only: no autograd graph, no saved activations
+
+    # -- protocol ------------------------------------------------------------------------------
+    def hello(self) -> None:
+        numel = self.zo.numel if self.zo is not None else 0
+        self.link.send(
+            Frame(Kind.HELLO, meta={"protocol": PROTOCOL, "config": self.cfg.hash(), "client_numel": numel})
+        )
+        reply = self.link.recv()
+        if reply.kind != Kind.HELLO:
+            raise LinkError(f"the server answered HELLO with {reply.kind.name}")
+
+    def stop(self) -> None:
+        self.link.send(Frame(Kind.CONTROL, meta={"op": "stop"}))
+
+    def control(self, op: str, **meta) -> dict:
+        self.link.send(Frame(Kind.CONTROL, meta={"op": op, **meta}))
+        reply = self.link.recv()
+        if reply.kind != Kind.CONTROL or reply.meta.get("op") != op:
+            raise LinkError(f"the server answered CONTROL {op} with {reply.kind.name}")
+        return reply.meta
+
+    def _forward(self, batch) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            h = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return h.hidden
+
+    def _send_batch(self, step: int, batch, eval_: bool = False) -> None:
+        tensors = {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}
+        self.link.send(Frame(Kind.BATCH, step=step, tensors=tensors, meta={"eval": eval_}))
+
+    def _upload(self, step: int, probe: int, sign: int, hidden: torch.Tensor) -> None:
+        self.link.send(Frame(Kind.ACT, step=step, probe=probe, sign=sign, tensors={"hidden": hidden.float()}))
+
+    def _loss(self, step: int) -> tuple[tuple[int, int], float, dict]:
+        frame = self.link.recv()
+        if frame.kind != Kind.LOSS or frame.step != step:
+            raise LinkError(f"expected the LOSS of step {step}, got {frame.kind.name} of step {frame.step}")
+        return (frame.probe, frame.sign), _scalar(frame.tensors["loss"]), frame.meta
+
+    # -- training --------------------------------------------------------------------------------
+    def train_step(self, step: int, batch) -> StepStats:
+        if self.cfg.method == "fo":
+            return self._fo_step(step, batch)
+        return self._zo_step(step, batch)
+
+    def _zo_step(self, step: int, batch) -> StepStats:
+        cfg = self.cfg
+        start = time.perf_counter()
+        client_s = 0.0
+        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
+        losses: dict[tuple[int, int], float] = {}
+        server_meta: dict = {}
+        pending = 0
+        self._send_batch(step, batch)
+        with torch.no_grad():
+            if clean_first(cfg):
+                t = time.perf_counter()
+                hidden = self._forward(batch)
+                client_s += time.perf_counter() - t
+                self._upload(step, 0, 0, hidden)
+                pending += 1
+            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
+                t = time.perf_counter()
+                self.zo.add_(probe.seeds, probe.scales)
+                hidden = self._forward(batch)
+                client_s += time.perf_counter() - t
+                self._upload(step, probe.probe, probe.sign, hidden)
+                pending += 1
+                if cfg.sync_probes:
+                    while pending:
+                        key, value, server_meta = self._loss(step)
+                        losses[key] = value
+                        pending -= 1
+            while pending:
+                key, value, server_meta = self._loss(step)
+                losses[key] = value
+                pending -= 1
+            t = time.perf_counter()
+            clean = losses.pop((0, 0), None)
+            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
+            skipped = not zo.finite([*losses.values(), *(() if clean is None else (clean,)), *grads])
+            self.zo.end_step(
+                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            )
+            client_s += time.perf_counter() - t
+        wall = time.perf_counter() - start
+        server_s = float(server_meta.get("server_s", 0.0))
+        loss = clean if clean is not None else sum(losses.values()) / len(losses)
+        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads)
+
+    def _fo_step(self, step: int, batch) -> StepStats:
+        start = time.perf_counter()
+        self._send_batch(step, batch)
+        t = time.perf_counter()
+        hidden = self._forward(batch)
+        client_s = time.perf_counter() - t
+        self._upload(step, 0, 0, hidden.detach())
+        frame = self.link.recv()
+        if frame.kind != Kind.GRAD or frame.step != step:
+            raise LinkError(f"expected the GRAD of step {step}, got {frame.kind.name} of step {frame.step}")
+        loss = _scalar(frame.tensors["loss"])
+        skipped = not math.isfinite(loss)
+        t = time.perf_counter()
+        if not skipped:
+            hidden.backward(frame.tensors["grad"].to(hidden.dtype))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        client_s += time.perf_counter() - t
+        wall = time.perf_counter() - start
+        server_s = float(frame.meta.get("server_s", 0.0))
+        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def scores(self, step: int, batch) -> torch.Tensor:
+        """Rank-classification scores of the rows of `batch`, computed by the server."""
+        self._send_batch(step, batch, eval_=True)
+        self._upload(step, 0, 0, self._forward(batch))
+        frame = self.link.recv()
+        if frame.kind != Kind.LOSS or "scores" not in frame.tensors:
+            raise LinkError(f"expected evaluation scores, got {frame.kind.name}")
+        return frame.tensors["scores"]
+
+
+DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SplitServer:
+    """The server of a split run: answers the client's frames until it says stop."""
+
+    def __init__(self, cfg: TrainConfig, model: ServerModel, link: Link, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.link = link
+        self.run_dir = run_dir
+        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.zo: zo.ZOParams | None = None
+        self._zo_params = params
+        self.optimizer = None
+        if cfg.method == "zo":
+            for _, p in params:
+                p.requires_grad_(False)
+        else:
+            self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.server_lr)
+        self.steps_done = 0
+        self.skipped = 0
+
+    def serve(self) -> None:
+        """Answer frames until CONTROL stop. A failure here is sent to the client before it propagates."""
+        with self.link:
+            while True:
+                frame = self.link.recv()
+                if frame.kind == Kind.HELLO:
+                    self._hello(frame)
+                elif frame.kind == Kind.BATCH:
+                    if frame.meta.get("eval"):
+                        self._evaluate(frame)
+                    else:
+                        self._train_step(frame)
+                elif frame.kind == Kind.CONTROL:
+                    if not self._control(frame):
+                        return
+                else:
+                    raise LinkError(f"the server got an unexpected {frame.kind.name} frame")
+
+    def _hello(self, frame: Frame) -> None:
+        if frame.meta.get("protocol") != PROTOCOL:
+            raise LinkError(f"the client speaks protocol {frame.meta.get('protocol')}, this server {PROTOCOL}")
+        if frame.meta.get("config") != self.cfg.hash():
+            raise LinkError("the client's config differs from the server's (same flags on both sides?)")
+        if self.cfg.method == "zo" and self.zo is None:
+            # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
+            self.zo = zo.ZOParams(self._zo_params, offset=int(frame.meta["client_numel"]))
+        self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
+
+    def _forward(self, hidden: torch.Tensor, batch: Frame, labels: bool = True):
+        h = Activation(hidden, batch.tensors["attention_mask"])
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model(h, labels=batch.tensors["labels"] if labels else None)
+
+    def _recv_act(self, step: int) -> Frame:
+        frame = self.link.recv()
+        if frame.kind != Kind.ACT or frame.step != step:
+            raise LinkError(f"expected an ACT of step {step}, got {frame.kind.name} of step {frame.step}")
+        return frame
+
+    def _train_step(self, batch: Frame) -> None:
+        cfg, step = self.cfg, batch.step
+        if cfg.method == "fo":
+            return self._fo_step(batch)
+        start = time.perf_counter()
+        n = expected_uploads(cfg)
+        values: list[float] = []
+        losses: dict[tuple[int, int], float] = {}
+        seeds = zo.step_seeds(cfg.seed, step, cfg.q) if cfg.method == "zo" else None
+        schedule = iter(zo.schedule(seeds, cfg.mu, cfg.zo_estimator)) if seeds else None
+        for i in range(n):
+            frame = self._recv_act(step)
+            if schedule is not None and frame.sign != 0:
+                probe = next(schedule)
+                if (probe.probe, probe.sign) != (frame.probe, frame.sign):
+                    raise LinkError(f"probe ({frame.probe}, {frame.sign}) out of order at step {step}")
+                self.zo.add_(probe.seeds, probe.scales)
+            with_grad = cfg.method == "hosl" and (
+                frame.sign == 0 or (cfg.server_grad == "probe" and (frame.probe, frame.sign) == (0, 1))
+            )
+            with torch.set_grad_enabled(with_grad):
+                loss = self._forward(frame.tensors["hidden"], batch).loss
+                if with_grad:
+                    loss.backward()
+            value = _scalar(loss.detach().float())
+            values.append(value)
+            losses[(frame.probe, frame.sign)] = value
+            meta = {"server_s": time.perf_counter() - start} if i == n - 1 else {}
+            self.link.send(
+                Frame(
+                    Kind.LOSS,
+                    step=step,
+                    probe=frame.probe,
+                    sign=frame.sign,
+                    tensors={"loss": loss.detach().float()},
+                    meta=meta,
+                )
+            )
+        skipped = not zo.finite(values)
+        if cfg.method == "zo":
+            clean = losses.pop((0, 0), None)
+            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
+            skipped = skipped or not zo.finite(grads)
+            self.zo.end_step(
+                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            )
+        else:
+            if not skipped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += skipped
+        self.steps_done = step + 1
+
+    def _fo_step(self, batch: Frame) -> None:
+        start = time.perf_counter()
+        frame = self._recv_act(batch.step)
+        hidden = frame.tensors["hidden"].requires_grad_(True)
+        loss = self._forward(hidden, batch).loss
+        loss.backward()
+        value = _scalar(loss.detach().float())
+        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        skipped = not math.isfinite(value)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += skipped
+        self.steps_done = batch.step + 1
+        self.link.send(
+            Frame(
+                Kind.GRAD,
+                step=batch.step,
+                tensors={"grad": grad, "loss": loss.detach().float()},
+                meta={"server_s": time.perf_counter() - start},
+            )
+        )
+
+    @torch.no_grad()
+    def _evaluate(self, batch: Frame) -> None:
+        frame = self._recv_act(batch.step)
+        logits = self._forward(frame.tensors["hidden"], batch, labels=False).logits
+        scores = candidate_scores(logits.float(), batch.tensors["labels"])
+        self.link.send(Frame(Kind.LOSS, step=batch.step, tensors={"scores": scores}))
+
+    def _control(self, frame: Frame) -> bool:
+        op = frame.meta.get("op")
+        if op == "stop":
+            return False
+        if op == "save":
+            path = Path(frame.meta["dir"])
+            save_server(self, path)
+        elif op == "load":
+            load_server_state(self, Path(frame.meta["dir"]))
+        else:
+            raise LinkError(f"unknown CONTROL op {op!r}")
+        self.link.send(Frame(Kind.CONTROL, meta={"op": op}))
+        return True
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+
+def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters by name, as owned contiguous copies (safetensors refuses shared storage)."""
+    return {n: p.detach().clone().contiguous() for n, p in module.named_parameters()}
+
+
+def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+def save_server(server: SplitServer, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors_of(server.model), directory / "server.safetensors")
+    if server.optimizer is not None:
+        torch.save(server.optimizer.state_dict(), directory / "server_optimizer.pt")
+
+
+def load_server_state(server: SplitServer, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    load_tensors(server.model, load_file(directory / "server.safetensors"))
+    if server.optimizer is not None:
+        server.optimizer.load_state_dict(torch.load(directory / "server_optimizer.pt", weights_only=True))

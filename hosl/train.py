@@ -1,0 +1,541 @@
+"""`python -m hosl.train`: fine-tune a causal LM split between a zeroth-order client and a
+first-order server (HOSL), or with one of the baselines, and evaluate it by rank classification.
+
+With no flags it runs the embedded default: HOSL on a built-in model and the built-in synthetic
+task, no network, about a minute on two CPU cores. `--help` lists every flag. Bad input gets one
+line on stderr and exit status 2; a broken link one line and exit status 1.
+
+The run directory (--out) receives config.json, metrics.jsonl (one line per logged step),
+zo_log.jsonl (the client's projected gradients, for hosl.replay), summary.json, the final weights
+as safetensors, and checkpoint/ when --save-every is set. `--resume DIR` continues such a run and
+ends with the same bits as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from hosl import zo
+from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
+from hosl.models import ModelError, build_model, build_tokenizer
+from hosl.roles import SplitClient, SplitServer, expected_uploads, load_tensors, make_optimizer, tensors_of
+from hosl.split import SplitError, split_model, split_summary
+from hosl.tasks import TaskError, accuracy, encode_candidates, encode_for_training, load_examples, rank_classify
+from hosl.transport import LinkError, dist_link, local_links
+
+logger = logging.getLogger("hosl.train")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or the run directory: one line, exit status 2."""
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+class Batches:
+    """The training batch of every step: a fresh seeded permutation per epoch, so the batch of step t
+    depends only on (seed, t) and a resumed run sees the same data as an uninterrupted one."""
+
+    def __init__(self, examples, tokenizer, cfg: TrainConfig):
+        self.examples, self.tokenizer, self.cfg = examples, tokenizer, cfg
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        n, b = len(self.examples), self.cfg.batch_size
+        picked = [self.examples[self._perm(i // n)[i % n]] for i in range(step * b, step * b + b)]
+        return encode_for_training(self.tokenizer, picked, self.cfg.max_length)
+
+
+# -- the full-model methods ----------------------------------------------------------------------------
+
+
+class FullModel:
+    """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient."""
+
+    def __init__(self, cfg: TrainConfig, model, k: int):
+        self.cfg, self.model = cfg, model
+        if cfg.method == "zo-full":
+            # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
+            client, _ = split_model(model, k)
+            first = [p for p in client.parameters()]
+            seen = {id(p) for p in first}
+            rest = [p for p in model.parameters() if id(p) not in seen]
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.zo = zo.ZOParams([(names[id(p)], p) for p in first + rest])
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.optimizer = None
+        else:
+            self.zo = None
+            self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
+
+    def _loss(self, batch) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def train_step(self, step: int, batch):
+        from hosl.roles import StepStats
+
+        cfg, start = self.cfg, time.perf_counter()
+        if self.optimizer is not None:
+            loss = self._loss(batch)
+            loss.backward()
+            value = float(loss.detach())
+            skipped = not math.isfinite(value)
+            if not skipped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
+        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
+        losses: dict[tuple[int, int], float] = {}
+        with torch.no_grad():
+            clean = float(self._loss(batch)) if cfg.zo_estimator == "forward" else None
+            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
+                self.zo.add_(probe.seeds, probe.scales)
+                losses[(probe.probe, probe.sign)] = float(self._loss(batch))
+            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
+            skipped = not zo.finite([*losses.values(), *grads, *(() if clean is None else (clean,))])
+            self.zo.end_step(
+                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            )
+        loss = clean if clean is not None else sum(losses.values()) / len(losses)
+        return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads)
+
+    @torch.no_grad()
+    def scores(self, step: int, batch) -> torch.Tensor:
+        from hosl.tasks import candidate_scores
+
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return candidate_scores(logits.float(), batch["labels"])
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def _peak_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> float:
+    predictions = []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        chunk = examples[start : start + cfg.eval_batch_size]
+        batch, index = encode_candidates(tokenizer, chunk, cfg.max_length)
+        scores = trainer.scores(step, batch)
+        predictions.append(rank_classify(scores, index, len(chunk)))
+    return accuracy(torch.cat(predictions), examples)
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method}-{cfg.task}-{stamp}"
+
+
+def _load_data(cfg: TrainConfig):
+    train = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
+    evals = load_examples(cfg.task, "eval", data_dir=cfg.data_dir, n=cfg.eval_examples, seed=cfg.seed + 1)
+    if not train or not evals:
+        raise TaskError(f"task {cfg.task} has no {'training' if not train else 'evaluation'} examples")
+    return train, evals
+
+
+def _build(cfg: TrainConfig, train_examples):
+    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    n = model.config.num_hidden_layers
+    if cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
+        raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
+    return tokenizer, model
+
+
+class _Writer:
+    """metrics.jsonl (appending) and the progress bar."""
+
+    def __init__(self, run_dir: Path, total: int, start: int):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:  # tqdm comes with transformers; without it, log lines only
+            self.bar = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def tick(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+
+
+def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        tensors_of(trainer.model),
+        tmp / ("client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"),
+    )
+    if trainer.optimizer is not None:
+        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    if isinstance(trainer, SplitClient):
+        trainer.control("save", dir=str(tmp.resolve()))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _load_checkpoint(run_dir: Path, trainer) -> dict:
+    from safetensors.torch import load_file
+
+    ckpt = run_dir / "checkpoint"
+    name = "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
+    load_tensors(trainer.model, load_file(ckpt / name))
+    if trainer.optimizer is not None:
+        trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if isinstance(trainer, SplitClient):
+        trainer.control("load", dir=str(ckpt.resolve()))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of steps before `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", -1) < step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, run_dir: Path, link=None) -> dict:
+    """The loop: steps, logging, evaluation, checkpoints; returns the summary."""
+    start_step = 0
+    state = {"best_eval_accuracy": None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
+    if cfg.resume:
+        state = _load_checkpoint(run_dir, trainer)
+        start_step = state.pop("step")
+        for name in ("metrics.jsonl", "zo_log.jsonl"):
+            _truncate_jsonl(run_dir / name, start_step)
+    batches = Batches(train_examples, tokenizer, cfg)
+    writer = _Writer(run_dir, cfg.steps, start_step)
+    zo_log = open(run_dir / "zo_log.jsonl", "a") if trainer.zo is not None else None
+    wall_start = time.perf_counter() - state["wall_seconds"]
+    before = state["bytes"]  # counted by the process that ran the steps before a resume
+
+    def traffic() -> list[int]:
+        return [before[0] + (link.bytes_sent if link else 0), before[1] + (link.bytes_received if link else 0)]
+
+    final_accuracy = None
+    try:
+        for step in range(start_step, cfg.steps):
+            stats = trainer.train_step(step, batches(step))
+            state["skipped_steps"] += stats.skipped
+            if zo_log is not None:
+                zo_log.write(
+                    json.dumps({"step": step, "lr": cfg.client_lr, "grads": stats.grads, "skipped": stats.skipped})
+                    + "\n"
+                )
+            writer.tick(stats.loss)
+            last = step + 1 == cfg.steps
+            if step % cfg.log_every == 0 or last:
+                record = {
+                    "step": step,
+                    "loss": stats.loss,
+                    "client_lr": cfg.client_lr,
+                    "server_lr": cfg.server_lr,
+                    "client_s": stats.client_s,
+                    "link_s": stats.link_s,
+                    "server_s": stats.server_s,
+                    "bytes_up": traffic()[0],
+                    "bytes_down": traffic()[1],
+                    "client_peak_memory_bytes": _peak_memory_bytes(),
+                    "skipped_steps": state["skipped_steps"],
+                }
+                writer.write(record)
+                logger.debug(
+                    "step %d loss %.4f client %.3fs link %.3fs server %.3fs",
+                    step,
+                    stats.loss,
+                    stats.client_s,
+                    stats.link_s,
+                    stats.server_s,
+                )
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                acc = evaluate(trainer, tokenizer, eval_examples, cfg, step)
+                state["evals"].append({"step": step + 1, "accuracy": acc})
+                best = state["best_eval_accuracy"]
+                state["best_eval_accuracy"] = acc if best is None else max(best, acc)
+                writer.write({"step": step, "eval_accuracy": acc})
+                if last:
+                    final_accuracy = acc
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and cfg.save_every):
+                if zo_log is not None:
+                    zo_log.flush()
+                state["wall_seconds"] = time.perf_counter() - wall_start
+                state["bytes"] = traffic()
+                _save_checkpoint(run_dir, trainer, cfg, step + 1, state)
+    finally:
+        writer.close()
+        if zo_log is not None:
+            zo_log.close()
+    if final_accuracy is None:  # no step ran (steps already reached on resume, or --steps 0)
+        final_accuracy = evaluate(trainer, tokenizer, eval_examples, cfg, cfg.steps)
+        state["best_eval_accuracy"] = (
+            final_accuracy if state["best_eval_accuracy"] is None else state["best_eval_accuracy"]
+        )
+    return {
+        "final_eval_accuracy": final_accuracy,
+        "best_eval_accuracy": state["best_eval_accuracy"],
+        "evals": state["evals"],
+        "skipped_steps": state["skipped_steps"],
+        "wall_seconds": time.perf_counter() - wall_start,
+        "bytes_up": traffic()[0],
+        "bytes_down": traffic()[1],
+    }
+
+
+def _summary(cfg: TrainConfig, result: dict, link, side_params: dict) -> dict:
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "task": cfg.task,
+        "split_layer": cfg.split_layer if cfg.method in SPLIT_METHODS else None,
+        "steps": cfg.steps,
+        "q": cfg.q,
+        **result,
+        "client_peak_memory_bytes": _peak_memory_bytes(),
+        "client_peak_memory_scope": "client process"
+        if cfg.transport == "dist"
+        else "whole process (client and server)",
+        **side_params,
+    }
+
+
+def _start_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        saved = run_dir / "config.json"
+        if not (run_dir / "checkpoint" / "state.json").exists() or not saved.exists():
+            raise UsageError(f"--resume {run_dir}: no checkpoint there (was the run started with --save-every?)")
+        return cfg, run_dir
+    run_dir = _run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"--out {run_dir} exists and is not empty; choose another or --resume it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(run_dir))
+    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    return cfg, run_dir
+
+
+def run(cfg: TrainConfig) -> dict:
+    """One run with the local transport (or no link for the full methods); returns the summary."""
+    cfg, run_dir = _start_run_dir(cfg)
+    train_examples, eval_examples = _load_data(cfg)
+    tokenizer, model = _build(cfg, train_examples)
+    torch.manual_seed(cfg.seed)
+    if cfg.method not in SPLIT_METHODS:
+        trainer = FullModel(cfg, model, cfg.split_layer)
+        result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir)
+        _save_final(run_dir, trainer)
+        summary = _summary(cfg, result, None, {"params": sum(p.numel() for p in model.parameters())})
+        return _finish(run_dir, summary)
+    client_model, server_model = split_model(model, cfg.split_layer)
+    sizes = split_summary(client_model, server_model)
+    del model
+    act_bytes = _slot_bytes(cfg, client_model)
+    client_link, server_link = local_links(
+        slots=8,
+        slot_bytes=act_bytes,
+        down_slots=expected_uploads(cfg) + 2,  # a step's answers fit: the server never blocks on them
+        down_slot_bytes=act_bytes if cfg.method == "fo" else 1 << 16,
+        timeout=cfg.timeout,
+        compression=cfg.compression,
+    )
+    server = SplitServer(cfg, server_model, server_link, run_dir)
+    failure: list[BaseException] = []
+
+    def serve():
+        try:
+            server.serve()
+        except BaseException as exc:  # reported to the client through the link, and re-raised below
+            failure.append(exc)
+
+    thread = threading.Thread(target=serve, name="hosl-server", daemon=True)
+    thread.start()
+    client = SplitClient(cfg, client_model, client_link)
+    try:
+        with client_link:
+            client.hello()
+            result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client_link)
+            _save_final(run_dir, client)
+            client.control("save", dir=str(run_dir.resolve() / "final"))
+            client.stop()
+    except LinkError:
+        if failure:
+            raise failure[0] from None
+        raise
+    thread.join(timeout=cfg.timeout)
+    if failure:
+        raise failure[0]
+    _move_server_final(run_dir)
+    summary = _summary(cfg, result, client_link, _side_params(sizes))
+    return _finish(run_dir, summary)
+
+
+def _side_params(sizes) -> dict:
+    return {
+        "client_params": sizes.client.params,
+        "server_params": sizes.server.params,
+        "client_trainable_params": sizes.client.trainable,
+        "server_trainable_params": sizes.server.trainable,
+    }
+
+
+def _slot_bytes(cfg: TrainConfig, client_model) -> int:
+    """Room for the largest frame: an evaluation batch's activation (every candidate row), with margin."""
+    hidden = client_model.stack.config.hidden_size
+    rows = max(cfg.batch_size, cfg.eval_batch_size * 4)
+    return rows * cfg.max_length * (hidden * 4 + 32) + (1 << 20)
+
+
+def _save_final(run_dir: Path, trainer) -> None:
+    from safetensors.torch import save_file
+
+    name = "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
+    save_file(tensors_of(trainer.model), run_dir / name)
+
+
+def _move_server_final(run_dir: Path) -> None:
+    final = run_dir / "final"
+    if (final / "server.safetensors").exists():
+        (final / "server.safetensors").replace(run_dir / "server.safetensors")
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _finish(run_dir: Path, summary: dict) -> dict:
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_dist(cfg: TrainConfig) -> dict | None:
+    """This process's half of a --transport dist run (torchrun: rank 0 server, rank 1 client)."""
+    link = dist_link(timeout=cfg.timeout, compression=cfg.compression)
+    if link.role == "client":
+        cfg, run_dir = _start_run_dir(cfg)
+    else:
+        run_dir = Path(cfg.resume or cfg.out or ".")
+    train_examples, eval_examples = _load_data(cfg)
+    tokenizer, model = _build(cfg, train_examples)
+    torch.manual_seed(cfg.seed)
+    client_model, server_model = split_model(model, cfg.split_layer)
+    sizes = split_summary(client_model, server_model)
+    del model
+    if link.role == "server":
+        del client_model
+        SplitServer(cfg, server_model, link, run_dir).serve()
+        link.close()
+        return None
+    del server_model
+    client = SplitClient(cfg, client_model, link)
+    with link:
+        client.hello()
+        result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link)
+        _save_final(run_dir, client)
+        client.control("save", dir=str(run_dir.resolve() / "final"))
+        client.stop()
+    _move_server_final(run_dir)
+    return _finish(run_dir, _summary(cfg, result, link, _side_params(sizes)))
+
+
+def _resolve_resume(argv) -> TrainConfig:
+    """--resume DIR: the saved config, with the flags given now allowed to change only RUN_ONLY fields."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    if "resume" not in given or given.get("resume") is None:
+        return parse_config(argv)
+    run_dir = Path(given["resume"])
+    try:
+        saved = TrainConfig.from_json((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--resume {run_dir}: no config.json there (not a hosl run directory?)") from None
+    given.pop("config", None)
+    changed = sorted(k for k, v in given.items() if k not in RUN_ONLY and v != getattr(saved, k))
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (run: {getattr(saved, k)!r})" for k in changed)
+        raise UsageError(f"--resume {run_dir} is a run with another config: {what}")
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUN_ONLY}, out=str(run_dir))
+
+
+def _print_summary(summary: dict, run_dir: str) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 1e4 else f"{v:,.0f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v)
+
+    keys = ["method", "model", "task", "split_layer", "steps", "final_eval_accuracy", "best_eval_accuracy",
+            "client_peak_memory_bytes", "bytes_up", "bytes_down", "skipped_steps", "wall_seconds"]  # fmt: skip
+    width = max(map(len, keys))
+    print(f"\nrun directory: {run_dir}")
+    for k in keys:
+        print(f"  {k:<{width}}  {fmt(summary.get(k))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("HOSL_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = _resolve_resume(argv)
+        summary = run_dist(cfg) if cfg.transport == "dist" else run(cfg)
+    except (UsageError, TaskError, ModelError, SplitError, ValueError) as exc:
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LinkError as exc:
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if summary is not None:
+        _print_summary(summary, summary["run_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The trainer: ZO estimates against independent finite differences, each method against its
+reference (fo vs fo-full, zo vs zo-full, hosl with a frozen client vs FO on the server alone),
+streaming vs synchronous, dist vs local, replay and resume bit for bit, the CLI's errors."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hosl import noise, zo
+from hosl.config import TrainConfig, parse_config
+from hosl.models import build_model, build_tokenizer
+from hosl.replay import read_log, replay
+from hosl.split import split_model
+from hosl.tasks import load_examples
+from hosl.train import Batches, main, run
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Small and fast: the built-in model on a slice of the synthetic task.
+FAST = dict(train_examples=128, eval_examples=32, steps=6, log_every=1, batch_size=8, max_length=24)
+
+
+def cfg_for(tmp_path, name="run", **overrides) -> TrainConfig:
+    return TrainConfig(**{**FAST, "out": str(tmp_path / name), **overrides})
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").exists():
+        return load_file(run_dir / "model.safetensors")
+    client, server = load_file(run_dir / "client.safetensors"), load_file(run_dir / "server.safetensors")
+    return {**{"client." + k: v for k, v in client.items()}, **{"server." + k: v for k, v in server.items()}}
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").open()) if "loss" in r]
+
+
+def _model_and_batch(cfg: TrainConfig):
+    examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
+    tok = build_tokenizer(cfg.model, cfg.task, examples)
+    model = build_model(cfg.model, tok, seed=cfg.seed)
+    return model, Batches(examples, tok, cfg)
+
+
+# --- the ZO estimate --------------------------------------------------------------------------------
+
+
+def test_projected_gradient_equals_independent_finite_difference(tmp_path):
+    """The run's logged g equals (L(w + mu z) - L(w - mu z)) / 2mu computed here from scratch: z from
+    hosl.noise.gaussian laid over the client's parameters in order, the losses from the unsplit model."""
+    cfg = cfg_for(tmp_path, steps=1, mu=1e-2)
+    run(cfg)
+    g_run = read_log(tmp_path / "run" / "zo_log.jsonl")[0]["grads"][0]
+
+    model, batches = _model_and_batch(cfg)
+    client, _ = split_model(model, cfg.split_layer)
+    params = list(client.parameters())
+    z = noise.gaussian(sum(p.numel() for p in params), seed=zo.probe_seed(cfg.seed, 0, 0))
+    batch = batches(0)
+
+    def loss_at(sign):
+        with torch.no_grad():
+            start = 0
+            saved = [p.detach().clone() for p in params]
+            for p in params:
+                p.add_(sign * cfg.mu * z[start : start + p.numel()].view_as(p))
+                start += p.numel()
+            value = model(**batch).loss.item()
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return value
+
+    g_ref = (loss_at(+1) - loss_at(-1)) / (2 * cfg.mu)
+    # float32 losses of a perturbed vs an exactly-perturbed model: equal to rounding, far from 0.
+    assert abs(g_run - g_ref) <= 2e-3 * abs(g_ref) + 2e-3, (g_run, g_ref)
+    assert abs(g_ref) > 1e-2
+
+
+def test_expected_update_follows_the_true_gradient():
+    """On a smooth quadratic, the average ZO update direction over many probes aligns with -grad."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+
+    def loss():
+        return ((layer(x) - y) ** 2).mean()
+
+    loss().backward()
+    true = torch.cat([p.grad.flatten() for p in layer.parameters()])
+    params = zo.ZOParams([(n, p) for n, p in layer.named_parameters()])
+    mu, estimate = 1e-3, torch.zeros_like(true)
+    with torch.no_grad():
+        for probe in range(400):
+            seed = zo.probe_seed(1, 0, probe)
+            lp, lm = None, None
+            for step in zo.schedule([seed], mu, "central"):
+                params.add_(step.seeds, step.scales)
+                if step.sign > 0:
+                    lp = loss().item()
+                else:
+                    lm = loss().item()
+            params.add_([seed], [mu])  # back to w
+            estimate += (lp - lm) / (2 * mu) * noise.gaussian(true.numel(), seed=seed)
+    cosine = torch.nn.functional.cosine_similarity(estimate, true, dim=0).item()
+    assert cosine > 0.8, cosine
+
+
+def test_schedule_and_final_pass_undo_the_probes():
+    """With lr 0, a whole step's passes bring the weights back to within float32 rounding."""
+    buf = torch.nn.Parameter(torch.randn(10_000))
+    params = zo.ZOParams([("w", buf)])
+    before = params.flat.flat.clone()
+    seeds = zo.step_seeds(3, 0, 4)
+    for estimator in ("central", "forward"):
+        for probe in zo.schedule(seeds, 1e-3, estimator):
+            params.add_(probe.seeds, probe.scales)
+        params.end_step(seeds, 1e-3, estimator, 0.0, 0.0, [1.0] * 4)
+        torch.testing.assert_close(params.flat.flat, before, rtol=0, atol=1e-6)
+    assert zo.probe_seed(0, 1, 2) != zo.probe_seed(0, 2, 1) and zo.probe_seed(0, 1, 2) < 2**63
+
+
+# --- methods against their references -----------------------------------------------------------------
+
+
+def test_fo_split_equals_fo_full(tmp_path):
+    """Classic split learning (client backprop from the server's dL/dh) trains like the unsplit model."""
+    a = run(cfg_for(tmp_path, "fo", method="fo", optimizer="sgd", client_lr=0.05, server_lr=0.05))
+    b = run(cfg_for(tmp_path, "full", method="fo-full", optimizer="sgd", server_lr=0.05))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "fo")), torch.tensor(losses(tmp_path / "full")))
+    split, full = weights(tmp_path / "fo"), weights(tmp_path / "full")
+    client, server = {k[7:]: v for k, v in split.items() if k.startswith("client.")}, split
+    emb = client["stack.embed_tokens.weight"]
+    torch.testing.assert_close(emb, full["model.embed_tokens.weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(server["server.lm.lm_head.weight"], full["lm_head.weight"], rtol=1e-5, atol=1e-6)
+    assert a["bytes_down"] > 0 and b["bytes_up"] == 0
+
+
+def test_zo_split_equals_zo_full(tmp_path):
+    """MeZO over the split (server noise continuing at the client's offset) equals MeZO on the model."""
+    run(cfg_for(tmp_path, "zo", method="zo", client_lr=2e-4))
+    run(cfg_for(tmp_path, "full", method="zo-full", client_lr=2e-4))
+    assert losses(tmp_path / "zo") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
+    split, full = weights(tmp_path / "zo"), weights(tmp_path / "full")
+    torch.testing.assert_close(
+        split["client.stack.layers.0.mlp.up_proj.weight"], full["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        split["server.lm.model.layers.0.mlp.up_proj.weight"],
+        full["model.layers.1.mlp.up_proj.weight"],
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(split["server.lm.lm_head.weight"], full["lm_head.weight"], rtol=0, atol=1e-6)
+
+
+def test_hosl_with_frozen_client_is_fo_on_the_server(tmp_path):
+    """client lr 0: the server trains exactly as FO on the clean activations of the initial client."""
+    cfg = cfg_for(tmp_path, client_lr=0.0, optimizer="sgd", server_lr=0.05)
+    run(cfg)
+    model, batches = _model_and_batch(cfg)
+    client, server = split_model(model, cfg.split_layer)
+    opt = torch.optim.SGD([p for p in server.parameters()], lr=cfg.server_lr)
+    for step in range(cfg.steps):
+        batch = batches(step)
+        with torch.no_grad():
+            h = client(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        server(h, labels=batch["labels"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = load_file(tmp_path / "run" / "server.safetensors")
+    for name, p in server.named_parameters():
+        torch.testing.assert_close(trained[name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_streaming_equals_synchronous(tmp_path):
+    run(cfg_for(tmp_path, "stream", q=3))
+    run(cfg_for(tmp_path, "sync", q=3, sync_probes=True))
+    a, b = weights(tmp_path / "stream"), weights(tmp_path / "sync")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"server_grad": "probe"},
+        {"zo_estimator": "forward", "q": 2},
+        {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1, "server_lr": 0.05},
+        {"compression": "int8"},
+    ],
+    ids=["server-grad-probe", "forward-estimator", "sgd-momentum-decay", "int8-link"],
+)
+def test_variants_run_and_replay(tmp_path, overrides):
+    """Each variant trains, and the client's weights replay bit for bit from the ZO log."""
+    cfg = cfg_for(tmp_path, **overrides)
+    summary = run(cfg)
+    assert summary["steps"] == cfg.steps and summary["skipped_steps"] == 0
+    _assert_replays(cfg, tmp_path / "run")
+
+
+def _assert_replays(cfg, run_dir):
+    model, _ = _model_and_batch(cfg)
+    client, _ = split_model(model, cfg.split_layer)
+    params = zo.ZOParams([(n, p) for n, p in client.named_parameters()])
+    replay(params, cfg, read_log(run_dir / "zo_log.jsonl"))
+    saved = load_file(run_dir / "client.safetensors")
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in client.named_parameters())
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(client.parameters(), _initial_client(cfg)))
+
+
+def _initial_client(cfg):
+    model, _ = _model_and_batch(cfg)
+    client, _ = split_model(model, cfg.split_layer)
+    return [p.detach().clone() for p in client.parameters()]
+
+
+def test_replay_is_bit_identical(tmp_path):
+    cfg = cfg_for(tmp_path, q=2, steps=8)
+    run(cfg)
+    _assert_replays(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["hosl", "fo"])
+def test_resume_is_bit_identical(tmp_path, method):
+    straight = cfg_for(tmp_path, "straight", method=method, steps=8, save_every=4)
+    run(straight)
+    first = cfg_for(tmp_path, "resumed", method=method, steps=4, save_every=4)
+    run(first)
+    assert main(["--resume", str(tmp_path / "resumed"), "--steps", "8"]) == 0
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert sa["final_eval_accuracy"] == sb["final_eval_accuracy"]
+    # Traffic adds up across the stop (the stopped run also evaluated once more, at its end).
+    assert sb["bytes_up"] > sa["bytes_up"]
+    assert losses(tmp_path / "straight")[-4:] == losses(tmp_path / "resumed")[-4:]
+
+
+@pytest.mark.parametrize("method", ["hosl", "fo", "zo", "fo-full", "zo-full"])
+def test_each_method_lowers_the_training_loss(tmp_path, method):
+    zeroth_order = method in ("zo", "zo-full")
+    lr = 2e-4 if zeroth_order else 1e-4
+    cfg = cfg_for(tmp_path, method=method, steps=150 if zeroth_order else 60, client_lr=lr, train_examples=64)
+    run(cfg)
+    curve = losses(tmp_path / "run")
+    assert sum(curve[-10:]) / 10 < 0.85 * sum(curve[:5]) / 5, curve[::10]
+
+
+def test_embedded_default_run_learns(tmp_path, capsys, monkeypatch):
+    """`python -m hosl.train` with no flags: above chance on the balanced synthetic task, with a summary."""
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(out.split("run directory: ")[1].split()[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_accuracy"] >= 0.7, summary
+    for key in ("method", "model", "task", "split_layer", "steps", "final_eval_accuracy", "best_eval_accuracy",
+                "client_peak_memory_bytes", "bytes_up", "bytes_down", "wall_seconds"):  # fmt: skip
+        assert key in summary and key in out
+    assert summary["method"] == "hosl" and summary["bytes_up"] > summary["bytes_down"] > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    step = next(r for r in records if "loss" in r)
+    assert {"client_s", "link_s", "server_s", "bytes_up", "bytes_down", "client_peak_memory_bytes"} <= set(step)
+    assert json.loads((run_dir / "config.json").read_text())["method"] == "hosl"
+
+
+def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
+    from hosl import roles
+
+    forward = roles.SplitServer._forward
+    calls = {"n": 0}
+
+    def poisoned(self, hidden, batch, labels=True):
+        out = forward(self, hidden, batch, labels)
+        calls["n"] += 1
+        if labels and calls["n"] == 4:  # inside step 1 (3 uploads a step)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(roles.SplitServer, "_forward", poisoned)
+    cfg = cfg_for(tmp_path, steps=3)
+    summary = run(cfg)
+    assert summary["skipped_steps"] == 1
+    log = read_log(tmp_path / "run" / "zo_log.jsonl")
+    assert [r["skipped"] for r in log] == [False, True, False]
+    _assert_replays(cfg, tmp_path / "run")  # the skipped step still undid its probes
+
+
+# --- dist ------------------------------------------------------------------------------------------------
+
+
+def test_dist_equals_local(tmp_path):
+    local = cfg_for(tmp_path, "local", q=2)
+    run(local)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--q=2", "--transport=dist"]
+    out = subprocess.run(
+        ["torchrun", "--nproc-per-node", "2", "--master-port", str(port), "-m", "hosl.train", *flags,
+         "--out", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(tmp_path / "dist") == losses(tmp_path / "local")
+    a, b = weights(tmp_path / "local"), weights(tmp_path / "dist")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def test_flags_come_from_the_config(tmp_path):
+    cfg = parse_config(["--split-layer", "2", "--q", "4", "--compression", "none", "--sync-probes"])
+    assert (cfg.split_layer, cfg.q, cfg.compression, cfg.sync_probes) == (2, 4, None, True)
+    saved = tmp_path / "c.json"
+    saved.write_text(dataclasses.replace(cfg, mu=0.01).to_json())
+    again = parse_config(["--config", str(saved), "--q", "2"])
+    assert (again.mu, again.q, again.split_layer) == (0.01, 2, 2)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+BAD = [
+    (["--method", "sgd"], "--method must be one of hosl, fo, zo, fo-full, zo-full"),
+    (["--task", "mnist"], "unknown task"),
+    (["--model", "builtin:huge"], "unknown built-in model"),
+    (["--split-layer", "9"], "--split-layer must be in [0, 4]"),
+    (["--q", "0"], "--q must be in [1, 64]"),
+    (["--mu", "0"], "--mu must be a finite number > 0"),
+    (["--client-lr", "-1"], "--client-lr must be a finite number >= 0"),
+    (["--q", "two"], "expected int, got 'two'"),
+    (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent"),
+    (["--config", "/nonexistent.json"], "cannot read --config"),
+    (["--resume", "/nonexistent"], "--resume /nonexistent"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    try:
+        status = main([*argv, "--out", str(tmp_path / "r")])
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_bad_input_from_the_shell():
+    out = subprocess.run(
+        [sys.executable, "-m", "hosl.train", "--q", "0"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip() == "error: --q must be in [1, 64], got 0"
+
+
+def test_resume_from_another_config_is_refused(tmp_path, capsys):
+    run(cfg_for(tmp_path, steps=2, save_every=2))
+    assert main(["--resume", str(tmp_path / "run"), "--q", "3"]) == 2
+    assert "another config: --q 3 (run: 1)" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_out_dir_is_never_overwritten(tmp_path):
+    run(cfg_for(tmp_path, steps=1))
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        run(cfg_for(tmp_path, steps=1))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data/sst2 is not here")
+def test_real_sst2_data_trains_a_builtin_model(tmp_path):
+    cfg = cfg_for(tmp_path, task="sst2", data_dir=str(SHARED_DATA), steps=4, max_length=48)
+    summary = run(cfg)
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0 and summary["bytes_up"] > 0
+    assert summary["client_params"] > 0 and summary["task"] == "sst2"
