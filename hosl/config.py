@@ -59,6 +59,10 @@ class TrainConfig:
             choices=("float32", "bfloat16", "float16"),
         ),
     )
+    lora_r: int = field(
+        default=0, metadata=_help("LoRA rank (0: full fine-tuning); with LoRA only the adapters train, on each side")
+    )
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
     q: int = field(default=1, metadata=_help("ZO probes per step (1 to 64)"))
     mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
     zo_estimator: str = field(
@@ -123,7 +127,7 @@ class TrainConfig:
         for name, low in positive.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "split_layer"):
+        for name in ("eval_every", "save_every", "split_layer", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("train_examples", "eval_examples"):
@@ -131,6 +135,8 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.q <= 64:
             raise ValueError(f"--q must be in [1, 64], got {self.q}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
         if not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"--mu must be a finite number > 0, got {self.mu}")
         for name in ("client_lr", "server_lr", "weight_decay", "momentum"):

@@ -93,3 +93,18 @@ def build_tokenizer(name: str, task: str, examples=(), gguf_file: str | None = N
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first}") from None
     return HFTokenizer(hf)
+
+
+def apply_lora(model, r: int, alpha: float):
+    """LoRA adapters (peft) on the family's default target modules; only the adapters stay trainable.
+    Returns the adapted causal LM itself (peft's wrapper is dropped), so it splits like any other."""
+    try:
+        import peft
+    except ImportError:
+        raise ModelError("--lora-r needs peft: pip install peft (or pip install 'hosl[lora]')") from None
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    try:
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError as exc:  # no default target modules for this family
+        raise ModelError(f"cannot add LoRA to {type(model).__name__}: {exc}") from None
+    return wrapped.base_model.model

@@ -37,21 +37,22 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
 
 def replay_run(run_dir: str | Path):
     """The client model of a builtin-model run, rebuilt from its seed and replayed from its log."""
-    from hosl.models import build_model, build_tokenizer
     from hosl.split import split_model
-    from hosl.tasks import load_examples
+    from hosl.train import _build, _load_data
 
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_json((run_dir / "config.json").read_text())
     if not cfg.model.startswith("builtin:") or cfg.method != "hosl":
         raise ValueError("replay_run rebuilds the initial weights of builtin-model hosl runs only")
-    examples = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
-    tokenizer = build_tokenizer(cfg.model, cfg.task, examples)
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype)
+    _, model = _build(cfg, _load_data(cfg)[0])
     client, _ = split_model(model, cfg.split_layer)
-    params = zo.ZOParams([(n, p) for n, p in client.named_parameters()])
-    replay(params, cfg, read_log(run_dir / "zo_log.jsonl"))
+    replay(client_zo_params(client), cfg, read_log(run_dir / "zo_log.jsonl"))
     return client
+
+
+def client_zo_params(client) -> zo.ZOParams:
+    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order."""
+    return zo.ZOParams([(n, p) for n, p in client.named_parameters() if p.requires_grad])
 
 
 def main(argv=None) -> int:

@@ -117,7 +117,7 @@ class SplitClient:
             self.zo = None
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
         else:
-            self.zo = zo.ZOParams(params)
+            self.zo = zo.ZOParams(params)  # hosl.replay.client_zo_params builds the same buffer
             self.optimizer = None
             for _, p in params:
                 p.requires_grad_(False)  # forward only: no autograd graph, no saved activations

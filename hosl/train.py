@@ -29,7 +29,7 @@ import torch
 
 from hosl import zo
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
-from hosl.models import ModelError, build_model, build_tokenizer
+from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
 from hosl.roles import SplitClient, SplitServer, expected_uploads, load_tensors, make_optimizer, tensors_of
 from hosl.split import SplitError, split_model, split_summary
 from hosl.tasks import TaskError, accuracy, encode_candidates, encode_for_training, load_examples, rank_classify
@@ -76,9 +76,9 @@ class FullModel:
         if cfg.method == "zo-full":
             # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
             client, _ = split_model(model, k)
-            first = [p for p in client.parameters()]
+            first = [p for p in client.parameters() if p.requires_grad]
             seen = {id(p) for p in first}
-            rest = [p for p in model.parameters() if id(p) not in seen]
+            rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
             names = {id(p): n for n, p in model.named_parameters()}
             self.zo = zo.ZOParams([(names[id(p)], p) for p in first + rest])
             for p in model.parameters():
@@ -162,6 +162,9 @@ def _load_data(cfg: TrainConfig):
 def _build(cfg: TrainConfig, train_examples):
     tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    if cfg.lora_r:
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha)
     n = model.config.num_hidden_layers
     if cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
         raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
@@ -446,34 +449,52 @@ def _finish(run_dir: Path, summary: dict) -> dict:
     return summary
 
 
+def _one_side(cfg: TrainConfig, role: str, train_examples):
+    """This process's side of a dist run. A local checkpoint directory (safetensors or .bin) is read
+    with load_client/load_server, so the process never holds the other side's weights, not even
+    while loading; built-in, GGUF and LoRA models are built whole and cut."""
+    from hosl.models import DTYPES
+    from hosl.split import load_client, load_server
+
+    local = Path(cfg.model).is_dir() and not cfg.gguf_file and not cfg.lora_r
+    if local:
+        loader = load_client if role == "client" else load_server
+        return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype]), None
+    _, model = _build(cfg, train_examples)
+    client_model, server_model = split_model(model, cfg.split_layer)
+    sizes = split_summary(client_model, server_model)
+    return (client_model if role == "client" else server_model), sizes
+
+
 def run_dist(cfg: TrainConfig) -> dict | None:
     """This process's half of a --transport dist run (torchrun: rank 0 server, rank 1 client)."""
     link = dist_link(timeout=cfg.timeout, compression=cfg.compression)
-    if link.role == "client":
-        cfg, run_dir = _start_run_dir(cfg)
-    else:
-        run_dir = Path(cfg.resume or cfg.out or ".")
-    train_examples, eval_examples = _load_data(cfg)
-    tokenizer, model = _build(cfg, train_examples)
-    torch.manual_seed(cfg.seed)
-    client_model, server_model = split_model(model, cfg.split_layer)
-    sizes = split_summary(client_model, server_model)
-    del model
     if link.role == "server":
-        del client_model
-        SplitServer(cfg, server_model, link, run_dir).serve()
-        link.close()
+        try:
+            examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a builtin vocabulary
+            side, _ = _one_side(cfg, "server", examples)
+            torch.manual_seed(cfg.seed)
+            server = SplitServer(cfg, side, link, Path(cfg.resume or cfg.out or "."))
+        except Exception as exc:
+            link.fail(f"{type(exc).__name__}: {exc}")  # the client hears why instead of timing out
+            raise
+        server.serve()
         return None
-    del server_model
-    client = SplitClient(cfg, client_model, link)
     with link:
+        cfg, run_dir = _start_run_dir(cfg)
+        train_examples, eval_examples = _load_data(cfg)
+        tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+        client_model, sizes = _one_side(cfg, "client", train_examples)
+        torch.manual_seed(cfg.seed)
+        client = SplitClient(cfg, client_model, link)
         client.hello()
         result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link)
         _save_final(run_dir, client)
         client.control("save", dir=str(run_dir.resolve() / "final"))
         client.stop()
     _move_server_final(run_dir)
-    return _finish(run_dir, _summary(cfg, result, link, _side_params(sizes)))
+    params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
+    return _finish(run_dir, _summary(cfg, result, link, params))
 
 
 def _resolve_resume(argv) -> TrainConfig:

@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 
 from hosl import noise, zo
 from hosl.config import TrainConfig, parse_config
-from hosl.models import build_model, build_tokenizer
-from hosl.replay import read_log, replay
+from hosl.replay import client_zo_params, read_log, replay
 from hosl.split import split_model
 from hosl.tasks import load_examples
-from hosl.train import Batches, main, run
+from hosl.train import Batches, _build, main, run
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,8 +45,7 @@ def losses(run_dir) -> list[float]:
 
 def _model_and_batch(cfg: TrainConfig):
     examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
-    tok = build_tokenizer(cfg.model, cfg.task, examples)
-    model = build_model(cfg.model, tok, seed=cfg.seed)
+    tok, model = _build(cfg, examples)
     return model, Batches(examples, tok, cfg)
 
 
@@ -209,8 +207,7 @@ def test_variants_run_and_replay(tmp_path, overrides):
 def _assert_replays(cfg, run_dir):
     model, _ = _model_and_batch(cfg)
     client, _ = split_model(model, cfg.split_layer)
-    params = zo.ZOParams([(n, p) for n, p in client.named_parameters()])
-    replay(params, cfg, read_log(run_dir / "zo_log.jsonl"))
+    replay(client_zo_params(client), cfg, read_log(run_dir / "zo_log.jsonl"))
     saved = load_file(run_dir / "client.safetensors")
     assert all(torch.equal(p.detach(), saved[n]) for n, p in client.named_parameters())
     assert any(not torch.equal(p.detach(), q) for p, q in zip(client.parameters(), _initial_client(cfg)))
@@ -220,6 +217,24 @@ def _initial_client(cfg):
     model, _ = _model_and_batch(cfg)
     client, _ = split_model(model, cfg.split_layer)
     return [p.detach().clone() for p in client.parameters()]
+
+
+def test_lora_trains_only_the_adapters_on_each_side(tmp_path):
+    cfg = cfg_for(tmp_path, lora_r=4, steps=4, client_lr=1e-3)
+    summary = run(cfg)
+    model, _ = _model_and_batch(cfg)  # the same initial weights, adapters included
+    client, server = split_model(model, cfg.split_layer)
+    assert summary["client_trainable_params"] == sum(p.numel() for p in client.parameters() if p.requires_grad)
+    assert 0 < summary["client_trainable_params"] < summary["client_params"] / 4
+    trainable = {n for n, p in client.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    after = load_file(tmp_path / "run" / "client.safetensors")
+    for n, p in client.named_parameters():
+        assert torch.equal(after[n], p.detach()) == (n not in trainable), n
+    server_after = load_file(tmp_path / "run" / "server.safetensors")
+    for n, p in server.named_parameters():
+        assert torch.equal(server_after[n], p.detach()) == (not p.requires_grad), n
+    _assert_replays(cfg, tmp_path / "run")
 
 
 def test_replay_is_bit_identical(tmp_path):
@@ -382,3 +397,45 @@ def test_real_sst2_data_trains_a_builtin_model(tmp_path):
     summary = run(cfg)
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0 and summary["bytes_up"] > 0
     assert summary["client_params"] > 0 and summary["task"] == "sst2"
+
+
+def _save_hf_model(directory: Path) -> None:
+    """A tiny Llama with a word-level fast tokenizer, saved like a hub checkpoint (no network)."""
+    import tokenizers
+    import transformers
+
+    from hosl.models import builtin_config
+    from hosl.tasks import WordTokenizer
+
+    words = WordTokenizer.for_task("synthetic")
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i for w, i in words._ids.items()}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(builtin_config("tiny", len(vocab), 2048))
+    model.save_pretrained(directory)
+
+
+def test_dist_loads_each_side_from_a_checkpoint_directory(tmp_path):
+    """--model DIR over dist: each process reads only its side (load_client/load_server) and the run
+    equals the local one, which builds the whole model."""
+    _save_hf_model(tmp_path / "model")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--model", str(tmp_path / "model")]
+    assert main([*flags, "--out", str(tmp_path / "local")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        ["torchrun", "--nproc-per-node", "2", "--master-port", str(port), "-m", "hosl.train", *flags,
+         "--transport=dist", "--out", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(tmp_path / "dist") == losses(tmp_path / "local")
+    a, b = weights(tmp_path / "local"), weights(tmp_path / "dist")
+    assert all(torch.equal(a[k], b[k]) for k in a)
