@@ -200,10 +200,8 @@ class SplitClient:
                 pending -= 1
             t = time.perf_counter()
             clean = losses.pop((0, 0), None)
-            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
-            skipped = not zo.finite([*losses.values(), *(() if clean is None else (clean,)), *grads])
-            self.zo.end_step(
-                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            grads, skipped = zo.conclude_step(
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
             )
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
@@ -347,12 +345,10 @@ class SplitServer:
                 )
             )
         skipped = not zo.finite(values)
-        if cfg.method == "zo":
+        if cfg.method == "zo":  # the client computes the same g from the same losses
             clean = losses.pop((0, 0), None)
-            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
-            skipped = skipped or not zo.finite(grads)
-            self.zo.end_step(
-                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            _, skipped = zo.conclude_step(
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
             )
         else:
             if not skipped:

@@ -30,9 +30,26 @@ import torch
 from hosl import zo
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
-from hosl.roles import SplitClient, SplitServer, expected_uploads, load_tensors, make_optimizer, tensors_of
+from hosl.roles import (
+    DTYPE_AUTOCAST,
+    SplitClient,
+    SplitServer,
+    StepStats,
+    expected_uploads,
+    load_tensors,
+    make_optimizer,
+    tensors_of,
+)
 from hosl.split import SplitError, split_model, split_summary
-from hosl.tasks import TaskError, accuracy, encode_candidates, encode_for_training, load_examples, rank_classify
+from hosl.tasks import (
+    TaskError,
+    accuracy,
+    candidate_scores,
+    encode_candidates,
+    encode_for_training,
+    load_examples,
+    rank_classify,
+)
 from hosl.transport import LinkError, dist_link, local_links
 
 logger = logging.getLogger("hosl.train")
@@ -73,6 +90,7 @@ class FullModel:
 
     def __init__(self, cfg: TrainConfig, model, k: int):
         self.cfg, self.model = cfg, model
+        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
         if cfg.method == "zo-full":
             # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
             client, _ = split_model(model, k)
@@ -88,12 +106,14 @@ class FullModel:
             self.zo = None
             self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
 
+    def _forward(self, **batch):
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model(**batch)
+
     def _loss(self, batch) -> torch.Tensor:
-        return self.model(**batch).loss
+        return self._forward(**batch).loss
 
     def train_step(self, step: int, batch):
-        from hosl.roles import StepStats
-
         cfg, start = self.cfg, time.perf_counter()
         if self.optimizer is not None:
             loss = self._loss(batch)
@@ -111,19 +131,15 @@ class FullModel:
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
                 self.zo.add_(probe.seeds, probe.scales)
                 losses[(probe.probe, probe.sign)] = float(self._loss(batch))
-            grads = zo.projected_gradients(losses, cfg.q, cfg.mu, cfg.zo_estimator, clean)
-            skipped = not zo.finite([*losses.values(), *grads, *(() if clean is None else (clean,))])
-            self.zo.end_step(
-                seeds, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, None if skipped else grads
+            grads, skipped = zo.conclude_step(
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
             )
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
         return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads)
 
     @torch.no_grad()
     def scores(self, step: int, batch) -> torch.Tensor:
-        from hosl.tasks import candidate_scores
-
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self._forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return candidate_scores(logits.float(), batch["labels"])
 
 
@@ -325,7 +341,7 @@ def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, r
     }
 
 
-def _summary(cfg: TrainConfig, result: dict, link, side_params: dict) -> dict:
+def _summary(cfg: TrainConfig, result: dict, side_params: dict) -> dict:
     return {
         "method": cfg.method,
         "model": cfg.model,
@@ -368,7 +384,7 @@ def run(cfg: TrainConfig) -> dict:
         trainer = FullModel(cfg, model, cfg.split_layer)
         result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir)
         _save_final(run_dir, trainer)
-        summary = _summary(cfg, result, None, {"params": sum(p.numel() for p in model.parameters())})
+        summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())})
         return _finish(run_dir, summary)
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
@@ -409,7 +425,7 @@ def run(cfg: TrainConfig) -> dict:
     if failure:
         raise failure[0]
     _move_server_final(run_dir)
-    summary = _summary(cfg, result, client_link, _side_params(sizes))
+    summary = _summary(cfg, result, _side_params(sizes))
     return _finish(run_dir, summary)
 
 
@@ -494,7 +510,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         client.stop()
     _move_server_final(run_dir)
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
-    return _finish(run_dir, _summary(cfg, result, link, params))
+    return _finish(run_dir, _summary(cfg, result, params))
 
 
 def _resolve_resume(argv) -> TrainConfig:

@@ -93,6 +93,15 @@ def final_pass(
     return list(terms), list(terms.values())
 
 
+def conclude_step(params, seeds, losses, clean, mu, estimator, lr, weight_decay) -> tuple[list[float], bool]:
+    """End a step from its losses: the projected gradients, whether the step is skipped (any loss or
+    g not finite: the probes are still undone), and the final pass on `params`."""
+    grads = projected_gradients(losses, len(seeds), mu, estimator, clean)
+    skipped = not finite([*losses.values(), *grads, *(() if clean is None else (clean,))])
+    params.end_step(seeds, mu, estimator, lr, weight_decay, None if skipped else grads)
+    return grads, skipped
+
+
 def decayed(name: str, param: torch.Tensor) -> bool:
     """Weight decay applies to matrices (linear and embedding weights), not to biases and norms."""
     return param.dim() >= 2
