@@ -221,19 +221,26 @@ class _DistLink(Link):
         self._in_flight: collections.deque = collections.deque()  # (work, buffers kept alive)
 
     def _wait(self, work, what: str) -> None:
+        """Wait for `work`; a callable is posted first, inside the same guard, since gloo raises at
+        posting time when the peer's connection is already closed."""
         try:
+            if callable(work):
+                work = work()
             work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except RuntimeError as exc:
-            text = str(exc)
-            if "timed out" in text.lower():  # gloo: "Timed out waiting 300000ms for recv operation"
-                raise LinkTimeout(
-                    f"the {self.role} waited {self.timeout:g} s to {what} the {self.peer} (rank {self._peer_rank}) "
-                    "and got no answer"
-                ) from exc
-            raise LinkError(
-                f"the {self.role} lost the {self.peer} (rank {self._peer_rank}) while trying to {what} it; "
-                f"check the {self.peer}'s log. ({text.splitlines()[0][:200]})"
-            ) from exc
+            raise self._error(exc, what) from exc
+
+    def _error(self, exc: RuntimeError, what: str) -> LinkError:
+        text = str(exc)
+        if "timed out" in text.lower():  # gloo: "Timed out waiting 300000ms for recv operation"
+            return LinkTimeout(
+                f"the {self.role} waited {self.timeout:g} s to {what} the {self.peer} (rank {self._peer_rank}) "
+                "and got no answer"
+            )
+        return LinkError(
+            f"the {self.role} lost the {self.peer} (rank {self._peer_rank}) while trying to {what} it; "
+            f"check the {self.peer}'s log. ({text.splitlines()[0][:200] if text else type(exc).__name__})"
+        )
 
     def _reap(self, keep: int) -> None:
         """Forget completed sends; wait for the oldest while more than `keep` are outstanding."""
@@ -245,12 +252,16 @@ class _DistLink(Link):
         self._reap(self.MAX_IN_FLIGHT - 2)
         length = torch.tensor([buf.numel()], dtype=torch.int64)
         for tensor in (length, buf) if buf.numel() else (length,):
-            self._in_flight.append((self._dist.isend(tensor, dst=self._peer_rank, group=self._group), tensor))
+            try:
+                work = self._dist.isend(tensor, dst=self._peer_rank, group=self._group)
+            except RuntimeError as exc:  # the peer's connection is already closed
+                raise self._error(exc, "send to") from exc
+            self._in_flight.append((work, tensor))
         return self._LENGTH_BYTES + buf.numel()
 
     def _recv_bytes(self):
         self._reap(self.MAX_IN_FLIGHT)
-        self._wait(self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
+        self._wait(lambda: self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
         n = int(self._length[0])
         if n < 0 or n > (1 << 40):
             raise LinkError(f"the {self.role} received an impossible frame length {n} from the {self.peer}")
@@ -258,7 +269,7 @@ class _DistLink(Link):
             self._scratch = torch.empty(n, dtype=torch.uint8)
         buf = self._scratch[:n]
         if n:
-            self._wait(self._dist.irecv(buf, src=self._peer_rank, group=self._group), "receive from")
+            self._wait(lambda: self._dist.irecv(buf, src=self._peer_rank, group=self._group), "receive from")
         return buf, self._LENGTH_BYTES + n
 
     def close(self):

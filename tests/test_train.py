@@ -316,13 +316,18 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
 def test_dist_equals_local(tmp_path):
     local = cfg_for(tmp_path, "local", q=2)
     run(local)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--q=2"]
+    _assert_dist_equals_local(tmp_path, flags)
+
+
+def _assert_dist_equals_local(tmp_path, flags):
+    """torchrun the same flags over --transport dist; the losses and weights equal tmp_path/local's."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--q=2", "--transport=dist"]
     out = subprocess.run(
         ["torchrun", "--nproc-per-node", "2", "--master-port", str(port), "-m", "hosl.train", *flags,
-         "--out", str(tmp_path / "dist")],
+         "--transport=dist", "--out", str(tmp_path / "dist")],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -427,15 +432,4 @@ def test_dist_loads_each_side_from_a_checkpoint_directory(tmp_path):
     _save_hf_model(tmp_path / "model")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--model", str(tmp_path / "model")]
     assert main([*flags, "--out", str(tmp_path / "local")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run(
-        ["torchrun", "--nproc-per-node", "2", "--master-port", str(port), "-m", "hosl.train", *flags,
-         "--transport=dist", "--out", str(tmp_path / "dist")],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert losses(tmp_path / "dist") == losses(tmp_path / "local")
-    a, b = weights(tmp_path / "local"), weights(tmp_path / "dist")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_dist_equals_local(tmp_path, flags)
