@@ -266,6 +266,7 @@ class SplitServer:
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.server_lr)
         self.steps_done = 0
         self.skipped = 0
+        self._update_s = 0.0  # reported with the next step: the update runs after a step's answers
 
     def serve(self) -> None:
         """Answer frames until CONTROL stop. A failure here is sent to the client before it propagates."""
@@ -310,7 +311,7 @@ class SplitServer:
         cfg, step = self.cfg, batch.step
         if cfg.method == "fo":
             return self._fo_step(batch)
-        start = time.perf_counter()
+        compute = self._update_s  # the previous step's update ran after its answers went out
         n = expected_uploads(cfg)
         values: list[float] = []
         losses: dict[tuple[int, int], float] = {}
@@ -318,6 +319,7 @@ class SplitServer:
         schedule = iter(zo.schedule(seeds, cfg.mu, cfg.zo_estimator)) if seeds else None
         for i in range(n):
             frame = self._recv_act(step)
+            t = time.perf_counter()
             if schedule is not None and frame.sign != 0:
                 probe = next(schedule)
                 if (probe.probe, probe.sign) != (frame.probe, frame.sign):
@@ -333,7 +335,8 @@ class SplitServer:
             value = _scalar(loss.detach().float())
             values.append(value)
             losses[(frame.probe, frame.sign)] = value
-            meta = {"server_s": time.perf_counter() - start} if i == n - 1 else {}
+            compute += time.perf_counter() - t
+            meta = {"server_s": compute} if i == n - 1 else {}
             self.link.send(
                 Frame(
                     Kind.LOSS,
@@ -344,6 +347,7 @@ class SplitServer:
                     meta=meta,
                 )
             )
+        t = time.perf_counter()
         skipped = not zo.finite(values)
         if cfg.method == "zo":  # the client computes the same g from the same losses
             clean = losses.pop((0, 0), None)
@@ -356,29 +360,34 @@ class SplitServer:
             self.optimizer.zero_grad(set_to_none=True)
         self.skipped += skipped
         self.steps_done = step + 1
+        self._update_s = time.perf_counter() - t
 
     def _fo_step(self, batch: Frame) -> None:
-        start = time.perf_counter()
         frame = self._recv_act(batch.step)
+        start = time.perf_counter()
         hidden = frame.tensors["hidden"].requires_grad_(True)
         loss = self._forward(hidden, batch).loss
         loss.backward()
         value = _scalar(loss.detach().float())
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        compute = self._update_s + time.perf_counter() - start
+        # dL/dh goes out before the optimiser step, so the client's backward overlaps it.
+        self.link.send(
+            Frame(
+                Kind.GRAD,
+                step=batch.step,
+                tensors={"grad": grad, "loss": loss.detach().float()},
+                meta={"server_s": compute},
+            )
+        )
+        start = time.perf_counter()
         skipped = not math.isfinite(value)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += skipped
         self.steps_done = batch.step + 1
-        self.link.send(
-            Frame(
-                Kind.GRAD,
-                step=batch.step,
-                tensors={"grad": grad, "loss": loss.detach().float()},
-                meta={"server_s": time.perf_counter() - start},
-            )
-        )
+        self._update_s = time.perf_counter() - start
 
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:
