@@ -214,16 +214,18 @@ class _Writer:
         self.file.close()
 
 
+def _weights_file(trainer) -> str:
+    """This process's weights: the client's of a split run (the server saves its own), or the model's."""
+    return "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
+
+
 def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> None:
     from safetensors.torch import save_file
 
     tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(
-        tensors_of(trainer.model),
-        tmp / ("client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"),
-    )
+    save_file(tensors_of(trainer.model), tmp / _weights_file(trainer))
     if trainer.optimizer is not None:
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
     if isinstance(trainer, SplitClient):
@@ -237,8 +239,7 @@ def _load_checkpoint(run_dir: Path, trainer) -> dict:
     from safetensors.torch import load_file
 
     ckpt = run_dir / "checkpoint"
-    name = "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
-    load_tensors(trainer.model, load_file(ckpt / name))
+    load_tensors(trainer.model, load_file(ckpt / _weights_file(trainer)))
     if trainer.optimizer is not None:
         trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     if isinstance(trainer, SplitClient):
@@ -448,8 +449,7 @@ def _slot_bytes(cfg: TrainConfig, client_model) -> int:
 def _save_final(run_dir: Path, trainer) -> None:
     from safetensors.torch import save_file
 
-    name = "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
-    save_file(tensors_of(trainer.model), run_dir / name)
+    save_file(tensors_of(trainer.model), run_dir / _weights_file(trainer))
 
 
 def _move_server_final(run_dir: Path) -> None:
