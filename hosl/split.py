@@ -18,7 +18,7 @@ whatever the family computes, for any padding):
     parameter-free stubs, and the first module after the cut (block k, or the final norm when
     k equals the number of blocks) takes h as its input in place of whatever the embedding
     stage computed. That replacement is what makes families that transform inputs_embeds
-    (GPT-2 and OPT add positions, Gemma scales by sqrt(hidden)) come out right.
+    (OPT's project_in; GPT-2 and OPT add positions and, in training, dropout) come out right.
   * Each side gets its own copy of the config with the layer count (and per-layer lists such as
     `layer_types`) cut to its blocks, because some families pick a block's mask by its index in
     the loop.
