@@ -111,7 +111,6 @@ class SplitClient:
         self.cfg = cfg
         self.model = model
         self.link = link
-        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if cfg.method == "fo":
             self.zo = None
@@ -143,7 +142,7 @@ class SplitClient:
         return reply.meta
 
     def _forward(self, batch) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+        with compute_precision(self.cfg):
             h = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return h.hidden
 
@@ -246,6 +245,13 @@ class SplitClient:
 DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def compute_precision(cfg: TrainConfig):
+    """The forward's precision: autocast to --dtype when it is low precision (the weights the ZO
+    noise writes stay float32 masters), a no-op for float32. CPU autocast: the trainer runs there."""
+    dtype = DTYPE_AUTOCAST.get(cfg.dtype)
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
 class SplitServer:
     """The server of a split run: answers the client's frames until it says stop."""
 
@@ -254,7 +260,6 @@ class SplitServer:
         self.model = model
         self.link = link
         self.run_dir = run_dir
-        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.zo: zo.ZOParams | None = None
         self._zo_params = params
@@ -298,7 +303,7 @@ class SplitServer:
 
     def _forward(self, hidden: torch.Tensor, batch: Frame, labels: bool = True):
         h = Activation(hidden, batch.tensors["attention_mask"])
-        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+        with compute_precision(self.cfg):
             return self.model(h, labels=batch.tensors["labels"] if labels else None)
 
     def _recv_act(self, step: int) -> Frame:

@@ -31,10 +31,10 @@ from hosl import zo
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
 from hosl.roles import (
-    DTYPE_AUTOCAST,
     SplitClient,
     SplitServer,
     StepStats,
+    compute_precision,
     expected_uploads,
     load_tensors,
     make_optimizer,
@@ -90,7 +90,6 @@ class FullModel:
 
     def __init__(self, cfg: TrainConfig, model, k: int):
         self.cfg, self.model = cfg, model
-        self.autocast = DTYPE_AUTOCAST.get(cfg.dtype)
         if cfg.method == "zo-full":
             # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
             client, _ = split_model(model, k)
@@ -107,7 +106,7 @@ class FullModel:
             self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
 
     def _forward(self, **batch):
-        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+        with compute_precision(self.cfg):
             return self.model(**batch)
 
     def _loss(self, batch) -> torch.Tensor:
