@@ -5,6 +5,10 @@ Each parameter keeps its identity (the same nn.Parameter object, requires_grad a
 data becomes a view into the buffer. Noise position j of the buffer is element j of `.flat`, so a
 parameter's noise is fixed by the seed and its place in the buffer.
 
+Parameters that already lie one after the other in one float32 storage, in order and from its
+start (hosl.load_client loads a side's weights so), are adopted as they are: no copy, so packing
+never holds a weight twice.
+
 Two parameters that are the same tensor (tied weights, listed twice or held by two modules) are
 stored once and stay tied. A bfloat16 or float16 parameter becomes a float32 master copy (its
 value is unchanged): a zeroth-order update (about lr * projected gradient, often ~1e-6 relative)
@@ -66,6 +70,13 @@ class FlatParams:
         for p in self.params:
             self.offsets.append(total)
             total += p.numel()
+        self.flat = _packed(self.params, self.offsets, total)
+        if self.flat is None:
+            self._pack(aliases, total, device)
+        low = [d for d in self.dtypes if d != torch.float32]
+        self.compute_dtype = torch.bfloat16 if torch.bfloat16 in low else (low[0] if low else torch.float32)
+
+    def _pack(self, aliases, total, device) -> None:
         self.flat = torch.empty(total, dtype=torch.float32, device=device)
         with torch.no_grad():
             for p, start, group in zip(self.params, self.offsets, aliases):
@@ -73,8 +84,6 @@ class FlatParams:
                 view.copy_(p.detach())
                 for q in group:
                     q.data = view
-        low = [d for d in self.dtypes if d != torch.float32]
-        self.compute_dtype = torch.bfloat16 if torch.bfloat16 in low else (low[0] if low else torch.float32)
 
     @property
     def numel(self) -> int:
@@ -90,3 +99,18 @@ class FlatParams:
 
     def __repr__(self) -> str:
         return f"FlatParams({len(self.params)} tensors, {self.numel} float32 elements on {self.flat.device})"
+
+
+def _packed(params, offsets, total):
+    """The buffer the parameters already are, when they are float32 contiguous views lying one after
+    the other, in order, from the start of one storage (as hosl.load_client lays them out): adopted
+    as `.flat` with no copy. None otherwise."""
+    if not params or any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        return None
+    storage = params[0].untyped_storage()
+    for p, start in zip(params, offsets):
+        if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != start:
+            return None
+    if storage.nbytes() < total * 4:
+        return None
+    return params[0].detach().new_empty(0).set_(storage, 0, (total,), (1,))

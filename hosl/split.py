@@ -558,6 +558,7 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
     part = client if side == "client" else server
     origin = {id(clone): orig for orig, clone in clones.items()}
     checkpoint = _Checkpoint(directory)
+    storage = _one_buffer(part)
     real: dict[int, nn.Parameter] = {}
     for module in part.modules():
         for pname, p in module._parameters.items():
@@ -568,7 +569,7 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
                 key = next((key for key in keys if key in checkpoint), None)
                 if key is None:
                     raise SplitError(f"{directory}: no tensor for {' or '.join(keys) or pname} in the checkpoint")
-                data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                data = storage(p) if storage else torch.empty(p.shape, dtype=p.dtype, device="cpu")
                 checkpoint.read_into(key, data)
                 real[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
             module._parameters[pname] = real[id(p)]
@@ -577,6 +578,23 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
             if key is not None and key in checkpoint and bname not in module._non_persistent_buffers_set:
                 checkpoint.read_into(key, b)
     return part.to(device).eval()  # as from_pretrained returns a model
+
+
+def _one_buffer(part: nn.Module):
+    """When every meta parameter of `part` has one dtype: a function giving each (in the order of
+    part.parameters(), which is the order the loop above meets them) its place in one contiguous
+    buffer. A ZO client's FlatParams then adopts that buffer instead of copying the weights into a
+    new one, which would hold the largest tensor (often the embedding) twice while it packs."""
+    params = [p for p in part.parameters() if p.device.type == "meta"]
+    if not params or len({p.dtype for p in params}) != 1:
+        return None
+    buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
+    places = {}
+    start = 0
+    for p in params:
+        places[id(p)] = buffer[start : start + p.numel()].view(p.shape)
+        start += p.numel()
+    return lambda p: places[id(p)]
 
 
 def load_client(name_or_path: str | Path, k: int, *, dtype: torch.dtype | None = None, device="cpu") -> ClientModel:

@@ -117,6 +117,39 @@ def test_shared_storage_through_two_parameters_is_one_weight():
     assert torch.equal(a.weight, b.weight)
 
 
+def test_packed_parameters_are_adopted_without_a_copy():
+    buffer = torch.randn(4 * 4 + 4 + 3)
+    a = torch.nn.Parameter(buffer[:16].view(4, 4))
+    b = torch.nn.Parameter(buffer[16:20])
+    c = torch.nn.Parameter(buffer[20:23])
+    before = buffer.clone()
+    flat = FlatParams([a, b, c])
+    assert flat.flat.data_ptr() == buffer.data_ptr() and flat.numel == 23
+    assert torch.equal(flat.flat, before)
+    noise.add_(flat.flat, [5], [1.0])
+    assert not torch.equal(buffer, before)  # the noise went into the very storage the parameters use
+    expected = before.clone()
+    noise.add_(expected, [5], [1.0])
+    assert torch.equal(torch.cat([a.detach().reshape(-1), b.detach(), c.detach()]), expected)
+
+
+@pytest.mark.parametrize("order", ["reversed", "gap", "offset"])
+def test_parameters_not_packed_in_order_are_copied(order):
+    buffer = torch.randn(32)
+    parts = {
+        "reversed": [buffer[16:20], buffer[:16]],
+        "gap": [buffer[:16], buffer[17:21]],
+        "offset": [buffer[1:17], buffer[17:21]],
+    }[order]
+    params = [torch.nn.Parameter(t) for t in parts]
+    values = [p.detach().clone() for p in params]
+    flat = FlatParams(params)
+    assert flat.flat.data_ptr() != buffer.data_ptr()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    noise.add_(flat.flat, [5], [1.0])
+    assert all(not torch.equal(p, v) for p, v in zip(params, values))
+
+
 def test_errors():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         FlatParams([torch.zeros(3, dtype=torch.int64)])
