@@ -201,12 +201,18 @@ class _DistLink(Link):
 
     Sends are asynchronous: a send returns once it is posted, and its buffers are kept until it
     completes. Blocking sends would deadlock a streaming exchange (gloo completes a send only when
-    the peer posts the matching receive, and both sides send before they receive). At most
-    MAX_IN_FLIGHT sends are outstanding; the next one waits for the oldest (backpressure).
+    the peer posts the matching receive, and both sides send before they receive). Backpressure:
+    before posting, the oldest sends are waited for while more than MAX_IN_FLIGHT are outstanding
+    or while they and the new frame would hold more than MAX_IN_FLIGHT_BYTES (at least the new one
+    is always posted). gloo reports a send complete only once it has been waited for, so the byte
+    bound is what frees the frames of finished sends: without it they would pile up, step after step.
+    A client keeps at most a few activations in flight, which is all the overlap needs: its next
+    forward runs while the server works on the last upload.
     """
 
     _LENGTH_BYTES = 8
     MAX_IN_FLIGHT = 256
+    MAX_IN_FLIGHT_BYTES = 8 << 20
 
     def __init__(self, role, timeout, compression, client_id, owns_group):
         super().__init__(role, timeout, compression, client_id)
@@ -218,7 +224,8 @@ class _DistLink(Link):
         self._peer_rank = 1 - ROLES.index(role)
         self._length = torch.zeros(1, dtype=torch.int64)
         self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
-        self._in_flight: collections.deque = collections.deque()  # (work, buffers kept alive)
+        self._in_flight: collections.deque = collections.deque()  # (work, buffer kept alive)
+        self._held = 0  # bytes of the buffers in _in_flight
 
     def _wait(self, work, what: str) -> None:
         """Wait for `work`; a callable is posted first, inside the same guard, since gloo raises at
@@ -242,14 +249,20 @@ class _DistLink(Link):
             f"check the {self.peer}'s log. ({text.splitlines()[0][:200] if text else type(exc).__name__})"
         )
 
-    def _reap(self, keep: int) -> None:
-        """Forget completed sends; wait for the oldest while more than `keep` are outstanding."""
-        while self._in_flight and (self._in_flight[0][0].is_completed() or len(self._in_flight) > keep):
-            work, _ = self._in_flight.popleft()
+    def _reap(self, keep: int, incoming: int = 0) -> None:
+        """Forget completed sends; wait for the oldest while more than `keep` are outstanding or while
+        they would hold more than MAX_IN_FLIGHT_BYTES with `incoming` more bytes."""
+        while self._in_flight and (
+            self._in_flight[0][0].is_completed()
+            or len(self._in_flight) > keep
+            or self._held + incoming > self.MAX_IN_FLIGHT_BYTES
+        ):
+            work, tensor = self._in_flight.popleft()
+            self._held -= tensor.nbytes
             self._wait(work, "send to")
 
     def _send_bytes(self, buf):
-        self._reap(self.MAX_IN_FLIGHT - 2)
+        self._reap(self.MAX_IN_FLIGHT - 2, self._LENGTH_BYTES + buf.numel())
         length = torch.tensor([buf.numel()], dtype=torch.int64)
         for tensor in (length, buf) if buf.numel() else (length,):
             try:
@@ -257,7 +270,13 @@ class _DistLink(Link):
             except RuntimeError as exc:  # the peer's connection is already closed
                 raise self._error(exc, "send to") from exc
             self._in_flight.append((work, tensor))
+            self._held += tensor.nbytes
         return self._LENGTH_BYTES + buf.numel()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames kept alive by sends not yet known to be finished."""
+        return self._held
 
     def _recv_bytes(self):
         self._reap(self.MAX_IN_FLIGHT)

@@ -5,7 +5,9 @@ printed as JSON (and written to OUT_DIR/<role>.json if given); a link failure pr
     python tests/_exchange.py MODE TRANSPORT [TIMEOUT [OUT_DIR]]   (dist: RANK etc. in the environment)
 
 MODE: exchange (the whole round trip), client-dies (the client says hello, then waits to be killed),
-client-silent (the client says hello, then sleeps past the server's timeout).
+client-silent (the client says hello, then sleeps past the server's timeout), stream (dist only:
+the client streams STREAM_ROUNDS rounds of STREAM_FRAMES 1-MiB frames before reading the answers
+and reports the most bytes its link held in unfinished sends).
 """
 
 import json
@@ -32,6 +34,8 @@ def sides():
 
 def client_side(link, mode, client):
     ids, mask, labels = batch()
+    if mode == "stream":
+        return stream_client(link)
     link.send(Frame(Kind.HELLO, meta={"mode": mode}))
     if mode == "client-dies":
         print("ready", flush=True)
@@ -47,9 +51,35 @@ def client_side(link, mode, client):
     return {"loss": reply.tensors["loss"].item(), **{"client_" + k: v for k, v in link.stats().items()}}
 
 
+STREAM_ROUNDS, STREAM_FRAMES = 3, 24
+
+
+def stream_client(link):
+    link.send(Frame(Kind.HELLO, meta={"mode": "stream"}))
+    held, answers = [], []
+    for r in range(STREAM_ROUNDS):
+        for i in range(STREAM_FRAMES):
+            link.send(Frame(Kind.ACT, step=r, probe=i, tensors={"hidden": torch.full((1 << 18,), float(i))}))
+            held.append(link.held_bytes)
+        for _ in range(STREAM_FRAMES):
+            reply = link.recv()
+            answers.append([reply.step, reply.probe, reply.tensors["loss"].item()])
+    return {"held": held, "answers": answers}
+
+
+def stream_server(link):
+    for _ in range(STREAM_ROUNDS * STREAM_FRAMES):
+        frame = link.recv()
+        value = frame.tensors["hidden"][0].reshape(1)
+        link.send(Frame(Kind.LOSS, step=frame.step, probe=frame.probe, tensors={"loss": value}))
+    return {}
+
+
 def server_side(link, server):
     hello = link.recv()
     assert hello.kind == Kind.HELLO
+    if hello.meta.get("mode") == "stream":
+        return stream_server(link)
     frame = link.recv()
     labels = frame.tensors.pop("labels")
     with torch.no_grad():

@@ -85,6 +85,26 @@ def test_dist_exchange_matches_local():
     assert client["client_bytes_received"] == server["server_bytes_sent"] == local["client_bytes_received"] + 8
 
 
+def test_dist_streaming_holds_bounded_bytes_in_flight():
+    from _exchange import STREAM_FRAMES, STREAM_ROUNDS
+
+    from hosl.transport import _DistLink
+
+    procs = _start_pair("stream", 60)
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    client = json.loads(outs[1][0].strip().splitlines()[-1])
+    expected = [[r, i, float(i)] for r in range(STREAM_ROUNDS) for i in range(STREAM_FRAMES)]
+    assert client["answers"] == expected  # every frame arrived, in order, none lost to backpressure
+    # 72 frames of 1 MiB went out: the finished ones were let go, so no more than the bound was ever
+    # held (the newest frame included), in the last round as in the first.
+    bound = _DistLink.MAX_IN_FLIGHT_BYTES
+    assert bound < STREAM_ROUNDS * STREAM_FRAMES << 20
+    assert 0 < max(client["held"]) <= bound, max(client["held"])
+    assert max(client["held"][-STREAM_FRAMES:]) > (1 << 20)  # several frames in flight: still streaming
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_dist_exchange_under_torchrun(tmp_path):
     port = str(_free_port())
