@@ -180,6 +180,7 @@ class SplitClient:
                 hidden = self._forward(batch)
                 client_s += time.perf_counter() - t
                 self._upload(step, 0, 0, hidden)
+                del hidden  # sent: the next forward runs without it
                 pending += 1
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
                 t = time.perf_counter()
@@ -187,6 +188,7 @@ class SplitClient:
                 hidden = self._forward(batch)
                 client_s += time.perf_counter() - t
                 self._upload(step, probe.probe, probe.sign, hidden)
+                del hidden
                 pending += 1
                 if cfg.sync_probes:
                     while pending:
