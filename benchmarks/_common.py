@@ -102,3 +102,48 @@ def fmt_bytes(n):
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes: a script runs itself with `--worker SPEC` (SPEC a JSON object) in fresh processes.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(
+    script, spec: dict, roles: list[str], threads: int = 1, timeout: float = 1800, extra_env: dict | None = None
+) -> list[dict]:
+    """Runs `script --worker SPEC` once per role, at once, as ranks 0, 1, ... of a torch.distributed
+    group on loopback (rank 0 is the server); returns the JSON object each printed last, in role order.
+    Each process gets `threads` torch threads (OMP_NUM_THREADS) and extra_env."""
+    import os
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(len(roles))}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra_env or {})
+    procs = []
+    for rank, role in enumerate(roles):
+        payload = json.dumps({**spec, "role": role})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "--worker", payload],
+                env={**env, "RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for role, p in zip(roles, procs):
+        stdout, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            for other in procs:
+                other.kill()
+            raise RuntimeError(f"the {role} worker of {spec} failed (exit {p.returncode}); its stderr is above")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results

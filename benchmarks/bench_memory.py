@@ -1,0 +1,453 @@
+"""Client peak memory of fo, hosl and zo against the client's floor, with the client in its own process.
+
+Setting: an OPT-125M-shaped model (transformers' OPTConfig defaults: 12 layers, hidden 768, vocab
+50272; random weights, saved once as safetensors under --work), split after layer k in {1, 3, 6},
+batch 16 and 64, sequence 128 (--quick: an 8-layer hidden-256 model, batch 4 and 16, sequence 32).
+
+Each measurement is two fresh processes joined by hosl's dist transport (gloo over loopback), as in
+a real split run: rank 1 loads only the client side with hosl.load_client and runs a SplitClient
+(two torch threads) for --steps training steps on random tokens, with the loss on the last token;
+rank 0 stands in for the server: it speaks the protocol and answers every activation (a loss; for
+fo, a dL/dh of the activation's shape) without running the server's blocks, which would take
+minutes per measurement here and does not change what the client holds.
+
+The client's number is its process's high-water mark (VmHWM) minus its resident size (VmRSS) once
+torch, transformers and hosl are imported and their code has run once on a toy OPT (forward,
+backward, AdamW step, inference forward: the libraries' code pages then count as the
+interpreter's), before the link and the model exist: what the split run adds to the process.
+
+Methods (rows):
+* fo: first-order split learning, client AdamW (the trainer's default optimiser);
+* fo-sgd: the same with plain SGD, which has no optimiser state: the least an FO client can hold;
+* hosl: ZO client (Q = 1, central: a clean forward and two probes per step), under no_grad;
+* zo: the client of MeZO over the split: two probes per step, no clean forward;
+* floor: no link and no training: the client's weights and one forward in inference mode, in a
+  process of its own. This is the least any client of this split can hold.
+
+Accounted, beside each measurement (bytes; read from the live objects, not estimated):
+* weights: the client's distinct parameters and buffers;
+* gradients: the .grad tensors when the optimiser steps (fo);
+* optimizer_state: the tensors in the optimiser's state after its step (fo);
+* saved_activations: tensors autograd saved for the backward in the client's forward, counted once
+  per storage, parameters left out (fo; 0 for the ZO clients, whose forward runs under no_grad);
+* link_buffers: the largest total of encoded frames held by unfinished sends, plus the receive
+  buffer (which grows to the largest frame received: for fo, dL/dh);
+* transient (floor only): floor minus weights, the largest transient of one inference forward.
+What the parts leave of the measurement (allocator slack, the process group's own buffers, the
+largest transient of the training forward) is reported as unaccounted.
+
+    python benchmarks/bench_memory.py --quick   # about a minute
+    python benchmarks/bench_memory.py           # about 10 minutes on 2 cores
+
+Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl), one record per
+(method, split_layer, batch_size), and the plot benchmarks/results/memory.png (memory against split
+layer, one line per method, one panel per batch size); prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from _common import MIB, REPO, Recorder, environment, fmt_bytes, log, run_workers
+
+FULL = dict(model=dict(), ks=[1, 3, 6], batches=[16, 64], seq=128)
+# OPT-1.3B's shape (--model opt-1.3b): a second size; its random checkpoint takes 5 GiB of disk.
+OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048)
+QUICK = dict(
+    model=dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, ffn_dim=1024, vocab_size=8192,
+               word_embed_proj_dim=256),
+    ks=[1, 3, 6], batches=[4, 16], seq=32,
+)  # fmt: skip
+METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
+MARKERS = {"floor": "", "hosl": "o", "zo": "x", "fo-sgd": "s", "fo": "^"}
+
+
+def proc_status(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker processes.
+
+
+def worker(spec: dict) -> None:
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline: part of the interpreter's cost)
+
+    import hosl
+    from hosl.config import TrainConfig
+    from hosl.roles import SplitClient
+
+    warm_up()
+    baseline = proc_status("VmRSS")
+    reset_peak()
+    role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
+    torch.manual_seed(0)
+    out: dict = {"baseline_bytes": baseline}
+
+    if method == "floor":
+        client = hosl.load_client(spec["checkpoint"], k)
+        out["weights"] = module_bytes(client)
+        ids = torch.randint(4, client.stack.config.vocab_size, (batch_size, seq))
+        with torch.inference_mode():
+            client(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out["peak_bytes"] = proc_status("VmHWM") - baseline
+        print(json.dumps(out), flush=True)
+        return
+
+    from hosl.transport import dist_link
+
+    split_method = "fo" if method.startswith("fo") else method
+    optimizer = "sgd" if method == "fo-sgd" else "adamw"
+    cfg = TrainConfig(
+        method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
+        client_lr=1e-5, server_lr=1e-5, mu=1e-3, timeout=600.0,
+    )  # fmt: skip
+    link = dist_link(timeout=cfg.timeout)
+    if role == "server":
+        answer(link, spec)
+        link.close()
+        print("{}", flush=True)
+        return
+
+    out["link_init_bytes"] = proc_status("VmRSS") - baseline
+    model = hosl.load_client(spec["checkpoint"], k)
+    out["weights"] = module_bytes(model)
+    client = SplitClient(cfg, model, link)
+    held = watch_link(link)
+    parts = {"gradients": 0, "optimizer_state": 0}
+    if client.optimizer is not None:
+        watch_optimizer(client.optimizer, parts)
+    saved = SavedBytes({p.data_ptr() for p in model.parameters()})
+    client.hello()
+    vocab = model.stack.config.vocab_size
+    for step in range(spec["steps"]):
+        ids = torch.randint(4, vocab, (batch_size, seq))
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            client.train_step(step, batch)
+        saved.step_done()
+    out["peak_bytes"] = proc_status("VmHWM") - baseline
+    client.stop()
+    link.close()
+    out.update(parts, saved_activations=saved.peak, link_buffers=held["peak"] + link._scratch.numel())
+    print(json.dumps(out), flush=True)
+
+
+def answer(link, spec) -> None:
+    """The server's side of the protocol without its compute: HELLO, then a LOSS for each ACT (for
+    fo, a GRAD: a dL/dh of the activation's shape and dtype), until CONTROL stop. What the client
+    holds does not depend on how the server gets its answers, and the server's own work would cost
+    minutes per measurement on a small machine."""
+    import torch
+
+    from hosl.boundary import Frame, Kind
+    from hosl.roles import PROTOCOL
+
+    fo = spec["method"].startswith("fo")
+    while True:
+        frame = link.recv()
+        if frame.kind == Kind.HELLO:
+            link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
+        elif frame.kind == Kind.ACT:
+            loss = torch.tensor(1.0 + 1e-3 * frame.probe * frame.sign)
+            if fo:
+                grad = torch.randn_like(frame.tensors["hidden"]) * 1e-4
+                link.send(Frame(Kind.GRAD, step=frame.step, tensors={"grad": grad, "loss": loss}))
+            else:
+                meta = dict(step=frame.step, probe=frame.probe, sign=frame.sign)
+                link.send(Frame(Kind.LOSS, tensors={"loss": loss}, **meta))
+        elif frame.kind == Kind.CONTROL and frame.meta.get("op") == "stop":
+            return
+
+
+def warm_up() -> None:
+    """Loads the code every measured process runs (transformers' OPT modules, torch's CPU kernels for
+    the forward, the backward and AdamW, the thread pool) on a toy OPT of a few KiB, so that the
+    baseline holds the libraries' pages and the measurement holds only what the split run allocates."""
+    import gc
+
+    import torch
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=64, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, num_attention_heads=2,
+        ffn_dim=32, max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.OPTForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(4, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model(input_ids=ids)
+    with torch.inference_mode():
+        model(input_ids=ids)
+    del model, opt
+    gc.collect()
+
+
+def reset_peak() -> None:
+    """Resets VmHWM to the current RSS (Linux: write 5 to clear_refs); where that is not allowed the
+    peak since the start stays, which the toy warm-up raises by a few KiB at most."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def module_bytes(module) -> int:
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for the backward (parameters left out)."""
+
+    def __init__(self, param_ptrs: set[int]):
+        self.params = param_ptrs
+        self.storages: dict[int, int] = {}
+        self.peak = 0
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.params:
+            self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    def unpack(self, t):
+        return t
+
+    def step_done(self):
+        self.peak = max(self.peak, sum(self.storages.values()))
+        self.storages.clear()
+
+
+def watch_link(link) -> dict:
+    """Tracks the most bytes the dist link holds in unfinished sends (the encoded frames it keeps alive)."""
+    held = {"peak": 0}
+    send = link.send
+
+    def counted(frame):
+        send(frame)
+        held["peak"] = max(held["peak"], link.held_bytes)
+
+    link.send = counted
+    return held
+
+
+def watch_optimizer(optimizer, parts: dict) -> None:
+    step = optimizer.step
+
+    def counted(*args, **kwargs):
+        grads = sum(p.grad.nbytes for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
+        result = step(*args, **kwargs)
+        state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if hasattr(v, "nbytes"))
+        parts["gradients"] = max(parts["gradients"], grads)
+        parts["optimizer_state"] = max(parts["optimizer_state"], state)
+        return result
+
+    optimizer.step = counted
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: one checkpoint, then a pair of processes (or one, for the floor) per measurement.
+
+
+def make_checkpoint(directory: Path, sizes: dict) -> Path:
+    if (directory / "config.json").exists():
+        return directory
+    import torch
+    import transformers
+
+    log(f"writing a random OPT checkpoint to {directory}")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(dropout=0.0, attention_dropout=0.0, **sizes)
+    model = transformers.OPTForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return directory
+
+
+# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a block that large is freed, and
+# later blocks of that size then come from the heap, whose freed pages stay resident. A fixed
+# threshold returns every block over it to the system when freed, so the resident set follows the
+# live tensors. A memory-tight client should run so too; --malloc default measures glibc as it ships.
+MALLOC = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {}}
+
+
+def measure(
+    method: str, k: int, batch: int, seq: int, checkpoint: Path, steps: int, malloc: str = "mmap"
+) -> tuple[dict, dict | None]:
+    """(client result, server stand-in's result or None for the floor)."""
+    spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps)
+    env = MALLOC[malloc]
+    if method == "floor":
+        return run_workers(__file__, spec, ["client"], threads=2, extra_env=env)[0], None
+    server, client = run_workers(__file__, spec, ["server", "client"], threads=2, extra_env=env)
+    return client, server
+
+
+def plot(records, batches, ks, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"no plot ({path.name}): matplotlib is not installed; pip install '.[bench]'")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for method in METHODS:
+            ys = [
+                next(r["measured_bytes"] for r in records if r["method"] == method and r["split_layer"] == k
+                     and r["batch_size"] == b) / MIB
+                for k in ks
+            ]  # fmt: skip
+            ax.plot(ks, ys, marker=MARKERS[method], label=method, linestyle="--" if method == "floor" else "-")
+        ax.set_title(f"{records[0]['model']} client peak, batch {b}, sequence {records[0]['seq_len']}")
+        ax.set_xlabel("split layer k (blocks on the client)")
+        ax.set_ylabel("MiB above the bare interpreter")
+        ax.set_xticks(ks)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small model and batches (about a minute)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per measurement (2)")
+    parser.add_argument(
+        "--malloc", default="mmap", choices=list(MALLOC), help="mmap: MALLOC_MMAP_THRESHOLD_=131072 (default)"
+    )
+    parser.add_argument("--model", default="opt-125m", choices=["opt-125m", "opt-1.3b"], help="the shape (opt-125m)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (16 64; --quick: 4 16)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="split layers (1 3 6)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the records and the plot"
+    )
+    parser.add_argument("--work", default=None, help="where the random checkpoint goes (runs/bench_memory)")
+    parser.add_argument("--report", metavar="JSONL", help="print the table and plot of saved records; measure nothing")
+    parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.report:
+        path = Path(args.report)
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return report(records, path.with_name(path.stem.replace("bench_memory", "memory") + ".png"))
+
+    setting = dict(QUICK if args.quick else FULL)
+    name = "opt_quick" if args.quick else args.model
+    if args.model == "opt-1.3b" and not args.quick:
+        setting["model"] = OPT_1_3B
+    setting["batches"] = args.batches or setting["batches"]
+    setting["ks"] = args.ks or setting["ks"]
+    suffix = ("_quick" if args.quick else "" if args.model == "opt-125m" else f"_{args.model}") + (
+        "_default_malloc" if args.malloc == "default" else ""
+    )
+    work = Path(args.work or REPO / "runs" / "bench_memory")
+    checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
+    rec = Recorder(args.out / f"bench_memory{suffix}.jsonl", environment())
+    import torch
+
+    seq = setting["seq"]
+    records = []
+    for batch in setting["batches"]:
+        for k in setting["ks"]:
+            floor = None
+            measured = {}
+            for method in METHODS:
+                start = time.perf_counter()
+                client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc)
+                peak = client["peak_bytes"]
+                if method == "floor":
+                    floor = peak
+                measured[method] = peak
+                parts = {
+                    name: client.get(name, 0)
+                    for name in ("weights", "gradients", "optimizer_state", "saved_activations", "link_buffers")
+                }
+                if method == "floor":
+                    parts["transient"] = peak - parts["weights"]
+                rec_ = rec.add(
+                    torch.device("cpu"),
+                    bench="client_peak",
+                    model=name,
+                    method=method,
+                    split_layer=k,
+                    batch_size=batch,
+                    seq_len=seq,
+                    steps=args.steps,
+                    measured_bytes=peak,
+                    baseline_bytes=client["baseline_bytes"],
+                    floor_bytes=floor,
+                    over_floor=peak / floor,
+                    accounted=parts,
+                    unaccounted_bytes=peak - sum(parts.values()),
+                    link_init_bytes=client.get("link_init_bytes"),
+                    client_threads=2,
+                    malloc=" ".join(f"{k}={v}" for k, v in MALLOC[args.malloc].items()) or "glibc default",
+                )
+                records.append(rec_)
+                log(f"batch {batch} k {k} {method:6s} {fmt_bytes(peak):>10s}  ({time.perf_counter() - start:.0f} s)")
+            for r in records[-len(METHODS) :]:
+                r["fo_over_this"] = measured["fo"] / r["measured_bytes"]
+            rec.path.write_text("".join(json.dumps(r) + "\n" for r in records))  # with fo_over_this filled in
+
+    report(records, args.out / f"memory{suffix}.png")
+
+
+def report(records, png: Path) -> None:
+    """The table (and the plot) of a run's records."""
+    r0 = records[0]
+    print(f"\n{r0.get('model', 'opt-125m')}: client peak above the bare interpreter, sequence {r0['seq_len']}, "
+          f"{r0['steps']} steps, malloc: {r0.get('malloc', 'glibc default')}\n")  # fmt: skip
+    print("| batch | k | method | measured | over floor | fo / this | weights | grads | optim | saved act | link "
+          "| fwd transient | rest |")  # fmt: skip
+    print("| ---: | ---: | --- |" + " ---: |" * 10)
+    for r in records:
+        a = r["accounted"]
+        floor = next(
+            f
+            for f in records
+            if f["method"] == "floor" and (f["split_layer"], f["batch_size"]) == (r["split_layer"], r["batch_size"])
+        )
+        # The inference forward's transient, as the floor measured it: what the ZO clients' forwards
+        # (under no_grad) hold too. fo's forward keeps its activations instead (saved act).
+        zo_like = r["method"] in ("floor", "hosl", "zo")
+        transient = floor["measured_bytes"] - floor["accounted"]["weights"] if zo_like else 0
+        parts = sum(v for key, v in a.items() if key != "transient") + transient
+        cells = [
+            fmt_bytes(r["measured_bytes"]), f"{r['over_floor']:.2f}", f"{r['fo_over_this']:.2f}",
+            fmt_bytes(a["weights"]), fmt_bytes(a["gradients"]), fmt_bytes(a["optimizer_state"]),
+            fmt_bytes(a["saved_activations"]), fmt_bytes(a["link_buffers"]), fmt_bytes(transient) if zo_like else "-",
+            fmt_bytes(r["measured_bytes"] - parts),
+        ]  # fmt: skip
+        print(f"| {r['batch_size']} | {r['split_layer']} | {r['method']} | " + " | ".join(cells) + " |")
+    batches = list(dict.fromkeys(r["batch_size"] for r in records))
+    ks = list(dict.fromkeys(r["split_layer"] for r in records))
+    plot(records, batches, ks, png)
+    print(f"\nplot: {png.relative_to(REPO) if png.is_relative_to(REPO) else png}")
+
+
+if __name__ == "__main__":
+    main()

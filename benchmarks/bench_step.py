@@ -1,0 +1,247 @@
+"""Step time of fo, hosl and zo, split into client compute, link and server compute; traffic; the ZO
+noise's share of the client's compute; streaming probes against the synchronous loop.
+
+Setting (--model): an OPT model with random weights, split after layer --split-layer, random tokens
+of --batch x --seq with the loss on the last token (the rank-classification training the trainer
+does). The default, "small", is 8 layers of hidden 256 (ffn 1024, 4 heads, vocab 8192) cut at 4:
+client and server compute are of the same order, as between an edge device and its server share of
+one machine. "opt-125m" is OPTConfig's defaults (12 layers, hidden 768, vocab 50272) cut at 3.
+
+Every measurement runs in fresh processes with one torch thread each (OMP_NUM_THREADS=1), so
+client and server each have one core, as two machines would:
+* local: one process, the server in a thread, hosl's in-process transport (two FrameQueues);
+* dist: two processes on this machine joined by hosl's dist transport (gloo over loopback).
+For every method, Q in {1, 4, 10} (fo has no probes: Q = 1 only), both transports, and for hosl and
+zo streaming probes (the default: the client sends all of a step's activations without waiting)
+against --sync-probes (the client waits for each loss before its next probe). --warmup steps are
+run, then --steps steps are timed one by one; the records hold the median.
+
+Per step (from hosl.roles.StepStats): wall, client compute (the client's forwards, backward, noise
+and update), server compute (as the server reports it), link = wall - client - server (clamped at 0;
+with streaming, client and server overlap, so it can hide in the overlap). Also bytes up and down
+per step (the link's counters), and for the ZO clients noise_s: the time inside the noise passes
+(ZOParams.add_: perturb, flip, restore-and-update), as a fraction of client compute.
+
+    python benchmarks/bench_step.py --quick    # a smaller grid, about two minutes
+    python benchmarks/bench_step.py            # the full grid, about 15 minutes on 2 cores
+
+Writes benchmarks/results/bench_step.jsonl (--quick: bench_step_quick.jsonl) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import REPO, Recorder, cpu_name, environment, log, run_workers
+
+MODELS = {
+    "small": dict(
+        sizes=dict(
+            hidden_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            ffn_dim=1024,
+            vocab_size=8192,
+            word_embed_proj_dim=256,
+        ),
+        k=4,
+    ),  # fmt: skip
+    "opt-125m": dict(sizes=dict(), k=3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker processes.
+
+
+def build(spec):
+    import torch
+    import transformers
+
+    import hosl
+
+    torch.manual_seed(0)
+    sizes = MODELS[spec["model"]]["sizes"]
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(dropout=0.0, attention_dropout=0.0, **sizes)).eval()
+    return hosl.split_model(model, spec["k"])
+
+
+def config(spec):
+    from hosl.config import TrainConfig
+
+    return TrainConfig(
+        method=spec["method"], split_layer=spec["k"], q=spec["q"], batch_size=spec["batch"], max_length=spec["seq"],
+        sync_probes=spec["sync"], client_lr=1e-5, server_lr=1e-5, mu=1e-3, optimizer="adamw", timeout=600.0,
+    )  # fmt: skip
+
+
+def batches(spec, vocab):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(spec["warmup"] + spec["steps"]):
+        ids = torch.randint(4, vocab, (spec["batch"], spec["seq"]), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def drive(client, link, spec) -> dict:
+    """Runs the client's steps; returns the timed steps' measurements."""
+    noise = {"s": 0.0}
+    if client.zo is not None:
+        add = client.zo.add_
+
+        def timed_add(seeds, scales):
+            t = time.perf_counter()
+            add(seeds, scales)
+            noise["s"] += time.perf_counter() - t
+
+        client.zo.add_ = timed_add
+    client.hello()
+    rows = []
+    for step, batch in enumerate(batches(spec, client.model.stack.config.vocab_size)):
+        noise["s"] = 0.0
+        sent, received = link.bytes_sent, link.bytes_received
+        t = time.perf_counter()
+        stats = client.train_step(step, batch)
+        wall = time.perf_counter() - t
+        if step >= spec["warmup"]:
+            rows.append(
+                dict(
+                    wall_s=wall, client_s=stats.client_s, server_s=stats.server_s, link_s=stats.link_s,
+                    noise_s=noise["s"], bytes_up=link.bytes_sent - sent, bytes_down=link.bytes_received - received,
+                )
+            )  # fmt: skip
+    client.stop()
+    return {name: statistics.median(r[name] for r in rows) for name in rows[0]}
+
+
+def worker(spec: dict) -> None:
+    import threading
+
+    import torch
+
+    from hosl.roles import SplitClient, SplitServer, expected_uploads
+    from hosl.transport import dist_link, local_links
+
+    torch.set_num_threads(1)
+    client_model, server_model = build(spec)
+    cfg = config(spec)
+    if spec["role"] == "local":
+        client_link, server_link = local_links(
+            slots=8, slot_bytes=64 << 20, down_slots=expected_uploads(cfg) + 2, timeout=cfg.timeout
+        )
+        server = SplitServer(cfg, server_model, server_link)
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        out = drive(SplitClient(cfg, client_model, client_link), client_link, spec)
+        thread.join()
+        print(json.dumps(out), flush=True)
+        return
+    link = dist_link(timeout=cfg.timeout)
+    if spec["role"] == "server":
+        SplitServer(cfg, server_model, link).serve()
+        link.close()
+        print("{}", flush=True)
+        return
+    out = drive(SplitClient(cfg, client_model, link), link, spec)
+    link.close()
+    print(json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent.
+
+
+def grid(qs):
+    for method in ("fo", "hosl", "zo"):
+        for q in [1] if method == "fo" else qs:
+            for sync in [False] if method == "fo" else [False, True]:
+                for transport in ("local", "dist"):
+                    yield method, q, sync, transport
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Q in {1, 4}, fewer steps, smaller batches")
+    parser.add_argument("--model", default="small", choices=list(MODELS))
+    parser.add_argument("--split-layer", type=int, default=None, help="the cut (small: 4, opt-125m: 3)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (16; --quick: 8)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (64; --quick: 32)")
+    parser.add_argument("--qs", type=int, nargs="+", default=None, help="probe counts (1 4 10; --quick: 1 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
+    )
+    parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    quick = args.quick
+    spec_base = dict(
+        model=args.model,
+        k=args.split_layer or MODELS[args.model]["k"],
+        batch=args.batch or (8 if quick else 16),
+        seq=args.seq or (32 if quick else 64),
+        steps=args.steps or (3 if quick else 5),
+        warmup=args.warmup,
+    )
+    qs = args.qs or ([1, 4] if quick else [1, 4, 10])
+    suffix = "_quick" if quick else ("" if args.model == "small" else f"_{args.model}")
+    rec = Recorder(args.out / f"bench_step{suffix}.jsonl", environment())
+    import torch
+
+    records = []
+    for method, q, sync, transport in grid(qs):
+        spec = dict(spec_base, method=method, q=q, sync=sync)
+        start = time.perf_counter()
+        if transport == "local":
+            out = run_workers(__file__, spec, ["local"])[0]
+        else:
+            out = run_workers(__file__, spec, ["server", "client"])[1]
+        fields = dict(spec, transport=transport, probes="sync" if sync else "streaming", threads_per_process=1)
+        records.append(rec.add(torch.device("cpu"), bench="step", **fields, **out))
+        log(
+            f"{method:4s} Q={q:<2d} {transport:5s} {'sync' if sync else 'stream':6s} wall {out['wall_s']:.3f} s "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+
+    s = spec_base
+    print(
+        f"\nOPT {args.model} cut at {s['k']}, batch {s['batch']} x {s['seq']}, one thread per process, {cpu_name()}; "
+        f"median of {s['steps']} steps\n"
+    )
+    print("| method | Q | probes | transport | step (s) | client (s) | link (s) | server (s) | noise / client "
+          "| KiB up | KiB down |")  # fmt: skip
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in records:
+        noise = f"{r['noise_s'] / r['client_s']:.1%}" if r["method"] != "fo" else "-"
+        print(
+            f"| {r['method']} | {r['q']} | {r['probes']} | {r['transport']} | {r['wall_s']:.3f} | {r['client_s']:.3f} "
+            f"| {r['link_s']:.3f} | {r['server_s']:.3f} | {noise} | {r['bytes_up'] / 1024:.0f} "
+            f"| {r['bytes_down'] / 1024:.1f} |"
+        )
+    print("\nstreaming against synchronous probes (speedup = sync step / streaming step)\n")
+    print("| method | Q | transport | sync (s) | streaming (s) | speedup |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for r in records:
+        if r["probes"] != "streaming" or r["method"] == "fo":
+            continue
+        sync = next(
+            x for x in records if x["probes"] == "sync" and all(x[f] == r[f] for f in ("method", "q", "transport"))
+        )
+        print(
+            f"| {r['method']} | {r['q']} | {r['transport']} | {sync['wall_s']:.3f} | {r['wall_s']:.3f} "
+            f"| {sync['wall_s'] / r['wall_s']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

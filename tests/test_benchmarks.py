@@ -1,0 +1,87 @@
+"""The benchmark scripts end to end on their smallest settings: they run, and what they record holds
+together (the floor under hosl under fo, AdamW's state twice the gradients, dist's bytes exactly the
+local bytes plus the 8-byte length of each frame, zo equal to zo-full). Slow: minutes in all."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+MIB = 1 << 20
+
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_bench_memory_quick(tmp_path):
+    stdout = run("bench_memory.py", "--quick", "--ks", 1, "--batches", 4, "--out", tmp_path, "--work", tmp_path)
+    assert "| 4 | 1 | hosl |" in stdout
+    got = {r["method"]: r for r in records(tmp_path / "bench_memory_quick.jsonl")}
+    assert set(got) == {"floor", "hosl", "zo", "fo-sgd", "fo"}
+    assert len({r["accounted"]["weights"] for r in got.values()}) == 1
+    weights = got["floor"]["accounted"]["weights"]
+    for zo_client in ("hosl", "zo"):
+        a = got[zo_client]["accounted"]
+        assert a["gradients"] == a["optimizer_state"] == a["saved_activations"] == 0  # forward only
+        assert got[zo_client]["measured_bytes"] > got["floor"]["measured_bytes"] - MIB  # page noise at most
+    fo = got["fo"]["accounted"]
+    assert fo["gradients"] == weights  # every client weight trains; OPT's client has no buffers
+    assert 2 * fo["gradients"] <= fo["optimizer_state"] <= 2 * fo["gradients"] + 4096  # exp_avg, exp_avg_sq, step
+    assert got["fo-sgd"]["accounted"]["optimizer_state"] == 0 and fo["saved_activations"] > 0
+    assert got["hosl"]["measured_bytes"] < got["fo-sgd"]["measured_bytes"] < got["fo"]["measured_bytes"]
+    assert (tmp_path / "memory_quick.png").exists()
+
+
+def test_bench_step_quick(tmp_path):
+    stdout = run("bench_step.py", "--quick", "--qs", 1, "--steps", 1, "--out", tmp_path)
+    assert "streaming against synchronous" in stdout
+    rows = records(tmp_path / "bench_step_quick.jsonl")
+    assert len(rows) == 10  # fo: 2 transports; hosl and zo: 2 transports x streaming and sync
+
+    def one(method, transport, probes="streaming"):
+        (r,) = [r for r in rows if (r["method"], r["transport"], r["probes"]) == (method, transport, probes)]
+        return r
+
+    # Frames per step: a BATCH and the uploads up; one answer per upload down. dist adds 8 bytes each.
+    for method, uploads in (("fo", 1), ("hosl", 3), ("zo", 2)):
+        local, dist = one(method, "local"), one(method, "dist")
+        assert dist["bytes_up"] - local["bytes_up"] == 8 * (1 + uploads)
+        assert dist["bytes_down"] - local["bytes_down"] == 8 * uploads
+    assert one("hosl", "local", "sync")["bytes_up"] == one("hosl", "local")["bytes_up"]
+    assert one("fo", "local")["bytes_down"] > one("hosl", "local")["bytes_down"] * 100  # dL/dh against losses
+    assert all(r["wall_s"] > 0 and r["client_s"] > 0 and r["server_s"] > 0 for r in rows)
+    assert all(0 < r["noise_s"] < r["client_s"] for r in rows if r["method"] != "fo")
+
+
+def test_bench_accuracy_quick(tmp_path):
+    args = ["--quick", "--steps", 4, "--seeds", 0, "--methods", "hosl", "zo", "zo-full"]
+    stdout = run("bench_accuracy.py", *args, "--out", tmp_path, "--out-root", tmp_path / "runs")
+    assert "| hosl | 1 |" in stdout and "| untrained | 1 |" in stdout
+    got = {r["run"]: r for r in records(tmp_path / "bench_accuracy_quick.jsonl")}
+    assert set(got) == {"untrained", "hosl-seed0", "zo-seed0", "zo-full-seed0"}
+    assert all(len(r["losses"]) == 4 for name, r in got.items() if name != "untrained")
+    # MeZO over the split is MeZO on the whole model: the same losses and accuracy.
+    assert got["zo-seed0"]["losses"] == got["zo-full-seed0"]["losses"]
+    assert got["zo-seed0"]["final_eval_accuracy"] == got["zo-full-seed0"]["final_eval_accuracy"]
+    assert got["zo-full-seed0"]["bytes_up_per_step"] == 0 < got["zo-seed0"]["bytes_up_per_step"]
+    # A second call finds the runs done and starts none; --report starts none either.
+    again = subprocess.run(
+        [sys.executable, str(BENCH / "bench_accuracy.py"), *map(str, args), "--out", tmp_path, "--out-root",
+         tmp_path / "runs", "--report"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0 and "done before, kept" in again.stderr and "hosl.train" not in again.stderr
