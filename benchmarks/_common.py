@@ -82,7 +82,7 @@ class Recorder:
             **fields,
             "device": device.type,
             "device_name": device_name(device),
-            **self.env,
+            **{k: v for k, v in self.env.items() if k not in fields},  # a field given says better
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         self.records.append(rec)

@@ -30,6 +30,7 @@ benchmarks/results/bench_accuracy.jsonl (convergence: bench_convergence.jsonl; -
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import os
@@ -151,8 +152,11 @@ def run_record(rec: Recorder, suite: str, name: str, run_dir: Path) -> dict:
         bytes_down_per_step=summary.get("bytes_down", 0) / n,
         client_params=summary.get("client_params"),
         skipped_steps=summary["skipped_steps"],
-        # The runs are separate processes started by this script: the environment is this process's.
-        run_threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        # The run's own time and commit: the record is written later, maybe from another commit.
+        started=datetime.datetime.fromtimestamp(
+            (run_dir / "config.json").stat().st_mtime, datetime.timezone.utc
+        ).isoformat(timespec="seconds"),
+        git_sha="not recorded by the run (see the report)",
     )
 
 

@@ -36,8 +36,8 @@ Accounted, beside each measurement (bytes; read from the live objects, not estim
 What the parts leave of the measurement (allocator slack, the process group's own buffers, the
 largest transient of the training forward) is reported as unaccounted.
 
-    python benchmarks/bench_memory.py --quick   # about a minute
-    python benchmarks/bench_memory.py           # about 10 minutes on 2 cores
+    python benchmarks/bench_memory.py --quick   # a small model: a few minutes
+    python benchmarks/bench_memory.py           # about 15 minutes on 2 cores
 
 Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl), one record per
 (method, split_layer, batch_size), and the plot benchmarks/results/memory.png (memory against split
@@ -333,7 +333,7 @@ def plot(records, batches, ks, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model and batches (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small model and batches (a few minutes)")
     parser.add_argument("--steps", type=int, default=2, help="training steps per measurement (2)")
     parser.add_argument(
         "--malloc", default="mmap", choices=list(MALLOC), help="mmap: MALLOC_MMAP_THRESHOLD_=131072 (default)"

@@ -22,7 +22,7 @@ with streaming, client and server overlap, so it can hide in the overlap). Also 
 per step (the link's counters), and for the ZO clients noise_s: the time inside the noise passes
 (ZOParams.add_: perturb, flip, restore-and-update), as a fraction of client compute.
 
-    python benchmarks/bench_step.py --quick    # a smaller grid, about two minutes
+    python benchmarks/bench_step.py --quick    # a smaller grid, a few minutes
     python benchmarks/bench_step.py            # the full grid, about 15 minutes on 2 cores
 
 Writes benchmarks/results/bench_step.jsonl (--quick: bench_step_quick.jsonl) and prints the tables.
