@@ -47,6 +47,8 @@ from _common import REPO, Recorder, cpu_name, environment, log
 # the whole model in the trainer; zo-full takes the client's rate because it is ZO like the client.
 LRS = {
     "hosl": ("1e-6", "1e-5"),
+    # A control, not a method: hosl with the client frozen (client lr 0), the server alone learning.
+    "hosl-frozen-client": ("0", "1e-5"),
     "fo": ("1e-5", "1e-5"),
     "zo": ("1e-6", "1e-6"),
     "zo-full": ("1e-6", "1e-6"),
@@ -110,7 +112,16 @@ def run_one(args, name: str, flags: list[str]) -> Path | None:
 
 def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str]:
     client_lr, server_lr = LRS[method]
-    flags = ["--method", method, "--steps", str(steps), "--seed", str(seed), "--split-layer", str(k)]
+    flags = [
+        "--method",
+        method.removesuffix("-frozen-client"),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--split-layer",
+        str(k),
+    ]
     flags += ["--q", str(q), "--client-lr", client_lr, "--server-lr", server_lr]
     return flags
 
@@ -122,7 +133,8 @@ def read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     return summary, config, [m for m in metrics if "loss" in m]
 
 
-def run_record(rec: Recorder, suite: str, name: str, run_dir: Path) -> dict:
+def run_record(rec: Recorder, suite: str, name: str, run_dir: Path, label: str | None = None) -> dict:
+    """The record of one finished run; `label` names what it stands for (default: its --method)."""
     summary, config, steps = read_run(run_dir)
     n = max(summary["steps"], 1)
     losses = [m["loss"] for m in steps]
@@ -131,7 +143,8 @@ def run_record(rec: Recorder, suite: str, name: str, run_dir: Path) -> dict:
         torch.device("cpu"),
         suite=suite,
         run=name,
-        method=summary["method"],
+        method=label or summary["method"],
+        trainer_method=summary["method"],
         model=config["model"] if not config.get("gguf_file") else config["gguf_file"],
         task=config["task"],
         seed=config["seed"],
@@ -148,8 +161,9 @@ def run_record(rec: Recorder, suite: str, name: str, run_dir: Path) -> dict:
         final_loss_mean=statistics.fmean(tail) if tail else None,  # the mean over the last fifth of the steps
         losses=losses,
         wall_seconds=summary["wall_seconds"],
-        bytes_up_per_step=summary.get("bytes_up", 0) / n,
-        bytes_down_per_step=summary.get("bytes_down", 0) / n,
+        # Training traffic: the counters as logged at the last step, before the final evaluation.
+        bytes_up_per_step=(steps[-1]["bytes_up"] / n) if steps else 0.0,
+        bytes_down_per_step=(steps[-1]["bytes_down"] / n) if steps else 0.0,
         client_params=summary.get("client_params"),
         skipped_steps=summary["skipped_steps"],
         # The run's own time and commit: the record is written later, maybe from another commit.
@@ -166,25 +180,24 @@ def run_record(rec: Recorder, suite: str, name: str, run_dir: Path) -> dict:
 
 def accuracy_suite(args, rec: Recorder) -> None:
     names = []
-    names.append(("untrained", run_one(args, "untrained", method_flags("hosl", 0, 0, args.split_layer, 1))))
+    names.append(
+        ("untrained", "untrained", run_one(args, "untrained", method_flags("hosl", 0, 0, args.split_layer, 1)))
+    )
     for seed in args.seeds:
         for method in args.methods:
             name = f"{method}-seed{seed}"
             flags = method_flags(method, args.steps, seed, args.split_layer, 1)
-            names.append((name, run_one(args, name, flags)))
-    records = [run_record(rec, "accuracy", name, d) for name, d in names if d is not None]
+            names.append((name, method, run_one(args, name, flags)))
+    records = [run_record(rec, "accuracy", name, d, label) for name, label, d in names if d is not None]
     print(f"\n{records[0]['task']}, {args.steps} steps, batch {args.batch_size}, split layer {args.split_layer}, "
           f"{args.eval_examples} dev examples, seeds {' '.join(map(str, args.seeds))}, on {cpu_name()}\n")  # fmt: skip
     print("| method | seeds | dev accuracy mean | std | min | max | wall per run (s) | KiB up / step "
           "| KiB down / step |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for method in ["untrained", *args.methods]:
-        if not any(r["method"] == method or (method == "untrained" and r["run"] == method) for r in records):
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
             continue
-        if method == "untrained":
-            rows = [r for r in records if r["run"] == "untrained"]
-        else:
-            rows = [r for r in records if r["run"] != "untrained" and r["method"] == method]
         accs = [r["final_eval_accuracy"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         up = statistics.fmean(r["bytes_up_per_step"] for r in rows) / 1024
@@ -267,7 +280,10 @@ def main(argv=None):
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (100; --quick: 40)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="accuracy: one run per seed")
-    parser.add_argument("--methods", nargs="+", default=list(LRS), choices=list(LRS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["hosl", "fo", "zo", "zo-full"], choices=list(LRS),
+        help="hosl-frozen-client: hosl with client lr 0, a control for what the client's ZO adds",
+    )  # fmt: skip
     parser.add_argument("--split-layer", type=int, default=3)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 6], help="convergence: split layers")
     parser.add_argument("--qs", type=int, nargs="+", default=[1, 4, 10], help="convergence: probe counts")
