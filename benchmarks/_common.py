@@ -91,6 +91,38 @@ class Recorder:
         return rec
 
 
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux: write 5 to clear_refs); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def pyplot(path):
+    """matplotlib.pyplot for a file plot, or None (logged) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"no plot ({path.name}): matplotlib is not installed; pip install '.[bench]'")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REPO, Recorder, cpu_name, environment, log
+from _common import REPO, Recorder, cpu_name, environment, log, pyplot
 
 # The learning rates of each method (client, server). fo-full and zo-full use the server's slot for
 # the whole model in the trainer; zo-full takes the client's rate because it is ZO like the client.
@@ -250,13 +250,9 @@ def convergence_suite(args, rec: Recorder) -> None:
 
 
 def plot_convergence(sweeps, records, smooth: int, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        log(f"no plot ({path.name}): matplotlib is not installed; pip install '.[bench]'")
+    plt = pyplot(path)
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     titles = {"k": "hosl: split layer k (Q = 1)", "q": "hosl: probes Q"}

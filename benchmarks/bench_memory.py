@@ -51,7 +51,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import MIB, REPO, Recorder, environment, fmt_bytes, log, run_workers
+from _common import MIB, REPO, Recorder, environment, fmt_bytes, log, proc_status, pyplot, reset_peak, run_workers
 
 FULL = dict(model=dict(), ks=[1, 3, 6], batches=[16, 64], seq=128)
 # OPT-1.3B's shape (--model opt-1.3b): a second size; its random checkpoint takes 5 GiB of disk.
@@ -63,15 +63,6 @@ QUICK = dict(
 )  # fmt: skip
 METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
 MARKERS = {"floor": "", "hosl": "o", "zo": "x", "fo-sgd": "s", "fo": "^"}
-
-
-def proc_status(field: str) -> int:
-    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +79,7 @@ def worker(spec: dict) -> None:
 
     warm_up()
     baseline = proc_status("VmRSS")
-    reset_peak()
+    reset_peak()  # where not allowed, the peak since the start stays: the toy warm-up adds a few KiB
     role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
     torch.manual_seed(0)
     out: dict = {"baseline_bytes": baseline}
@@ -197,16 +188,6 @@ def warm_up() -> None:
     gc.collect()
 
 
-def reset_peak() -> None:
-    """Resets VmHWM to the current RSS (Linux: write 5 to clear_refs); where that is not allowed the
-    peak since the start stays, which the toy warm-up raises by a few KiB at most."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def module_bytes(module) -> int:
     seen, total = set(), 0
     for t in [*module.parameters(), *module.buffers()]:
@@ -303,13 +284,9 @@ def measure(
 
 
 def plot(records, batches, ks, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        log(f"no plot ({path.name}): matplotlib is not installed; pip install '.[bench]'")
+    plt = pyplot(path)
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, log
+from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, log, proc_status, reset_peak
 
 import hosl
 from hosl import noise
@@ -151,11 +150,6 @@ def cuda_peak_extra(fn, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
 def _probe_memory(spec):
     """Child side of the CPU memory measurement; prints {"peak_extra_bytes": int or None}."""
     torch.set_num_threads(spec["threads"])
@@ -173,15 +167,12 @@ def _probe_memory(spec):
     small = torch.zeros(4096)
     hosl_step_(small, SEED, "cpp")
     mezo_step_([small], SEED)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
+    if not reset_peak():  # a stale high-water mark would hide the allocation
         print(json.dumps({"peak_extra_bytes": None}))
         return
-    before = _status_kib("VmHWM")
+    before = proc_status("VmHWM")
     run()
-    print(json.dumps({"peak_extra_bytes": (_status_kib("VmHWM") - before) * 1024}))
+    print(json.dumps({"peak_extra_bytes": proc_status("VmHWM") - before}))
 
 
 def cpu_peak_extra(tensors, pack, method, bench):
