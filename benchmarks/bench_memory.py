@@ -15,6 +15,11 @@ The client's number is its process's high-water mark (VmHWM) minus its resident 
 torch, transformers and hosl are imported and their code has run once on a toy OPT (forward,
 backward, AdamW step, inference forward: the libraries' code pages then count as the
 interpreter's), before the link and the model exist: what the split run adds to the process.
+With --device cuda the client computes on the GPU and its number is the CUDA caching allocator's
+peak of allocated bytes (torch.cuda.max_memory_allocated), reset before the model loads: what the
+paper's GPU figures count. The CUDA context and library code are not tensors and are left out; the
+allocator's peak reserved bytes are recorded beside it. Frames cross the link as host bytes, so on
+the GPU the link's buffers are host memory (recorded as host_link_bytes, not in the GPU's parts).
 
 Methods (rows):
 * fo: first-order split learning, client AdamW (the trainer's default optimiser);
@@ -31,15 +36,20 @@ Accounted, beside each measurement (bytes; read from the live objects, not estim
 * saved_activations: tensors autograd saved for the backward in the client's forward, counted once
   per storage, parameters left out (fo; 0 for the ZO clients, whose forward runs under no_grad);
 * link_buffers: the largest total of encoded frames held by unfinished sends, plus the receive
-  buffer (which grows to the largest frame received: for fo, dL/dh);
+  buffer (which grows to the largest frame received: for fo, dL/dh); CPU only;
 * transient (floor only): floor minus weights, the largest transient of one inference forward.
 What the parts leave of the measurement (allocator slack, the process group's own buffers, the
 largest transient of the training forward) is reported as unaccounted.
 
     python benchmarks/bench_memory.py --quick   # a small model: a few minutes
     python benchmarks/bench_memory.py           # about 15 minutes on 2 cores
+    python benchmarks/bench_memory.py --device cuda --jobs 6   # on a GPU, six measurements at once
 
-Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl), one record per
+Each measurement runs in processes of its own and reads only their peaks, so --jobs N of them may
+run at once without changing the numbers (on a small machine it only slows each one down).
+
+Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl; the other settings
+add _opt-1.3b, _default_malloc, _cuda to the name), one record per
 (method, split_layer, batch_size), and the plot benchmarks/results/memory.png (memory against split
 layer, one line per method, one panel per batch size); prints the table.
 """
@@ -47,6 +57,7 @@ layer, one line per method, one panel per batch size); prints the table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import time
 from pathlib import Path
@@ -77,20 +88,19 @@ def worker(spec: dict) -> None:
     from hosl.config import TrainConfig
     from hosl.roles import SplitClient
 
-    warm_up()
-    baseline = proc_status("VmRSS")
-    reset_peak()  # where not allowed, the peak since the start stays: the toy warm-up adds a few KiB
     role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
+    device = torch.device(spec.get("device", "cpu"))
+    peak = Peak(device if role == "client" else torch.device("cpu"))  # the stand-in server computes nothing
     torch.manual_seed(0)
-    out: dict = {"baseline_bytes": baseline}
+    out: dict = {"baseline_bytes": peak.baseline}
 
     if method == "floor":
-        client = hosl.load_client(spec["checkpoint"], k)
+        client = hosl.load_client(spec["checkpoint"], k, device=device)
         out["weights"] = module_bytes(client)
-        ids = torch.randint(4, client.stack.config.vocab_size, (batch_size, seq))
+        ids = torch.randint(4, client.stack.config.vocab_size, (batch_size, seq), device=device)
         with torch.inference_mode():
             client(input_ids=ids, attention_mask=torch.ones_like(ids))
-        out["peak_bytes"] = proc_status("VmHWM") - baseline
+        out.update(peak.read())
         print(json.dumps(out), flush=True)
         return
 
@@ -109,8 +119,8 @@ def worker(spec: dict) -> None:
         print("{}", flush=True)
         return
 
-    out["link_init_bytes"] = proc_status("VmRSS") - baseline
-    model = hosl.load_client(spec["checkpoint"], k)
+    out["link_init_bytes"] = proc_status("VmRSS") - peak.host_baseline
+    model = hosl.load_client(spec["checkpoint"], k, device=device)
     out["weights"] = module_bytes(model)
     client = SplitClient(cfg, model, link)
     held = watch_link(link)
@@ -128,10 +138,12 @@ def worker(spec: dict) -> None:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             client.train_step(step, batch)
         saved.step_done()
-    out["peak_bytes"] = proc_status("VmHWM") - baseline
+    out.update(peak.read())
     client.stop()
     link.close()
-    out.update(parts, saved_activations=saved.peak, link_buffers=held["peak"] + link._scratch.numel())
+    link_bytes = held["peak"] + link._scratch.numel()  # host memory: frames are CPU bytes on every device
+    out.update(parts, saved_activations=saved.peak, link_buffers=link_bytes if device.type == "cpu" else 0)
+    out["host_link_bytes"] = link_bytes
     print(json.dumps(out), flush=True)
 
 
@@ -160,6 +172,40 @@ def answer(link, spec) -> None:
                 link.send(Frame(Kind.LOSS, tensors={"loss": loss}, **meta))
         elif frame.kind == Kind.CONTROL and frame.meta.get("op") == "stop":
             return
+
+
+class Peak:
+    """The client's peak from here on. CPU: the process's VmHWM minus its VmRSS now, after a toy
+    warm-up (the libraries' code pages count as the interpreter's). CUDA: the caching allocator's
+    peak of allocated bytes, from a reset here (before the model loads: the CUDA context and
+    the libraries' kernels are not tensors and do not count), and its peak reserved beside it."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        if device.type == "cuda":
+            torch.zeros(1, device=device)  # the context
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+        else:
+            warm_up()
+        self.host_baseline = proc_status("VmRSS")
+        if device.type == "cpu":
+            self.baseline = self.host_baseline
+            reset_peak()  # where not allowed, the peak since the start stays: the toy warm-up adds a few KiB
+
+    def read(self) -> dict:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {
+                "peak_bytes": torch.cuda.max_memory_allocated(self.device) - self.baseline,
+                "reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+            }
+        return {"peak_bytes": proc_status("VmHWM") - self.baseline}
 
 
 def warm_up() -> None:
@@ -264,6 +310,11 @@ def make_checkpoint(directory: Path, sizes: dict) -> Path:
     return directory
 
 
+MEASURE = {
+    "cpu": "VmHWM - VmRSS after imports and a toy warm-up",
+    "cuda": "torch.cuda.max_memory_allocated from a reset before the model loads",
+}
+
 # glibc's malloc raises its mmap threshold (up to 32 MiB) each time a block that large is freed, and
 # later blocks of that size then come from the heap, whose freed pages stay resident. A fixed
 # threshold returns every block over it to the system when freed, so the resident set follows the
@@ -272,10 +323,10 @@ MALLOC = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {}}
 
 
 def measure(
-    method: str, k: int, batch: int, seq: int, checkpoint: Path, steps: int, malloc: str = "mmap"
+    method: str, k: int, batch: int, seq: int, checkpoint: Path, steps: int, malloc: str = "mmap", device="cpu"
 ) -> tuple[dict, dict | None]:
     """(client result, server stand-in's result or None for the floor)."""
-    spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps)
+    spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps, device=device)
     env = MALLOC[malloc]
     if method == "floor":
         return run_workers(__file__, spec, ["client"], threads=2, extra_env=env)[0], None
@@ -323,6 +374,10 @@ def main(argv=None):
     )
     parser.add_argument("--work", default=None, help="where the random checkpoint goes (runs/bench_memory)")
     parser.add_argument("--report", metavar="JSONL", help="print the table and plot of saved records; measure nothing")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the client runs (cpu; cuda: allocator peak)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="measurements at once, each in its own processes (1)")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -338,57 +393,73 @@ def main(argv=None):
         setting["model"] = OPT_1_3B
     setting["batches"] = args.batches or setting["batches"]
     setting["ks"] = args.ks or setting["ks"]
-    suffix = ("_quick" if args.quick else "" if args.model == "opt-125m" else f"_{args.model}") + (
-        "_default_malloc" if args.malloc == "default" else ""
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    device = torch.device(args.device)
+    suffix = (
+        ("_quick" if args.quick else "" if args.model == "opt-125m" else f"_{args.model}")
+        + ("_default_malloc" if args.malloc == "default" else "")
+        + ("_cuda" if args.device == "cuda" else "")
     )
     work = Path(args.work or REPO / "runs" / "bench_memory")
     checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
     rec = Recorder(args.out / f"bench_memory{suffix}.jsonl", environment())
-    import torch
 
     seq = setting["seq"]
+    # Each measurement is its own processes and reads its own peak, so --jobs of them may run at once
+    # (on a small machine that only slows each down; the numbers do not depend on it).
+    settings = [(batch, k, method) for batch in setting["batches"] for k in setting["ks"] for method in METHODS]
+
+    def one(job):
+        batch, k, method = job
+        start = time.perf_counter()
+        client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc, args.device)
+        log(f"batch {batch} k {k} {method:6s} {fmt_bytes(client['peak_bytes']):>10s}  "
+            f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+        return client
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(settings, pool.map(one, settings)))
     records = []
-    for batch in setting["batches"]:
-        for k in setting["ks"]:
-            floor = None
-            measured = {}
-            for method in METHODS:
-                start = time.perf_counter()
-                client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc)
-                peak = client["peak_bytes"]
-                if method == "floor":
-                    floor = peak
-                measured[method] = peak
-                parts = {
-                    name: client.get(name, 0)
-                    for name in ("weights", "gradients", "optimizer_state", "saved_activations", "link_buffers")
-                }
-                if method == "floor":
-                    parts["transient"] = peak - parts["weights"]
-                rec_ = rec.add(
-                    torch.device("cpu"),
-                    bench="client_peak",
-                    model=name,
-                    method=method,
-                    split_layer=k,
-                    batch_size=batch,
-                    seq_len=seq,
-                    steps=args.steps,
-                    measured_bytes=peak,
-                    baseline_bytes=client["baseline_bytes"],
-                    floor_bytes=floor,
-                    over_floor=peak / floor,
-                    accounted=parts,
-                    unaccounted_bytes=peak - sum(parts.values()),
-                    link_init_bytes=client.get("link_init_bytes"),
-                    client_threads=2,
-                    malloc=" ".join(f"{k}={v}" for k, v in MALLOC[args.malloc].items()) or "glibc default",
-                )
-                records.append(rec_)
-                log(f"batch {batch} k {k} {method:6s} {fmt_bytes(peak):>10s}  ({time.perf_counter() - start:.0f} s)")
-            for r in records[-len(METHODS) :]:
-                r["fo_over_this"] = measured["fo"] / r["measured_bytes"]
-            rec.path.write_text("".join(json.dumps(r) + "\n" for r in records))  # with fo_over_this filled in
+    for (batch, k, method), client in results.items():
+        peak = client["peak_bytes"]
+        floor = results[(batch, k, "floor")]["peak_bytes"]
+        parts = {
+            name: client.get(name, 0)
+            for name in ("weights", "gradients", "optimizer_state", "saved_activations", "link_buffers")
+        }
+        if method == "floor":
+            parts["transient"] = peak - parts["weights"]
+        extra = {"malloc": " ".join(f"{k}={v}" for k, v in MALLOC[args.malloc].items()) or "glibc default"}
+        if device.type == "cuda":
+            extra = {"reserved_bytes": client["reserved_bytes"], "host_link_bytes": client.get("host_link_bytes")}
+        records.append(
+            rec.add(
+                device,
+                bench="client_peak",
+                model=name,
+                method=method,
+                split_layer=k,
+                batch_size=batch,
+                seq_len=seq,
+                steps=args.steps,
+                measured_bytes=peak,
+                baseline_bytes=client["baseline_bytes"],
+                floor_bytes=floor,
+                over_floor=peak / floor,
+                fo_over_this=results[(batch, k, "fo")]["peak_bytes"] / peak,
+                accounted=parts,
+                unaccounted_bytes=peak - sum(parts.values()),
+                link_init_bytes=client.get("link_init_bytes"),
+                client_threads=2,
+                measure=MEASURE[device.type],
+                **extra,
+            )
+        )
 
     report(records, args.out / f"memory{suffix}.png")
 
@@ -396,8 +467,11 @@ def main(argv=None):
 def report(records, png: Path) -> None:
     """The table (and the plot) of a run's records."""
     r0 = records[0]
-    print(f"\n{r0.get('model', 'opt-125m')}: client peak above the bare interpreter, sequence {r0['seq_len']}, "
-          f"{r0['steps']} steps, malloc: {r0.get('malloc', 'glibc default')}\n")  # fmt: skip
+    if r0.get("device") == "cuda":
+        where = f"on {r0['device_name']}: CUDA allocator peak from before the model loads"
+    else:
+        where = f"above the bare interpreter, malloc: {r0.get('malloc', 'glibc default')}"
+    print(f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps\n")
     print("| batch | k | method | measured | over floor | fo / this | weights | grads | optim | saved act | link "
           "| fwd transient | rest |")  # fmt: skip
     print("| ---: | ---: | --- |" + " ---: |" * 10)

@@ -42,8 +42,9 @@ Run from the repository root:
     python benchmarks/bench_noise.py --quick    # small sizes, about a minute on 2 cores
     python benchmarks/bench_noise.py            # full sizes; use an idle machine
 
-Writes one JSON object per measurement to benchmarks/results/bench_noise.jsonl (--quick:
-bench_noise_quick.jsonl), overwritten each run, and prints a table to stdout (progress to stderr).
+Writes one JSON object per measurement to benchmarks/results/bench_noise.jsonl (--quick: _quick,
+--device cpu or cuda: _cpu or _cuda before .jsonl), overwritten each run, and prints a table to stdout
+(progress to stderr).
 """
 
 from __future__ import annotations
@@ -383,6 +384,9 @@ def main(argv=None):
         "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per CPU measurement (5; --quick: 3)")
+    parser.add_argument(
+        "--device", default="all", choices=["all", "cpu", "cuda"], help="all: the CPU, and CUDA when present (all)"
+    )
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -393,18 +397,22 @@ def main(argv=None):
         parser.error(f"--repeats must be >= 1; got {repeats}")
 
     env = environment()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [d for d in devices if args.device in ("all", d.type)]
     print(f"bench_noise{' --quick' if args.quick else ''}: hosl.noise.add_ vs MeZO-style torch.normal regeneration")
     print(f"CPU: {cpu_name()}, {env['threads']} threads (torch.get_num_threads())")
-    if len(devices) > 1:
-        print(f"GPU: {torch.cuda.get_device_name(devices[1])}")
+    if devices[-1].type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(devices[-1])}")
     print(
         f"torch {env['torch']}, triton {env['triton']}, hosl {env['hosl']} ({Path(hosl.__file__).parent}), "
         f"git {env['git_sha']}; {repeats} timed runs after {WARMUP} warm-up on CPU, do_bench on CUDA"
     )
     print()
 
-    path = args.out / ("bench_noise_quick.jsonl" if args.quick else "bench_noise.jsonl")
+    name = "bench_noise" + ("_quick" if args.quick else "") + ("" if args.device == "all" else f"_{args.device}")
+    path = args.out / f"{name}.jsonl"
     rec = Recorder(path, env)
     sizes = [1 * MIB, 4 * MIB] if args.quick else [1 * MIB, 16 * MIB, 64 * MIB]
     log(f"building the OPT client ({'small' if args.quick else 'OPT-125M'} config) ...")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,12 @@ class TrainConfig:
         default=None,
         metadata=_help("activation compression on the link", choices=(None, "fp16", "bf16", "int8")),
     )
+    device: str = field(
+        default="cpu",
+        metadata=_help(
+            "where this process computes: cpu, cuda or cuda:N (the ZO noise is the same bits on every device)"
+        ),
+    )
     timeout: float = field(default=300.0, metadata=_help("seconds to wait for the peer before failing"))
     sync_probes: bool = field(
         default=False,
@@ -147,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"--momentum must be < 1, got {self.momentum}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.transport == "dist" and self.method not in SPLIT_METHODS:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
 
@@ -172,9 +181,13 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# May differ between a run and its resumption: where it is written, how long it runs and how often
-# it evaluates, logs and saves, how long it waits. None of these changes the trajectory.
-RUN_ONLY = frozenset({"steps", "eval_every", "log_every", "save_every", "out", "resume", "timeout", "transport"})
+# May differ between a run and its resumption, and between the two sides of a dist run: where it is
+# written, how long it runs and how often it evaluates, logs and saves, how long it waits, where it
+# computes. None of these changes the method; the device changes only the forward's rounding (the
+# ZO noise is the same bits everywhere), so bit-identical resumption holds on the same device.
+RUN_ONLY = frozenset(
+    {"steps", "eval_every", "log_every", "save_every", "out", "resume", "timeout", "transport", "device"}
+)
 
 
 def _flag(name: str) -> str:

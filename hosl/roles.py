@@ -104,6 +104,11 @@ def _scalar(t: torch.Tensor) -> float:
     return float(t.reshape(()).item())
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a side computes: its parameters' device. Frames arrive as CPU tensors and are moved there."""
+    return next(model.parameters()).device
+
+
 class SplitClient:
     """The client of a split run: holds the client model and drives the protocol."""
 
@@ -111,6 +116,7 @@ class SplitClient:
         self.cfg = cfg
         self.model = model
         self.link = link
+        self.device = device_of(model)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if cfg.method == "fo":
             self.zo = None
@@ -142,8 +148,9 @@ class SplitClient:
         return reply.meta
 
     def _forward(self, batch) -> torch.Tensor:
-        with compute_precision(self.cfg):
-            h = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with compute_precision(self.cfg, self.device):
+            h = self.model(input_ids=ids, attention_mask=mask)
         return h.hidden
 
     def _send_batch(self, step: int, batch, eval_: bool = False) -> None:
@@ -224,7 +231,7 @@ class SplitClient:
         skipped = not math.isfinite(loss)
         t = time.perf_counter()
         if not skipped:
-            hidden.backward(frame.tensors["grad"].to(hidden.dtype))
+            hidden.backward(frame.tensors["grad"].to(hidden.device, hidden.dtype))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         client_s += time.perf_counter() - t
@@ -247,11 +254,11 @@ class SplitClient:
 DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def compute_precision(cfg: TrainConfig):
-    """The forward's precision: autocast to --dtype when it is low precision (the weights the ZO
-    noise writes stay float32 masters), a no-op for float32. CPU autocast: the trainer runs there."""
+def compute_precision(cfg: TrainConfig, device: torch.device):
+    """The forward's precision: autocast on `device` to --dtype when it is low precision (the weights
+    the ZO noise writes stay float32 masters), a no-op for float32."""
     dtype = DTYPE_AUTOCAST.get(cfg.dtype)
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 class SplitServer:
@@ -261,6 +268,7 @@ class SplitServer:
         self.cfg = cfg
         self.model = model
         self.link = link
+        self.device = device_of(model)
         self.run_dir = run_dir
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.zo: zo.ZOParams | None = None
@@ -304,9 +312,9 @@ class SplitServer:
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
     def _forward(self, hidden: torch.Tensor, batch: Frame, labels: bool = True):
-        h = Activation(hidden, batch.tensors["attention_mask"])
-        with compute_precision(self.cfg):
-            return self.model(h, labels=batch.tensors["labels"] if labels else None)
+        h = Activation(hidden.to(self.device), batch.tensors["attention_mask"].to(self.device))
+        with compute_precision(self.cfg, self.device):
+            return self.model(h, labels=batch.tensors["labels"].to(self.device) if labels else None)
 
     def _recv_act(self, step: int) -> Frame:
         frame = self.link.recv()
@@ -372,7 +380,7 @@ class SplitServer:
     def _fo_step(self, batch: Frame) -> None:
         frame = self._recv_act(batch.step)
         start = time.perf_counter()
-        hidden = frame.tensors["hidden"].requires_grad_(True)
+        hidden = frame.tensors["hidden"].to(self.device).requires_grad_(True)
         loss = self._forward(hidden, batch).loss
         loss.backward()
         value = _scalar(loss.detach().float())
@@ -400,7 +408,7 @@ class SplitServer:
     def _evaluate(self, batch: Frame) -> None:
         frame = self._recv_act(batch.step)
         logits = self._forward(frame.tensors["hidden"], batch, labels=False).logits
-        scores = candidate_scores(logits.float(), batch.tensors["labels"])
+        scores = candidate_scores(logits.float(), batch.tensors["labels"].to(self.device))
         self.link.send(Frame(Kind.LOSS, step=batch.step, tensors={"scores": scores}))
 
     def _control(self, frame: Frame) -> bool:
@@ -422,8 +430,8 @@ class SplitServer:
 
 
 def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's parameters by name, as owned contiguous copies (safetensors refuses shared storage)."""
-    return {n: p.detach().clone().contiguous() for n, p in module.named_parameters()}
+    """A module's parameters by name, as owned contiguous CPU copies (safetensors refuses shared storage)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
 
 
 def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -450,4 +458,5 @@ def load_server_state(server: SplitServer, directory: Path) -> None:
 
     load_tensors(server.model, load_file(directory / "server.safetensors"))
     if server.optimizer is not None:
-        server.optimizer.load_state_dict(torch.load(directory / "server_optimizer.pt", weights_only=True))
+        state = torch.load(directory / "server_optimizer.pt", weights_only=True, map_location="cpu")
+        server.optimizer.load_state_dict(state)  # moves the state to the parameters' device

@@ -520,7 +520,8 @@ class _Checkpoint:
         _, path, dtype, shape, offset, nbytes = entry
         if tuple(shape) != tuple(out.shape):
             raise SplitError(f"checkpoint tensor {key} has shape {tuple(shape)}, the model wants {tuple(out.shape)}")
-        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(shape, dtype=dtype)
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        target = out if direct else torch.empty(shape, dtype=dtype)  # one tensor's staging, on the host
         with open(path, "rb") as f:
             f.seek(offset)
             view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if nbytes else memoryview(b"")
@@ -558,7 +559,7 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
     part = client if side == "client" else server
     origin = {id(clone): orig for orig, clone in clones.items()}
     checkpoint = _Checkpoint(directory)
-    storage = _one_buffer(part)
+    storage = _one_buffer(part, device)
     real: dict[int, nn.Parameter] = {}
     for module in part.modules():
         for pname, p in module._parameters.items():
@@ -569,7 +570,7 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
                 key = next((key for key in keys if key in checkpoint), None)
                 if key is None:
                     raise SplitError(f"{directory}: no tensor for {' or '.join(keys) or pname} in the checkpoint")
-                data = storage(p) if storage else torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                data = storage(p) if storage else torch.empty(p.shape, dtype=p.dtype, device=device)
                 checkpoint.read_into(key, data)
                 real[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
             module._parameters[pname] = real[id(p)]
@@ -577,10 +578,10 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
             key = buffer_names.get(id(b)) if b is not None else None
             if key is not None and key in checkpoint and bname not in module._non_persistent_buffers_set:
                 checkpoint.read_into(key, b)
-    return part.to(device).eval()  # as from_pretrained returns a model
+    return part.to(device).eval()  # the buffers; the parameters are there already. Eval: as from_pretrained
 
 
-def _one_buffer(part: nn.Module):
+def _one_buffer(part: nn.Module, device):
     """When every meta parameter of `part` has one dtype: a function giving each (in the order of
     part.parameters(), which is the order the loop above meets them) its place in one contiguous
     buffer. A ZO client's FlatParams then adopts that buffer instead of copying the weights into a
@@ -588,7 +589,7 @@ def _one_buffer(part: nn.Module):
     params = [p for p in part.parameters() if p.device.type == "meta"]
     if not params or len({p.dtype for p in params}) != 1:
         return None
-    buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
+    buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
     places = {}
     start = 0
     for p in params:
@@ -604,7 +605,9 @@ def load_client(name_or_path: str | Path, k: int, *, dtype: torch.dtype | None =
     memory); then only the client's tensors are read from the checkpoint (safetensors or
     pytorch_model.bin, in a local directory or a hub id). The server's weights are never read, so
     the process's peak memory while loading stays near the client's own weights. dtype defaults to
-    the checkpoint's (config.dtype). Like from_pretrained, the result is in eval mode.
+    the checkpoint's (config.dtype). The weights are allocated on `device` and read into place there
+    (through one tensor's staging copy on the host when the device is not the CPU). Like
+    from_pretrained, the result is in eval mode.
     """
     return _load_side(name_or_path, k, "client", dtype, device)
 

@@ -35,6 +35,7 @@ from hosl.roles import (
     SplitServer,
     StepStats,
     compute_precision,
+    device_of,
     expected_uploads,
     load_tensors,
     make_optimizer,
@@ -90,6 +91,7 @@ class FullModel:
 
     def __init__(self, cfg: TrainConfig, model, k: int):
         self.cfg, self.model = cfg, model
+        self.device = device_of(model)
         if cfg.method == "zo-full":
             # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
             client, _ = split_model(model, k)
@@ -106,7 +108,8 @@ class FullModel:
             self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
 
     def _forward(self, **batch):
-        with compute_precision(self.cfg):
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with compute_precision(self.cfg, self.device):
             return self.model(**batch)
 
     def _loss(self, batch) -> torch.Tensor:
@@ -139,7 +142,7 @@ class FullModel:
     @torch.no_grad()
     def scores(self, step: int, batch) -> torch.Tensor:
         logits = self._forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return candidate_scores(logits.float(), batch["labels"])
+        return candidate_scores(logits.float(), batch["labels"].to(self.device)).cpu()
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -147,6 +150,24 @@ class FullModel:
 
 def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    """--device, checked against what this machine has (UsageError when it lacks it)."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: torch {torch.__version__} sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _cuda_peak(device: torch.device) -> dict:
+    """The CUDA allocator's peak on `device` (tensors this process allocated there), when it computes there."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
 
 
 def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> float:
@@ -240,7 +261,8 @@ def _load_checkpoint(run_dir: Path, trainer) -> dict:
     ckpt = run_dir / "checkpoint"
     load_tensors(trainer.model, load_file(ckpt / _weights_file(trainer)))
     if trainer.optimizer is not None:
-        trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        trainer.optimizer.load_state_dict(state)  # moves the state to the parameters' device
     if isinstance(trainer, SplitClient):
         trainer.control("load", dir=str(ckpt.resolve()))
     return json.loads((ckpt / "state.json").read_text())
@@ -341,7 +363,7 @@ def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, r
     }
 
 
-def _summary(cfg: TrainConfig, result: dict, side_params: dict) -> dict:
+def _summary(cfg: TrainConfig, result: dict, side_params: dict, device: torch.device) -> dict:
     return {
         "method": cfg.method,
         "model": cfg.model,
@@ -354,6 +376,7 @@ def _summary(cfg: TrainConfig, result: dict, side_params: dict) -> dict:
         "client_peak_memory_scope": "client process"
         if cfg.transport == "dist"
         else "whole process (client and server)",
+        **_cuda_peak(device),
         **side_params,
     }
 
@@ -376,15 +399,17 @@ def _start_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
 
 def run(cfg: TrainConfig) -> dict:
     """One run with the local transport (or no link for the full methods); returns the summary."""
+    device = _device(cfg)
     cfg, run_dir = _start_run_dir(cfg)
     train_examples, eval_examples = _load_data(cfg)
     tokenizer, model = _build(cfg, train_examples)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     if cfg.method not in SPLIT_METHODS:
         trainer = FullModel(cfg, model, cfg.split_layer)
         result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir)
         _save_final(run_dir, trainer)
-        summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())})
+        summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())}, device)
         return _finish(run_dir, summary)
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
@@ -425,7 +450,7 @@ def run(cfg: TrainConfig) -> dict:
     if failure:
         raise failure[0]
     _move_server_final(run_dir)
-    summary = _summary(cfg, result, _side_params(sizes))
+    summary = _summary(cfg, result, _side_params(sizes), device)
     return _finish(run_dir, summary)
 
 
@@ -464,7 +489,7 @@ def _finish(run_dir: Path, summary: dict) -> dict:
     return summary
 
 
-def _one_side(cfg: TrainConfig, role: str, train_examples):
+def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device):
     """This process's side of a dist run. A local checkpoint directory (safetensors or .bin) is read
     with load_client/load_server, so the process never holds the other side's weights, not even
     while loading; built-in, GGUF and LoRA models are built whole and cut."""
@@ -474,11 +499,11 @@ def _one_side(cfg: TrainConfig, role: str, train_examples):
     local = Path(cfg.model).is_dir() and not cfg.gguf_file and not cfg.lora_r
     if local:
         loader = load_client if role == "client" else load_server
-        return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype]), None
+        return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype], device=device), None
     _, model = _build(cfg, train_examples)
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
-    return (client_model if role == "client" else server_model), sizes
+    return (client_model if role == "client" else server_model).to(device), sizes
 
 
 def run_dist(cfg: TrainConfig) -> dict | None:
@@ -486,8 +511,9 @@ def run_dist(cfg: TrainConfig) -> dict | None:
     link = dist_link(timeout=cfg.timeout, compression=cfg.compression)
     if link.role == "server":
         try:
+            device = _device(cfg)
             examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a builtin vocabulary
-            side, _ = _one_side(cfg, "server", examples)
+            side, _ = _one_side(cfg, "server", examples, device)
             torch.manual_seed(cfg.seed)
             server = SplitServer(cfg, side, link, Path(cfg.resume or cfg.out or "."))
         except Exception as exc:
@@ -496,10 +522,11 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         server.serve()
         return None
     with link:
+        device = _device(cfg)
         cfg, run_dir = _start_run_dir(cfg)
         train_examples, eval_examples = _load_data(cfg)
         tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
-        client_model, sizes = _one_side(cfg, "client", train_examples)
+        client_model, sizes = _one_side(cfg, "client", train_examples, device)
         torch.manual_seed(cfg.seed)
         client = SplitClient(cfg, client_model, link)
         client.hello()
@@ -509,7 +536,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         client.stop()
     _move_server_final(run_dir)
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
-    return _finish(run_dir, _summary(cfg, result, params))
+    return _finish(run_dir, _summary(cfg, result, params, device))
 
 
 def _resolve_resume(argv) -> TrainConfig:
@@ -541,6 +568,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
 
     keys = ["method", "model", "task", "split_layer", "steps", "final_eval_accuracy", "best_eval_accuracy",
             "client_peak_memory_bytes", "bytes_up", "bytes_down", "skipped_steps", "wall_seconds"]  # fmt: skip
+    keys += ["cuda_peak_memory_bytes"] if "cuda_peak_memory_bytes" in summary else []
     width = max(map(len, keys))
     print(f"\nrun directory: {run_dir}")
     for k in keys:

@@ -310,6 +310,39 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
     _assert_replays(cfg, tmp_path / "run")  # the skipped step still undid its probes
 
 
+# --- on a GPU -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["hosl", "fo", "zo", "fo-full", "zo-full"])
+def test_cuda_run_follows_the_cpu_run(tmp_path, method):
+    """--device cuda against the same run on the CPU: the forward rounds differently, so the losses
+    agree closely rather than exactly; the ZO clients' noise and updates are the same bits on every
+    device, so the CPU rebuilds a GPU-trained client from its log exactly."""
+    cpu = cfg_for(tmp_path, "cpu", method=method)
+    run(cpu)
+    gpu = dataclasses.replace(cpu, out=str(tmp_path / "cuda"), device="cuda")
+    summary = run(gpu)
+    assert summary["cuda_peak_memory_bytes"] > 0
+    a, b = losses(tmp_path / "cpu"), losses(tmp_path / "cuda")
+    assert len(a) == len(b) == cpu.steps
+    assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(a, b)), (a, b)
+    if method in ("hosl", "zo"):
+        _assert_replays(gpu, tmp_path / "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_resume_continues_the_run(tmp_path):
+    """A checkpoint of a GPU run (weights and optimiser state saved from the GPU) resumes there."""
+    straight = cfg_for(tmp_path, "straight", device="cuda", steps=8, save_every=4)
+    run(straight)
+    run(dataclasses.replace(straight, out=str(tmp_path / "resumed"), steps=4))
+    assert main(["--resume", str(tmp_path / "resumed"), "--steps", "8"]) == 0
+    a, b = losses(tmp_path / "straight")[-4:], losses(tmp_path / "resumed")[-4:]
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    _assert_replays(straight, tmp_path / "resumed")
+
+
 # --- dist ------------------------------------------------------------------------------------------------
 
 
@@ -361,6 +394,7 @@ BAD = [
     (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--config", "/nonexistent.json"], "cannot read --config"),
     (["--resume", "/nonexistent"], "--resume /nonexistent"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
 ]
 
 
@@ -382,6 +416,13 @@ def test_bad_input_from_the_shell():
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert out.returncode == 2 and out.stderr.strip() == "error: --q must be in [1, 64], got 0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "--device cuda: torch" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_from_another_config_is_refused(tmp_path, capsys):
