@@ -98,9 +98,16 @@ def _box_muller(a, b):
     pc = _C2 + a2 * pc
     pc = _C1 + a2 * pc
     cs = a2 * pc + 1.0
-    cos_t = tl.where(q == 0, cs, tl.where(q == 1, -sn, tl.where(q == 2, -cs, sn)))
-    sin_t = tl.where(q == 0, sn, tl.where(q == 1, cs, tl.where(q == 2, -sn, -cs)))
+    cos_t = tl.where(q == 0, cs, tl.where(q == 1, _neg(sn), tl.where(q == 2, _neg(cs), sn)))
+    sin_t = tl.where(q == 0, sn, tl.where(q == 1, cs, tl.where(q == 2, _neg(sn), _neg(cs))))
     return radius * cos_t, radius * sin_t
+
+
+@triton.jit
+def _neg(x):
+    # The sign bit flipped, as C++'s and torch's unary minus do. Triton compiles `-x` as `0 - x`,
+    # which gives +0 for x = +0 (sn is +0 when rem is 0), so the GPU's z had +0 where theirs had -0.
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -21,6 +21,20 @@ def test_gaussian_triton_bit_identical(device, seed, offset):
     assert_bits_equal(got.cpu(), want)
 
 
+# Positions whose angle remainder is 0 (seed, position): the sine polynomial gives +0 there, and
+# quadrant 1 negates it into the cosine lane, so z is -0.0. Triton's own `-x` is `0 - x` (+0).
+SIGNED_ZEROS = [(1, 710032), (2**63 - 1, 67046)]
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("seed,position", SIGNED_ZEROS)
+def test_negative_zero_keeps_its_sign(device, seed, position):
+    want = noise.gaussian(4, seed, offset=position, backend="torch")
+    assert want[0].item() == 0 and torch.signbit(want[0])
+    got = noise.gaussian(4, seed, offset=position, device=device, backend="triton")
+    assert_bits_equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("device", tiers)
 @pytest.mark.parametrize("terms", [1, 2, 5])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
