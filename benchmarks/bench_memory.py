@@ -348,9 +348,11 @@ def plot(records, batches, ks, path: Path) -> None:
                 for k in ks
             ]  # fmt: skip
             ax.plot(ks, ys, marker=MARKERS[method], label=method, linestyle="--" if method == "floor" else "-")
-        ax.set_title(f"{records[0]['model']} client peak, batch {b}, sequence {records[0]['seq_len']}")
+        r0 = records[0]
+        on = f" on {r0['device_name']}" if r0.get("device") == "cuda" else ""
+        ax.set_title(f"{r0['model']} client peak{on}, batch {b}, seq {r0['seq_len']}", fontsize=10)
         ax.set_xlabel("split layer k (blocks on the client)")
-        ax.set_ylabel("MiB above the bare interpreter")
+        ax.set_ylabel("MiB allocated (CUDA allocator peak)" if on else "MiB above the bare interpreter")
         ax.set_xticks(ks)
         ax.set_ylim(bottom=0)
         ax.legend()
