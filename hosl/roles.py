@@ -38,8 +38,8 @@ import torch
 from hosl import zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
-from hosl.split import Activation, ClientModel, ServerModel
-from hosl.tasks import candidate_scores
+from hosl.split import Activation, ClientModel, ServerModel, labelled_positions
+from hosl.tasks import target_scores
 from hosl.transport import Link, LinkError
 
 logger = logging.getLogger(__name__)
@@ -311,10 +311,12 @@ class SplitServer:
             self.zo = zo.ZOParams(self._zo_params, offset=int(frame.meta["client_numel"]))
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
-    def _forward(self, hidden: torch.Tensor, batch: Frame, labels: bool = True):
+    def _forward(self, hidden: torch.Tensor, batch: Frame):
+        """The server's blocks, and the head only where the labels are (the loss and the scores read
+        nothing else)."""
         h = Activation(hidden.to(self.device), batch.tensors["attention_mask"].to(self.device))
         with compute_precision(self.cfg, self.device):
-            return self.model(h, labels=batch.tensors["labels"].to(self.device) if labels else None)
+            return self.model(h, labels=batch.tensors["labels"].to(self.device), labelled_only=True)
 
     def _recv_act(self, step: int) -> Frame:
         frame = self.link.recv()
@@ -407,8 +409,9 @@ class SplitServer:
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:
         frame = self._recv_act(batch.step)
-        logits = self._forward(frame.tensors["hidden"], batch, labels=False).logits
-        scores = candidate_scores(logits.float(), batch.tensors["labels"].to(self.device))
+        logits = self._forward(frame.tensors["hidden"], batch).logits
+        labels = batch.tensors["labels"].to(self.device)
+        scores = target_scores(logits.float(), labels[:, labelled_positions(labels) + 1])
         self.link.send(Frame(Kind.LOSS, step=batch.step, tensors={"scores": scores}))
 
     def _control(self, frame: Frame) -> bool:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "Activation",
@@ -51,6 +52,8 @@ __all__ = [
     "ServerModel",
     "SplitError",
     "SplitSummary",
+    "labelled_forward",
+    "labelled_positions",
     "load_client",
     "load_server",
     "split_model",
@@ -242,7 +245,12 @@ class ServerModel(nn.Module):
         self.source = source
         self._incoming: torch.Tensor | None = None
 
-    def forward(self, h: Activation, labels: torch.Tensor | None = None, **kwargs):
+    def forward(self, h: Activation, labels: torch.Tensor | None = None, *, labelled_only: bool = False, **kwargs):
+        """The model's output for activation h. With labelled_only (which needs labels), the head runs
+        only at the positions whose logits predict a labelled token (labelled_positions): .logits is
+        (batch, len(positions), vocab) and .loss the same mean next-token loss over the labelled
+        tokens as the full head's. A classification answer is a few tokens a row, so this skips
+        most of the head's work and its (batch, length, vocab) logits."""
         if not isinstance(h, Activation):
             raise TypeError(f"ServerModel takes a hosl.Activation, got {type(h).__name__}")
         if h.hidden.dim() != 3 or h.hidden.shape[-1] != self.hidden_size:
@@ -251,6 +259,9 @@ class ServerModel(nn.Module):
             )
         self._incoming = h.hidden
         try:
+            if labelled_only:
+                return labelled_forward(self.lm, labels, inputs_embeds=h.hidden, attention_mask=h.attention_mask,
+                                        position_ids=h.position_ids, use_cache=False, **kwargs)  # fmt: skip
             return self.lm(
                 inputs_embeds=h.hidden,
                 attention_mask=h.attention_mask,
@@ -264,6 +275,25 @@ class ServerModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.source}: blocks [{self.k}, {self.num_blocks}) + final norm + head"
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions t whose logits predict a labelled token (labels[:, t + 1] != -100 in
+    some row), ascending: the only rows of the head that a loss or a rank-classification score reads."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+
+
+def labelled_forward(lm: nn.Module, labels: torch.Tensor, **inputs):
+    """`lm(**inputs)` with the head run only at labelled_positions(labels) (transformers'
+    logits_to_keep), and .loss the mean next-token cross-entropy over the labelled tokens, in float32:
+    transformers' causal-LM loss, computed from the logits it reads."""
+    if labels is None:
+        raise ValueError("labelled_only needs labels")
+    keep = labelled_positions(labels)
+    out = lm(logits_to_keep=keep, **inputs)
+    targets = labels[:, keep + 1]
+    out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return out
 
 
 def _tied_names(model: nn.Module) -> dict[int, list[str]]:

@@ -50,6 +50,7 @@ __all__ = [
     "WordTokenizer",
     "accuracy",
     "candidate_scores",
+    "target_scores",
     "encode_candidates",
     "encode_for_training",
     "load_examples",
@@ -541,15 +542,22 @@ def candidate_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
             f"logits must be (rows, length, vocab) and labels (rows, length); got {tuple(logits.shape)}"
             f" and {tuple(labels.shape)}"
         )
-    target = labels[:, 1:]
-    mask = target != -100
+    return target_scores(logits[:, :-1], labels[:, 1:])
+
+
+def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean log-probability under logits[:, i] of targets[:, i] over the targets that are
+    not -100, in float32. candidate_scores is this on the shifted pairs; with the logits of a head
+    run only at the labelled positions (hosl.split.labelled_forward) the targets are
+    labels[:, positions + 1]."""
+    mask = targets != -100
     counts = mask.sum(dim=1)
     if (counts == 0).any():
         raise ValueError(f"rows {(counts == 0).nonzero().flatten().tolist()} have no labelled token after the first")
-    picked = logits[:, :-1][mask].float().log_softmax(dim=-1)  # (labelled tokens, vocab)
-    token_logp = picked.gather(1, target[mask].unsqueeze(1)).squeeze(1)
+    picked = logits[mask].float().log_softmax(dim=-1)  # (labelled tokens, vocab)
+    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
     rows = mask.nonzero()[:, 0]
-    total = torch.zeros(len(labels), dtype=torch.float32, device=logits.device).index_add_(0, rows, token_logp)
+    total = torch.zeros(len(targets), dtype=torch.float32, device=logits.device).index_add_(0, rows, token_logp)
     return total / counts.to(torch.float32)
 
 

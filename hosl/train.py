@@ -41,15 +41,15 @@ from hosl.roles import (
     make_optimizer,
     tensors_of,
 )
-from hosl.split import SplitError, split_model, split_summary
+from hosl.split import SplitError, labelled_forward, labelled_positions, split_model, split_summary
 from hosl.tasks import (
     TaskError,
     accuracy,
-    candidate_scores,
     encode_candidates,
     encode_for_training,
     load_examples,
     rank_classify,
+    target_scores,
 )
 from hosl.transport import LinkError, dist_link, local_links
 
@@ -107,13 +107,16 @@ class FullModel:
             self.zo = None
             self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
 
-    def _forward(self, **batch):
+    def _forward(self, batch):
+        """The model, with the head only where the labels are (as the split's server runs it)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with compute_precision(self.cfg, self.device):
-            return self.model(**batch)
+            return labelled_forward(
+                self.model, batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
 
     def _loss(self, batch) -> torch.Tensor:
-        return self._forward(**batch).loss
+        return self._forward(batch).loss
 
     def train_step(self, step: int, batch):
         cfg, start = self.cfg, time.perf_counter()
@@ -141,8 +144,9 @@ class FullModel:
 
     @torch.no_grad()
     def scores(self, step: int, batch) -> torch.Tensor:
-        logits = self._forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return candidate_scores(logits.float(), batch["labels"].to(self.device)).cpu()
+        logits = self._forward(batch).logits
+        labels = batch["labels"].to(self.device)
+        return target_scores(logits.float(), labels[:, labelled_positions(labels) + 1]).cpu()
 
 
 # -- the run ---------------------------------------------------------------------------------------------

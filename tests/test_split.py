@@ -12,7 +12,16 @@ import transformers
 from _tiny_models import FAMILIES, LAYERS, batch, config, model
 
 import hosl
-from hosl.split import Activation, SplitError, load_client, load_server, split_model, split_summary
+from hosl.split import (
+    Activation,
+    SplitError,
+    labelled_positions,
+    load_client,
+    load_server,
+    split_model,
+    split_summary,
+)
+from hosl.tasks import candidate_scores, target_scores
 
 
 def _split_forward(m, k, ids, mask, labels):
@@ -35,6 +44,30 @@ def test_split_equals_unsplit(family, padding):
             bare = _split_forward(m, k, ids, None, None)  # no mask, no labels
             assert bare.loss is None
             torch.testing.assert_close(bare.logits, m(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_at_labelled_positions_only(family):
+    """labelled_only: the full head's logits at the positions that predict a label, the same loss,
+    and the same rank-classification scores."""
+    m = model(family)
+    ids, mask, labels = batch(padding="left")
+    labels[:, :-3] = -100  # an answer: the last three tokens of each row
+    with torch.no_grad():
+        client, server = split_model(m, 1)
+        h = client(input_ids=ids, attention_mask=mask)
+        full = server(h, labels=labels)
+        kept = server(h, labels=labels, labelled_only=True)
+    keep = labelled_positions(labels)
+    assert keep.tolist() == [5, 6, 7]  # 9 tokens: positions 5, 6, 7 predict tokens 6, 7, 8
+    assert kept.logits.shape == (3, 3, full.logits.shape[-1])
+    torch.testing.assert_close(kept.logits, full.logits[:, keep], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        target_scores(kept.logits, labels[:, keep + 1]), candidate_scores(full.logits, labels), rtol=0, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="labelled_only needs labels"):
+        server(h, labelled_only=True)
 
 
 def test_per_layer_masks_follow_the_cut():

@@ -294,10 +294,10 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
     forward = roles.SplitServer._forward
     calls = {"n": 0}
 
-    def poisoned(self, hidden, batch, labels=True):
-        out = forward(self, hidden, batch, labels)
+    def poisoned(self, hidden, batch):
+        out = forward(self, hidden, batch)
         calls["n"] += 1
-        if labels and calls["n"] == 4:  # inside step 1 (3 uploads a step)
+        if calls["n"] == 4:  # inside step 1 (3 uploads a step; evaluation comes after the last step)
             out.loss = out.loss * float("nan")
         return out
 
