@@ -9,12 +9,18 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define HOSL_X86_AVX2 1
+#include <immintrin.h>
+#endif
+
 namespace hosl {
 namespace noise {
 namespace {
 
 constexpr int kTile = 64;                   // Philox counters per tile: 256 normals, 1 KiB of floats
 constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more than it saves
+static_assert(kTile % 8 == 0, "philox_tile_avx2 takes counters 8 at a time");
 
 // x86-64: an AVX2 copy beside the baseline one, picked at load time by the CPU (GCC/Clang function
 // multiversioning). AVX2 doubles the lanes of the 32x32->64-bit multiplies and the float math; the
@@ -25,9 +31,11 @@ constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more t
 #define HOSL_TARGET_CLONES
 #endif
 
-// The 4 * kTile normals of counters [counter0, counter0 + kTile), interleaved: z[4 * i + lane].
-HOSL_TARGET_CLONES void normals_tile(uint64_t seed, uint64_t counter0, float* __restrict z) {
-  uint32_t c0[kTile], c1[kTile], c2[kTile], c3[kTile];
+// The Philox words of counters [counter0, counter0 + kTile), word w of counter counter0 + i in cw[i].
+// Portable C++; the compiler vectorises it, but it widens the 32x32->64-bit products through lane
+// shuffles, so x86-64 CPUs with AVX2 run philox_tile_avx2 instead.
+void philox_tile(uint64_t seed, uint64_t counter0, uint32_t* __restrict c0, uint32_t* __restrict c1,
+                                    uint32_t* __restrict c2, uint32_t* __restrict c3) {
   for (int i = 0; i < kTile; ++i) {
     const uint64_t c = counter0 + static_cast<uint64_t>(i);
     c0[i] = static_cast<uint32_t>(c);
@@ -51,6 +59,71 @@ HOSL_TARGET_CLONES void normals_tile(uint64_t seed, uint64_t counter0, float* __
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+}
+
+#ifdef HOSL_X86_AVX2
+// hi and lo 32-bit halves of m * a in each of 8 lanes: vpmuludq multiplies the even lanes, and the
+// odd lanes shifted down; two blends put the halves back in lane order. Integer arithmetic: the
+// words are those of philox_tile, bit for bit (tests/test_noise.py compares the backends).
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i a, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox_tile, 8 counters at a time with their state in registers: about 1.7x faster here.
+__attribute__((target("avx2"))) void philox_tile_avx2(uint64_t seed, uint64_t counter0, uint32_t* c0o, uint32_t* c1o,
+                                                      uint32_t* c2o, uint32_t* c3o) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  for (int i = 0; i < kTile; i += 8) {
+    // Counters base + lane as 64-bit (low word c0, high word c1): the high word gains 1 in the lanes
+    // where the low word wrapped, i.e. came out below base's (an unsigned compare, through the sign).
+    const uint64_t base = counter0 + static_cast<uint64_t>(i);
+    const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+    __m256i c0 = _mm256_add_epi32(base_lo, lane);
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(c0, sign));
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), wrapped);
+    __m256i c2 = _mm256_setzero_si256();
+    __m256i c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed);
+    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(m0, c0, &hi0, &lo0);
+      mulhilo8(m1, c2, &hi1, &lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c0o + i), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c1o + i), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c2o + i), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c3o + i), c3);
+  }
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+// The 4 * kTile normals of counters [counter0, counter0 + kTile), interleaved: z[4 * i + lane].
+HOSL_TARGET_CLONES void normals_tile(uint64_t seed, uint64_t counter0, float* __restrict z) {
+  alignas(32) uint32_t c0[kTile], c1[kTile], c2[kTile], c3[kTile];
+#ifdef HOSL_X86_AVX2
+  if (have_avx2())
+    philox_tile_avx2(seed, counter0, c0, c1, c2, c3);
+  else
+#endif
+    philox_tile(seed, counter0, c0, c1, c2, c3);
   float z0[kTile], z1[kTile], z2[kTile], z3[kTile];
   for (int i = 0; i < kTile; ++i) {
     box_muller(c0[i], c1[i], &z0[i], &z1[i]);

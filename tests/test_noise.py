@@ -71,6 +71,17 @@ def test_gaussian_cpp_bit_identical(seed, offset):
     )
 
 
+@pytest.mark.parametrize("first_counter", [2**32 - 37, 2**33 - 5, 2**61 - 512])
+def test_gaussian_cpp_across_a_counter_word_boundary(first_counter):
+    """Counters whose low 32-bit word wraps inside a tile (the AVX2 Philox carries into the high
+    word per lane), and the last counters of the position range (positions < 2**63)."""
+    n = 4 * 512
+    offset = 4 * first_counter
+    assert_bits_equal(
+        noise.gaussian(n, 99, offset=offset, backend="cpp"), noise.gaussian(n, 99, offset=offset, backend="torch")
+    )
+
+
 @pytest.mark.parametrize("terms", [1, 2, 5])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_add_cpp_bit_identical(dtype, terms):
