@@ -47,12 +47,15 @@ from _common import REPO, Recorder, cpu_name, environment, log, pyplot
 # the whole model in the trainer; zo-full takes the client's rate because it is ZO like the client.
 LRS = {
     "hosl": ("1e-6", "1e-5"),
-    # A control, not a method: hosl with the client frozen (client lr 0), the server alone learning.
+    # Controls, not methods: hosl with the client frozen (client lr 0), the server alone learning;
+    # and hosl with a ten times larger client rate, to see whether the ZO client then adds anything.
     "hosl-frozen-client": ("0", "1e-5"),
+    "hosl-client-lr-1e-5": ("1e-5", "1e-5"),
     "fo": ("1e-5", "1e-5"),
     "zo": ("1e-6", "1e-6"),
     "zo-full": ("1e-6", "1e-6"),
 }
+CONTROLS = {"hosl-frozen-client": "hosl", "hosl-client-lr-1e-5": "hosl"}  # the trainer's method of each
 
 
 def smollm2():
@@ -114,7 +117,7 @@ def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str
     client_lr, server_lr = LRS[method]
     flags = [
         "--method",
-        method.removesuffix("-frozen-client"),
+        CONTROLS.get(method, method),
         "--steps",
         str(steps),
         "--seed",
@@ -180,9 +183,9 @@ def run_record(rec: Recorder, suite: str, name: str, run_dir: Path, label: str |
 
 def accuracy_suite(args, rec: Recorder) -> None:
     names = []
-    names.append(
-        ("untrained", "untrained", run_one(args, "untrained", method_flags("hosl", 0, 0, args.split_layer, 1)))
-    )
+    for seed in args.seeds:  # each seed samples its own dev examples: the untrained model on each
+        name = "untrained" if seed == 0 else f"untrained-seed{seed}"
+        names.append((name, "untrained", run_one(args, name, method_flags("hosl", 0, seed, args.split_layer, 1))))
     for seed in args.seeds:
         for method in args.methods:
             name = f"{method}-seed{seed}"
