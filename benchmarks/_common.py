@@ -123,6 +123,13 @@ def pyplot(path):
     return plt
 
 
+def save_figure(fig, path) -> None:
+    """Lays out a finished figure and writes it to path (PNG), creating the folder."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REPO, Recorder, cpu_name, environment, log, pyplot
+from _common import REPO, Recorder, cpu_name, environment, log, pyplot, save_figure
 
 # The learning rates of each method (client, server). fo-full and zo-full use the server's slot for
 # the whole model in the trainer; zo-full takes the client's rate because it is ZO like the client.
@@ -267,9 +267,7 @@ def plot_convergence(sweeps, records, smooth: int, path: Path) -> None:
         ax.set_xlabel("step")
         ax.legend()
     axes[0].set_ylabel(f"training loss ({smooth}-step moving average)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -62,7 +62,19 @@ import json
 import time
 from pathlib import Path
 
-from _common import MIB, REPO, Recorder, environment, fmt_bytes, log, proc_status, pyplot, reset_peak, run_workers
+from _common import (
+    MIB,
+    REPO,
+    Recorder,
+    environment,
+    fmt_bytes,
+    log,
+    proc_status,
+    pyplot,
+    reset_peak,
+    run_workers,
+    save_figure,
+)
 
 FULL = dict(model=dict(), ks=[1, 3, 6], batches=[16, 64], seq=128)
 # OPT-1.3B's shape (--model opt-1.3b): a second size; its random checkpoint takes 5 GiB of disk.
@@ -356,9 +368,7 @@ def plot(records, batches, ks, path: Path) -> None:
         ax.set_xticks(ks)
         ax.set_ylim(bottom=0)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None):

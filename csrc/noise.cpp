@@ -23,8 +23,9 @@ constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more t
 static_assert(kTile % 8 == 0, "philox_tile_avx2 takes counters 8 at a time");
 
 // x86-64: an AVX2 copy beside the baseline one, picked at load time by the CPU (GCC/Clang function
-// multiversioning). AVX2 doubles the lanes of the 32x32->64-bit multiplies and the float math; the
-// operations and their order are the same (no FMA: -ffp-contract=off), so the bits are too.
+// multiversioning). AVX2 doubles the lanes of the Box-Muller float math (Philox has its own AVX2
+// path below); the operations and their order are the same (no FMA: -ffp-contract=off), so the
+// bits are too.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define HOSL_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -35,7 +36,7 @@ static_assert(kTile % 8 == 0, "philox_tile_avx2 takes counters 8 at a time");
 // Portable C++; the compiler vectorises it, but it widens the 32x32->64-bit products through lane
 // shuffles, so x86-64 CPUs with AVX2 run philox_tile_avx2 instead.
 void philox_tile(uint64_t seed, uint64_t counter0, uint32_t* __restrict c0, uint32_t* __restrict c1,
-                                    uint32_t* __restrict c2, uint32_t* __restrict c3) {
+                 uint32_t* __restrict c2, uint32_t* __restrict c3) {
   for (int i = 0; i < kTile; ++i) {
     const uint64_t c = counter0 + static_cast<uint64_t>(i);
     c0[i] = static_cast<uint32_t>(c);
