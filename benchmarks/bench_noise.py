@@ -392,7 +392,7 @@ def main(argv=None):
     if args.memory_probe:
         _probe_memory(json.loads(args.memory_probe))
         return
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1; got {repeats}")
 

@@ -1,6 +1,7 @@
 """The benchmark scripts end to end on their smallest settings: they run, and what they record holds
 together (the floor under hosl under fo, AdamW's state twice the gradients, dist's bytes exactly the
-local bytes plus the 8-byte length of each frame, zo equal to zo-full). Slow: minutes in all."""
+local bytes plus the 8-byte length of each frame, zo equal to zo-full); slow: minutes in all. And
+their flags' errors: one line and exit status 2, before any work (fast)."""
 
 import json
 import subprocess
@@ -8,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 MIB = 1 << 20
-
-pytestmark = pytest.mark.slow
 
 
 def run(script, *args):
@@ -27,6 +27,7 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+@pytest.mark.slow
 def test_bench_memory_quick(tmp_path):
     stdout = run("bench_memory.py", "--quick", "--ks", 1, "--batches", 4, "--out", tmp_path, "--work", tmp_path)
     assert "| 4 | 1 | hosl |" in stdout
@@ -46,6 +47,7 @@ def test_bench_memory_quick(tmp_path):
     assert (tmp_path / "memory_quick.png").exists()
 
 
+@pytest.mark.slow
 def test_bench_step_quick(tmp_path):
     stdout = run("bench_step.py", "--quick", "--qs", 1, "--steps", 1, "--out", tmp_path)
     assert "streaming against synchronous" in stdout
@@ -67,6 +69,7 @@ def test_bench_step_quick(tmp_path):
     assert all(0 < r["noise_s"] < r["client_s"] for r in rows if r["method"] != "fo")
 
 
+@pytest.mark.slow
 def test_bench_accuracy_quick(tmp_path):
     args = ["--quick", "--steps", 4, "--seeds", 0, "--methods", "hosl", "zo", "zo-full"]
     stdout = run("bench_accuracy.py", *args, "--out", tmp_path, "--out-root", tmp_path / "runs")
@@ -85,3 +88,24 @@ def test_bench_accuracy_quick(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0 and "done before, kept" in again.stderr and "hosl.train" not in again.stderr
+
+
+CUDA_ABSENT = [
+    ("bench_memory.py", ["--device", "cuda"], "--device cuda: torch"),
+    ("bench_noise.py", ["--device", "cuda"], "--device cuda: torch"),
+]
+BAD_FLAGS = [
+    ("bench_memory.py", ["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    ("bench_noise.py", ["--repeats", "0"], "--repeats must be >= 1; got 0"),
+    *([] if torch.cuda.is_available() else CUDA_ABSENT),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", BAD_FLAGS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, script, flags, message):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *flags, "--out", str(tmp_path)], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())  # nothing measured, nothing written
