@@ -130,6 +130,11 @@ def save_figure(fig, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def given(value, default):
+    """A flag's value, or its default when the flag was not given (None): 0 is a value, not absent."""
+    return default if value is None else value
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MIB, REPO, Recorder, cpu_name, environment, log
+from _common import MIB, REPO, Recorder, cpu_name, environment, given, log
 
 import hosl
 from hosl.boundary import Frame, Kind, decode_frame, encode_frame
@@ -208,7 +208,7 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed round trips per method (7; --quick: 5)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = given(args.repeats, 5 if args.quick else 7)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1; got {repeats}")
 

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, log, proc_status, reset_peak
+from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, given, log, proc_status, reset_peak
 
 import hosl
 from hosl import noise
@@ -392,7 +392,7 @@ def main(argv=None):
     if args.memory_probe:
         _probe_memory(json.loads(args.memory_probe))
         return
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    repeats = given(args.repeats, 3 if args.quick else 5)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1; got {repeats}")
 

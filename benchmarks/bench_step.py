@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import REPO, Recorder, cpu_name, environment, log, run_workers
+from _common import REPO, Recorder, cpu_name, environment, given, log, run_workers
 
 MODELS = {
     "small": dict(
@@ -187,13 +187,21 @@ def main(argv=None):
     quick = args.quick
     spec_base = dict(
         model=args.model,
-        k=args.split_layer or MODELS[args.model]["k"],
-        batch=args.batch or (8 if quick else 16),
-        seq=args.seq or (32 if quick else 64),
-        steps=args.steps or (3 if quick else 5),
+        k=given(args.split_layer, MODELS[args.model]["k"]),
+        batch=given(args.batch, 8 if quick else 16),
+        seq=given(args.seq, 32 if quick else 64),
+        steps=given(args.steps, 3 if quick else 5),
         warmup=args.warmup,
     )
-    qs = args.qs or ([1, 4] if quick else [1, 4, 10])
+    qs = given(args.qs, [1, 4] if quick else [1, 4, 10])
+    for name in ("batch", "seq", "steps"):
+        if spec_base[name] < 1:
+            parser.error(f"--{name} must be >= 1, got {spec_base[name]}")
+    layers = MODELS[args.model]["sizes"].get("num_hidden_layers", 12)  # OPTConfig's default: 12
+    if not 0 <= spec_base["k"] <= layers:
+        parser.error(f"--split-layer must be in [0, {layers}] for {args.model}, got {spec_base['k']}")
+    if args.warmup < 0 or any(q < 1 for q in qs):
+        parser.error(f"--warmup must be >= 0 and every Q >= 1, got {args.warmup} and {qs}")
     suffix = "_quick" if quick else ("" if args.model == "small" else f"_{args.model}")
     rec = Recorder(args.out / f"bench_step{suffix}.jsonl", environment())
     import torch

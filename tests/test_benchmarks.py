@@ -97,6 +97,9 @@ CUDA_ABSENT = [
 BAD_FLAGS = [
     ("bench_memory.py", ["--jobs", "0"], "--jobs must be >= 1, got 0"),
     ("bench_noise.py", ["--repeats", "0"], "--repeats must be >= 1; got 0"),
+    ("bench_boundary.py", ["--repeats", "0"], "--repeats must be >= 1; got 0"),
+    ("bench_step.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("bench_step.py", ["--split-layer", "9"], "--split-layer must be in [0, 8] for small, got 9"),
     *([] if torch.cuda.is_available() else CUDA_ABSENT),
 ]
 
