@@ -31,9 +31,7 @@ void check_range(int64_t n, uint64_t offset) {
                                 " and n " + std::to_string(n));
 }
 
-void add_noise(uintptr_t x_ptr, int64_t n, int dtype, const std::vector<uint64_t>& seeds,
-               const std::vector<float>& scales, uint64_t offset, int num_threads) {
-  check_range(n, offset);
+void check_terms(int dtype, const std::vector<uint64_t>& seeds, const std::vector<float>& scales) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("hosl._C: dtype code must be 0, 1 or 2");
   if (seeds.empty() || seeds.size() > kMaxTerms)
     throw std::invalid_argument("hosl._C: need 1 to 64 seeds, got " + std::to_string(seeds.size()));
@@ -42,10 +40,44 @@ void add_noise(uintptr_t x_ptr, int64_t n, int dtype, const std::vector<uint64_t
                                 std::to_string(scales.size()) + " scales");
   for (uint64_t s : seeds)
     if (s >= kPositionLimit) throw std::invalid_argument("hosl._C: seeds must be in [0, 2**63)");
+}
+
+void add_noise(uintptr_t x_ptr, int64_t n, int dtype, const std::vector<uint64_t>& seeds,
+               const std::vector<float>& scales, uint64_t offset, int num_threads) {
+  check_range(n, offset);
+  check_terms(dtype, seeds, scales);
   if (n > 0 && x_ptr == 0) throw std::invalid_argument("hosl._C: null data pointer");
   py::gil_scoped_release release;
   hosl::noise::add_noise(reinterpret_cast<void*>(x_ptr), n, static_cast<hosl::noise::DType>(dtype), seeds.data(),
                          scales.data(), static_cast<int>(seeds.size()), offset, /*accumulate=*/true, num_threads);
+}
+
+void add_noise_rows(uintptr_t x_ptr, int64_t num_rows, int64_t width, uintptr_t rows_ptr, int64_t num_given, int dtype,
+                    const std::vector<uint64_t>& seeds, const std::vector<float>& scales, uint64_t offset,
+                    int num_threads) {
+  if (num_rows < 0 || width < 0 || num_given < 0)
+    throw std::invalid_argument("hosl._C: num_rows, width and num_given must be >= 0, got " +
+                                std::to_string(num_rows) + ", " + std::to_string(width) + " and " +
+                                std::to_string(num_given));
+  if (width > 0 && num_rows > std::numeric_limits<int64_t>::max() / width)
+    throw std::invalid_argument("hosl._C: num_rows * width overflows int64");
+  check_range(num_rows * width, offset);
+  check_terms(dtype, seeds, scales);
+  if (num_given > 0 && (x_ptr == 0 || rows_ptr == 0)) throw std::invalid_argument("hosl._C: null data pointer");
+  // A row outside the table writes outside it, and a repeated row would be written by two threads.
+  const int64_t* rows = reinterpret_cast<const int64_t*>(rows_ptr);
+  for (int64_t i = 0; i < num_given; ++i) {
+    if (rows[i] < 0 || rows[i] >= num_rows)
+      throw std::invalid_argument("hosl._C: row " + std::to_string(rows[i]) + " is outside a table of " +
+                                  std::to_string(num_rows) + " rows");
+    if (i > 0 && rows[i] <= rows[i - 1])
+      throw std::invalid_argument("hosl._C: rows must be sorted and distinct, got " + std::to_string(rows[i - 1]) +
+                                  " then " + std::to_string(rows[i]));
+  }
+  py::gil_scoped_release release;
+  hosl::noise::add_noise_rows(reinterpret_cast<void*>(x_ptr), width, rows, num_given,
+                              static_cast<hosl::noise::DType>(dtype), seeds.data(), scales.data(),
+                              static_cast<int>(seeds.size()), offset, num_threads);
 }
 
 void gaussian(uintptr_t out_ptr, int64_t n, uint64_t seed, uint64_t offset, int num_threads) {
@@ -149,6 +181,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offset"), py::arg("num_threads"),
         "x[i] += sum_k scales[k] * z(seeds[k], offset + i) in place on n contiguous elements at x_ptr "
         "(dtype 0 float32, 1 bfloat16, 2 float16), accumulated in float32 and rounded once.");
+  m.def("add_noise_rows", &add_noise_rows, py::arg("x_ptr"), py::arg("num_rows"), py::arg("width"),
+        py::arg("rows_ptr"), py::arg("num_given"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
+        py::arg("offset"), py::arg("num_threads"),
+        "For each of the num_given sorted, distinct int64 rows at rows_ptr, x[r, j] += sum_k scales[k] * "
+        "z(seeds[k], offset + r * width + j) in place on a contiguous num_rows x width table at x_ptr: the bits "
+        "add_noise gives those rows, the other rows untouched.");
   m.def("gaussian", &gaussian, py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("num_threads"), "Writes z(seed, offset + i) for i < n into n float32 elements at out_ptr.");
   m.attr("MAX_TERMS") = kMaxTerms;

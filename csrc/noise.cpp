@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -216,6 +217,41 @@ void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* s
   for (auto& th : pool) th.join();
 }
 
+// Entries [begin, end) of the sorted row list. A run of consecutive table rows is one contiguous
+// range of elements and positions, so it is one add_noise_range call: every tile costs 4 * kTile
+// normals however few of them a narrow row keeps, and a run shares the tiles its rows straddle.
+template <DType kDType>
+void add_noise_row_list(void* x, int64_t width, const int64_t* rows, int64_t begin, int64_t end, const uint64_t* seeds,
+                        const float* scales, int num_terms, uint64_t offset) {
+  for (int64_t i = begin; i < end;) {
+    int64_t j = i + 1;
+    while (j < end && rows[j] == rows[j - 1] + 1) ++j;
+    add_noise_range<kDType>(x, rows[i] * width, (rows[j - 1] + 1) * width, seeds, scales, num_terms, offset,
+                            /*accumulate=*/true);
+    i = j;
+  }
+}
+
+template <DType kDType>
+void add_noise_rows_threads(void* x, int64_t width, const int64_t* rows, int64_t num_given, const uint64_t* seeds,
+                            const float* scales, int num_terms, uint64_t offset, int num_threads) {
+  // Split by rows: each thread takes a contiguous slice of the distinct rows, so no two threads
+  // write the same element (neighbouring rows may share a tile; each stores only its own part).
+  const int64_t most = std::min(num_given, std::max<int64_t>(1, num_given * width / kMinPerThread));
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), most));
+  const int64_t per_thread = (num_given + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) {
+    const int64_t begin = std::min(num_given, t * per_thread);
+    const int64_t end = std::min(num_given, begin + per_thread);
+    if (begin >= end) break;
+    pool.emplace_back(add_noise_row_list<kDType>, x, width, rows, begin, end, seeds, scales, num_terms, offset);
+  }
+  add_noise_row_list<kDType>(x, width, rows, 0, std::min(num_given, per_thread), seeds, scales, num_terms, offset);
+  for (auto& th : pool) th.join();
+}
+
 }  // namespace
 
 void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const float* scales, int num_terms,
@@ -228,6 +264,27 @@ void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const flo
       return add_noise_threads<DType::kBFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
     case DType::kFloat16:
       return add_noise_threads<DType::kFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
+  }
+  throw std::invalid_argument("hosl._C: unknown dtype code");
+}
+
+void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_given, DType dtype, const uint64_t* seeds,
+                    const float* scales, int num_terms, uint64_t offset, int num_threads) {
+  if (width < 0 || num_given < 0)
+    throw std::invalid_argument("hosl._C: width and the number of rows must be >= 0, got " + std::to_string(width) +
+                                " and " + std::to_string(num_given));
+  if (width == 0 || num_given == 0) return;
+  if (x == nullptr || rows == nullptr) throw std::invalid_argument("hosl._C: null table or rows pointer");
+  switch (dtype) {
+    case DType::kFloat32:
+      return add_noise_rows_threads<DType::kFloat32>(x, width, rows, num_given, seeds, scales, num_terms, offset,
+                                                     num_threads);
+    case DType::kBFloat16:
+      return add_noise_rows_threads<DType::kBFloat16>(x, width, rows, num_given, seeds, scales, num_terms, offset,
+                                                      num_threads);
+    case DType::kFloat16:
+      return add_noise_rows_threads<DType::kFloat16>(x, width, rows, num_given, seeds, scales, num_terms, offset,
+                                                     num_threads);
   }
   throw std::invalid_argument("hosl._C: unknown dtype code");
 }

@@ -168,5 +168,14 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const float* scales, int num_terms,
                uint64_t offset, bool accumulate, int num_threads);
 
+// The rows of a row-major table of rows of `width` elements at x: for each r in rows[0, num_given)
+// and j < width, x[r * width + j] += sum_k scales[k] * z(seeds[k], offset + r * width + j), the
+// position the element has in the dense layout, so the rows get exactly the bits add_noise would
+// give them and the other rows are not touched. rows must be sorted and distinct (the caller
+// deduplicates: threads own disjoint ranges of the list, so a repeated row would be a data race).
+// Splits the list over num_threads threads; the result does not depend on the split.
+void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_given, DType dtype, const uint64_t* seeds,
+                    const float* scales, int num_terms, uint64_t offset, int num_threads);
+
 }  // namespace noise
 }  // namespace hosl

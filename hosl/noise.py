@@ -8,6 +8,12 @@ never stored, so a perturbation, a restore, or a restore plus an update over man
 read and one write of x. The sum is taken in float32, in the order of the terms, and rounded once
 (to nearest even) into x's dtype.
 
+    add_rows_(table, rows, seeds, scales, offset=o):  the same on chosen rows of a 2-D table only,
+        table[r, j] += sum_k scales[k] * z(seeds[k], o + r * width + j)
+
+is the sparse form for embedding tables: each element keeps its position in the dense layout, so
+the chosen rows get exactly the bits `add_` would give them and the other rows keep theirs.
+
 Backends, all bit-identical:
 
 * "cpp": the C++ CPU kernel in hosl._C, multithreaded (torch.get_num_threads() threads).
@@ -102,7 +108,7 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return next(name for name in preferred if _why_not(name, device) is None)
 
 
-def _check_seeds(seeds) -> list[int]:
+def _check_seeds(seeds, what: str = "add_") -> list[int]:
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype != torch.int64 or seeds.dim() != 1:
             raise TypeError(
@@ -119,7 +125,7 @@ def _check_seeds(seeds) -> list[int]:
         if not 0 <= s < SEED_LIMIT:
             raise ValueError(f"seeds must be in [0, 2**63); got {s}")
     if not 1 <= len(values) <= MAX_TERMS:
-        raise ValueError(f"add_ takes 1 to {MAX_TERMS} terms; got {len(values)} seeds")
+        raise ValueError(f"{what} takes 1 to {MAX_TERMS} terms; got {len(values)} seeds")
     return [int(s) for s in values]
 
 
@@ -148,6 +154,32 @@ def _check_offset(offset, n: int) -> int:
     if offset + n > SEED_LIMIT:
         raise ValueError(f"offset + numel must be <= 2**63; got {offset} + {n}")
     return int(offset)
+
+
+def _check_rows(rows, num_rows: int) -> torch.Tensor:
+    """The distinct row indices, sorted, as an int64 CPU tensor; TypeError or ValueError otherwise."""
+    if isinstance(rows, torch.Tensor):
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise TypeError(f"rows must be an integer tensor or a sequence of ints; got a {rows.dtype} tensor")
+        if rows.dim() != 1:
+            raise ValueError(f"rows must be 1-D (use rows.reshape(-1)); got shape {tuple(rows.shape)}")
+        values = rows.detach().to("cpu", torch.int64)
+    elif isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)):
+        for r in rows:
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+                raise TypeError(f"rows must be ints; got {r!r}")
+        bad = next((r for r in rows if not 0 <= r < num_rows), None)
+        if bad is not None:  # before the tensor: an int beyond int64 would not fit in one
+            raise ValueError(f"row index {bad} is out of range for a table of {num_rows} rows")
+        values = torch.tensor([int(r) for r in rows], dtype=torch.int64)
+    else:
+        raise TypeError(f"rows must be a sequence of ints or a 1-D integer tensor; got {type(rows).__name__}")
+    outside = (values < 0) | (values >= num_rows)
+    if outside.any():
+        bad = values[outside][0].item()
+        raise ValueError(f"row index {bad} is out of range for a table of {num_rows} rows")
+    # Sorted and distinct: a repeated row is applied once, and the cpp threads own disjoint rows.
+    return torch.unique(values)
 
 
 def add_(
@@ -201,6 +233,70 @@ def add_(
     # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
     torch.autograd.graph.increment_version(x)
     return x
+
+
+def add_rows_(
+    table: torch.Tensor,
+    rows: Sequence[int] | torch.Tensor,
+    seeds: Sequence[int] | torch.Tensor,
+    scales: Sequence[float] | torch.Tensor,
+    *,
+    offset: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """In place, for each distinct r in rows and every column j of the contiguous 2-D table:
+    table[r, j] += sum_k scales[k] * z(seeds[k], offset + r * width + j).
+
+    The position is the one table[r, j] has in the dense layout, so the result is bit for bit that
+    of add_(table, seeds, scales, offset=offset) on the rows given, and the other rows are not
+    touched. rows: ints in [0, num_rows), any order; a repeated row is applied once; empty is a
+    no-op. table, seeds, scales and offset as for add_. Returns table.
+    """
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"table must be a torch.Tensor; got {type(table).__name__}")
+    if table.dtype not in _DTYPE_CODES:
+        raise TypeError(f"table must be float32, bfloat16 or float16; got {table.dtype}")
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D (num_rows, width); got shape {tuple(table.shape)}")
+    if not table.is_contiguous():
+        raise ValueError(
+            f"table must be contiguous (noise positions follow memory order); got shape {tuple(table.shape)} "
+            f"with strides {table.stride()}"
+        )
+    num_rows, width = table.shape
+    row_t = _check_rows(rows, num_rows)
+    seed_list = _check_seeds(seeds, "add_rows_")
+    scale_t = _check_scales(scales, len(seed_list))
+    offset = _check_offset(offset, table.numel())
+    name = resolve_backend(backend, table.device)
+    if row_t.numel() == 0 or width == 0:
+        return table
+    if name == "cpp":
+        _ext._C.add_noise_rows(
+            table.data_ptr(),
+            num_rows,
+            width,
+            row_t.data_ptr(),
+            row_t.numel(),
+            _DTYPE_CODES[table.dtype],
+            seed_list,
+            scale_t.tolist(),
+            offset,
+            torch.get_num_threads(),
+        )
+    elif name == "triton":
+        kernels, interpreted = _triton_kernels()
+        seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=table.device)
+        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+        with torch.no_grad():
+            kernels.add_noise_rows_(table, row_t.to(table.device), seeds_t, scale_t.to(table.device), offset, block)
+    else:
+        with torch.no_grad():
+            _reference.add_rows_(table, row_t.tolist(), seed_list, scale_t, offset)
+        return table
+    # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
+    torch.autograd.graph.increment_version(table)
+    return table
 
 
 def gaussian(

@@ -166,3 +166,13 @@ def add_(x: torch.Tensor, seeds: list[int], scales: torch.Tensor, offset: int = 
             acc = acc + _const(scale, acc) * _normals_chunk(seed, offset + lo, hi - lo, flat.device)
         flat[lo:hi] = acc.to(x.dtype)
     return x
+
+
+def add_rows_(table: torch.Tensor, rows, seeds: list[int], scales: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """For each distinct r in rows (ints) and j < width: table[r, j] += sum_k scales[k] *
+    z(seeds[k], offset + r * width + j) on a contiguous 2-D table, one row at a time through add_,
+    each row at the position it has in the dense layout."""
+    width = table.shape[1]
+    for r in sorted(set(int(r) for r in rows)):
+        add_(table[r], seeds, scales, offset + r * width)
+    return table

@@ -4,6 +4,6 @@ Importing this package imports Triton. On a machine without a GPU, Triton runs k
 its interpreter, which it reads from TRITON_INTERPRET=1 when it is first imported.
 """
 
-from hosl.kernels.noise import add_noise_, gaussian_
+from hosl.kernels.noise import add_noise_, add_noise_rows_, gaussian_
 
-__all__ = ["add_noise_", "gaussian_"]
+__all__ = ["add_noise_", "add_noise_rows_", "gaussian_"]

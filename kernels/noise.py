@@ -6,6 +6,8 @@
 # Philox4x32-10 call per counter feeds all four lanes (tl.randn uses two of the four words). The
 # terms loop runs inside the kernel, so restoring one probe and applying the next, or restoring and
 # updating with Q probes, is one read and one write of x however many terms there are.
+# _noise_rows_kernel does the same on chosen rows of an embedding table: a 2-D grid (row, block of
+# the row's counters), each element at the position it has in the dense layout.
 #
 # Numerics: the same steps as hosl/reference.py and csrc/noise.h, op for op, so the backends agree
 # bit for bit. That needs: launches with enable_fp_fusion=False (no FMA contraction); div_rn and
@@ -170,6 +172,46 @@ def _noise_kernel(
         tl.store(x_ptr + idx, acc, mask=mask)
 
 
+@triton.jit(do_not_specialize=["width", "offset", "num_terms"])
+def _noise_rows_kernel(
+    x_ptr,
+    rows_ptr,
+    width,
+    offset,
+    seeds_ptr,
+    scales_ptr,
+    num_terms,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Program (i, b) owns counters [c0 + b * BLOCK, c0 + (b + 1) * BLOCK) of table row rows[i], where
+    # c0 = (offset + r * width) // 4: the counters of the row's positions in the dense layout. A row
+    # need not start on a counter, so its first and last counters are shared with the rows beside
+    # it; the mask keeps the row's own elements, which makes each element's value exactly the one
+    # _noise_kernel gives it.
+    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
+    width = width.to(tl.int64)
+    offset = offset.to(tl.int64)
+    start = row * width
+    block0 = (offset + start) // 4 + tl.program_id(1).to(tl.int64) * BLOCK
+    counter = block0 + tl.arange(0, BLOCK).to(tl.int64)
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    idx = block0 * 4 - offset + tl.arange(0, 4 * BLOCK).to(tl.int64)
+    mask = (idx >= start) & (idx < start + width)
+    acc = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    for k in range(num_terms):
+        seed = tl.load(seeds_ptr + k)
+        scale = tl.load(scales_ptr + k)
+        acc = acc + scale * _normals(seed, c_lo, c_hi, BLOCK)
+    if DTYPE == 1:
+        tl.store(x_ptr + idx, _round_to_bf16(acc), mask=mask)
+    elif DTYPE == 2:
+        tl.store(x_ptr + idx, acc.to(tl.float16), mask=mask)
+    else:
+        tl.store(x_ptr + idx, acc, mask=mask)
+
+
 def _launch(x, seeds, scales, offset, accumulate, block):
     n = x.numel()
     if n == 0:
@@ -202,3 +244,37 @@ def add_noise_(x, seeds, scales, offset, block):
 def gaussian_(out, seed, offset, block):
     """Fills float32 out with z(seed[0], offset + i); seed: a one-element int64 tensor."""
     return _launch(out, seed, seed, offset, False, block)
+
+
+# Smallest program of the rows kernel: a narrow row (width < 4 * 16) still gets 16 counters, so
+# tensor shapes stay ordinary ones (the dense kernel never runs below 256); the waste is a few
+# dozen normals per row.
+_MIN_ROW_BLOCK = 16
+
+
+def add_noise_rows_(table, rows, seeds, scales, offset, block):
+    """For each r in rows and j < width: table[r, j] += sum_k scales[k] * z(seeds[k], offset + r * width + j).
+    table: contiguous (num_rows, width), float32/bfloat16/float16; rows: sorted, distinct, valid int64
+    row indices, a tensor on table's device; seeds, scales as for add_noise_; checked by hosl.noise.
+    block: the most counters per program."""
+    width = table.shape[1]
+    if rows.numel() == 0 or width == 0:
+        return table
+    # A row's positions [p, p + width) touch at most (width + 2) // 4 + 1 counters (p % 4 == 3 is
+    # the worst case); programs beyond a row's own last counter store nothing.
+    row_counters = (width + 2) // 4 + 1
+    block = min(block, max(_MIN_ROW_BLOCK, triton.next_power_of_2(row_counters)))
+    grid = (rows.numel(), triton.cdiv(row_counters, block))
+    _noise_rows_kernel[grid](
+        table,
+        rows,
+        width,
+        offset,
+        seeds,
+        scales,
+        seeds.numel(),
+        DTYPE=DTYPE_CODES[str(table.dtype).removeprefix("torch.")],
+        BLOCK=block,
+        enable_fp_fusion=False,
+    )
+    return table

@@ -306,3 +306,156 @@ def test_add_bumps_autograd_version():
     before = x._version
     noise.add_(x, [1], [1.0], backend="cpp")
     assert x._version > before
+
+
+# ------------------------------------------------------------------ rows of a table: add_rows_
+
+NUM_ROWS = 11
+ROW_WIDTHS = [1, 3, 64, 257]  # odd widths: rows start at positions that are not multiples of 4
+ROW_OFFSETS = {"offset=0": 0, "offset=2**33+3": 2**33 + 3}
+ROW_CASES = {
+    "unsorted-repeats": [7, 2, 10, 2, 0, 7, 7, 5],
+    "empty": [],
+    "single": [4],
+    "last": [NUM_ROWS - 1],
+    "all-reversed": list(range(NUM_ROWS))[::-1],
+    "int64-tensor": torch.tensor([9, 1, 9, 3]),
+    "int32-tensor": torch.tensor([6, 0, 6], dtype=torch.int32),
+}
+
+
+def make_table(num_rows: int, width: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(num_rows, width, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dtype)
+
+
+def row_terms(terms: int) -> tuple[list[int], list[float]]:
+    return [2**40 + 17 * k for k in range(terms)], [(-1) ** k * 10 ** -(k % 3) for k in range(terms)]
+
+
+def dense_on_rows(table: torch.Tensor, rows, seeds, scales, offset: int) -> torch.Tensor:
+    """What add_rows_ must give: the dense reference add_ on a clone, kept on the given rows only."""
+    dense = noise.add_(table.clone(), seeds, scales, offset=offset, backend="torch")
+    want = table.clone()
+    chosen = sorted(set(torch.as_tensor(rows, dtype=torch.int64).tolist()))
+    want[chosen] = dense[chosen]
+    return want
+
+
+@pytest.mark.parametrize("terms", [1, 3], ids=lambda t: f"terms={t}")
+@pytest.mark.parametrize("offset", ROW_OFFSETS.values(), ids=ROW_OFFSETS.keys())
+@pytest.mark.parametrize("width", ROW_WIDTHS, ids=lambda w: f"width={w}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_add_rows_is_dense_add_on_those_rows(backend, dtype, width, offset, terms):
+    table = make_table(NUM_ROWS, width, dtype, seed=width + terms)
+    rows = ROW_CASES["unsorted-repeats"]  # duplicates applied once, the last row, row 0
+    seeds, scales = row_terms(terms)
+    want = dense_on_rows(table, rows, seeds, scales, offset)
+    got = noise.add_rows_(table.clone(), rows, seeds, scales, offset=offset, backend=backend)
+    assert_bits_equal(got.view(-1), want.view(-1))  # chosen rows as dense, every other row as it was
+    assert not torch.equal(got[rows], table[rows])
+
+
+@pytest.mark.parametrize("rows", ROW_CASES.values(), ids=ROW_CASES.keys())
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_add_rows_row_sets(backend, rows):
+    table = make_table(NUM_ROWS, 3, torch.bfloat16, seed=5)
+    want = dense_on_rows(table, rows, [3, 4], [0.5, -0.25], 2**33 + 3)
+    got = noise.add_rows_(table.clone(), rows, [3, 4], [0.5, -0.25], offset=2**33 + 3, backend=backend)
+    assert_bits_equal(got.view(-1), want.view(-1))
+    assert torch.equal(got, table) == (len(rows) == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_rows_cpp_bit_identical(dtype):
+    table = make_table(300, 129, dtype, seed=1)
+    rows = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(2))
+    seeds, scales = row_terms(3)
+    a = noise.add_rows_(table.clone(), rows, seeds, scales, offset=5, backend="cpp")
+    b = noise.add_rows_(table.clone(), rows, seeds, scales, offset=5, backend="torch")
+    assert_bits_equal(a.view(-1), b.view(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_add_rows_on_a_view_into_a_flat_buffer(backend, dtype):
+    """An embedding that is a view into a flat parameter buffer, at element offset `start`, noised
+    at noise offset `start`: the whole buffer's dense noise, on those rows' elements only."""
+    num_rows, width, start = 37, 41, 1234
+    flat = make_table(1, 5000, dtype, seed=3).view(-1)
+    table = flat[start : start + num_rows * width].view(num_rows, width)
+    assert table.storage_offset() == start
+    rows = [36, 0, 17, 17, 18, 5]
+    dense = noise.add_(flat.clone(), [9], [0.5], backend="torch")
+    want = flat.clone()
+    for r in set(rows):
+        lo = start + r * width
+        want[lo : lo + width] = dense[lo : lo + width]
+    noise.add_rows_(table, rows, [9], [0.5], offset=start, backend=backend)
+    assert_bits_equal(flat, want)  # elements outside the table untouched too
+
+
+def test_add_rows_cpp_independent_of_thread_count():
+    # 2 threads split rows once more than 2 * 32768 elements are chosen: here 24 rows of 4099,
+    # in runs of neighbouring rows that the split may cut.
+    table = make_table(64, 4099, torch.bfloat16, seed=4)
+    rows = [r for r in range(64) if r % 8 < 3] + [40, 1, 1]
+    seeds, scales = row_terms(2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(noise.add_rows_(table.clone(), rows, seeds, scales, offset=3, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    _C = _ext.require("this test")
+    for n in (3, 7):  # more threads than the machine has cores: the split alone is tested
+        x = table.clone()
+        r = torch.unique(torch.tensor(rows))
+        _C.add_noise_rows(x.data_ptr(), 64, 4099, r.data_ptr(), r.numel(), 1, seeds, scales, 3, n)
+        results.append(x)
+    for got in results[1:]:
+        assert_bits_equal(got.view(-1), results[0].view(-1))
+    assert_bits_equal(results[0].view(-1), dense_on_rows(table, rows, seeds, scales, 3).view(-1))
+
+
+def rejects_rows_call(error, match, *args, **kwargs):
+    with pytest.raises(error, match=match) as info:
+        noise.add_rows_(*args, **kwargs)
+    assert "\n" not in str(info.value), "errors are one line"
+
+
+def test_add_rows_errors():
+    table = torch.zeros(NUM_ROWS, 4)
+    for bad in (-1, NUM_ROWS):
+        message = rf"^row index {bad} is out of range for a table of 11 rows$"
+        rejects_rows_call(ValueError, message, table, [0, bad, 2], [1], [1.0])
+        rejects_rows_call(ValueError, message, table, torch.tensor([0, bad, 2]), [1], [1.0])
+    rejects_rows_call(ValueError, "out of range", table, [2**70], [1], [1.0])
+    rejects_rows_call(TypeError, "rows must be ints", table, [1.0, 2.0], [1], [1.0])
+    rejects_rows_call(TypeError, "integer tensor.*float32", table, torch.tensor([1.0]), [1], [1.0])
+    rejects_rows_call(ValueError, "rows must be 1-D", table, torch.zeros(2, 2, dtype=torch.int64), [1], [1.0])
+    rejects_rows_call(ValueError, r"table must be 2-D .*\(44,\)", table.view(-1), [0], [1], [1.0])
+    rejects_rows_call(ValueError, "table must be contiguous", torch.zeros(4, 6).t(), [0], [1], [1.0])
+    rejects_rows_call(TypeError, "float32, bfloat16 or float16", table.int(), [0], [1], [1.0])
+    rejects_rows_call(ValueError, "add_rows_ takes 1 to 64", table, [0], [], [])
+    rejects_rows_call(ValueError, "offset", table, [0], [1], [1.0], offset=2**63 - 43)
+    assert torch.equal(table, torch.zeros(NUM_ROWS, 4)), "a rejected call must not touch the table"
+
+
+def test_cpp_rows_recheck_what_would_corrupt_memory():
+    _C = _ext.require("this test")
+    table = torch.zeros(NUM_ROWS, 4)
+    for rows, message in [([3, NUM_ROWS], "outside a table of 11 rows"), ([3, 2], "sorted"), ([2, 2], "distinct")]:
+        r = torch.tensor(rows)
+        with pytest.raises(ValueError, match=message):
+            _C.add_noise_rows(table.data_ptr(), NUM_ROWS, 4, r.data_ptr(), r.numel(), 0, [1], [1.0], 0, 1)
+    assert torch.equal(table, torch.zeros(NUM_ROWS, 4))
+
+
+def test_add_rows_bumps_autograd_version():
+    table = torch.zeros(3, 5)
+    before = table._version
+    noise.add_rows_(table, [1], [1], [1.0], backend="cpp")
+    assert table._version > before

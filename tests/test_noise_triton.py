@@ -4,7 +4,19 @@ words against Triton's own tl.randint4x."""
 
 import pytest
 import torch
-from test_noise import DTYPES, OFFSETS, SEEDS, assert_bits_equal
+from test_noise import (
+    DTYPES,
+    NUM_ROWS,
+    OFFSETS,
+    ROW_CASES,
+    ROW_OFFSETS,
+    ROW_WIDTHS,
+    SEEDS,
+    assert_bits_equal,
+    dense_on_rows,
+    make_table,
+    row_terms,
+)
 
 from hosl import noise, reference
 
@@ -59,6 +71,75 @@ def test_block_edges_and_small_shapes(device):
         want = noise.add_(x.clone(), [8, 9], [0.5, -0.5], offset=offset, backend="torch")
         got = noise.add_(x.clone().to(device), [8, 9], [0.5, -0.5], offset=offset, backend="triton")
         assert_bits_equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("terms", [1, 3], ids=lambda t: f"terms={t}")
+@pytest.mark.parametrize("offset", ROW_OFFSETS.values(), ids=ROW_OFFSETS.keys())
+@pytest.mark.parametrize("width", ROW_WIDTHS, ids=lambda w: f"width={w}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_rows_triton_is_dense_add_on_those_rows(device, dtype, width, offset, terms):
+    table = make_table(NUM_ROWS, width, dtype, seed=width + terms)
+    rows = ROW_CASES["unsorted-repeats"]
+    seeds, scales = row_terms(terms)
+    want = dense_on_rows(table, rows, seeds, scales, offset)
+    got = noise.add_rows_(table.clone().to(device), rows, seeds, scales, offset=offset, backend="triton")
+    assert_bits_equal(got.cpu().view(-1), want.view(-1))
+    assert not torch.equal(got.cpu()[rows], table[rows])
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("rows", ROW_CASES.values(), ids=ROW_CASES.keys())
+def test_add_rows_triton_row_sets(device, rows):
+    table = make_table(NUM_ROWS, 3, torch.bfloat16, seed=5)
+    want = dense_on_rows(table, rows, [3, 4], [0.5, -0.25], 2**33 + 3)
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(device)
+    got = noise.add_rows_(table.clone().to(device), rows, [3, 4], [0.5, -0.25], offset=2**33 + 3, backend="triton")
+    assert_bits_equal(got.cpu().view(-1), want.view(-1))
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_rows_triton_cpp_torch_bit_identical(device, dtype):
+    table = make_table(300, 129, dtype, seed=1)
+    rows = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2))
+    seeds, scales = row_terms(3)
+    want = noise.add_rows_(table.clone(), rows, seeds, scales, offset=5, backend="torch")
+    got = noise.add_rows_(table.clone().to(device), rows, seeds, scales, offset=5, backend="triton")
+    assert_bits_equal(got.cpu().view(-1), want.view(-1))
+    if noise.available_backends("cpu")["cpp"] is None:
+        cpp = noise.add_rows_(table.clone(), rows, seeds, scales, offset=5, backend="cpp")
+        assert_bits_equal(got.cpu().view(-1), cpp.view(-1))
+
+
+@pytest.mark.parametrize("device", tiers)
+def test_add_rows_triton_on_a_view_into_a_flat_buffer(device):
+    num_rows, width, start = 37, 41, 1234
+    flat = make_table(1, 5000, torch.float32, seed=3).view(-1).to(device)
+    table = flat[start : start + num_rows * width].view(num_rows, width)
+    assert table.storage_offset() == start
+    rows = [36, 0, 17, 17, 18, 5]
+    dense = noise.add_(flat.cpu().clone(), [9], [0.5], backend="torch")  # .cpu() of a CPU tensor is itself
+    want = flat.cpu().clone()
+    for r in set(rows):
+        lo = start + r * width
+        want[lo : lo + width] = dense[lo : lo + width]
+    noise.add_rows_(table, rows, [9], [0.5], offset=start, backend="triton")
+    assert_bits_equal(flat.cpu(), want)
+
+
+@pytest.mark.parametrize("device", tiers)
+def test_add_rows_triton_row_spans_programs(device):
+    # Rows wider than one program's 4 * block positions, so the grid's second axis has 2 programs.
+    # At offset 3, row 2 starts at a position = 3 (mod 4) and touches block + 2 counters, row 1
+    # touches block + 1: its second program reaches past the row and must store nothing there.
+    block = noise._TRITON_BLOCK_GPU if device == "cuda" else noise._TRITON_BLOCK_INTERPRETER
+    width = 4 * block + 2
+    table = make_table(3, width, torch.float16, seed=6)
+    want = dense_on_rows(table, [2, 1], [8, 9], [0.5, -0.5], 3)
+    got = noise.add_rows_(table.clone().to(device), [2, 1], [8, 9], [0.5, -0.5], offset=3, backend="triton")
+    assert_bits_equal(got.cpu().view(-1), want.view(-1))
 
 
 @pytest.mark.interpreter
