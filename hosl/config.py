@@ -23,6 +23,20 @@ from pathlib import Path
 METHODS = ("hosl", "fo", "zo", "fo-full", "zo-full")
 SPLIT_METHODS = ("hosl", "fo", "zo")
 
+# What an unset --zo-estimator, --q and --client-lr become, by method. hosl's ZO client probes on
+# its own (cut-grad), so 8 probes cost it 16 client forwards and no server work, and ZO-SGD needs a
+# rate about 100x the first-order one; a loss-difference estimator pays a server forward per probe
+# and gets one probe. The embedded default run's client alone (--server-lr 0) reaches 0.99 with
+# hosl's defaults and 0.485 with the central, Q = 1, 1e-4 defaults they replace (README: Training).
+METHOD_DEFAULTS = {
+    "hosl": {"zo_estimator": "cut-grad", "client_lr": 1e-2},
+    "fo": {"zo_estimator": "central", "client_lr": 1e-4},
+    "zo": {"zo_estimator": "central", "client_lr": 1e-4},
+    "fo-full": {"zo_estimator": "central", "client_lr": 1e-4},
+    "zo-full": {"zo_estimator": "central", "client_lr": 1e-4},
+}
+Q_DEFAULTS = {"cut-grad": 8, "central": 1, "forward": 1}
+
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
@@ -63,14 +77,35 @@ class TrainConfig:
     lora_r: int = field(
         default=0, metadata=_help("LoRA rank (0: full fine-tuning); with LoRA only the adapters train, on each side")
     )
+    client_lora_r: int | None = field(
+        default=None,
+        metadata=_help("the client's LoRA rank (0: full fine-tuning of the client)", default_text="--lora-r"),
+    )
+    server_lora_r: int | None = field(
+        default=None,
+        metadata=_help("the server's LoRA rank (0: full fine-tuning of the server)", default_text="--lora-r"),
+    )
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
-    q: int = field(default=1, metadata=_help("ZO probes per step (1 to 64)"))
+    q: int | None = field(
+        default=None,
+        metadata=_help("ZO probes per step (1 to 64)", default_text="8 for cut-grad, 1 for central and forward"),
+    )
     mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
-    zo_estimator: str = field(
-        default="central",
+    zo_estimator: str | None = field(
+        default=None,
         metadata=_help(
-            "central: (L(w+mu z) - L(w-mu z)) / 2mu, 2Q uploads; forward: (L(w+mu z) - L(w)) / mu, Q+1",
-            choices=("central", "forward"),
+            "central: (L(w+mu z) - L(w-mu z)) / 2mu, 2Q uploads; forward: (L(w+mu z) - L(w)) / mu, Q+1; "
+            "cut-grad (hosl): <dL/dh, (h(w+mu z) - h(w-mu z)) / 2mu> from the server's dL/dh at the clean h, "
+            "1 upload and the probes on the client alone",
+            choices=("central", "forward", "cut-grad"),
+            default_text="cut-grad for hosl, central for zo and zo-full",
+        ),
+    )
+    zo_embedding: str = field(
+        default="rows",
+        metadata=_help(
+            "rows: ZO noise and updates on the token-embedding rows the step's batch uses; all: on every row",
+            choices=("rows", "all"),
         ),
     )
     server_grad: str = field(
@@ -80,8 +115,12 @@ class TrainConfig:
             choices=("clean", "probe"),
         ),
     )
-    client_lr: float = field(
-        default=1e-4, metadata=_help("client learning rate (ZO-SGD; the FO optimiser for fo; both sides for zo)")
+    client_lr: float | None = field(
+        default=None,
+        metadata=_help(
+            "client learning rate (ZO-SGD; the FO optimiser for fo; both sides for zo)",
+            default_text="1e-2 for hosl, 1e-4 for the other methods",
+        ),
     )
     server_lr: float = field(default=1e-3, metadata=_help("server learning rate (and the whole model's for fo-full)"))
     optimizer: str = field(
@@ -121,6 +160,15 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        if self.method in METHOD_DEFAULTS:  # else check() names the bad method
+            for name, value in METHOD_DEFAULTS[self.method].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            if self.q is None:
+                self.q = Q_DEFAULTS.get(self.zo_estimator, 1)
+        for name in ("client_lora_r", "server_lora_r"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.lora_r)
         self.check()
 
     def check(self) -> None:
@@ -128,13 +176,15 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            if "default_text" in f.metadata and value is None:
+                raise ValueError(f"{_flag(f.name)} needs a value (its default depends on --method)")
             if choices is not None and value not in choices:
                 raise ValueError(f"{_flag(f.name)} must be one of {_fmt_choices(choices)}, got {value!r}")
         positive = {"max_length": 1, "batch_size": 1, "steps": 0, "eval_batch_size": 1, "log_every": 1}
         for name, low in positive.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "split_layer", "lora_r"):
+        for name in ("eval_every", "save_every", "split_layer", "lora_r", "client_lora_r", "server_lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("train_examples", "eval_examples"):
@@ -156,6 +206,10 @@ class TrainConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.zo_estimator == "cut-grad" and self.method != "hosl":
+            raise ValueError(f"--zo-estimator cut-grad needs --method hosl (a first-order server), got {self.method}")
+        if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
+            raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
         if self.transport == "dist" and self.method not in SPLIT_METHODS:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
 
@@ -238,9 +292,9 @@ def build_parser(prog: str = "python -m hosl.train") -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="load a saved config.json; flags given here override it")
     for f in dataclasses.fields(TrainConfig):
         kind, optional = _base_type(f.name)
-        default = f.default
+        default = f.metadata.get("default_text", "none" if f.default is None else f.default)
         choices = f.metadata.get("choices")
-        help_text = f.metadata["help"] + f" (default: {'none' if default is None else default})"
+        help_text = f.metadata["help"] + f" (default: {default})"
         if choices is not None:
             help_text += f"; one of {_fmt_choices(choices)}"
         metavar = None if choices is None else "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"

@@ -3,6 +3,8 @@ checkpoints (a local directory, a GGUF file in one, or a hub id)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from hosl.tasks import HFTokenizer, WordTokenizer
@@ -95,16 +97,42 @@ def build_tokenizer(name: str, task: str, examples=(), gguf_file: str | None = N
     return HFTokenizer(hf)
 
 
-def apply_lora(model, r: int, alpha: float):
-    """LoRA adapters (peft) on the family's default target modules; only the adapters stay trainable.
-    Returns the adapted causal LM itself (peft's wrapper is dropped), so it splits like any other."""
+def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
+    """LoRA adapters (peft) on the family's default target modules, rank client_r in blocks [0, k)
+    and server_r in the rest; a side of rank 0 gets no adapters and trains in full, a side with
+    adapters trains only them. Returns the adapted causal LM itself (peft's wrapper is dropped), so
+    it splits like any other."""
     try:
         import peft
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
     except ImportError:
         raise ModelError("--lora-r needs peft: pip install peft (or pip install 'hosl[lora]')") from None
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    from hosl.split import split_model
+
+    leaves = DEFAULT_TARGETS.get(getattr(model.config, "model_type", None))
+    if not leaves:
+        raise ModelError(f"cannot add LoRA to {type(model).__name__}: peft has no default target modules for it")
+    client, server = split_model(model, k)  # which side each module and parameter is on
+    sides = [(client, client_r), (server, server_r)]
+    ranks: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in leaves:
+            for side, r in sides:
+                if r and any(module is m for m in side.modules()):
+                    ranks[name] = r
+    full = [{id(p) for p in side.parameters()} for side, r in sides if not r]
+    if not ranks:
+        return model
+    config = peft.LoraConfig(
+        r=max(ranks.values()), lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=list(ranks), rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items()},
+    )  # fmt: skip
     try:
         wrapped = peft.get_peft_model(model, config)
-    except ValueError as exc:  # no default target modules for this family
+    except ValueError as exc:
         raise ModelError(f"cannot add LoRA to {type(model).__name__}: {exc}") from None
-    return wrapped.base_model.model
+    lm = wrapped.base_model.model
+    for p in lm.parameters():  # a side without adapters trains in full
+        if any(id(p) in ids for ids in full):
+            p.requires_grad_(True)
+    return lm

@@ -29,10 +29,11 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     for a skipped step) and weight decay."""
     for record in log:
         seeds = zo.step_seeds(cfg.seed, record["step"], cfg.q)
+        rows = zo.decode_rows(record["rows"]) if "rows" in record else None
         for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-            params.add_(probe.seeds, probe.scales)
+            params.add_(probe.seeds, probe.scales, rows=rows)
         grads = None if record["skipped"] else record["grads"]
-        params.end_step(seeds, cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads)
+        params.end_step(seeds, cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads, rows=rows)
 
 
 def replay_run(run_dir: str | Path):
@@ -46,13 +47,16 @@ def replay_run(run_dir: str | Path):
         raise ValueError("replay_run rebuilds the initial weights of builtin-model hosl runs only")
     _, model = _build(cfg, _load_data(cfg)[0])
     client, _ = split_model(model, cfg.split_layer)
-    replay(client_zo_params(client), cfg, read_log(run_dir / "zo_log.jsonl"))
+    replay(client_zo_params(client, cfg), cfg, read_log(run_dir / "zo_log.jsonl"))
     return client
 
 
-def client_zo_params(client) -> zo.ZOParams:
-    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order."""
-    return zo.ZOParams([(n, p) for n, p in client.named_parameters() if p.requires_grad])
+def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:
+    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order, the token
+    embedding row-sparse under --zo-embedding rows."""
+    from hosl.roles import zo_params_of
+
+    return zo_params_of(client, cfg)
 
 
 def main(argv=None) -> int:

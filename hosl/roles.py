@@ -9,6 +9,8 @@ config (checked at HELLO) how many ACT frames a step has, so no frame says "end 
     hosl  central: clean h, then h(w + mu z_q), h(w - mu z_q) for q = 1..Q        1 + 2Q uploads
           --server-grad probe: no clean upload; the server's FO step uses (q=1, +)    2Q
           forward estimator: clean h (also L(w)), then h(w + mu z_q)                  1 + Q
+          cut-grad: clean h; the server answers with a GRAD frame (dL/dh, loss) as    1
+                    for fo, and the client runs its 2Q probes locally
     zo    central: h(w + mu z_q), h(w - mu z_q); forward: clean, then +mu probes     2Q or 1 + Q
     fo    h with autograd kept on the client; the server returns dL/dh               1
 
@@ -49,7 +51,7 @@ PROTOCOL = 1
 
 def expected_uploads(cfg: TrainConfig) -> int:
     """ACT frames per training step for cfg.method."""
-    if cfg.method == "fo":
+    if cfg.method == "fo" or cfg.zo_estimator == "cut-grad":
         return 1
     if cfg.zo_estimator == "forward":
         return 1 + cfg.q
@@ -60,7 +62,43 @@ def expected_uploads(cfg: TrainConfig) -> int:
 
 def clean_first(cfg: TrainConfig) -> bool:
     """Whether a step starts with an upload at the unperturbed client weights."""
-    return cfg.zo_estimator == "forward" or (cfg.method == "hosl" and cfg.server_grad == "clean")
+    return cfg.zo_estimator in ("forward", "cut-grad") or (cfg.method == "hosl" and cfg.server_grad == "clean")
+
+
+def answers_with_grad(cfg: TrainConfig) -> bool:
+    """Whether the server answers a step's upload with dL/dh (a GRAD frame) rather than a loss."""
+    return cfg.method == "fo" or cfg.zo_estimator == "cut-grad"
+
+
+def input_embedding_name(model: torch.nn.Module) -> str | None:
+    """The name of `model`'s token-embedding weight among its parameters, or None. A table tied to
+    an output head is not row-sparse (the head reads every row), so it gets None too."""
+    stack = getattr(model, "stack", model)
+    get_in = getattr(stack, "get_input_embeddings", None)
+    table = get_in() if callable(get_in) else None
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and getattr(head, "weight", None) is table.weight:
+        return None
+    return next((n for n, p in model.named_parameters() if p is table.weight), None)
+
+
+def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: int = 0) -> zo.ZOParams:
+    """The ZO buffer of a model side: its trainable parameters in order (or `params`, named), with
+    the token embedding row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
+    table = input_embedding_name(model) if cfg.zo_embedding == "rows" else None
+    sparse = [table] if table is not None and any(n == table for n, _ in named) else []
+    return zo.ZOParams(named, offset=offset, row_sparse=sparse)
+
+
+def step_rows(params: zo.ZOParams, batch) -> list[torch.Tensor] | None:
+    """The rows each row-sparse table of `params` gets this step: the batch's token ids."""
+    if not params.tables:
+        return None
+    return [torch.unique(batch["input_ids"]).cpu()] * len(params.tables)
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float):
@@ -98,6 +136,7 @@ class StepStats:
     link_s: float
     skipped: bool
     grads: list[float] | None = None  # the projected gradients (ZO clients)
+    rows: list[list[int]] | None = None  # the row-sparse tables' rows, zo.encode_rows (ZO clients)
 
 
 def _scalar(t: torch.Tensor) -> float:
@@ -122,7 +161,7 @@ class SplitClient:
             self.zo = None
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
         else:
-            self.zo = zo.ZOParams(params)  # hosl.replay.client_zo_params builds the same buffer
+            self.zo = zo_params_of(model, cfg)
             self.optimizer = None
             for _, p in params:
                 p.requires_grad_(False)  # forward only: no autograd graph, no saved activations
@@ -174,9 +213,12 @@ class SplitClient:
 
     def _zo_step(self, step: int, batch) -> StepStats:
         cfg = self.cfg
+        if cfg.zo_estimator == "cut-grad":
+            return self._cut_grad_step(step, batch)
         start = time.perf_counter()
         client_s = 0.0
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
+        rows = step_rows(self.zo, batch)
         losses: dict[tuple[int, int], float] = {}
         server_meta: dict = {}
         pending = 0
@@ -191,7 +233,7 @@ class SplitClient:
                 pending += 1
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
                 t = time.perf_counter()
-                self.zo.add_(probe.seeds, probe.scales)
+                self.zo.add_(probe.seeds, probe.scales, rows=rows)
                 hidden = self._forward(batch)
                 client_s += time.perf_counter() - t
                 self._upload(step, probe.probe, probe.sign, hidden)
@@ -209,13 +251,58 @@ class SplitClient:
             t = time.perf_counter()
             clean = losses.pop((0, 0), None)
             grads, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows
             )
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(server_meta.get("server_s", 0.0))
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
-        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads)
+        encoded = zo.encode_rows(rows) if rows is not None else None
+        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
+
+    def _cut_grad_step(self, step: int, batch) -> StepStats:
+        """One clean upload; the server's dL/dh at it; then the probes, on the client alone."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
+        rows = step_rows(self.zo, batch)
+        self._send_batch(step, batch)
+        with torch.no_grad():
+            t = time.perf_counter()
+            hidden = self._forward(batch)
+            client_s = time.perf_counter() - t
+            self._upload(step, 0, 0, hidden)
+            del hidden
+            loss, grad_h, meta = self._grad(step)
+            t = time.perf_counter()
+            grad_h = grad_h.to(self.device, torch.float32)
+            grads: list[float] = []
+            h_plus = None
+            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
+                self.zo.add_(probe.seeds, probe.scales, rows=rows)
+                hidden = self._forward(batch)
+                if probe.sign > 0:
+                    h_plus = hidden
+                else:
+                    grads.append(zo.cut_grad_projection(grad_h, h_plus, hidden, cfg.mu))
+                    h_plus = None
+                del hidden
+            del grad_h
+            skipped = zo.conclude_with(
+                self.zo, seeds, grads, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows, [loss]
+            )
+            client_s += time.perf_counter() - t
+        wall = time.perf_counter() - start
+        server_s = float(meta.get("server_s", 0.0))
+        encoded = zo.encode_rows(rows) if rows is not None else None
+        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
+
+    def _grad(self, step: int) -> tuple[float, torch.Tensor, dict]:
+        """The server's answer to a step's clean upload: its loss and dL/dh there."""
+        frame = self.link.recv()
+        if frame.kind != Kind.GRAD or frame.step != step:
+            raise LinkError(f"expected the GRAD of step {step}, got {frame.kind.name} of step {frame.step}")
+        return _scalar(frame.tensors["loss"]), frame.tensors["grad"], frame.meta
 
     def _fo_step(self, step: int, batch) -> StepStats:
         start = time.perf_counter()
@@ -224,19 +311,16 @@ class SplitClient:
         hidden = self._forward(batch)
         client_s = time.perf_counter() - t
         self._upload(step, 0, 0, hidden.detach())
-        frame = self.link.recv()
-        if frame.kind != Kind.GRAD or frame.step != step:
-            raise LinkError(f"expected the GRAD of step {step}, got {frame.kind.name} of step {frame.step}")
-        loss = _scalar(frame.tensors["loss"])
+        loss, grad_h, meta = self._grad(step)
         skipped = not math.isfinite(loss)
         t = time.perf_counter()
         if not skipped:
-            hidden.backward(frame.tensors["grad"].to(hidden.device, hidden.dtype))
+            hidden.backward(grad_h.to(hidden.device, hidden.dtype))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
-        server_s = float(frame.meta.get("server_s", 0.0))
+        server_s = float(meta.get("server_s", 0.0))
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -308,7 +392,7 @@ class SplitServer:
             raise LinkError("the client's config differs from the server's (same flags on both sides?)")
         if self.cfg.method == "zo" and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
-            self.zo = zo.ZOParams(self._zo_params, offset=int(frame.meta["client_numel"]))
+            self.zo = zo_params_of(self.model, self.cfg, self._zo_params, offset=int(frame.meta["client_numel"]))
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
     def _forward(self, hidden: torch.Tensor, batch: Frame):
@@ -326,7 +410,7 @@ class SplitServer:
 
     def _train_step(self, batch: Frame) -> None:
         cfg, step = self.cfg, batch.step
-        if cfg.method == "fo":
+        if answers_with_grad(cfg):
             return self._fo_step(batch)
         compute = self._update_s  # the previous step's update ran after its answers went out
         n = expected_uploads(cfg)

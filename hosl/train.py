@@ -34,12 +34,15 @@ from hosl.roles import (
     SplitClient,
     SplitServer,
     StepStats,
+    answers_with_grad,
     compute_precision,
     device_of,
     expected_uploads,
     load_tensors,
     make_optimizer,
+    step_rows,
     tensors_of,
+    zo_params_of,
 )
 from hosl.split import SplitError, labelled_forward, labelled_positions, split_model, split_summary
 from hosl.tasks import (
@@ -99,7 +102,7 @@ class FullModel:
             seen = {id(p) for p in first}
             rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
             names = {id(p): n for n, p in model.named_parameters()}
-            self.zo = zo.ZOParams([(names[id(p)], p) for p in first + rest])
+            self.zo = zo_params_of(model, cfg, [(names[id(p)], p) for p in first + rest])
             for p in model.parameters():
                 p.requires_grad_(False)
             self.optimizer = None
@@ -130,17 +133,19 @@ class FullModel:
             self.optimizer.zero_grad(set_to_none=True)
             return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
+        rows = step_rows(self.zo, batch)
         losses: dict[tuple[int, int], float] = {}
         with torch.no_grad():
             clean = float(self._loss(batch)) if cfg.zo_estimator == "forward" else None
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-                self.zo.add_(probe.seeds, probe.scales)
+                self.zo.add_(probe.seeds, probe.scales, rows=rows)
                 losses[(probe.probe, probe.sign)] = float(self._loss(batch))
             grads, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows
             )
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
-        return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads)
+        encoded = zo.encode_rows(rows) if rows is not None else None
+        return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads, encoded)
 
     @torch.no_grad()
     def scores(self, step: int, batch) -> torch.Tensor:
@@ -202,12 +207,13 @@ def _load_data(cfg: TrainConfig):
 def _build(cfg: TrainConfig, train_examples):
     tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
-    if cfg.lora_r:
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha)
     n = model.config.num_hidden_layers
     if cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
         raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
+    if cfg.client_lora_r or cfg.server_lora_r:
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
+        k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
+        model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
     return tokenizer, model
 
 
@@ -304,10 +310,10 @@ def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, r
             stats = trainer.train_step(step, batches(step))
             state["skipped_steps"] += stats.skipped
             if zo_log is not None:
-                zo_log.write(
-                    json.dumps({"step": step, "lr": cfg.client_lr, "grads": stats.grads, "skipped": stats.skipped})
-                    + "\n"
-                )
+                record = {"step": step, "lr": cfg.client_lr, "grads": stats.grads, "skipped": stats.skipped}
+                if stats.rows is not None:
+                    record["rows"] = stats.rows
+                zo_log.write(json.dumps(record) + "\n")
             writer.tick(stats.loss)
             last = step + 1 == cfg.steps
             if step % cfg.log_every == 0 or last:
@@ -423,7 +429,7 @@ def run(cfg: TrainConfig) -> dict:
         slots=8,
         slot_bytes=act_bytes,
         down_slots=expected_uploads(cfg) + 2,  # a step's answers fit: the server never blocks on them
-        down_slot_bytes=act_bytes if cfg.method == "fo" else 1 << 16,
+        down_slot_bytes=act_bytes if answers_with_grad(cfg) else 1 << 16,
         timeout=cfg.timeout,
         compression=cfg.compression,
     )
@@ -500,7 +506,7 @@ def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device)
     from hosl.models import DTYPES
     from hosl.split import load_client, load_server
 
-    local = Path(cfg.model).is_dir() and not cfg.gguf_file and not cfg.lora_r
+    local = Path(cfg.model).is_dir() and not cfg.gguf_file and not (cfg.client_lora_r or cfg.server_lora_r)
     if local:
         loader = load_client if role == "client" else load_server
         return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype], device=device), None

@@ -3,11 +3,15 @@ the update, all as hosl.noise.add_ passes, so the noise is regenerated and never
 
 One ZO-SGD step with Q probes z_1..z_Q (each a seed; z is the seeded Gaussian of hosl.noise):
 
-    central (default):  g_q = (L(w + mu z_q) - L(w - mu z_q)) / (2 mu)
-    forward:            g_q = (L(w + mu z_q) - L(w)) / mu            (L(w) is the clean forward)
+    central:   g_q = (L(w + mu z_q) - L(w - mu z_q)) / (2 mu)
+    forward:   g_q = (L(w + mu z_q) - L(w)) / mu            (L(w) is the clean forward)
+    cut-grad:  g_q = < dL/dh, (h(w + mu z_q) - h(w - mu z_q)) / (2 mu) >
+               h is the client's output at the cut and dL/dh the server's gradient there at the clean
+               h (its backward yields it): the directional derivative of the linearised loss, formed
+               by the client from its own forwards, with no server round trip per probe.
     update:             w <- (w - lr * (1/Q) * sum_q g_q z_q) * (1 - lr * weight_decay on decayed tensors)
 
-Passes (each one hosl.noise.add_ over the whole buffer), central: +mu z_1; flip to -mu z_1; restore
+Passes (each one hosl.noise.add_ over the buffer), central and cut-grad: +mu z_1; flip to -mu z_1; restore
 z_1 and apply +mu z_2 in one pass; ... ; flip z_Q; then restore z_Q and the update in one pass with
 Q terms: 2Q+1 passes a step. forward: Q+1 passes. DESIGN.md counts 2Q: that needs the update folded
 into the next step's first +mu, which would leave the weights perturbed between steps (for
@@ -16,6 +20,11 @@ evaluation, checkpoints and replay) to save one pass in 2Q+1; hosl keeps steps s
 The schedule is a pure function of (seeds, mu, estimator), and the update of (seeds, mu, lr,
 weight decay, the g_q); replaying the same passes from the same initial weights gives the same
 bits (hosl.replay). The +mu/-mu round trip is not exact in float32, and replay repeats it too.
+
+Row-sparse tables: a step's loss reads only the rows of an embedding table that its batch's tokens
+index, so ZOParams can perturb and update just those rows (hosl.noise.add_rows_), each element
+keeping the noise position it has in the dense layout. The rest of the buffer gets every pass as
+before. The rows of each step are part of its replay record.
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import torch
 from hosl import noise
 from hosl.flat import FlatParams
 
-ESTIMATORS = ("central", "forward")
+ESTIMATORS = ("central", "forward", "cut-grad")
+# The noise passes each estimator runs: cut-grad probes +mu and -mu as central does.
+_PASSES = {"central": "central", "forward": "forward", "cut-grad": "central"}
 
 
 def probe_seed(run_seed: int, step: int, probe: int) -> int:
@@ -55,8 +66,7 @@ class Probe:
 
 def schedule(seeds: Sequence[int], mu: float, estimator: str) -> Iterator[Probe]:
     """The perturbation passes of one step, one per probe forward, in order."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    estimator = _passes(estimator)
     for q, s in enumerate(seeds):
         if q == 0:
             yield Probe((s,), (mu,), q, +1)
@@ -68,11 +78,19 @@ def schedule(seeds: Sequence[int], mu: float, estimator: str) -> Iterator[Probe]
             yield Probe((s,), (-2 * mu,), q, -1)
 
 
+def _passes(estimator: str) -> str:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return _PASSES[estimator]
+
+
 def projected_gradients(
     losses: dict[tuple[int, int], float], q: int, mu: float, estimator: str, clean: float | None = None
 ) -> list[float]:
     """g_q from the losses of the schedule's forwards (keyed by (probe, sign)) and, for the forward
-    estimator, the clean loss."""
+    estimator, the clean loss. (cut-grad forms its g_q from activations: cut_grad_projection.)"""
+    if estimator == "cut-grad":
+        raise ValueError("cut-grad's projected gradients come from activations, not losses")
     if estimator == "central":
         return [(losses[(p, +1)] - losses[(p, -1)]) / (2 * mu) for p in range(q)]
     if clean is None:
@@ -86,20 +104,36 @@ def final_pass(
     """The pass that ends a step: undo the last perturbation and, unless grads is None (a skipped
     step), apply -lr/Q * g_q z_q for every probe. Terms of the same seed are merged."""
     last = seeds[-1]
-    terms = {last: mu if estimator == "central" else -mu}
+    terms = {last: mu if _passes(estimator) == "central" else -mu}
     if grads is not None:
         for s, g in zip(seeds, grads):
             terms[s] = terms.get(s, 0.0) - lr * g / len(seeds)
     return list(terms), list(terms.values())
 
 
-def conclude_step(params, seeds, losses, clean, mu, estimator, lr, weight_decay) -> tuple[list[float], bool]:
+def conclude_step(
+    params, seeds, losses, clean, mu, estimator, lr, weight_decay, rows=None
+) -> tuple[list[float], bool]:
     """End a step from its losses: the projected gradients, whether the step is skipped (any loss or
     g not finite: the probes are still undone), and the final pass on `params`."""
     grads = projected_gradients(losses, len(seeds), mu, estimator, clean)
-    skipped = not finite([*losses.values(), *grads, *(() if clean is None else (clean,))])
-    params.end_step(seeds, mu, estimator, lr, weight_decay, None if skipped else grads)
-    return grads, skipped
+    extra = [*losses.values(), *(() if clean is None else (clean,))]
+    return grads, conclude_with(params, seeds, grads, mu, estimator, lr, weight_decay, rows, extra)
+
+
+def cut_grad_projection(grad_h: torch.Tensor, h_plus: torch.Tensor, h_minus: torch.Tensor, mu: float) -> float:
+    """cut-grad's g_q = < dL/dh, (h+ - h-) / (2 mu) >. The difference is taken elementwise first: h+
+    and h- agree in most of their bits, and subtracting two dot products would cancel them away."""
+    diff = h_plus.float() - h_minus.float()
+    return float(torch.dot(grad_h.reshape(-1).float(), diff.reshape(-1))) / (2 * mu)
+
+
+def conclude_with(params, seeds, grads, mu, estimator, lr, weight_decay, rows=None, extra=()) -> bool:
+    """End a step from its projected gradients: skipped when any g (or any value in `extra`) is not
+    finite, the probes still undone; returns whether it was skipped."""
+    skipped = not finite([*grads, *extra])
+    params.end_step(seeds, mu, estimator, lr, weight_decay, None if skipped else grads, rows=rows)
+    return skipped
 
 
 def decayed(name: str, param: torch.Tensor) -> bool:
@@ -113,9 +147,16 @@ class ZOParams:
     offset: where this buffer's noise starts. A split model trained by ZO on both sides (MeZO over
     the split) gives the server offset = the client's element count, so the pair sees the noise the
     unsplit model would.
+    row_sparse: names of 2-D parameters (embedding tables) that passes given `rows` touch only on
+    those rows. A pass without rows is dense over the whole buffer.
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], offset: int = 0):
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        offset: int = 0,
+        row_sparse: Sequence[str] = (),
+    ):
         self.names = [n for n, _ in named_params]
         self.flat = FlatParams([p for _, p in named_params])
         self.offset = offset
@@ -125,13 +166,44 @@ class ZOParams:
             for p, start in zip(self.flat.params, self.flat.offsets)
             if decayed(by_id.get(id(p), ""), p)
         ]
+        unknown = sorted(set(row_sparse) - set(self.names))
+        if unknown:
+            raise ValueError(f"row_sparse names parameters that are not here: {', '.join(unknown)}")
+        # (start, rows, width) of each row-sparse table in the buffer, in buffer order.
+        self.tables: list[tuple[int, int, int]] = []
+        for p, start in zip(self.flat.params, self.flat.offsets):
+            if by_id.get(id(p)) in row_sparse:
+                if p.dim() != 2:
+                    raise ValueError(f"row-sparse parameter {by_id[id(p)]} must be 2-D, got {tuple(p.shape)}")
+                self.tables.append((start, p.shape[0], p.shape[1]))
+        self.tables.sort()
+        # The dense stretches between the tables.
+        self._dense: list[tuple[int, int]] = []
+        at = 0
+        for start, rows, width in self.tables:
+            if start > at:
+                self._dense.append((at, start))
+            at = start + rows * width
+        if at < self.numel:
+            self._dense.append((at, self.numel))
 
     @property
     def numel(self) -> int:
         return self.flat.flat.numel()
 
-    def add_(self, seeds: Sequence[int], scales: Sequence[float]) -> None:
-        noise.add_(self.flat.flat, list(seeds), list(scales), offset=self.offset)
+    def add_(self, seeds: Sequence[int], scales: Sequence[float], rows: Sequence[torch.Tensor] | None = None) -> None:
+        """One noise pass. rows: one index tensor per row-sparse table (None: dense everywhere)."""
+        seeds, scales, buf = list(seeds), list(scales), self.flat.flat
+        if rows is None or not self.tables:
+            noise.add_(buf, seeds, scales, offset=self.offset)
+            return
+        if len(rows) != len(self.tables):
+            raise ValueError(f"got rows for {len(rows)} tables; this buffer has {len(self.tables)}")
+        for lo, hi in self._dense:
+            noise.add_(buf[lo:hi], seeds, scales, offset=self.offset + lo)
+        for (start, n, width), picked in zip(self.tables, rows):
+            table = buf[start : start + n * width].view(n, width)
+            noise.add_rows_(table, picked, seeds, scales, offset=self.offset + start)
 
     def decay_(self, factor: float) -> None:
         if factor == 1.0:
@@ -140,11 +212,25 @@ class ZOParams:
         for start, n in self._decay:
             buf[start : start + n].mul_(factor)
 
-    def end_step(self, seeds, mu, estimator, lr, weight_decay, grads) -> None:
-        """The final pass, then weight decay (skipped steps get neither update nor decay)."""
-        self.add_(*final_pass(seeds, mu, estimator, lr, grads))
+    def end_step(self, seeds, mu, estimator, lr, weight_decay, grads, rows=None) -> None:
+        """The final pass, then weight decay (skipped steps get neither update nor decay). Decay is
+        dense: it adds no noise, and decays every row as a first-order optimiser's would."""
+        self.add_(*final_pass(seeds, mu, estimator, lr, grads), rows=rows)
         if grads is not None and weight_decay:
             self.decay_(1.0 - lr * weight_decay)
+
+
+def encode_rows(rows: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Sorted distinct rows of each table as [first, gap, gap, ...]: short in JSON."""
+    out = []
+    for picked in rows:
+        values = torch.unique(picked).tolist()
+        out.append([b - a for a, b in zip([0, *values], values)])
+    return out
+
+
+def decode_rows(encoded: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(gaps, dtype=torch.int64).cumsum(0) for gaps in encoded]
 
 
 def finite(values) -> bool:

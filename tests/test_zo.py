@@ -1,0 +1,150 @@
+"""ZO steps (hosl.zo) against independent computations: the update against w - lr/Q sum g z built from
+hosl.noise.gaussian, row-sparse passes against dense ones restricted to the rows, and cut-grad's
+projection against the loss difference it linearises."""
+
+import pytest
+import torch
+
+from hosl import noise, zo
+
+
+def _named():
+    """A matrix, a bias and an embedding table, as a client would have them."""
+    torch.manual_seed(0)
+    return [
+        ("proj.weight", torch.nn.Parameter(torch.randn(6, 5))),
+        ("proj.bias", torch.nn.Parameter(torch.randn(5))),
+        ("embed.weight", torch.nn.Parameter(torch.randn(11, 7))),
+    ]
+
+
+def _expected_update(w0, seeds, grads, lr, weight_decay, decayed_spans, offset=0):
+    """w0 - lr/Q * sum_q g_q z_q, then (1 - lr * wd) on the decayed spans: float64, from scratch."""
+    w = w0.double().clone()
+    for s, g in zip(seeds, grads):
+        w -= lr / len(seeds) * g * noise.gaussian(w0.numel(), s, offset=offset).double()
+    for lo, hi in decayed_spans:
+        w[lo:hi] *= 1 - lr * weight_decay
+    return w
+
+
+@pytest.mark.parametrize("estimator", ["central", "forward", "cut-grad"])
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5], ids=["no-decay", "decay"])
+def test_end_step_is_the_zo_sgd_update(estimator, q, weight_decay):
+    """The schedule's passes and end_step leave w - lr/Q sum_q g_q z_q (decayed on matrices), to
+    float32 rounding; the update is ~0.1 per element, so a flipped sign, a lost 1/Q or decay on the
+    bias fail by far."""
+    named = _named()
+    params = zo.ZOParams(named)
+    w0 = params.flat.flat.clone()
+    seeds = zo.step_seeds(5, 3, q)
+    grads = [1.5, -0.7, 2.0][:q]
+    lr, mu = 0.2, 1e-3
+    for probe in zo.schedule(seeds, mu, estimator):
+        params.add_(probe.seeds, probe.scales)
+    params.end_step(seeds, mu, estimator, lr, weight_decay, grads)
+    # Decay on proj.weight (0:30) and embed.weight (35:112), not on proj.bias (30:35).
+    expected = _expected_update(w0, seeds, grads, lr, weight_decay, [(0, 30), (35, 112)])
+    torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=2e-5)
+    assert (params.flat.flat.double() - w0.double()).abs().max() > 0.05
+
+
+def test_a_skipped_step_only_undoes_its_probes():
+    params = zo.ZOParams(_named())
+    w0 = params.flat.flat.clone()
+    seeds = zo.step_seeds(1, 0, 2)
+    for probe in zo.schedule(seeds, 1e-3, "central"):
+        params.add_(probe.seeds, probe.scales)
+    params.end_step(seeds, 1e-3, "central", 0.2, 0.5, None)
+    torch.testing.assert_close(params.flat.flat, w0, rtol=0, atol=1e-6)
+
+
+def test_row_sparse_pass_is_the_dense_pass_on_those_rows():
+    """With rows, the table gets the dense pass's bits on those rows and nothing elsewhere; the rest
+    of the buffer gets the dense pass's bits."""
+    named = _named()
+    params = zo.ZOParams(named, offset=13, row_sparse=["embed.weight"])
+    assert params.tables == [(35, 11, 7)]
+    dense = params.flat.flat.clone()
+    noise.add_(dense, [7, 8], [0.3, -0.1], offset=13)
+    before = params.flat.flat.clone()
+    rows = torch.tensor([9, 2, 2, 0])
+    params.add_([7, 8], [0.3, -0.1], rows=[rows])
+    after = params.flat.flat
+    assert torch.equal(after[:35], dense[:35])
+    table, dense_t, before_t = (t[35:].view(11, 7) for t in (after, dense, before))
+    touched = torch.zeros(11, dtype=torch.bool)
+    touched[rows] = True
+    assert torch.equal(table[touched], dense_t[touched])
+    assert torch.equal(table[~touched], before_t[~touched])
+    assert not torch.equal(table[touched], before_t[touched])
+
+
+def test_row_sparse_end_step_is_the_update_on_those_rows():
+    """The whole step with rows: touched rows and the dense part as the dense update, untouched rows
+    only decayed, bit for bit."""
+    params = zo.ZOParams(_named(), row_sparse=["embed.weight"])
+    w0 = params.flat.flat.clone()
+    seeds, grads, lr = zo.step_seeds(2, 1, 2), [1.0, -2.0], 0.1
+    rows = [torch.tensor([4, 1])]
+    for probe in zo.schedule(seeds, 1e-3, "central"):
+        params.add_(probe.seeds, probe.scales, rows=rows)
+    params.end_step(seeds, 1e-3, "central", lr, 0.5, grads, rows=rows)
+    expected = _expected_update(w0, seeds, grads, lr, 0.5, [(0, 30), (35, 112)])
+    got = params.flat.flat.double()
+    torch.testing.assert_close(got[:35], expected[:35], rtol=0, atol=2e-5)
+    table, want, start = got[35:].view(11, 7), expected[35:].view(11, 7), w0[35:].view(11, 7)
+    torch.testing.assert_close(table[[1, 4]], want[[1, 4]], rtol=0, atol=2e-5)
+    untouched = [r for r in range(11) if r not in (1, 4)]
+    assert torch.equal(params.flat.flat[35:].view(11, 7)[untouched], start[untouched] * (1 - lr * 0.5))
+
+
+def test_rows_round_trip_through_the_log_encoding():
+    rows = [torch.tensor([40, 3, 3, 17, 0]), torch.tensor([], dtype=torch.int64)]
+    encoded = zo.encode_rows(rows)
+    assert encoded == [[0, 3, 14, 23], []]
+    decoded = zo.decode_rows(encoded)
+    assert torch.equal(decoded[0], torch.tensor([0, 3, 17, 40])) and decoded[1].numel() == 0
+
+
+def test_row_sparse_needs_a_table_of_the_buffer():
+    with pytest.raises(ValueError, match="not here"):
+        zo.ZOParams(_named(), row_sparse=["nope.weight"])
+    with pytest.raises(ValueError, match="2-D"):
+        zo.ZOParams(_named(), row_sparse=["proj.bias"])
+
+
+def test_cut_grad_projection_is_the_loss_difference_to_first_order():
+    """On a smooth two-layer map h(w) and loss L(h), <dL/dh, (h+ - h-)/2mu> equals
+    (L(h+) - L(h-))/2mu to first order, probe by probe; a wrong sign or a lost 1/(2 mu) fails."""
+    torch.manual_seed(0)
+    first = torch.nn.Linear(12, 16)
+    head = torch.nn.Linear(16, 3)
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    params = zo.ZOParams(list(first.named_parameters()))
+    for p in first.parameters():
+        p.requires_grad_(False)
+
+    def loss_of(h):
+        return torch.nn.functional.cross_entropy(head(torch.tanh(h)), y)
+
+    h = first(x).requires_grad_(True)
+    loss_of(h).backward()
+    grad_h = h.grad.detach()
+    mu = 1e-3
+    seeds = zo.step_seeds(0, 0, 4)
+    cut, central = [], []
+    h_plus = None
+    with torch.no_grad():
+        for probe in zo.schedule(seeds, mu, "cut-grad"):
+            params.add_(probe.seeds, probe.scales)
+            out = first(x)
+            if probe.sign > 0:
+                h_plus = out
+            else:
+                cut.append(zo.cut_grad_projection(grad_h, h_plus, out, mu))
+                central.append((loss_of(h_plus).item() - loss_of(out).item()) / (2 * mu))
+    for a, b in zip(cut, central):
+        assert abs(a - b) <= 0.02 * abs(b) + 2e-3, (cut, central)
+    assert max(abs(b) for b in central) > 0.05
