@@ -126,6 +126,8 @@ def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str
         str(k),
     ]
     flags += ["--q", str(q), "--client-lr", client_lr, "--server-lr", server_lr]
+    if flags[1] != "fo":  # the recorded suites ran the paper's step: loss differences, dense noise
+        flags += ["--zo-estimator", "central", "--zo-embedding", "all"]
     return flags
 
 

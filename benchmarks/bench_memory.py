@@ -120,9 +120,11 @@ def worker(spec: dict) -> None:
 
     split_method = "fo" if method.startswith("fo") else method
     optimizer = "sgd" if method == "fo-sgd" else "adamw"
+    # hosl's loss-difference step (central): the client holds one activation at a time. (cut-grad
+    # also holds dL/dh and one probe's activation: two activations more, not measured here.)
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
-        client_lr=1e-5, server_lr=1e-5, mu=1e-3, timeout=600.0,
+        client_lr=1e-5, server_lr=1e-5, mu=1e-3, timeout=600.0, zo_estimator="central",
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
     if role == "server":

@@ -15,6 +15,10 @@ What is measured (bench field of each record):
 * zo_step: the noise cost of one whole ZO-SGD step with Q=1 probe on the client, forward passes left
   out. MeZO: 4 regenerating passes (+mu, -2mu, +mu to restore, -lr*g to update). hosl: 3 add_ calls
   (+mu, -2mu, then mu - lr*g: the restore and the update merged into one pass).
+* zo_step_rows: the same ZO step (Q=1) through the library's own schedule (hosl.zo.schedule and
+  ZOParams.end_step) on the OPT client, with the token embedding dense (all) and row-sparse (rows:
+  the distinct ids of a batch of --rows-tokens uniformly random tokens, about as many rows as a
+  batch of 16 x 64 real tokens touches at most), the rest of the client dense in both.
 * copy (CUDA only): dst.copy_(src) on a large buffer, the device's copy bandwidth; the GPU rows report
   the fraction of it that each method reaches.
 
@@ -272,6 +276,33 @@ def measure(rec, device, bench, case, x, tensors, pack, repeats, copy_gbps):
         )
 
 
+def measure_rows(rec, device, params, tokens, repeats):
+    """One ZO step's noise through hosl.zo on the client, token embedding dense against row-sparse."""
+    from hosl import zo
+
+    named = [(f"p{i}", p) for i, p in enumerate(params)]  # p0: embed_tokens.weight (opt_client_params' order)
+    vocab = params[0].shape[0]
+    rows = [torch.unique(torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0)))]
+    seeds = zo.step_seeds(0, 0, 1)
+    for embedding in ("all", "rows"):
+        buffer = zo.ZOParams(named, row_sparse=["p0"] if embedding == "rows" else [])
+        picked = rows if embedding == "rows" else None
+
+        def step(buffer=buffer, picked=picked):
+            for probe in zo.schedule(seeds, MU, "central"):
+                buffer.add_(probe.seeds, probe.scales, rows=picked)
+            buffer.end_step(seeds, MU, "central", 1e-3, 0.0, [LR_G / 1e-3], rows=picked)
+
+        log(f"  {device.type} zo_step_rows {embedding} ...")
+        median_s, min_s = time_cpu(step, repeats) if device.type == "cpu" else time_cuda(step)
+        touched = buffer.numel - (params[0].numel() - rows[0].numel() * params[0].shape[1] if picked else 0)
+        rec.add(
+            device, bench="zo_step_rows", case=embedding, method=METHODS[device.type], numel=buffer.numel,
+            touched=touched, rows=rows[0].numel() if picked else vocab, vocab=vocab, tokens=tokens, passes=3,
+            median_s=median_s, min_s=min_s,
+        )  # fmt: skip
+
+
 def copy_bandwidth(rec, device, quick):
     numel = (64 if quick else 256) * MIB
     src = torch.randn(numel, device=device)
@@ -364,6 +395,15 @@ def print_table(records):
         if r["bench"] == "copy":
             print(f"Copy bandwidth ({r['device_name']}, {r['case']}): {r['gbytes_per_s']:.1f} GB/s.")
     steps = [r for r in records if r["bench"] == "zo_step"]
+    by_rows = {(r["device"], r["case"]): r for r in records if r["bench"] == "zo_step_rows"}
+    for dev in dict.fromkeys(d for d, _ in by_rows):
+        a, b = by_rows[dev, "all"], by_rows[dev, "rows"]
+        print(
+            f"ZO step noise through hosl.zo on {dev}, Q=1: token embedding dense {a['median_s'] * 1e3:.2f} ms "
+            f"({fmt_numel(a['touched'])} elements), row-sparse {b['median_s'] * 1e3:.2f} ms ({b['rows']} of "
+            f"{b['vocab']} rows for {b['tokens']} tokens; {fmt_numel(b['touched'])} elements): "
+            f"{a['median_s'] / b['median_s']:.2f}x."
+        )
     for dev, case in dict.fromkeys((r["device"], r["case"]) for r in steps):
         h = next(r for r in steps if (r["device"], r["case"]) == (dev, case) and r["method"] != MEZO)
         m = next(r for r in steps if (r["device"], r["case"]) == (dev, case) and r["method"] == MEZO)
@@ -387,6 +427,9 @@ def main(argv=None):
     parser.add_argument(
         "--device", default="all", choices=["all", "cpu", "cuda"], help="all: the CPU, and CUDA when present (all)"
     )
+    parser.add_argument(
+        "--rows-tokens", type=int, default=1024, help="zo_step_rows: tokens in the batch (16 x 64 = 1024)"
+    )
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -395,6 +438,8 @@ def main(argv=None):
     repeats = given(args.repeats, 3 if args.quick else 5)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1; got {repeats}")
+    if args.rows_tokens < 1:
+        parser.error(f"--rows-tokens must be >= 1; got {args.rows_tokens}")
 
     env = environment()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -427,6 +472,7 @@ def main(argv=None):
         flat = hosl.FlatParams(params).flat  # the parameters become views of it
         for bench in ("pass", "zo_step"):
             measure(rec, device, bench, client_name, flat, params, True, repeats, copy_gbps)
+        measure_rows(rec, device, params, args.rows_tokens, repeats)
         del params, flat
     print_table(rec.records)
     print(f"\n{len(rec.records)} records written to {path}")

@@ -11,10 +11,14 @@ Every measurement runs in fresh processes with one torch thread each (OMP_NUM_TH
 client and server each have one core, as two machines would:
 * local: one process, the server in a thread, hosl's in-process transport (two FrameQueues);
 * dist: two processes on this machine joined by hosl's dist transport (gloo over loopback).
-For every method, Q in {1, 4, 10} (fo has no probes: Q = 1 only), both transports, and for hosl and
-zo streaming probes (the default: the client sends all of a step's activations without waiting)
-against --sync-probes (the client waits for each loss before its next probe). --warmup steps are
-run, then --steps steps are timed one by one; the records hold the median.
+Variants (--variants; all by default): fo; hosl with the loss-difference estimator (central) and
+with the cut-gradient estimator (cut-grad: one upload, dL/dh down, the probes on the client), both
+with row-sparse embedding noise (--zo-embedding rows, the default); hosl central with dense noise
+(all), for the noise share; zo. Q in {1, 4, 16} (fo has no probes: Q = 1 only), both transports,
+and for hosl central and zo streaming probes (the default: the client sends all of a step's
+activations without waiting) against --sync-probes (the client waits for each loss before its next
+probe); cut-grad's probes never wait for the server. --warmup steps are run, then --steps steps
+are timed one by one; the records hold the median.
 
 Per step (from hosl.roles.StepStats): wall, client compute (the client's forwards, backward, noise
 and update), server compute (as the server reports it), link = wall - client - server (clamped at 0;
@@ -23,7 +27,7 @@ per step (the link's counters), and for the ZO clients noise_s: the time inside 
 (ZOParams.add_: perturb, flip, restore-and-update), as a fraction of client compute.
 
     python benchmarks/bench_step.py --quick    # a smaller grid, a few minutes
-    python benchmarks/bench_step.py            # the full grid, about 15 minutes on 2 cores
+    python benchmarks/bench_step.py            # the full grid, about 30 minutes on 2 cores
 
 Writes benchmarks/results/bench_step.jsonl (--quick: bench_step_quick.jsonl) and prints the tables.
 """
@@ -76,6 +80,7 @@ def config(spec):
     return TrainConfig(
         method=spec["method"], split_layer=spec["k"], q=spec["q"], batch_size=spec["batch"], max_length=spec["seq"],
         sync_probes=spec["sync"], client_lr=1e-5, server_lr=1e-5, mu=1e-3, optimizer="adamw", timeout=600.0,
+        zo_estimator=spec["estimator"], zo_embedding=spec["embedding"],
     )  # fmt: skip
 
 
@@ -96,9 +101,9 @@ def drive(client, link, spec) -> dict:
     if client.zo is not None:
         add = client.zo.add_
 
-        def timed_add(seeds, scales):
+        def timed_add(seeds, scales, rows=None):
             t = time.perf_counter()
-            add(seeds, scales)
+            add(seeds, scales, rows=rows)
             noise["s"] += time.perf_counter() - t
 
         client.zo.add_ = timed_add
@@ -126,7 +131,7 @@ def worker(spec: dict) -> None:
 
     import torch
 
-    from hosl.roles import SplitClient, SplitServer, expected_uploads
+    from hosl.roles import SplitClient, SplitServer, answers_with_grad, expected_uploads
     from hosl.transport import dist_link, local_links
 
     torch.set_num_threads(1)
@@ -134,8 +139,9 @@ def worker(spec: dict) -> None:
     cfg = config(spec)
     if spec["role"] == "local":
         client_link, server_link = local_links(
-            slots=8, slot_bytes=64 << 20, down_slots=expected_uploads(cfg) + 2, timeout=cfg.timeout
-        )
+            slots=8, slot_bytes=64 << 20, down_slots=expected_uploads(cfg) + 2, timeout=cfg.timeout,
+            down_slot_bytes=(64 << 20) if answers_with_grad(cfg) else 1 << 16,
+        )  # fmt: skip
         server = SplitServer(cfg, server_model, server_link)
         thread = threading.Thread(target=server.serve, daemon=True)
         thread.start()
@@ -158,12 +164,27 @@ def worker(spec: dict) -> None:
 # The parent.
 
 
-def grid(qs):
-    for method in ("fo", "hosl", "zo"):
-        for q in [1] if method == "fo" else qs:
-            for sync in [False] if method == "fo" else [False, True]:
+# name: (method, estimator, embedding noise, Q values, probe modes)
+VARIANTS = {
+    "fo": ("fo", "central", "all", "one", [False]),
+    "hosl-central": ("hosl", "central", "rows", "all", [False, True]),
+    "hosl-cut-grad": ("hosl", "cut-grad", "rows", "all", [False]),
+    "hosl-central-all": ("hosl", "central", "all", "one", [False]),
+    "zo": ("zo", "central", "all", "all", [False, True]),
+}
+
+
+def grid(qs, variants):
+    for name in variants:
+        method, estimator, embedding, which_q, syncs = VARIANTS[name]
+        for q in qs[:1] if which_q == "one" else qs:
+            for sync in syncs:
                 for transport in ("local", "dist"):
-                    yield method, q, sync, transport
+                    yield (
+                        name,
+                        dict(method=method, estimator=estimator, embedding=embedding, q=q, sync=sync),
+                        transport,
+                    )
 
 
 def main(argv=None):
@@ -173,7 +194,10 @@ def main(argv=None):
     parser.add_argument("--split-layer", type=int, default=None, help="the cut (small: 4, opt-125m: 3)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (16; --quick: 8)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (64; --quick: 32)")
-    parser.add_argument("--qs", type=int, nargs="+", default=None, help="probe counts (1 4 10; --quick: 1 4)")
+    parser.add_argument("--qs", type=int, nargs="+", default=None, help="probe counts (1 4 16; --quick: 1 4)")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to time (default: all)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
@@ -193,7 +217,7 @@ def main(argv=None):
         steps=given(args.steps, 3 if quick else 5),
         warmup=args.warmup,
     )
-    qs = given(args.qs, [1, 4] if quick else [1, 4, 10])
+    qs = given(args.qs, [1, 4] if quick else [1, 4, 16])
     for name in ("batch", "seq", "steps"):
         if spec_base[name] < 1:
             parser.error(f"--{name} must be >= 1, got {spec_base[name]}")
@@ -207,17 +231,20 @@ def main(argv=None):
     import torch
 
     records = []
-    for method, q, sync, transport in grid(qs):
-        spec = dict(spec_base, method=method, q=q, sync=sync)
+    for variant, settings, transport in grid(qs, args.variants):
+        spec = dict(spec_base, **settings)
+        q, sync = spec["q"], spec["sync"]
         start = time.perf_counter()
         if transport == "local":
             out = run_workers(__file__, spec, ["local"])[0]
         else:
             out = run_workers(__file__, spec, ["server", "client"])[1]
-        fields = dict(spec, transport=transport, probes="sync" if sync else "streaming", threads_per_process=1)
+        fields = dict(
+            spec, variant=variant, transport=transport, probes="sync" if sync else "streaming", threads_per_process=1
+        )
         records.append(rec.add(torch.device("cpu"), bench="step", **fields, **out))
         log(
-            f"{method:4s} Q={q:<2d} {transport:5s} {'sync' if sync else 'stream':6s} wall {out['wall_s']:.3f} s "
+            f"{variant:16s} Q={q:<2d} {transport:5s} {'sync' if sync else 'stream':6s} wall {out['wall_s']:.3f} s "
             f"({time.perf_counter() - start:.0f} s)"
         )
 
@@ -226,27 +253,30 @@ def main(argv=None):
         f"\nOPT {args.model} cut at {s['k']}, batch {s['batch']} x {s['seq']}, one thread per process, {cpu_name()}; "
         f"median of {s['steps']} steps\n"
     )
-    print("| method | Q | probes | transport | step (s) | client (s) | link (s) | server (s) | noise / client "
-          "| KiB up | KiB down |")  # fmt: skip
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fo = {r["transport"]: r["wall_s"] for r in records if r["variant"] == "fo"}
+    print("| variant | Q | probes | transport | step (s) | / fo | client (s) | link (s) | server (s) "
+          "| noise (s) | noise / client | KiB up | KiB down |")  # fmt: skip
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in records:
         noise = f"{r['noise_s'] / r['client_s']:.1%}" if r["method"] != "fo" else "-"
+        ratio = f"{r['wall_s'] / fo[r['transport']]:.2f}x" if r["transport"] in fo else "-"
         print(
-            f"| {r['method']} | {r['q']} | {r['probes']} | {r['transport']} | {r['wall_s']:.3f} | {r['client_s']:.3f} "
-            f"| {r['link_s']:.3f} | {r['server_s']:.3f} | {noise} | {r['bytes_up'] / 1024:.0f} "
-            f"| {r['bytes_down'] / 1024:.1f} |"
+            f"| {r['variant']} | {r['q']} | {r['probes']} | {r['transport']} | {r['wall_s']:.3f} | {ratio} "
+            f"| {r['client_s']:.3f} | {r['link_s']:.3f} | {r['server_s']:.3f} | {r['noise_s']:.3f} | {noise} "
+            f"| {r['bytes_up'] / 1024:.0f} | {r['bytes_down'] / 1024:.1f} |"
         )
     print("\nstreaming against synchronous probes (speedup = sync step / streaming step)\n")
-    print("| method | Q | transport | sync (s) | streaming (s) | speedup |")
+    print("| variant | Q | transport | sync (s) | streaming (s) | speedup |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for r in records:
-        if r["probes"] != "streaming" or r["method"] == "fo":
+        same = [
+            x for x in records if x["probes"] == "sync" and all(x[f] == r[f] for f in ("variant", "q", "transport"))
+        ]
+        if r["probes"] != "streaming" or not same:
             continue
-        sync = next(
-            x for x in records if x["probes"] == "sync" and all(x[f] == r[f] for f in ("method", "q", "transport"))
-        )
+        sync = same[0]
         print(
-            f"| {r['method']} | {r['q']} | {r['transport']} | {sync['wall_s']:.3f} | {r['wall_s']:.3f} "
+            f"| {r['variant']} | {r['q']} | {r['transport']} | {sync['wall_s']:.3f} | {r['wall_s']:.3f} "
             f"| {sync['wall_s'] / r['wall_s']:.2f}x |"
         )
 

@@ -52,19 +52,22 @@ def test_bench_step_quick(tmp_path):
     stdout = run("bench_step.py", "--quick", "--qs", 1, "--steps", 1, "--out", tmp_path)
     assert "streaming against synchronous" in stdout
     rows = records(tmp_path / "bench_step_quick.jsonl")
-    assert len(rows) == 10  # fo: 2 transports; hosl and zo: 2 transports x streaming and sync
+    # 2 transports each; hosl-central and zo also x streaming and sync
+    assert len(rows) == 14
 
-    def one(method, transport, probes="streaming"):
-        (r,) = [r for r in rows if (r["method"], r["transport"], r["probes"]) == (method, transport, probes)]
+    def one(variant, transport, probes="streaming"):
+        (r,) = [r for r in rows if (r["variant"], r["transport"], r["probes"]) == (variant, transport, probes)]
         return r
 
     # Frames per step: a BATCH and the uploads up; one answer per upload down. dist adds 8 bytes each.
-    for method, uploads in (("fo", 1), ("hosl", 3), ("zo", 2)):
-        local, dist = one(method, "local"), one(method, "dist")
+    for variant, uploads in (("fo", 1), ("hosl-central", 3), ("hosl-cut-grad", 1), ("zo", 2)):
+        local, dist = one(variant, "local"), one(variant, "dist")
         assert dist["bytes_up"] - local["bytes_up"] == 8 * (1 + uploads)
         assert dist["bytes_down"] - local["bytes_down"] == 8 * uploads
-    assert one("hosl", "local", "sync")["bytes_up"] == one("hosl", "local")["bytes_up"]
-    assert one("fo", "local")["bytes_down"] > one("hosl", "local")["bytes_down"] * 100  # dL/dh against losses
+    assert one("hosl-central", "local", "sync")["bytes_up"] == one("hosl-central", "local")["bytes_up"]
+    assert one("fo", "local")["bytes_down"] > one("hosl-central", "local")["bytes_down"] * 100  # dL/dh, losses
+    assert one("hosl-cut-grad", "local")["bytes_down"] == one("fo", "local")["bytes_down"]  # dL/dh and the loss
+    assert one("hosl-cut-grad", "local")["bytes_up"] == one("fo", "local")["bytes_up"]
     assert all(r["wall_s"] > 0 and r["client_s"] > 0 and r["server_s"] > 0 for r in rows)
     assert all(0 < r["noise_s"] < r["client_s"] for r in rows if r["method"] != "fo")
 
