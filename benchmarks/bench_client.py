@@ -55,15 +55,15 @@ SMOLLM2_BASE = ["--server-lr", "1e-5", "--optimizer", "adamw"]
 
 def smollm2_variants(client_lr: str) -> dict[str, list[str]]:
     zo = ["--client-lr", client_lr]
-    return {
+    return {  # in the order they run: the cheap and telling ones first
         "frozen-client": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1"],
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
-        "hosl-central-all": [*zo, "--zo-estimator", "central", "--q", "1", "--zo-embedding", "all"],
-        "hosl-central-rows": [*zo, "--zo-estimator", "central", "--q", "1"],
         "hosl-cut-grad-q1": [*zo, "--zo-estimator", "cut-grad", "--q", "1"],
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
         "hosl-client-lora-r8": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--client-lora-r", "8",
                                 "--server-lora-r", "0"],
+        "hosl-central-rows": [*zo, "--zo-estimator", "central", "--q", "1"],
+        "hosl-central-all": [*zo, "--zo-estimator", "central", "--q", "1", "--zo-embedding", "all"],
     }  # fmt: skip
 
 
