@@ -103,7 +103,9 @@ def run_one(args, name, flags, seed, k) -> Path | None:
     cmd = [sys.executable, "-m", "hosl.train", *flags, *extra, "--out", str(run_dir)]
     log(f"{name}: " + " ".join(cmd[1:]))
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if out.returncode != 0:
+        sys.exit(f"bench_client: {name} failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
     log(f"{name}: {time.perf_counter() - start:.0f} s")
     return run_dir
 

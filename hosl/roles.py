@@ -40,6 +40,7 @@ import torch
 from hosl import zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
+from hosl.rows import LookupRecorder, embedding_tables, input_embedding, step_rows
 from hosl.split import Activation, ClientModel, ServerModel, labelled_positions
 from hosl.tasks import target_scores
 from hosl.transport import Link, LinkError
@@ -70,35 +71,12 @@ def answers_with_grad(cfg: TrainConfig) -> bool:
     return cfg.method == "fo" or cfg.zo_estimator == "cut-grad"
 
 
-def input_embedding_name(model: torch.nn.Module) -> str | None:
-    """The name of `model`'s token-embedding weight among its parameters, or None. A table tied to
-    an output head is not row-sparse (the head reads every row), so it gets None too."""
-    stack = getattr(model, "stack", model)
-    get_in = getattr(stack, "get_input_embeddings", None)
-    table = get_in() if callable(get_in) else None
-    if not isinstance(table, torch.nn.Embedding):
-        return None
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None and getattr(head, "weight", None) is table.weight:
-        return None
-    return next((n for n, p in model.named_parameters() if p is table.weight), None)
-
-
 def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: int = 0) -> zo.ZOParams:
     """The ZO buffer of a model side: its trainable parameters in order (or `params`, named), with
-    the token embedding row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
+    its embedding tables row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
-    table = input_embedding_name(model) if cfg.zo_embedding == "rows" else None
-    sparse = [table] if table is not None and any(n == table for n, _ in named) else []
-    return zo.ZOParams(named, offset=offset, row_sparse=sparse)
-
-
-def step_rows(params: zo.ZOParams, batch) -> list[torch.Tensor] | None:
-    """The rows each row-sparse table of `params` gets this step: the batch's token ids."""
-    if not params.tables:
-        return None
-    return [torch.unique(batch["input_ids"]).cpu()] * len(params.tables)
+    tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
+    return zo.ZOParams(named, offset=offset, row_sparse=[n for n, _ in named if n in tables])
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float):
@@ -162,6 +140,7 @@ class SplitClient:
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
         else:
             self.zo = zo_params_of(model, cfg)
+            self.token_table = input_embedding(model)
             self.optimizer = None
             for _, p in params:
                 p.requires_grad_(False)  # forward only: no autograd graph, no saved activations
@@ -192,6 +171,14 @@ class SplitClient:
             h = self.model(input_ids=ids, attention_mask=mask)
         return h.hidden
 
+    def _clean_forward(self, batch) -> tuple[torch.Tensor, list | None]:
+        """The step's forward at w, and the embedding rows it looked up (hosl.rows)."""
+        if not self.zo.tables:
+            return self._forward(batch), None
+        with LookupRecorder(self.zo) as recorder:
+            hidden = self._forward(batch)
+        return hidden, step_rows(self.zo, batch, recorder)
+
     def _send_batch(self, step: int, batch, eval_: bool = False) -> None:
         tensors = {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}
         self.link.send(Frame(Kind.BATCH, step=step, tensors=tensors, meta={"eval": eval_}))
@@ -218,7 +205,6 @@ class SplitClient:
         start = time.perf_counter()
         client_s = 0.0
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
-        rows = step_rows(self.zo, batch)
         losses: dict[tuple[int, int], float] = {}
         server_meta: dict = {}
         pending = 0
@@ -226,11 +212,13 @@ class SplitClient:
         with torch.no_grad():
             if clean_first(cfg):
                 t = time.perf_counter()
-                hidden = self._forward(batch)
+                hidden, rows = self._clean_forward(batch)
                 client_s += time.perf_counter() - t
                 self._upload(step, 0, 0, hidden)
                 del hidden  # sent: the next forward runs without it
                 pending += 1
+            else:
+                rows = step_rows(self.zo, batch, token_table=self.token_table)
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
                 t = time.perf_counter()
                 self.zo.add_(probe.seeds, probe.scales, rows=rows)
@@ -265,11 +253,10 @@ class SplitClient:
         cfg = self.cfg
         start = time.perf_counter()
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
-        rows = step_rows(self.zo, batch)
         self._send_batch(step, batch)
         with torch.no_grad():
             t = time.perf_counter()
-            hidden = self._forward(batch)
+            hidden, rows = self._clean_forward(batch)
             client_s = time.perf_counter() - t
             self._upload(step, 0, 0, hidden)
             del hidden

@@ -40,10 +40,10 @@ from hosl.roles import (
     expected_uploads,
     load_tensors,
     make_optimizer,
-    step_rows,
     tensors_of,
     zo_params_of,
 )
+from hosl.rows import LookupRecorder, input_embedding, step_rows
 from hosl.split import SplitError, labelled_forward, labelled_positions, split_model, split_summary
 from hosl.tasks import (
     TaskError,
@@ -103,6 +103,7 @@ class FullModel:
             rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
             names = {id(p): n for n, p in model.named_parameters()}
             self.zo = zo_params_of(model, cfg, [(names[id(p)], p) for p in first + rest])
+            self.token_table = input_embedding(model)
             for p in model.parameters():
                 p.requires_grad_(False)
             self.optimizer = None
@@ -133,10 +134,13 @@ class FullModel:
             self.optimizer.zero_grad(set_to_none=True)
             return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
-        rows = step_rows(self.zo, batch)
         losses: dict[tuple[int, int], float] = {}
         with torch.no_grad():
-            clean = float(self._loss(batch)) if cfg.zo_estimator == "forward" else None
+            clean, recorder = None, None
+            if cfg.zo_estimator == "forward":
+                with LookupRecorder(self.zo) as recorder:
+                    clean = float(self._loss(batch))
+            rows = step_rows(self.zo, batch, recorder, self.token_table)
             for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
                 self.zo.add_(probe.seeds, probe.scales, rows=rows)
                 losses[(probe.probe, probe.sign)] = float(self._loss(batch))

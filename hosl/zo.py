@@ -171,14 +171,15 @@ class ZOParams:
         unknown = sorted(set(row_sparse) - set(self.names))
         if unknown:
             raise ValueError(f"row_sparse names parameters that are not here: {', '.join(unknown)}")
-        # (start, rows, width) of each row-sparse table in the buffer, in buffer order.
+        # (start, rows, width) of each row-sparse table in the buffer, and the parameter, in buffer order.
         self.tables: list[tuple[int, int, int]] = []
-        for p, start in zip(self.flat.params, self.flat.offsets):
+        self.table_params: list[torch.nn.Parameter] = []
+        for p, start in sorted(zip(self.flat.params, self.flat.offsets), key=lambda pair: pair[1]):
             if by_id.get(id(p)) in row_sparse:
                 if p.dim() != 2:
                     raise ValueError(f"row-sparse parameter {by_id[id(p)]} must be 2-D, got {tuple(p.shape)}")
                 self.tables.append((start, p.shape[0], p.shape[1]))
-        self.tables.sort()
+                self.table_params.append(p)
         # The dense stretches between the tables.
         self._dense: list[tuple[int, int]] = []
         at = 0
@@ -193,8 +194,9 @@ class ZOParams:
     def numel(self) -> int:
         return self.flat.flat.numel()
 
-    def add_(self, seeds: Sequence[int], scales: Sequence[float], rows: Sequence[torch.Tensor] | None = None) -> None:
-        """One noise pass. rows: one index tensor per row-sparse table (None: dense everywhere)."""
+    def add_(self, seeds: Sequence[int], scales: Sequence[float], rows: Sequence | None = None) -> None:
+        """One noise pass. rows: one entry per row-sparse table, an index tensor or None (that table
+        dense); rows=None: dense everywhere."""
         seeds, scales, buf = list(seeds), list(scales), self.flat.flat
         if rows is None or not self.tables:
             noise.add_(buf, seeds, scales, offset=self.offset)
@@ -204,8 +206,11 @@ class ZOParams:
         for lo, hi in self._dense:
             noise.add_(buf[lo:hi], seeds, scales, offset=self.offset + lo)
         for (start, n, width), picked in zip(self.tables, rows):
-            table = buf[start : start + n * width].view(n, width)
-            noise.add_rows_(table, picked, seeds, scales, offset=self.offset + start)
+            table = buf[start : start + n * width]
+            if picked is None:
+                noise.add_(table, seeds, scales, offset=self.offset + start)
+            else:
+                noise.add_rows_(table.view(n, width), picked, seeds, scales, offset=self.offset + start)
 
     def decay_(self, factor: float) -> None:
         if factor == 1.0:
@@ -222,17 +227,18 @@ class ZOParams:
             self.decay_(1.0 - lr * weight_decay)
 
 
-def encode_rows(rows: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Sorted distinct rows of each table as [first, gap, gap, ...]: short in JSON."""
-    out = []
+def encode_rows(rows: Sequence) -> list[list[int] | None]:
+    """Sorted distinct rows of each table as [first, gap, gap, ...] (short in JSON); None stays None
+    (a table dense that step)."""
+    out: list[list[int] | None] = []
     for picked in rows:
-        values = torch.unique(picked).tolist()
-        out.append([b - a for a, b in zip([0, *values], values)])
+        values = None if picked is None else torch.unique(picked).tolist()
+        out.append(None if values is None else [b - a for a, b in zip([0, *values], values)])
     return out
 
 
-def decode_rows(encoded: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    return [torch.tensor(gaps, dtype=torch.int64).cumsum(0) for gaps in encoded]
+def decode_rows(encoded: Sequence) -> list[torch.Tensor | None]:
+    return [None if gaps is None else torch.tensor(gaps, dtype=torch.int64).cumsum(0) for gaps in encoded]
 
 
 def finite(values) -> bool:

@@ -244,6 +244,31 @@ def test_rows_leave_the_unused_embedding_rows_untouched(tmp_path):
     assert (dense[unused] != initial[unused]).all(dim=1).all()
 
 
+def test_rows_of_a_learned_position_table_are_the_positions_used(tmp_path):
+    """OPT's learned position table: with a clean forward to record the lookups, only the positions
+    the batches used move; without one (--server-grad probe) the table stays dense. Both replay."""
+    common = dict(model="builtin:tiny-opt", zo_embedding="rows", steps=2, batch_size=4, max_length=24)
+    cfg = cfg_for(tmp_path, "clean", **common)
+    run(cfg)
+    model, _ = _model_and_batch(cfg)
+    client, _ = split_model(model, cfg.split_layer)
+    name = next(n for n in client.state_dict() if "embed_positions" in n)
+    initial = client.state_dict()[name]
+    trained = load_file(tmp_path / "clean" / "client.safetensors")[name]
+    moved = (trained != initial).any(dim=1)
+    # OPT looks positions up at 2 + (0 .. length - 1), and padding at 1: nothing past 2 + 24.
+    assert moved[2:10].all() and not moved[2 + cfg.max_length :].any(), moved.nonzero().flatten().tolist()
+    _assert_replays(cfg, tmp_path / "clean")
+    log = read_log(tmp_path / "clean" / "zo_log.jsonl")
+    assert all(len(r["rows"]) == 2 and None not in r["rows"] for r in log)  # tokens and positions
+    probe = cfg_for(tmp_path, "probe", server_grad="probe", **common)
+    run(probe)
+    dense = load_file(tmp_path / "probe" / "client.safetensors")[name]
+    assert (dense != initial).any(dim=1).all()
+    assert all(r["rows"][1] is None for r in read_log(tmp_path / "probe" / "zo_log.jsonl"))
+    _assert_replays(probe, tmp_path / "probe")
+
+
 def test_all_is_the_dense_step(tmp_path):
     """--zo-embedding all logs no rows and equals the dense ZO buffer's replay, bit for bit."""
     cfg = cfg_for(tmp_path, zo_embedding="all", q=2)

@@ -101,11 +101,38 @@ def test_row_sparse_end_step_is_the_update_on_those_rows():
 
 
 def test_rows_round_trip_through_the_log_encoding():
-    rows = [torch.tensor([40, 3, 3, 17, 0]), torch.tensor([], dtype=torch.int64)]
+    rows = [torch.tensor([40, 3, 3, 17, 0]), torch.tensor([], dtype=torch.int64), None]
     encoded = zo.encode_rows(rows)
-    assert encoded == [[0, 3, 14, 23], []]
+    assert encoded == [[0, 3, 14, 23], [], None]
     decoded = zo.decode_rows(encoded)
     assert torch.equal(decoded[0], torch.tensor([0, 3, 17, 40])) and decoded[1].numel() == 0
+    assert decoded[2] is None
+
+
+def test_a_table_without_rows_gets_the_dense_pass():
+    params = zo.ZOParams(_named(), row_sparse=["embed.weight"])
+    dense = params.flat.flat.clone()
+    noise.add_(dense, [3], [0.5])
+    params.add_([3], [0.5], rows=[None])
+    assert torch.equal(params.flat.flat, dense)
+
+
+def test_lookup_recorder_sees_the_rows_each_table_is_read_at():
+    """hosl.rows.LookupRecorder: the indices of every F.embedding call on a row-sparse table."""
+    from hosl.rows import LookupRecorder, embedding_tables, step_rows
+
+    torch.manual_seed(0)
+    tokens, positions, head = torch.nn.Embedding(30, 4), torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2)
+    model = torch.nn.ModuleDict({"tokens": tokens, "positions": positions, "head": head})
+    assert embedding_tables(model) == ["tokens.weight", "positions.weight"]
+    params = zo.ZOParams(list(model.named_parameters()), row_sparse=embedding_tables(model))
+    ids = torch.tensor([[5, 7, 5], [29, 0, 7]])
+    with LookupRecorder(params) as recorder:
+        head(tokens(ids) + positions(torch.arange(3)))
+    rows = step_rows(params, {"input_ids": ids}, recorder)
+    assert [r.tolist() for r in rows] == [[0, 5, 7, 29], [0, 1, 2]]
+    # No recorder: the token table from the batch's ids, the others dense.
+    assert step_rows(params, {"input_ids": ids}, token_table=tokens.weight)[1] is None
 
 
 def test_row_sparse_needs_a_table_of_the_buffer():
