@@ -26,8 +26,9 @@ SPLIT_METHODS = ("hosl", "fo", "zo")
 # What an unset --zo-estimator, --q and --client-lr become, by method. hosl's ZO client probes on
 # its own (cut-grad), so 8 probes cost it 16 client forwards and no server work, and ZO-SGD needs a
 # rate about 100x the first-order one; a loss-difference estimator pays a server forward per probe
-# and gets one probe. The embedded default run's client alone (--server-lr 0) reaches 0.99 with
-# hosl's defaults and 0.485 with the central, Q = 1, 1e-4 defaults they replace (README: Training).
+# and gets one probe. The embedded default run's client alone (--server-lr 0) reaches 0.95 with
+# hosl's defaults and 0.52 with the central, Q = 1, 1e-4 defaults they replace (3 seeds each;
+# benchmarks/bench_client.py, README: "Does the client learn?").
 METHOD_DEFAULTS = {
     "hosl": {"zo_estimator": "cut-grad", "client_lr": 1e-2},
     "fo": {"zo_estimator": "central", "client_lr": 1e-4},
@@ -104,7 +105,7 @@ class TrainConfig:
     zo_embedding: str = field(
         default="rows",
         metadata=_help(
-            "rows: ZO noise and updates on the token-embedding rows the step's batch uses; all: on every row",
+            "rows: ZO noise and updates only on the embedding-table rows the step's batch looks up; all: on every row",
             choices=("rows", "all"),
         ),
     )
@@ -225,6 +226,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        # A config saved before --zo-embedding existed ran dense noise: resuming it must go on so.
+        data.setdefault("zo_embedding", "all")
         return cls(**data)
 
     def identity(self) -> dict:

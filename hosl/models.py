@@ -113,14 +113,15 @@ def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
     if not leaves:
         raise ModelError(f"cannot add LoRA to {type(model).__name__}: peft has no default target modules for it")
     client, server = split_model(model, k)  # which side each module and parameter is on
-    sides = [(client, client_r), (server, server_r)]
+    pairs = ((client, client_r), (server, server_r))
+    sides = [({id(m) for m in side.modules()}, r) for side, r in pairs]
     ranks: dict[str, int] = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in leaves:
-            for side, r in sides:
-                if r and any(module is m for m in side.modules()):
+            for modules, r in sides:
+                if r and id(module) in modules:
                     ranks[name] = r
-    full = [{id(p) for p in side.parameters()} for side, r in sides if not r]
+    full = [{id(p) for p in side.parameters()} for side, r in pairs if not r]
     if not ranks:
         return model
     config = peft.LoraConfig(

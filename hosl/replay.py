@@ -52,8 +52,8 @@ def replay_run(run_dir: str | Path):
 
 
 def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:
-    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order, the token
-    embedding row-sparse under --zo-embedding rows."""
+    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order, its
+    embedding tables row-sparse under --zo-embedding rows."""
     from hosl.roles import zo_params_of
 
     return zo_params_of(client, cfg)

@@ -282,6 +282,14 @@ def test_all_is_the_dense_step(tmp_path):
     assert all(torch.equal(p.detach(), saved[n]) for n, p in client.named_parameters())
 
 
+def test_a_config_from_before_rows_stays_dense():
+    """A config.json saved before --zo-embedding existed resumes with the dense noise it ran."""
+    saved = json.loads(TrainConfig().to_json())
+    del saved["zo_embedding"]
+    assert TrainConfig.from_json(json.dumps(saved)).zo_embedding == "all"
+    assert TrainConfig.from_json(TrainConfig().to_json()).zo_embedding == "rows"
+
+
 def test_defaults_per_method():
     """Unset ZO flags take the method's defaults: hosl probes with cut-grad, the others as before."""
     hosl = TrainConfig()
