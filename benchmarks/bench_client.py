@@ -83,9 +83,11 @@ def suite_runs(args) -> list[tuple[str, str, int, int | None, list[str]]]:
     for k in args.ks:  # where the client matters: fo against the frozen client, first seed
         for variant in ("fo", "frozen-client"):
             runs.append((f"{variant}-k{k}-s{args.seeds[0]}", variant, args.seeds[0], k, [*base, *variants[variant]]))
+    k = args.split_layer
     for seed in args.seeds:
         for variant, flags in variants.items():
-            runs.append((f"{variant}-k{args.split_layer}-s{seed}", variant, seed, args.split_layer, [*base, *flags]))
+            if args.variants is None or variant in args.variants:
+                runs.append((f"{variant}-k{k}-s{seed}", variant, seed, k, [*base, *flags]))
     return list({r[0]: r for r in runs}.values())  # the k sweep's runs at --split-layer are not run twice
 
 
@@ -180,6 +182,9 @@ def main(argv=None):
     smol.add_argument("--split-layer", type=int, default=10, help="the k of the variant comparison")
     smol.add_argument("--steps", type=int, default=100)
     smol.add_argument("--client-lr", default="1e-5", help="the ZO client's rate for the hosl variants")
+    smol.add_argument(
+        "--variants", nargs="+", default=None, choices=list(smollm2_variants("0")), help="a subset (default: all)"
+    )
     smol.add_argument("--task", default="sst2")
     smol.add_argument("--train-examples", type=int, default=1000)
     smol.add_argument("--eval-examples", type=int, default=300)
