@@ -62,6 +62,13 @@ def _triton_kernels():
     return kernels, interpreted
 
 
+def _triton_launch(seed_list: list[int], device: torch.device):
+    """(kernels, seeds as an int64 tensor on device, Philox counters per program) for a Triton call."""
+    kernels, interpreted = _triton_kernels()
+    seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=device)
+    return kernels, seeds_t, _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+
+
 def _why_not(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run on `device`, else the reason it cannot."""
     if backend == "torch":
@@ -221,9 +228,7 @@ def add_(
             torch.get_num_threads(),
         )
     elif name == "triton":
-        kernels, interpreted = _triton_kernels()
-        seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=x.device)
-        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+        kernels, seeds_t, block = _triton_launch(seed_list, x.device)
         with torch.no_grad():
             kernels.add_noise_(x, seeds_t, scale_t.to(x.device), offset, block)
     else:
@@ -285,9 +290,7 @@ def add_rows_(
             torch.get_num_threads(),
         )
     elif name == "triton":
-        kernels, interpreted = _triton_kernels()
-        seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=table.device)
-        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+        kernels, seeds_t, block = _triton_launch(seed_list, table.device)
         with torch.no_grad():
             kernels.add_noise_rows_(table, row_t.to(table.device), seeds_t, scale_t.to(table.device), offset, block)
     else:
