@@ -2,7 +2,8 @@
 tensors, small JSON metadata) to bytes and back, checked end to end with a CRC-32C.
 
     encode_frame(frame, compression=None) -> 1-D uint8 CPU tensor
-    decode_frame(buf, *, max_bytes=MAX_FRAME_BYTES) -> Frame        FrameError for any bad input
+    decode_frame(buf, *, max_bytes=MAX_FRAME_BYTES, max_tensors=MAX_TENSORS) -> Frame
+                                                                    FrameError for any bad input
 
 FrameQueue moves encoded frames between threads through hosl._C.BoundaryBuffer, a bounded ring of
 preallocated slots. The byte work (copies, casts, quantisation, CRC) is C++ in hosl._C and runs
@@ -97,6 +98,12 @@ version-1 frame: too short, bad magic, another version, a length field that disa
 buffer (truncated, trailing bytes) or exceeds max_bytes (oversized), a bad field, a CRC mismatch,
 and, after the CRC passed, any descriptor, padding, metadata or data that breaks the layout above
 (the CRC catches accidents, not a frame built wrong). It never returns a partly decoded frame.
+
+What a frame can cost the reader is bounded by the caps, whatever its bytes say: at most
+max_tensors tensors (the per-tensor work), and at most max_bytes bytes of decoded tensor data in
+all (the memory: compression makes a tensor larger once decoded, up to 8x for float64 sent as
+int8, so the wire size alone does not bound it). A peer's frame is decoded with the caps of what
+its session can legitimately send (hosl.transport.Link.max_frame_bytes).
 """
 
 from __future__ import annotations
@@ -119,6 +126,7 @@ MAGIC = b"HOSL"
 HEADER_BYTES = 48
 MAX_FRAME_BYTES = 1 << 34  # decode_frame's default cap (16 GiB): a corrupt length must not become an allocation
 MAX_META_BYTES = 1 << 20  # metadata is small by design; tensors carry the data
+MAX_TENSORS = 1024  # decode_frame's default cap on a frame's tensor count (hosl's own frames carry a few)
 MAX_NDIM = 64
 MAX_NAME_BYTES = (1 << 16) - 1
 COMPRESSIONS = (None, "fp16", "bf16", "int8")
@@ -486,7 +494,7 @@ def _decode_meta(data: memoryview) -> dict:
     return meta
 
 
-def _read_tensor(C, reader: _Reader, frame_ptr: int, index: int) -> tuple[str, torch.Tensor]:
+def _read_tensor(C, reader: _Reader, frame_ptr: int, index: int, budget: list[int]) -> tuple[str, torch.Tensor]:
     def bad(msg):
         return FrameError(f"bad tensor descriptor #{index}: {msg}")
 
@@ -517,8 +525,8 @@ def _read_tensor(C, reader: _Reader, frame_ptr: int, index: int) -> tuple[str, t
             f"{name!r} has {data_bytes} data bytes; shape {list(shape)} in {_ENCODING_NAMES[encoding]} "
             f"needs {numel * itemsize}"
         )
-    if encoding == _INT8 and numel == 0:
-        raise bad(f"{name!r}: int8 encoding needs a tensor with elements")
+    if encoding == _INT8 and (ndim == 0 or numel == 0):
+        raise bad(f"{name!r}: int8 encoding needs a tensor with dimensions and elements")
     data_offset = reader.offset
     reader.take(data_bytes, f"{where} data")
     reader.skip_pad(f"{where} data")
@@ -528,6 +536,9 @@ def _read_tensor(C, reader: _Reader, frame_ptr: int, index: int) -> tuple[str, t
         scales_offset = reader.offset
         reader.take(4 * (numel // row_len), f"{where} int8 scales")
         reader.skip_pad(f"{where} int8 scales")
+    budget[0] -= numel * dtype.itemsize
+    if budget[0] < 0:
+        raise FrameError(f"oversized: tensor #{index} ({name!r}) takes the decoded data past max_bytes")
     out = torch.empty(shape, dtype=dtype)
     bad_row = C.decode_tensor(
         frame_ptr,
@@ -547,18 +558,23 @@ def _read_tensor(C, reader: _Reader, frame_ptr: int, index: int) -> tuple[str, t
     return name, out
 
 
-def decode_frame(buf, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+def decode_frame(buf, *, max_bytes: int = MAX_FRAME_BYTES, max_tensors: int = MAX_TENSORS) -> Frame:
     """The Frame in buf (a uint8 tensor, bytes, bytearray or memoryview holding exactly one frame).
 
     Raises FrameError, saying what was wrong, unless buf is a well-formed version-1 frame of at most
-    max_bytes bytes whose CRC matches. The tensors returned are new CPU tensors; buf can be reused.
+    max_bytes bytes, whose CRC matches, with at most max_tensors tensors holding at most max_bytes
+    bytes once decoded. The tensors returned are new CPU tensors; buf can be reused.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < HEADER_BYTES:
         raise ValueError(f"max_bytes must be an int >= {HEADER_BYTES}; got {max_bytes!r}")
+    if isinstance(max_tensors, bool) or not isinstance(max_tensors, numbers.Integral) or max_tensors < 0:
+        raise ValueError(f"max_tensors must be an int >= 0; got {max_tensors!r}")
     C = _require()
     view, ptr, _owner = _bytes_of(buf)
     fields = _read_header(view, max_bytes)
     _, _, kind, sign, _, client_id, step, probe, count, meta_bytes, crc, _ = fields
+    if count > max_tensors:
+        raise FrameError(f"oversized: {count} tensors, more than max_tensors={max_tensors}")
 
     # The CRC before anything past the header is read: bytes damaged on the way are reported as such.
     header = bytearray(view[:HEADER_BYTES])
@@ -572,8 +588,9 @@ def decode_frame(buf, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     meta = _decode_meta(reader.take(meta_bytes, "metadata"))
     reader.skip_pad("metadata")
     tensors = {}
+    budget = [max_bytes]  # decoded bytes left
     for index in range(count):
-        name, tensor = _read_tensor(C, reader, ptr, index)
+        name, tensor = _read_tensor(C, reader, ptr, index, budget)
         if name in tensors:
             raise FrameError(f"bad tensor descriptor #{index}: duplicate name {name!r}")
         tensors[name] = tensor

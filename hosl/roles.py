@@ -79,6 +79,14 @@ def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: 
     return zo.ZOParams(named, offset=offset, row_sparse=[n for n, _ in named if n in tables])
 
 
+def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -> int:
+    """The largest frame a session of cfg can legitimately send, with margin: an evaluation batch's
+    activation (every candidate row of eval_batch_size examples) in float32. The local link's slots
+    are this size, and each end refuses a longer frame from its peer before allocating it."""
+    rows = max(cfg.batch_size, cfg.eval_batch_size * candidates)
+    return rows * cfg.max_length * (hidden_size * 4 + 32) + (1 << 20)
+
+
 def make_optimizer(params, cfg: TrainConfig, lr: float):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -133,6 +141,7 @@ class SplitClient:
         self.cfg = cfg
         self.model = model
         self.link = link
+        link.max_frame_bytes = frame_bytes_limit(cfg, model.stack.config.hidden_size)
         self.device = device_of(model)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if cfg.method == "fo":
@@ -339,6 +348,7 @@ class SplitServer:
         self.cfg = cfg
         self.model = model
         self.link = link
+        link.max_frame_bytes = frame_bytes_limit(cfg, model.hidden_size)
         self.device = device_of(model)
         self.run_dir = run_dir
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -38,6 +38,7 @@ from hosl.roles import (
     compute_precision,
     device_of,
     expected_uploads,
+    frame_bytes_limit,
     load_tensors,
     make_optimizer,
     tensors_of,
@@ -428,7 +429,7 @@ def run(cfg: TrainConfig) -> dict:
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
     del model
-    act_bytes = _slot_bytes(cfg, client_model)
+    act_bytes = frame_bytes_limit(cfg, client_model.stack.config.hidden_size)
     client_link, server_link = local_links(
         slots=8,
         slot_bytes=act_bytes,
@@ -475,13 +476,6 @@ def _side_params(sizes) -> dict:
         "client_trainable_params": sizes.client.trainable,
         "server_trainable_params": sizes.server.trainable,
     }
-
-
-def _slot_bytes(cfg: TrainConfig, client_model) -> int:
-    """Room for the largest frame: an evaluation batch's activation (every candidate row), with margin."""
-    hidden = client_model.stack.config.hidden_size
-    rows = max(cfg.batch_size, cfg.eval_batch_size * 4)
-    return rows * cfg.max_length * (hidden * 4 + 32) + (1 << 20)
 
 
 def _save_final(run_dir: Path, trainer) -> None:

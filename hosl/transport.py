@@ -8,6 +8,11 @@ in a LinkError on the other side that says which and what to look at. An end tha
 `fail(message)` first: its peer then gets the message as a PeerError instead of waiting out the
 timeout.
 
+A peer is not trusted with the reader's memory: a received frame is refused (LinkError, from a
+FrameError) before it is allocated when it is longer than `max_frame_bytes`, and decoded with that
+cap on its tensor data and at most `max_tensors` tensors. The roles set max_frame_bytes to the
+largest frame their session can legitimately send (hosl.roles.frame_bytes_limit).
+
 Counting: `bytes_sent` / `bytes_received` are what crosses, frames plus the transport's own framing
 (dist sends an 8-byte length before each frame). On the client, sent is "up" and received "down".
 
@@ -25,7 +30,16 @@ import os
 
 import torch
 
-from hosl.boundary import BufferClosedError, Frame, FrameError, FrameQueue, Kind, decode_frame, encode_frame
+from hosl.boundary import (
+    MAX_FRAME_BYTES,
+    BufferClosedError,
+    Frame,
+    FrameError,
+    FrameQueue,
+    Kind,
+    decode_frame,
+    encode_frame,
+)
 
 __all__ = ["Link", "LinkError", "LinkTimeout", "PeerError", "dist_link", "local_links", "TRANSPORTS"]
 
@@ -51,6 +65,8 @@ class PeerError(LinkError):
 class Link:
     """One end of a client-server connection; see the module docstring."""
 
+    MAX_TENSORS = 8  # hosl's frames carry at most two
+
     def __init__(self, role: str, timeout: float, compression: str | None, client_id: int):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -65,6 +81,8 @@ class Link:
         self.frames_sent = self.frames_received = 0
         self.closed = False
         self.broken = False  # a send or receive failed: the peer is gone or the channel is unusable
+        self.max_frame_bytes = MAX_FRAME_BYTES  # the largest frame accepted, in bytes
+        self.max_tensors = self.MAX_TENSORS
 
     def send(self, frame: Frame) -> None:
         """Encode and send one frame (the link's compression applies to activations and gradients)."""
@@ -89,10 +107,13 @@ class Link:
         except LinkError:
             self.broken = True
             raise
+        except FrameError as exc:  # a length refused before its bytes were read: the stream is lost
+            self.broken = True
+            raise LinkError(f"the {self.role} received a bad frame from the {self.peer}: {exc}") from exc
         self.bytes_received += wire
         self.frames_received += 1
         try:
-            frame = decode_frame(buf)
+            frame = decode_frame(buf, max_bytes=self.max_frame_bytes, max_tensors=self.max_tensors)
         except FrameError as exc:
             raise LinkError(f"the {self.role} received a bad frame from the {self.peer}: {exc}") from exc
         if frame.kind == Kind.ERROR:
@@ -282,8 +303,8 @@ class _DistLink(Link):
         self._reap(self.MAX_IN_FLIGHT)
         self._wait(lambda: self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
         n = int(self._length[0])
-        if n < 0 or n > (1 << 40):
-            raise LinkError(f"the {self.role} received an impossible frame length {n} from the {self.peer}")
+        if not 0 <= n <= self.max_frame_bytes:  # before anything is allocated for it
+            raise FrameError(f"oversized: a length prefix of {n} bytes, the limit is {self.max_frame_bytes}")
         if self._scratch.numel() < n:
             self._scratch = torch.empty(n, dtype=torch.uint8)
         buf = self._scratch[:n]

@@ -5,7 +5,8 @@ printed as JSON (and written to OUT_DIR/<role>.json if given); a link failure pr
     python tests/_exchange.py MODE TRANSPORT [TIMEOUT [OUT_DIR]]   (dist: RANK etc. in the environment)
 
 MODE: exchange (the whole round trip), client-dies (the client says hello, then waits to be killed),
-client-silent (the client says hello, then sleeps past the server's timeout), stream (dist only:
+client-silent (the client says hello, then sleeps past the server's timeout), rogue-length (dist
+only: after hello the client sends a length prefix of 2^40 bytes, as a hostile peer would), stream (dist only:
 the client streams STREAM_ROUNDS rounds of STREAM_FRAMES 1-MiB frames before reading the answers
 and reports the most bytes its link held in unfinished sends).
 """
@@ -40,6 +41,12 @@ def client_side(link, mode, client):
     if mode == "client-dies":
         print("ready", flush=True)
         time.sleep(3600)
+    if mode == "rogue-length":
+        import torch.distributed as dist
+
+        dist.send(torch.tensor([1 << 40], dtype=torch.int64), dst=0)
+        time.sleep(2)  # the server must refuse it at once, without waiting for 1 TiB to arrive
+        return {}
     if mode == "client-silent":
         time.sleep(2 * link.timeout + 5)
         return {}
@@ -76,6 +83,7 @@ def stream_server(link):
 
 
 def server_side(link, server):
+    link.max_frame_bytes = 2 << 20  # this session's largest frame: a stream frame is 1 MiB
     hello = link.recv()
     assert hello.kind == Kind.HELLO
     if hello.meta.get("mode") == "stream":

@@ -1,5 +1,6 @@
 """hosl.boundary vs its contract: exact round trips, torch casts and error bounds, CRC vectors, FrameError, FIFO."""
 
+import math
 import os
 import platform
 import random
@@ -676,6 +677,32 @@ def test_forged_frames_with_valid_crc_raise_frame_error(name):
         decode_frame(bytes(forge(buf)))
 
 
+def test_int8_encoding_of_a_0_dim_tensor_is_a_frame_error():
+    """A 0-dim tensor has no rows to quantise: a forged int8 descriptor on one is refused, not an IndexError."""
+    buf = bytearray(encode_frame(Frame(Kind.LOSS, tensors={"loss": torch.tensor(1.5)})).numpy())
+    d = descriptor_at(buf)
+    buf[d + 3] = 3  # encoding int8
+    struct.pack_into("<Q", buf, d + 8, 1)  # one byte of data, as int8 would hold a 1-element tensor
+    with pytest.raises(FrameError, match="int8 encoding needs a tensor with dimensions"):
+        decode_frame(bytes(forge(buf)))
+
+
+def test_caps_bound_what_a_frame_costs_to_decode():
+    # Zero-size tensors cost no bytes to send but work to decode: at most max_tensors of them.
+    many = Frame(Kind.ACT, tensors={f"t{i}": torch.empty(0) for i in range(40)})
+    buf = encode_frame(many)
+    assert len(decode_frame(buf).tensors) == 40
+    with pytest.raises(FrameError, match="oversized: 40 tensors, more than max_tensors=39"):
+        decode_frame(buf, max_tensors=39)
+    # float64 sent as int8 decodes to 8x its wire bytes: the decoded data are capped by max_bytes too.
+    x = torch.randn(64, 256, dtype=torch.float64)
+    buf = encode_frame(Frame(Kind.ACT, tensors={"x": x}), "int8")
+    assert x.nbytes > 7 * buf.numel()
+    assert decode_frame(buf, max_bytes=x.nbytes).tensors["x"].shape == x.shape
+    with pytest.raises(FrameError, match="takes the decoded data past max_bytes"):
+        decode_frame(buf, max_bytes=x.nbytes - 1)
+
+
 def test_forged_data_errors():
     x = torch.randn(3, 10)
     buf = bytearray(encode_frame(Frame(Kind.ACT, tensors={"x": x}), "int8").numpy())
@@ -714,6 +741,94 @@ def test_random_forged_mutations_never_escape_as_other_errors():
         except FrameError:
             outcomes["FrameError"] += 1
     assert outcomes["decoded"] > 0 and outcomes["FrameError"] > 0, outcomes
+
+
+def fuzz_frames():
+    """Frames of every shape class the decoder branches on (0-dim, 0-size, float64, int8, bool, meta),
+    each with the offsets and element counts of its tensor descriptors, walked from the documented layout."""
+    g = torch.Generator().manual_seed(12)
+    frames = small_frames()
+    cases = [
+        ({"loss": torch.tensor(0.5)}, None),
+        ({"n": torch.tensor(3, dtype=torch.int8), "loss": torch.tensor(0.5, dtype=torch.float64)}, None),
+        ({"e": torch.empty(0, 3), "x": torch.randn(4, 8, dtype=torch.float64, generator=g)}, "int8"),
+        ({"x": torch.randn(3, 1, 5, generator=g).to(torch.bfloat16), "b": torch.ones(2, dtype=torch.bool)}, "fp16"),
+        ({f"z{i}": torch.empty(0) for i in range(6)}, None),
+    ]
+    for tensors, compression in cases:
+        frames.append(bytes(encode_frame(Frame(Kind.GRAD, tensors=tensors, meta={"k": [1, 2]}), compression).numpy()))
+    walked = []
+    for buf in frames:
+        count, meta_bytes = struct.unpack_from("<II", buf, 28)
+        at, descriptors = 48 + meta_bytes + (-meta_bytes % 8), []
+        for _ in range(count):
+            name_bytes, _, encoding, ndim, data_bytes = struct.unpack_from("<HBBIQ", buf, at)
+            shape = struct.unpack_from(f"<{ndim}Q", buf, at + 16)
+            descriptors.append((at, math.prod(shape)))
+            at += 16 + 8 * ndim + name_bytes
+            at += -at % 8 + data_bytes
+            at += -at % 8
+            if encoding == 3:
+                at += 4 * (math.prod(shape) // shape[-1])
+                at += -at % 8
+        assert at == len(buf)
+        walked.append((buf, descriptors))
+    return walked
+
+
+def mutate(rng, buf, descriptors):
+    """1 to 6 edits: bytes anywhere past the magic, whole length fields, and descriptor fields set to
+    values that agree with each other often enough to pass the early checks (a dtype with an encoding,
+    a data length that matches a shape)."""
+    buf = bytearray(buf)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.random()
+        if descriptors and kind < 0.5:
+            at, numel = rng.choice(descriptors)
+            field = rng.randrange(4)
+            if field == 0:
+                buf[at + 2] = rng.choice([*range(1, 11), 0, 99])  # dtype
+            elif field == 1:
+                buf[at + 3] = rng.choice([0, 1, 2, 3, 9])  # encoding
+            elif field == 2:
+                struct.pack_into("<I", buf, at + 4, rng.choice([0, 1, 2, 3, 64, 2**31]))  # ndim
+            else:
+                struct.pack_into("<Q", buf, at + 8, numel * rng.choice([0, 1, 2, 4, 8, 2**40]) % 2**64)  # data_bytes
+        elif kind < 0.7:  # a whole little-endian field: lengths, counts, shapes
+            at, width = rng.randrange(8, len(buf)), rng.choice([2, 4, 8])
+            value = rng.choice([0, 1, 2**31, 2**40, 2**63, rng.randrange(2 ** (8 * width))])
+            buf[at : at + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")[: len(buf) - at]
+        else:
+            buf[rng.randrange(8, len(buf))] = rng.choice([0, 1, 2, 3, 7, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+    return forge(buf)
+
+
+@pytest.mark.slow
+def test_fuzzed_frames_only_ever_raise_frame_error_in_bounded_time_and_memory():
+    """20,000 mutated frames with a valid CRC, decoded with a session's caps: each decodes or raises
+    FrameError, within a bounded time, and what it decodes to stays within the caps."""
+    import resource
+
+    frames = fuzz_frames()
+    rng = random.Random(13)
+    max_bytes, max_tensors = 1 << 16, 8
+    outcomes = {"decoded": 0, "FrameError": 0}
+    slowest, rss_before = 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(20_000):
+        buf = bytes(mutate(rng, *rng.choice(frames)))
+        start = time.perf_counter()
+        try:
+            frame = decode_frame(buf, max_bytes=max_bytes, max_tensors=max_tensors)
+            outcomes["decoded"] += 1
+            assert len(frame.tensors) <= max_tensors
+            assert sum(t.nbytes for t in frame.tensors.values()) <= max_bytes
+        except FrameError:
+            outcomes["FrameError"] += 1
+        slowest = max(slowest, time.perf_counter() - start)
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    assert outcomes["decoded"] > 100 and outcomes["FrameError"] > 10_000, outcomes
+    assert slowest < 0.5, f"one frame took {slowest:.3f} s to decode"
+    assert rss_growth < 64 << 20, f"peak memory grew by {rss_growth / 2**20:.0f} MiB"
 
 
 # ------------------------------------------------------------------------- BoundaryBuffer, FrameQueue

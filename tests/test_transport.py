@@ -157,6 +157,18 @@ def test_silent_client_times_the_server_out():
     assert err.strip().splitlines()[-1].startswith("error: the server waited 4 s to receive from the client")
 
 
+def test_dist_refuses_an_oversized_length_before_allocating_it():
+    server, client = _start_pair("rogue-length", 30)
+    try:
+        _, err = server.communicate(timeout=120)
+    finally:
+        client.kill()
+    assert server.returncode == 3, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the server received a bad frame from the client: oversized: a length prefix "
+                           "of 1099511627776 bytes, the limit is 2097152"), last  # fmt: skip
+
+
 def test_dist_link_needs_its_environment(monkeypatch):
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
