@@ -138,6 +138,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation batch"))
     log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
     save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only the final weights)"))
+    save_total_limit: int = field(
+        default=1, metadata=_help("checkpoints kept (the newest; an older one is deleted only after a newer is whole)")
+    )
     out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue the run in this directory from its checkpoint"))
     transport: str = field(
@@ -181,7 +184,8 @@ class TrainConfig:
                 raise ValueError(f"{_flag(f.name)} needs a value (its default depends on --method)")
             if choices is not None and value not in choices:
                 raise ValueError(f"{_flag(f.name)} must be one of {_fmt_choices(choices)}, got {value!r}")
-        positive = {"max_length": 1, "batch_size": 1, "steps": 0, "eval_batch_size": 1, "log_every": 1}
+        positive = {"max_length": 1, "batch_size": 1, "steps": 0, "eval_batch_size": 1, "log_every": 1,
+                    "save_total_limit": 1}  # fmt: skip
         for name, low in positive.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
@@ -211,6 +215,8 @@ class TrainConfig:
             raise ValueError(f"--zo-estimator cut-grad needs --method hosl (a first-order server), got {self.method}")
         if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
             raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
+        if self.transport == "dist" and not (self.out or self.resume):
+            raise ValueError("--transport dist needs --out: each side keeps its files there (one machine: the same)")
         if self.transport == "dist" and self.method not in SPLIT_METHODS:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
 
@@ -243,7 +249,18 @@ class TrainConfig:
 # computes. None of these changes the method; the device changes only the forward's rounding (the
 # ZO noise is the same bits everywhere), so bit-identical resumption holds on the same device.
 RUN_ONLY = frozenset(
-    {"steps", "eval_every", "log_every", "save_every", "out", "resume", "timeout", "transport", "device"}
+    {
+        "steps",
+        "eval_every",
+        "log_every",
+        "save_every",
+        "save_total_limit",
+        "out",
+        "resume",
+        "timeout",
+        "transport",
+        "device",
+    }  # fmt: skip
 )
 
 

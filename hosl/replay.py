@@ -11,11 +11,12 @@ CPU kernel, the Triton kernel and the torch reference.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from hosl import zo
+from hosl import checkpoint, zo
 from hosl.config import TrainConfig
 
 
@@ -42,6 +43,7 @@ def replay_run(run_dir: str | Path):
     from hosl.train import _build, _load_data
 
     run_dir = Path(run_dir)
+    verify_run(run_dir)
     cfg = TrainConfig.from_json((run_dir / "config.json").read_text())
     if not cfg.model.startswith("builtin:") or cfg.method != "hosl":
         raise ValueError("replay_run rebuilds the initial weights of builtin-model hosl runs only")
@@ -49,6 +51,20 @@ def replay_run(run_dir: str | Path):
     client, _ = split_model(model, cfg.split_layer)
     replay(client_zo_params(client, cfg), cfg, read_log(run_dir / "zo_log.jsonl"))
     return client
+
+
+def verify_run(run_dir: Path) -> None:
+    """The run's config, log and final weights against its manifest.json (hosl.checkpoint):
+    CheckpointError naming the first file that differs. A run without one (unfinished, or from an
+    older hosl) is replayed unverified, with a warning."""
+    manifest_path = Path(run_dir) / checkpoint.MANIFEST
+    if not manifest_path.exists():
+        logging.getLogger("hosl.replay").warning("%s has no %s: replaying unverified", run_dir, checkpoint.MANIFEST)
+        return
+    manifest = checkpoint.read_manifest(manifest_path)
+    checkpoint.verify(run_dir, manifest, missing_ok=checkpoint.SERVER_FILES)
+    if manifest.get("config.json") != checkpoint.sha256_file(Path(run_dir) / "config.json"):
+        raise checkpoint.CheckpointError(f"{Path(run_dir) / 'config.json'}: its SHA-256 differs from the manifest's")
 
 
 def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:

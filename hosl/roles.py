@@ -3,7 +3,8 @@
 Per training step the client sends one BATCH frame (labels and attention mask) and then ACT frames
 (the activation at the cut), and the server answers each ACT with a LOSS frame (for `fo`, a GRAD
 frame: dL/dh and the loss). Evaluation is a BATCH frame marked eval and one ACT; the server answers
-with the rank-classification scores. CONTROL frames save, load and stop. The server knows from the
+with the rank-classification scores. CONTROL frames save, commit and load a
+checkpoint (hosl.checkpoint), save the final weights, and stop. The server knows from the
 config (checked at HELLO) how many ACT frames a step has, so no frame says "end of step".
 
     hosl  central: clean h, then h(w + mu z_q), h(w - mu z_q) for q = 1..Q        1 + 2Q uploads
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from hosl import zo
+from hosl import checkpoint, zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
 from hosl.rows import LookupRecorder, embedding_tables, input_embedding, step_rows
@@ -496,18 +497,51 @@ class SplitServer:
         self.link.send(Frame(Kind.LOSS, step=batch.step, tensors={"scores": scores}))
 
     def _control(self, frame: Frame) -> bool:
-        op = frame.meta.get("op")
+        """stop; save, commit and load a checkpoint of a step; final weights. The server keeps its
+        files in its own run directory (hosl.checkpoint): a frame names a step, never a path."""
+        op, meta = frame.meta.get("op"), frame.meta
         if op == "stop":
             return False
+        reply: dict = {"op": op}
         if op == "save":
-            path = Path(frame.meta["dir"])
-            save_server(self, path)
+            step, _ = checkpoint.check_server_request(meta, op)
+            directory = checkpoint.tmp_dir(self._state_dir(), step)
+            directory.mkdir(parents=True, exist_ok=True)  # the client's, when the two share a run directory
+            reply["files"] = save_server(self, directory)
+        elif op == "commit":
+            step, _ = checkpoint.check_server_request(meta, op)
+            keep = meta.get("keep")
+            if not (isinstance(keep, list) and len(keep) <= 1 << 16 and all(type(s) is int for s in keep)):
+                raise ValueError("CONTROL commit: keep must be a list of steps")
+            tmp = checkpoint.tmp_dir(self._state_dir(), step)
+            if tmp.exists():  # not renamed by the client: this run directory is the server's own
+                checkpoint.commit(tmp, checkpoint.step_dir(self._state_dir(), step))
+            checkpoint.prune(self._state_dir(), keep)
         elif op == "load":
-            load_server_state(self, Path(frame.meta["dir"]))
+            step, files = checkpoint.check_server_request(meta, op)
+            directory = checkpoint.step_dir(self._state_dir(), step)
+            if not directory.exists():  # killed between the client's rename and the server's
+                directory = checkpoint.tmp_dir(self._state_dir(), step)
+            needed = ["server.safetensors"] + (["server_optimizer.pt"] if self.optimizer is not None else [])
+            unlisted = [n for n in needed if n not in files]
+            if unlisted:
+                raise checkpoint.CheckpointError(f"CONTROL load: the client's manifest lists no {unlisted[0]}")
+            checkpoint.verify(directory, {"files": files})
+            load_server_state(self, directory)
+        elif op == "final":
+            path = self._state_dir() / "server.safetensors"
+            save_weights(self.model, path)
+            reply["files"] = {path.name: checkpoint.sha256_file(path)}
         else:
             raise LinkError(f"unknown CONTROL op {op!r}")
-        self.link.send(Frame(Kind.CONTROL, meta={"op": op}))
+        self.link.send(Frame(Kind.CONTROL, meta=reply))
         return True
+
+    def _state_dir(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError("this server has no run directory to keep its state in")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.run_dir
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -528,13 +562,27 @@ def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> N
             p.copy_(tensors[name])
 
 
-def save_server(server: SplitServer, directory: Path) -> None:
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """The module's parameters as safetensors at path, written beside it and renamed into place."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors_of(module), tmp)
+    tmp.replace(path)
+
+
+def save_server(server: SplitServer, directory: Path) -> dict[str, str]:
+    """The server's weights and optimiser state into directory; {file name: SHA-256}."""
+    from safetensors.torch import save_file
+
     save_file(tensors_of(server.model), directory / "server.safetensors")
+    names = ["server.safetensors"]
     if server.optimizer is not None:
         torch.save(server.optimizer.state_dict(), directory / "server_optimizer.pt")
+        names.append("server_optimizer.pt")
+    for name in names:
+        checkpoint.sync_file(directory / name)
+    return checkpoint.digests(directory, names)
 
 
 def load_server_state(server: SplitServer, directory: Path) -> None:

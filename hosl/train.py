@@ -7,8 +7,10 @@ line on stderr and exit status 2; a broken link one line and exit status 1.
 
 The run directory (--out) receives config.json, metrics.jsonl (one line per logged step),
 zo_log.jsonl (the client's projected gradients, for hosl.replay), summary.json, the final weights
-as safetensors, and checkpoint/ when --save-every is set. `--resume DIR` continues such a run and
-ends with the same bits as a run that never stopped.
+as safetensors, manifest.json (their SHA-256 digests), and checkpoint-<step>/ when --save-every is
+set (hosl.checkpoint: atomic, verified, the last --save-total-limit kept). `--resume DIR` verifies
+the newest checkpoint, continues the run from it and ends with the same bits as a run that never
+stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from hosl import zo
+from hosl import checkpoint, zo
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
 from hosl.roles import (
@@ -41,6 +43,7 @@ from hosl.roles import (
     frame_bytes_limit,
     load_tensors,
     make_optimizer,
+    save_weights,
     tensors_of,
     zo_params_of,
 )
@@ -255,51 +258,84 @@ def _weights_file(trainer) -> str:
 
 
 def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> None:
+    """checkpoint-<step>/, written whole into its .tmp, verified by a manifest, renamed into place;
+    then only the last --save-total-limit are kept (hosl.checkpoint)."""
     from safetensors.torch import save_file
 
-    tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
+    tmp, final = checkpoint.tmp_dir(run_dir, step), checkpoint.step_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors_of(trainer.model), tmp / _weights_file(trainer))
+    names = [_weights_file(trainer)]
+    save_file(tensors_of(trainer.model), tmp / names[0])
     if trainer.optimizer is not None:
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-    if isinstance(trainer, SplitClient):
-        trainer.control("save", dir=str(tmp.resolve()))
+        names.append("optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    names.append("state.json")
+    files = checkpoint.digests(tmp, names)
+    if isinstance(trainer, SplitClient):
+        files.update(trainer.control("save", step=step)["files"])  # the server's: here too when it shares run_dir
+    checkpoint.write_manifest(tmp, files, run_dir / "config.json")
+    checkpoint.commit(tmp, final)
+    keep = [s for s, _ in checkpoint.complete(run_dir)][-cfg.save_total_limit :]
+    if isinstance(trainer, SplitClient):
+        trainer.control("commit", step=step, keep=keep)
+    checkpoint.prune(run_dir, keep)
 
 
-def _load_checkpoint(run_dir: Path, trainer) -> dict:
+def _load_checkpoint(point: checkpoint.ResumePoint, trainer) -> None:
     from safetensors.torch import load_file
 
-    ckpt = run_dir / "checkpoint"
-    load_tensors(trainer.model, load_file(ckpt / _weights_file(trainer)))
+    load_tensors(trainer.model, load_file(point.path / _weights_file(trainer)))
     if trainer.optimizer is not None:
-        state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        state = torch.load(point.path / "optimizer.pt", weights_only=True, map_location="cpu")
         trainer.optimizer.load_state_dict(state)  # moves the state to the parameters' device
     if isinstance(trainer, SplitClient):
-        trainer.control("load", dir=str(ckpt.resolve()))
-    return json.loads((ckpt / "state.json").read_text())
+        trainer.control("load", step=point.step, files=point.server_digests())
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the records of steps before `step` (a resumed run rewrites what came after its checkpoint)."""
+def _kept_lines(path: Path, step: int) -> list[str] | None:
+    """The lines of a JSON Lines log for steps before `step` (a resumed run rewrites what came after
+    its checkpoint); None when there is no such file. A last line cut short by a kill is dropped;
+    any other bad line is a CheckpointError naming the file and line."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", -1) < step]
-    path.write_text("".join(line + "\n" for line in keep))
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise checkpoint.CheckpointError(f"{path}: not UTF-8 ({exc})") from None
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # the line being written when the run was killed
+            raise checkpoint.CheckpointError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(record, dict):
+            raise checkpoint.CheckpointError(f"{path}:{number}: not a JSON object")
+        if record.get("step", -1) < step:
+            keep.append(line)
+    return keep
 
 
-def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, run_dir: Path, link=None) -> dict:
-    """The loop: steps, logging, evaluation, checkpoints; returns the summary."""
+def train(
+    cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, run_dir: Path, link=None, resume=None
+) -> dict:
+    """The loop: steps, logging, evaluation, checkpoints; returns the summary. resume: the verified
+    checkpoint (hosl.checkpoint.ResumePoint) to continue from."""
     start_step = 0
     state = {"best_eval_accuracy": None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
-    if cfg.resume:
-        state = _load_checkpoint(run_dir, trainer)
-        start_step = state.pop("step")
-        for name in ("metrics.jsonl", "zo_log.jsonl"):
-            _truncate_jsonl(run_dir / name, start_step)
+    if resume is not None:
+        logs = {name: _kept_lines(run_dir / name, resume.step) for name in ("metrics.jsonl", "zo_log.jsonl")}
+        _load_checkpoint(resume, trainer)  # every check before the first file is rewritten
+        state = {k: v for k, v in resume.state.items() if k != "step"}
+        start_step = resume.step
+        for name, keep in logs.items():
+            if keep is not None:
+                (run_dir / name).write_text("".join(line + "\n" for line in keep))
     batches = Batches(train_examples, tokenizer, cfg)
     writer = _Writer(run_dir, cfg.steps, start_step)
     zo_log = open(run_dir / "zo_log.jsonl", "a") if trainer.zo is not None else None
@@ -319,6 +355,7 @@ def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, r
                 if stats.rows is not None:
                     record["rows"] = stats.rows
                 zo_log.write(json.dumps(record) + "\n")
+                zo_log.flush()  # a killed run's log covers every step it finished
             writer.tick(stats.loss)
             last = step + 1 == cfg.steps
             if step % cfg.log_every == 0 or last:
@@ -353,8 +390,6 @@ def train(cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, r
                 if last:
                     final_accuracy = acc
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and cfg.save_every):
-                if zo_log is not None:
-                    zo_log.flush()
                 state["wall_seconds"] = time.perf_counter() - wall_start
                 state["bytes"] = traffic()
                 _save_checkpoint(run_dir, trainer, cfg, step + 1, state)
@@ -396,33 +431,41 @@ def _summary(cfg: TrainConfig, result: dict, side_params: dict, device: torch.de
     }
 
 
-def _start_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+def _start_run_dir(cfg: TrainConfig):
+    """(cfg, run directory, the checkpoint to resume from or None). A resumed run's checkpoint is
+    verified here, before anything is built or written; a new run's directory must be empty."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config.json"
-        if not (run_dir / "checkpoint" / "state.json").exists() or not saved.exists():
+        point = checkpoint.latest(run_dir, saved) if saved.exists() else None
+        if point is None:
+            if (run_dir / "checkpoint" / "state.json").exists():
+                raise UsageError(
+                    f"--resume {run_dir}: its checkpoint/ was written by an older hosl, without a manifest to "
+                    "verify it; resume it with that version"
+                )
             raise UsageError(f"--resume {run_dir}: no checkpoint there (was the run started with --save-every?)")
-        return cfg, run_dir
+        return cfg, run_dir, point
     run_dir = _run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--out {run_dir} exists and is not empty; choose another or --resume it")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    return cfg, run_dir
+    return cfg, run_dir, None
 
 
 def run(cfg: TrainConfig) -> dict:
     """One run with the local transport (or no link for the full methods); returns the summary."""
     device = _device(cfg)
-    cfg, run_dir = _start_run_dir(cfg)
+    cfg, run_dir, point = _start_run_dir(cfg)
     train_examples, eval_examples = _load_data(cfg)
     tokenizer, model = _build(cfg, train_examples)
     model.to(device)
     torch.manual_seed(cfg.seed)
     if cfg.method not in SPLIT_METHODS:
         trainer = FullModel(cfg, model, cfg.split_layer)
-        result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir)
+        result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir, resume=point)
         _save_final(run_dir, trainer)
         summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())}, device)
         return _finish(run_dir, summary)
@@ -453,9 +496,9 @@ def run(cfg: TrainConfig) -> dict:
     try:
         with client_link:
             client.hello()
-            result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client_link)
+            result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client_link, point)
             _save_final(run_dir, client)
-            client.control("save", dir=str(run_dir.resolve() / "final"))
+            server_files = client.control("final")["files"]
             client.stop()
     except LinkError:
         if failure:
@@ -464,9 +507,8 @@ def run(cfg: TrainConfig) -> dict:
     thread.join(timeout=cfg.timeout)
     if failure:
         raise failure[0]
-    _move_server_final(run_dir)
     summary = _summary(cfg, result, _side_params(sizes), device)
-    return _finish(run_dir, summary)
+    return _finish(run_dir, summary, server_files)
 
 
 def _side_params(sizes) -> dict:
@@ -479,21 +521,18 @@ def _side_params(sizes) -> dict:
 
 
 def _save_final(run_dir: Path, trainer) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors_of(trainer.model), run_dir / _weights_file(trainer))
+    save_weights(trainer.model, run_dir / _weights_file(trainer))
 
 
-def _move_server_final(run_dir: Path) -> None:
-    final = run_dir / "final"
-    if (final / "server.safetensors").exists():
-        (final / "server.safetensors").replace(run_dir / "server.safetensors")
-        shutil.rmtree(final, ignore_errors=True)
-
-
-def _finish(run_dir: Path, summary: dict) -> dict:
+def _finish(run_dir: Path, summary: dict, server_files: dict | None = None) -> dict:
+    """summary.json, then manifest.json: the digests of the run's config, logs, summary and final
+    weights (the server's as it reported them), which hosl.replay verifies."""
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    names = ["summary.json", "metrics.jsonl", "zo_log.jsonl", "client.safetensors", "model.safetensors"]
+    files = checkpoint.digests(run_dir, [n for n in names if (run_dir / n).is_file()])
+    files.update(server_files or {})
+    checkpoint.write_manifest(run_dir, files, run_dir / "config.json")
     return summary
 
 
@@ -531,20 +570,19 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         return None
     with link:
         device = _device(cfg)
-        cfg, run_dir = _start_run_dir(cfg)
+        cfg, run_dir, point = _start_run_dir(cfg)
         train_examples, eval_examples = _load_data(cfg)
         tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
         client_model, sizes = _one_side(cfg, "client", train_examples, device)
         torch.manual_seed(cfg.seed)
         client = SplitClient(cfg, client_model, link)
         client.hello()
-        result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link)
+        result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link, point)
         _save_final(run_dir, client)
-        client.control("save", dir=str(run_dir.resolve() / "final"))
+        server_files = client.control("final")["files"]
         client.stop()
-    _move_server_final(run_dir)
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
-    return _finish(run_dir, _summary(cfg, result, params, device))
+    return _finish(run_dir, _summary(cfg, result, params, device), server_files)
 
 
 def _resolve_resume(argv) -> TrainConfig:

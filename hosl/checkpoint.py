@@ -1,0 +1,200 @@
+"""Checkpoints that survive a kill and cannot be silently wrong.
+
+A run directory holds its checkpoints as `checkpoint-<step>/`, each complete the moment it has that
+name: a checkpoint is written into `checkpoint-<step>.tmp/`, its files and the directory synced to
+disk, and only then renamed (one atomic rename). The older ones are deleted after that, keeping the
+last --save-total-limit, so a kill at any instant leaves at least one complete checkpoint, and resume
+takes the newest.
+
+Each checkpoint has a `manifest.json`: the SHA-256 of every file in it and of the run's config.json.
+Resume and replay verify it before they read anything else and refuse, naming the file, when a
+byte differs: a flipped bit in the weights, a truncated optimizer state, an edited step or seed. A
+finished run has a manifest too, of its config, its log and its final weights (hosl.replay checks it).
+
+The server keeps its own files (server.safetensors, server_optimizer.pt) in its own run directory,
+which is the client's on one machine. The client lists their digests in its manifest and sends them
+back when it asks the server to load, so the server verifies what it reads as well; a frame names a
+step, never a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SERVER_FILES = ("server.safetensors", "server_optimizer.pt")
+STATE_KEYS = ("step", "best_eval_accuracy", "evals", "skipped_steps", "wall_seconds", "bytes")
+_NAME = re.compile(r"checkpoint-(\d+)")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run file that is missing, damaged or edited: one line naming the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
+def tmp_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}.tmp"
+
+
+def digests(directory: Path, names=None) -> dict[str, str]:
+    """{file name: SHA-256} of the files in directory (or of `names`), the manifest left out."""
+    directory = Path(directory)
+    if names is None:
+        names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    return {name: sha256_file(directory / name) for name in names}
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(directory: Path) -> None:
+    """Every file in directory, then the directory itself, to disk."""
+    for p in Path(directory).iterdir():
+        if p.is_file():
+            sync_file(p)
+    sync_file(directory)
+
+
+def write_manifest(directory: Path, files: dict[str, str], config_path: Path | None) -> None:
+    manifest = {"files": dict(sorted(files.items()))}
+    if config_path is not None:
+        manifest["config.json"] = sha256_file(config_path)
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Sync tmp and rename it to final, atomically; a final of the same name (the same step saved
+    again) is replaced, and the run directory's entry synced."""
+    sync_dir(tmp)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    sync_file(final.parent)
+
+
+def complete(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the run's complete checkpoints (renamed, with a manifest), oldest first."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        m = _NAME.fullmatch(p.name)
+        if m and p.is_dir() and (p / MANIFEST).exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune(run_dir: Path, keep: list[int]) -> None:
+    """Delete the checkpoints (and interrupted .tmp ones) of every step not in keep."""
+    for p in Path(run_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)(\.tmp|\.old)?", p.name)
+        if m and int(m.group(1)) not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {what} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def read_manifest(path: Path) -> dict:
+    manifest = _read_json(path, "the manifest")
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: not a hosl manifest")
+    return manifest
+
+
+def verify(directory: Path, manifest: dict, *, missing_ok=()) -> None:
+    """Each file the manifest lists has its digest (files in missing_ok may be absent here)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in files.values()):
+        raise CheckpointError(f"{directory / MANIFEST}: not a hosl manifest")
+    for name, want in files.items():
+        path = Path(directory) / name
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{directory / MANIFEST}: bad file name {name!r}")
+        if not path.is_file():
+            if name in missing_ok:
+                continue
+            raise CheckpointError(f"{path}: missing (the manifest lists it)")
+        if sha256_file(path) != want:
+            raise CheckpointError(f"{path}: its SHA-256 differs from the manifest's (damaged or edited)")
+
+
+@dataclass
+class ResumePoint:
+    """A verified checkpoint: its step, directory, manifest and training state."""
+
+    step: int
+    path: Path
+    manifest: dict
+    state: dict
+
+    def server_digests(self) -> dict[str, str]:
+        return {n: d for n, d in self.manifest["files"].items() if n in SERVER_FILES}
+
+
+def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
+    """The newest complete checkpoint of run_dir, verified against its manifest (the config's digest
+    included) and its state checked; None when there is none. CheckpointError for any mismatch.
+    Reads only: nothing in the run directory changes."""
+    run_dir = Path(run_dir)
+    found = complete(run_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    manifest = read_manifest(path / MANIFEST)
+    # The server's files may live on another machine: the server verifies those itself.
+    verify(path, manifest, missing_ok=SERVER_FILES)
+    if manifest.get("config.json") != sha256_file(config_path):
+        raise CheckpointError(f"{config_path}: its SHA-256 differs from {path / MANIFEST}'s (edited since the save)")
+    state = _read_json(path / "state.json", "the training state")
+    if not isinstance(state, dict) or state.get("step") != step:
+        got = state.get("step") if isinstance(state, dict) else state
+        raise CheckpointError(f"{path / 'state.json'}: its step {got!r} is not the checkpoint's {step}")
+    missing = sorted(set(STATE_KEYS) - set(state))
+    if missing:
+        raise CheckpointError(f"{path / 'state.json'}: lacks {', '.join(missing)}")
+    return ResumePoint(step, path, manifest, state)
+
+
+def check_server_request(meta: dict, op: str) -> tuple[int, dict[str, str]]:
+    """The (step, digests) of a CONTROL save/load/commit frame, checked: a peer's frame names a step
+    and the digests of the server's own files, nothing else (ValueError otherwise)."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 63:
+        raise ValueError(f"CONTROL {op}: step must be an int >= 0, got {step!r}")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or any(
+        n not in SERVER_FILES or not (isinstance(d, str) and _HEX64.fullmatch(d)) for n, d in files.items()
+    ):
+        raise ValueError(f"CONTROL {op}: files must map {', '.join(SERVER_FILES)} to SHA-256 digests")
+    return step, files
