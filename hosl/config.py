@@ -138,6 +138,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation batch"))
     log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
     save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only the final weights)"))
+    max_skipped: int = field(
+        default=10, metadata=_help("stop after this many consecutive skipped steps (non-finite; 0: never)")
+    )
     save_total_limit: int = field(
         default=1, metadata=_help("checkpoints kept (the newest; an older one is deleted only after a newer is whole)")
     )
@@ -189,7 +192,15 @@ class TrainConfig:
         for name, low in positive.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "split_layer", "lora_r", "client_lora_r", "server_lora_r"):
+        for name in (
+            "eval_every",
+            "save_every",
+            "max_skipped",
+            "split_layer",
+            "lora_r",
+            "client_lora_r",
+            "server_lora_r",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("train_examples", "eval_examples"):
@@ -335,9 +346,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     path = args.pop("config", None)
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read --config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--config {path}: not UTF-8 (byte {exc.start})") from None
         try:
             base = dataclasses.asdict(TrainConfig.from_json(text))
         except (ValueError, TypeError) as exc:

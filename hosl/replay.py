@@ -21,7 +21,15 @@ from hosl.config import TrainConfig
 
 
 def read_log(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a zo_log.jsonl; ValueError naming the file and line of a bad one."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from None
+    return records
 
 
 def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:

@@ -88,6 +88,51 @@ def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -
     return rows * cfg.max_length * (hidden_size * 4 + 32) + (1 << 20)
 
 
+class DivergedError(RuntimeError):
+    """The run cannot go on: weights became non-finite, or too many steps in a row were skipped."""
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite: one fused pass of norms (finite when the
+    elements are), and only when a norm is not, the elementwise check."""
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    if not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+        return True
+    return all(bool(t.isfinite().all()) for t in tensors)  # a norm can overflow where no element does
+
+
+def fo_update(optimizer, losses_finite: bool, side: str, step: int) -> bool:
+    """A first-order side's update: the optimiser steps when the step's losses and every gradient are finite,
+    else the step is skipped (True is returned); the gradients are then cleared. DivergedError when
+    the update leaves a weight non-finite (it cannot be undone: the run stops at once)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    skipped = not (losses_finite and all_finite([p.grad for p in params]))
+    if not skipped:
+        optimizer.step()
+        if not all_finite(params):
+            raise DivergedError(
+                f"the {side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
+                "large for them); resume from the last checkpoint with a lower rate"
+            )
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+class SkipCounter:
+    """Stops a run after --max-skipped consecutive skipped steps (0: never)."""
+
+    def __init__(self, limit: int, side: str):
+        self.limit, self.side, self.run = limit, side, 0
+
+    def __call__(self, skipped: bool, step: int) -> None:
+        self.run = self.run + 1 if skipped else 0
+        if self.limit and self.run >= self.limit:
+            raise DivergedError(
+                f"the {self.side} skipped {self.run} steps in a row up to step {step} (non-finite losses or "
+                "gradients); resume from the last checkpoint with a lower rate or --mu"
+            )
+
+
 def make_optimizer(params, cfg: TrainConfig, lr: float):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -150,6 +195,7 @@ class SplitClient:
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
         else:
             self.zo = zo_params_of(model, cfg)
+            zo.check_mu(self.zo, cfg.mu)
             self.token_table = input_embedding(model)
             self.optimizer = None
             for _, p in params:
@@ -309,12 +355,10 @@ class SplitClient:
         client_s = time.perf_counter() - t
         self._upload(step, 0, 0, hidden.detach())
         loss, grad_h, meta = self._grad(step)
-        skipped = not math.isfinite(loss)
         t = time.perf_counter()
-        if not skipped:
+        if math.isfinite(loss):
             hidden.backward(grad_h.to(hidden.device, hidden.dtype))
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        skipped = fo_update(self.optimizer, math.isfinite(loss), "client", step)
         client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(meta.get("server_s", 0.0))
@@ -363,6 +407,7 @@ class SplitServer:
             self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.server_lr)
         self.steps_done = 0
         self.skipped = 0
+        self._skips = SkipCounter(cfg.max_skipped, "server")
         self._update_s = 0.0  # reported with the next step: the update runs after a step's answers
 
     def serve(self) -> None:
@@ -391,6 +436,7 @@ class SplitServer:
         if self.cfg.method == "zo" and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
             self.zo = zo_params_of(self.model, self.cfg, self._zo_params, offset=int(frame.meta["client_numel"]))
+            zo.check_mu(self.zo, self.cfg.mu, "server")
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
     def _forward(self, hidden: torch.Tensor, batch: Frame):
@@ -454,10 +500,9 @@ class SplitServer:
                 self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
             )
         else:
-            if not skipped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            skipped = fo_update(self.optimizer, not skipped, "server", step)
         self.skipped += skipped
+        self._skips(skipped, step)
         self.steps_done = step + 1
         self._update_s = time.perf_counter() - t
 
@@ -480,11 +525,9 @@ class SplitServer:
             )
         )
         start = time.perf_counter()
-        skipped = not math.isfinite(value)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        skipped = fo_update(self.optimizer, math.isfinite(value), "server", batch.step)
         self.skipped += skipped
+        self._skips(skipped, batch.step)
         self.steps_done = batch.step + 1
         self._update_s = time.perf_counter() - start
 

@@ -144,8 +144,8 @@ def _named(names: tuple[str, ...]) -> Callable[[Any], int]:
             return names.index(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
             return value
-        if isinstance(value, str) and value.isdigit() and int(value) < len(names):
-            return int(value)  # SST-2's TSV
+        if isinstance(value, str) and re.fullmatch(r"[0-9]+", value) and int(value) < len(names):
+            return int(value)  # SST-2's TSV (ASCII digits only: str.isdigit takes "１" and "²")
         raise KeyError(value)
 
     return index
@@ -211,30 +211,39 @@ def _read_tsv(path: Path) -> list[tuple[dict, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         # QUOTE_NONE: SST-2 sentences contain quote characters that are text, not CSV quoting.
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header != ["sentence", "label"]:
-            raise TaskError(f"{path}: expected the header sentence<TAB>label, got {header!r}")
-        out = []
-        for line, row in enumerate(rows, start=2):
-            if len(row) != 2:
-                raise TaskError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
-            out.append(({"sentence": row[0], "label": row[1]}, f"{path}:{line}"))
+        out, line = [], 1
+        try:
+            header = next(rows, None)
+            if header != ["sentence", "label"]:
+                raise TaskError(f"{path}: expected the header sentence<TAB>label, got {header!r}")
+            for line, row in enumerate(rows, start=2):
+                if len(row) != 2:
+                    raise TaskError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
+                out.append(({"sentence": row[0], "label": row[1]}, f"{path}:{line}"))
+        except csv.Error as exc:  # a field over the csv module's size limit, a NUL byte
+            raise TaskError(f"{path}:{rows.line_num}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise TaskError(f"{path}: not UTF-8 (after line {line}: {exc.reason})") from None
     return out
 
 
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    out = []
+    out, line = [], 0
     with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
-            out.append((record, f"{path}:{line}"))
+        try:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    msg = getattr(exc, "msg", "nested too deeply")
+                    raise TaskError(f"{path}:{line}: not valid JSON ({msg})") from None
+                if not isinstance(record, dict):
+                    raise TaskError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+                out.append((record, f"{path}:{line}"))
+        except UnicodeDecodeError as exc:
+            raise TaskError(f"{path}: not UTF-8 (after line {line}: {exc.reason})") from None
     return out
 
 

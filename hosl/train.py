@@ -15,6 +15,7 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,8 @@ from hosl import checkpoint, zo
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
 from hosl.roles import (
+    DivergedError,
+    SkipCounter,
     SplitClient,
     SplitServer,
     StepStats,
@@ -40,6 +43,7 @@ from hosl.roles import (
     compute_precision,
     device_of,
     expected_uploads,
+    fo_update,
     frame_bytes_limit,
     load_tensors,
     make_optimizer,
@@ -107,6 +111,7 @@ class FullModel:
             rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
             names = {id(p): n for n, p in model.named_parameters()}
             self.zo = zo_params_of(model, cfg, [(names[id(p)], p) for p in first + rest])
+            zo.check_mu(self.zo, cfg.mu, "model")
             self.token_table = input_embedding(model)
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -132,10 +137,7 @@ class FullModel:
             loss = self._loss(batch)
             loss.backward()
             value = float(loss.detach())
-            skipped = not math.isfinite(value)
-            if not skipped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            skipped = fo_update(self.optimizer, math.isfinite(value), "model", step)
             return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
         losses: dict[tuple[int, int], float] = {}
@@ -346,6 +348,7 @@ def train(
         return [before[0] + (link.bytes_sent if link else 0), before[1] + (link.bytes_received if link else 0)]
 
     final_accuracy = None
+    skips = SkipCounter(cfg.max_skipped, "client" if isinstance(trainer, SplitClient) else "model")
     try:
         for step in range(start_step, cfg.steps):
             stats = trainer.train_step(step, batches(step))
@@ -356,6 +359,7 @@ def train(
                     record["rows"] = stats.rows
                 zo_log.write(json.dumps(record) + "\n")
                 zo_log.flush()  # a killed run's log covers every step it finished
+            skips(stats.skipped, step)  # after the log line: the log covers the step that stops the run
             writer.tick(stats.loss)
             last = step + 1 == cfg.steps
             if step % cfg.log_every == 0 or last:
@@ -455,10 +459,31 @@ def _start_run_dir(cfg: TrainConfig):
     return cfg, run_dir, None
 
 
+@contextlib.contextmanager
+def _unless_started(run_dir: Path, point):
+    """A new run that fails before its first step is logged leaves nothing behind: the same --out can
+    be used again once the input is fixed."""
+    try:
+        yield
+    except BaseException:
+        metrics = run_dir / "metrics.jsonl"
+        if point is None and not (metrics.exists() and metrics.stat().st_size):
+            for name in ("config.json", "metrics.jsonl", "zo_log.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty
+        raise
+
+
 def run(cfg: TrainConfig) -> dict:
     """One run with the local transport (or no link for the full methods); returns the summary."""
     device = _device(cfg)
     cfg, run_dir, point = _start_run_dir(cfg)
+    with _unless_started(run_dir, point):
+        return _run_local(cfg, run_dir, point, device)
+
+
+def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     train_examples, eval_examples = _load_data(cfg)
     tokenizer, model = _build(cfg, train_examples)
     model.to(device)
@@ -491,8 +516,8 @@ def run(cfg: TrainConfig) -> dict:
             failure.append(exc)
 
     thread = threading.Thread(target=serve, name="hosl-server", daemon=True)
+    client = SplitClient(cfg, client_model, client_link)  # before the server starts: its checks fail alone
     thread.start()
-    client = SplitClient(cfg, client_model, client_link)
     try:
         with client_link:
             client.hello()
@@ -571,16 +596,21 @@ def run_dist(cfg: TrainConfig) -> dict | None:
     with link:
         device = _device(cfg)
         cfg, run_dir, point = _start_run_dir(cfg)
-        train_examples, eval_examples = _load_data(cfg)
-        tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
-        client_model, sizes = _one_side(cfg, "client", train_examples, device)
-        torch.manual_seed(cfg.seed)
-        client = SplitClient(cfg, client_model, link)
-        client.hello()
-        result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link, point)
-        _save_final(run_dir, client)
-        server_files = client.control("final")["files"]
-        client.stop()
+        with _unless_started(run_dir, point):
+            return _client_dist(cfg, link, run_dir, point, device)
+
+
+def _client_dist(cfg: TrainConfig, link, run_dir: Path, point, device) -> dict:
+    train_examples, eval_examples = _load_data(cfg)
+    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+    client_model, sizes = _one_side(cfg, "client", train_examples, device)
+    torch.manual_seed(cfg.seed)
+    client = SplitClient(cfg, client_model, link)
+    client.hello()
+    result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link, point)
+    _save_final(run_dir, client)
+    server_files = client.control("final")["files"]
+    client.stop()
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
     return _finish(run_dir, _summary(cfg, result, params, device), server_files)
 
@@ -592,10 +622,15 @@ def _resolve_resume(argv) -> TrainConfig:
     if "resume" not in given or given.get("resume") is None:
         return parse_config(argv)
     run_dir = Path(given["resume"])
+    path = run_dir / "config.json"
     try:
-        saved = TrainConfig.from_json((run_dir / "config.json").read_text())
+        saved = TrainConfig.from_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--resume {run_dir}: no config.json there (not a hosl run directory?)") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
     given.pop("config", None)
     changed = sorted(k for k, v in given.items() if k not in RUN_ONLY and v != getattr(saved, k))
     if changed:
@@ -634,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except LinkError as exc:
+    except (LinkError, DivergedError) as exc:
         if os.environ.get("HOSL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

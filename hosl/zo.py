@@ -243,3 +243,31 @@ def decode_rows(encoded: Sequence) -> list[torch.Tensor | None]:
 
 def finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+# mu's sane range, relative to the RMS of the weights it perturbs (see check_mu).
+MU_MAX_RATIO = 1.0
+MU_MIN_RATIO = 2.0**-20
+
+
+def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
+    """ValueError when mu is out of the range a probe can work in for these weights: above their RMS
+    a probe w + mu z swamps w, and w + mu z - mu z rounds away w's low bits in float32 (a skipped
+    step could not restore the weights: at mu 1e10 they came back as exact zeros); below 2^-20 of
+    it, w + mu z rounds to w in float32 and every probe measures nothing."""
+    buf = params.flat.flat
+    if buf.numel() == 0:
+        return
+    rms = float(buf.double().square().mean().sqrt())
+    if rms == 0.0:
+        return  # all-zero weights (a fresh adapter): no scale to compare with
+    if mu > MU_MAX_RATIO * rms:
+        raise ValueError(
+            f"--mu {mu:g} is larger than the {side} weights' RMS ({rms:.3g}): a probe would swamp the weights, "
+            f"and the float32 round trip w + mu z - mu z would not give them back; use --mu <= {rms:.3g}"
+        )
+    if mu < MU_MIN_RATIO * rms:
+        raise ValueError(
+            f"--mu {mu:g} is below 2^-20 of the {side} weights' RMS ({rms:.3g}): w + mu z rounds to w in "
+            f"float32 and the probes measure nothing; use --mu >= {MU_MIN_RATIO * rms:.3g}"
+        )
