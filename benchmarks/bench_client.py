@@ -178,7 +178,13 @@ def main(argv=None):
     parser.add_argument("--out-root", default=None, help="run directories (default: runs/bench_client_<suite>)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the records")
     smol = parser.add_argument_group("smollm2 suite")
-    smol.add_argument("--ks", type=int, nargs="+", default=[3, 10, 20, 27], help="split layers of the fo/frozen sweep")
+    smol.add_argument(
+        "--ks",
+        type=int,
+        nargs="*",
+        default=[3, 10, 20, 27],
+        help="split layers of the fo/frozen sweep (none: no sweep)",
+    )
     smol.add_argument("--split-layer", type=int, default=10, help="the k of the variant comparison")
     smol.add_argument("--steps", type=int, default=100)
     smol.add_argument("--client-lr", default="1e-5", help="the ZO client's rate for the hosl variants")

@@ -160,6 +160,12 @@ class TrainConfig:
             "where this process computes: cpu, cuda or cuda:N (the ZO noise is the same bits on every device)"
         ),
     )
+    auth_token_file: str | None = field(
+        default=None,
+        metadata=_help(
+            "dist: a file holding the shared secret both sides prove they hold (hosl.auth); else $HOSL_AUTH_TOKEN"
+        ),
+    )
     timeout: float = field(default=300.0, metadata=_help("seconds to wait for the peer before failing"))
     sync_probes: bool = field(
         default=False,

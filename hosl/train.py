@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from hosl import checkpoint, zo
+from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
 from hosl.roles import (
@@ -580,7 +581,11 @@ def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device)
 
 def run_dist(cfg: TrainConfig) -> dict | None:
     """This process's half of a --transport dist run (torchrun: rank 0 server, rank 1 client)."""
-    link = dist_link(timeout=cfg.timeout, compression=cfg.compression)
+    try:
+        secret = read_secret(cfg.auth_token_file)
+    except AuthError as exc:
+        raise UsageError(str(exc)) from None
+    link = dist_link(timeout=cfg.timeout, compression=cfg.compression, secret=secret)
     if link.role == "server":
         try:
             device = _device(cfg)

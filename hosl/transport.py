@@ -8,13 +8,15 @@ in a LinkError on the other side that says which and what to look at. An end tha
 `fail(message)` first: its peer then gets the message as a PeerError instead of waiting out the
 timeout.
 
-A peer is not trusted with the reader's memory: a received frame is refused (LinkError, from a
+A peer is not trusted. Given a shared secret, a dist link opens with a challenge-response and MACs
+every frame (hosl.auth). And it is not trusted with the reader's memory: a received frame is refused (LinkError, from a
 FrameError) before it is allocated when it is longer than `max_frame_bytes`, and decoded with that
 cap on its tensor data and at most `max_tensors` tensors. The roles set max_frame_bytes to the
 largest frame their session can legitimately send (hosl.roles.frame_bytes_limit).
 
 Counting: `bytes_sent` / `bytes_received` are what crosses, frames plus the transport's own framing
-(dist sends an 8-byte length before each frame). On the client, sent is "up" and received "down".
+(dist sends an 8-byte length before each frame, and with a shared secret a 32-byte MAC after it). On
+the client, sent is "up" and received "down".
 
 Roles over dist: rank 0 is the server and rank 1 the client, started with torchrun
 (`torchrun --nproc-per-node 2 ...`, or one process per machine with --nnodes 2) or with the usual
@@ -30,6 +32,7 @@ import os
 
 import torch
 
+from hosl import auth
 from hosl.boundary import (
     MAX_FRAME_BYTES,
     BufferClosedError,
@@ -247,6 +250,7 @@ class _DistLink(Link):
         self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
         self._in_flight: collections.deque = collections.deque()  # (work, buffer kept alive)
         self._held = 0  # bytes of the buffers in _in_flight
+        self._mac: auth.FrameMac | None = None  # after authenticate(): every frame tagged and checked
 
     def _wait(self, work, what: str) -> None:
         """Wait for `work`; a callable is posted first, inside the same guard, since gloo raises at
@@ -282,35 +286,92 @@ class _DistLink(Link):
             self._held -= tensor.nbytes
             self._wait(work, "send to")
 
-    def _send_bytes(self, buf):
-        self._reap(self.MAX_IN_FLIGHT - 2, self._LENGTH_BYTES + buf.numel())
-        length = torch.tensor([buf.numel()], dtype=torch.int64)
-        for tensor in (length, buf) if buf.numel() else (length,):
+    def _post(self, tensors) -> int:
+        """Post the sends of one message (its tensors in order); the bytes they hold."""
+        self._reap(self.MAX_IN_FLIGHT - len(tensors), sum(t.numel() * t.element_size() for t in tensors))
+        for tensor in tensors:
             try:
                 work = self._dist.isend(tensor, dst=self._peer_rank, group=self._group)
             except RuntimeError as exc:  # the peer's connection is already closed
                 raise self._error(exc, "send to") from exc
             self._in_flight.append((work, tensor))
             self._held += tensor.nbytes
-        return self._LENGTH_BYTES + buf.numel()
+        return sum(t.nbytes for t in tensors)
+
+    def _send_bytes(self, buf):
+        length = torch.tensor([buf.numel()], dtype=torch.int64)
+        tensors = [length, buf] if buf.numel() else [length]
+        if self._mac is not None:
+            tensors.append(torch.frombuffer(bytearray(self._mac.tag(buf.numpy())), dtype=torch.uint8))
+        return self._post(tensors)
 
     @property
     def held_bytes(self) -> int:
         """Bytes of frames kept alive by sends not yet known to be finished."""
         return self._held
 
-    def _recv_bytes(self):
+    def _recv_raw(self, limit: int) -> torch.Tensor:
+        """One length-prefixed message of at most `limit` bytes (FrameError before allocating a longer one)."""
         self._reap(self.MAX_IN_FLIGHT)
         self._wait(lambda: self._dist.irecv(self._length, src=self._peer_rank, group=self._group), "receive from")
         n = int(self._length[0])
-        if not 0 <= n <= self.max_frame_bytes:  # before anything is allocated for it
-            raise FrameError(f"oversized: a length prefix of {n} bytes, the limit is {self.max_frame_bytes}")
+        if not 0 <= n <= limit:  # before anything is allocated for it
+            raise FrameError(f"oversized: a length prefix of {n} bytes, the limit is {limit}")
         if self._scratch.numel() < n:
             self._scratch = torch.empty(n, dtype=torch.uint8)
         buf = self._scratch[:n]
         if n:
             self._wait(lambda: self._dist.irecv(buf, src=self._peer_rank, group=self._group), "receive from")
-        return buf, self._LENGTH_BYTES + n
+        return buf
+
+    def _recv_bytes(self):
+        buf = self._recv_raw(self.max_frame_bytes)
+        wire = self._LENGTH_BYTES + buf.numel()
+        if self._mac is not None:
+            tag = torch.empty(auth.TAG_BYTES, dtype=torch.uint8)
+            self._wait(lambda: self._dist.irecv(tag, src=self._peer_rank, group=self._group), "receive from")
+            try:
+                self._mac.check(buf.numpy(), tag.numpy().tobytes())
+            except auth.AuthError as exc:
+                raise LinkError(f"the {self.role} refused a frame: {exc}") from None
+            wire += auth.TAG_BYTES
+        elif bytes(buf[:4].numpy()) == auth.HELLO_MAGIC:
+            raise LinkError(
+                f"the {self.peer} authenticates with a shared secret and this {self.role} has none: give both sides "
+                f"the same --auth-token-file (or ${auth.ENV})"
+            )
+        return buf, wire
+
+    def authenticate(self, secret: bytes) -> None:
+        """The handshake of hosl.auth: each side proves it holds the secret; then every frame is MACed.
+        Its messages are counted in the byte counters as frames are."""
+        message, mine = auth.hello(self.role)
+        self._send_message(message)
+        try:
+            theirs = auth.peer_nonce(self._recv_message(auth.HELLO_BYTES), self.peer)
+        except FrameError:
+            raise LinkError(f"the {self.peer} did not authenticate (no shared secret on its side?)") from None
+        except auth.AuthError as exc:
+            raise LinkError(str(exc)) from None
+        client_nonce, server_nonce = (theirs, mine) if self.role == "server" else (mine, theirs)
+        proof = auth.proof(secret, self.role, client_nonce, server_nonce)
+        self._send_message(proof)
+        try:
+            got = self._recv_message(len(proof))
+        except FrameError:
+            got = b""
+        if not auth.proof_ok(got, secret, self.peer, client_nonce, server_nonce):
+            raise LinkError(f"the {self.peer} failed authentication: it does not hold this run's shared secret")
+        self._mac = auth.FrameMac(auth.session_key(secret, client_nonce, server_nonce), self.role, self.peer)
+
+    def _send_message(self, data: bytes) -> None:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.bytes_sent += self._post([torch.tensor([len(data)], dtype=torch.int64), payload])
+
+    def _recv_message(self, limit: int) -> bytes:
+        data = bytes(self._recv_raw(limit).numpy())
+        self.bytes_received += self._LENGTH_BYTES + len(data)
+        return data
 
     def close(self):
         if not self.closed:
@@ -330,6 +391,7 @@ def dist_link(
     compression: str | None = None,
     client_id: int = 0,
     backend: str | None = None,
+    secret: bytes | None = None,
 ) -> Link:
     """This process's end of a two-process link over torch.distributed.
 
@@ -337,6 +399,8 @@ def dist_link(
     2; rank 0 is the server and rank 1 the client (`role`, if given, must agree with the rank).
     backend defaults to gloo; pass "nccl" only when both ends hold CUDA tensors (frames are CPU
     bytes, so gloo is what hosl uses on GPU machines too). Every wait is bounded by `timeout`.
+    secret: a shared secret (hosl.auth.read_secret): the link opens with the handshake of
+    hosl.auth, and every frame carries a MAC checked before it is decoded. Both sides need it.
     """
     import torch.distributed as dist
 
@@ -361,4 +425,12 @@ def dist_link(
         raise LinkError(f"the dist transport joins exactly 2 processes (server and client); WORLD_SIZE is {world}")
     if role is not None and role != ROLES[rank]:
         raise LinkError(f"rank {rank} is the {ROLES[rank]}, but this process was asked to be the {role}")
-    return _DistLink(ROLES[rank], timeout, compression, client_id, owns_group=owns)
+    link = _DistLink(ROLES[rank], timeout, compression, client_id, owns_group=owns)
+    if secret is not None:
+        try:
+            link.authenticate(secret)
+        except LinkError:
+            link.broken = True
+            link.close()
+            raise
+    return link

@@ -6,7 +6,9 @@ printed as JSON (and written to OUT_DIR/<role>.json if given); a link failure pr
 
 MODE: exchange (the whole round trip), client-dies (the client says hello, then waits to be killed),
 client-silent (the client says hello, then sleeps past the server's timeout), rogue-length (dist
-only: after hello the client sends a length prefix of 2^40 bytes, as a hostile peer would), stream (dist only:
+only: after hello the client sends a length prefix of 2^40 bytes, as a hostile peer would),
+rogue-tamper / rogue-replay (dist with $HOSL_AUTH_TOKEN: after hello the client sends a frame with a
+byte changed after its MAC was computed, or the same frame and MAC twice), stream (dist only:
 the client streams STREAM_ROUNDS rounds of STREAM_FRAMES 1-MiB frames before reading the answers
 and reports the most bytes its link held in unfinished sends).
 """
@@ -22,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import batch, model  # noqa: E402
 
-from hosl.boundary import Frame, Kind  # noqa: E402
+from hosl.auth import read_secret  # noqa: E402
+from hosl.boundary import Frame, Kind, encode_frame  # noqa: E402
 from hosl.split import Activation, split_model  # noqa: E402
 from hosl.transport import LinkError, dist_link, local_links  # noqa: E402
 
@@ -46,6 +49,17 @@ def client_side(link, mode, client):
 
         dist.send(torch.tensor([1 << 40], dtype=torch.int64), dst=0)
         time.sleep(2)  # the server must refuse it at once, without waiting for 1 TiB to arrive
+        return {}
+    if mode in ("rogue-tamper", "rogue-replay"):  # an authenticated peer's frames, edited or sent twice
+        buf = encode_frame(Frame(Kind.ACT, step=7, tensors={"x": torch.ones(4)}))
+        tag = link._mac.tag(buf.numpy())
+        if mode == "rogue-tamper":
+            buf = buf.clone()
+            buf[-1] ^= 1
+        else:
+            link._post([torch.tensor([buf.numel()]), buf, torch.frombuffer(bytearray(tag), dtype=torch.uint8)])
+        link._post([torch.tensor([buf.numel()]), buf, torch.frombuffer(bytearray(tag), dtype=torch.uint8)])
+        time.sleep(2)
         return {}
     if mode == "client-silent":
         time.sleep(2 * link.timeout + 5)
@@ -88,6 +102,9 @@ def server_side(link, server):
     assert hello.kind == Kind.HELLO
     if hello.meta.get("mode") == "stream":
         return stream_server(link)
+    if hello.meta.get("mode", "").startswith("rogue"):
+        while True:  # until a frame is refused
+            link.recv()
     frame = link.recv()
     labels = frame.tensors.pop("labels")
     with torch.no_grad():
@@ -109,7 +126,7 @@ def main():
             result.update(client_side(client_link, mode, client))
             thread.join()
         else:
-            link = dist_link(timeout=timeout)
+            link = dist_link(timeout=timeout, secret=read_secret(None))  # $HOSL_AUTH_TOKEN
             client, server = sides()  # each process builds the same model and keeps its side
             result = client_side(link, mode, client) if link.role == "client" else server_side(link, server)
             result["role"] = link.role

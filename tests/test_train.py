@@ -556,11 +556,16 @@ def test_dist_equals_local(tmp_path):
 
 
 def test_dist_equals_local_with_cut_grad(tmp_path):
-    """cut-grad over the link: the GRAD frame's dL/dh and the client's local probes, as in one process."""
+    """cut-grad over the link: the GRAD frame's dL/dh and the client's local probes, as in one process;
+    over an authenticated link (hosl.auth), with checkpoints saved through CONTROL frames."""
     overrides = {"zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2}
     run(cfg_for(tmp_path, "local", **overrides))
+    token = tmp_path / "token"
+    token.write_text("a shared secret\n")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, **overrides}.items()]
-    _assert_dist_equals_local(tmp_path, flags)
+    _assert_dist_equals_local(tmp_path, [*flags, f"--auth-token-file={token}", "--save-every=3"])
+    names = sorted(p.name for p in (tmp_path / "dist" / "checkpoint-6").iterdir())
+    assert names == ["client.safetensors", "manifest.json", "server.safetensors", "server_optimizer.pt", "state.json"]
 
 
 def _assert_dist_equals_local(tmp_path, flags):
@@ -608,6 +613,9 @@ BAD = [
     (["--method", "zo", "--zo-estimator", "cut-grad"], "--zo-estimator cut-grad needs --method hosl"),
     (["--zo-estimator", "cut-grad", "--server-grad", "probe"], "--server-grad probe has none to use"),
     (["--zo-embedding", "some"], "--zo-embedding must be one of rows, all"),
+    (["--transport", "dist", "--auth-token-file", "/nonexistent"], "cannot read --auth-token-file /nonexistent"),
+    (["--max-skipped", "-1"], "--max-skipped must be >= 0"),
+    (["--save-total-limit", "0"], "--save-total-limit must be >= 1"),
 ]
 
 

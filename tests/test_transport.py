@@ -43,12 +43,18 @@ def _env(rank, port):
     )  # fmt: skip
 
 
-def _start_pair(mode, timeout):
+def _start_pair(mode, timeout, secrets=(None, None)):
+    """The server (rank 0) and client (rank 1) of _exchange.py; secrets: each one's $HOSL_AUTH_TOKEN."""
     port = _free_port()
+
+    def env(rank):
+        e = {k: v for k, v in _env(rank, port).items() if k != "HOSL_AUTH_TOKEN"}
+        return e if secrets[rank] is None else {**e, "HOSL_AUTH_TOKEN": secrets[rank]}
+
     return [
         subprocess.Popen(
             [sys.executable, str(EXCHANGE), mode, "dist", str(timeout)],
-            env=_env(rank, port),
+            env=env(rank),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -167,6 +173,47 @@ def test_dist_refuses_an_oversized_length_before_allocating_it():
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: the server received a bad frame from the client: oversized: a length prefix "
                            "of 1099511627776 bytes, the limit is 2097152"), last  # fmt: skip
+
+
+def _server_error(procs):
+    server, client = procs
+    try:
+        _, err = server.communicate(timeout=120)
+    finally:
+        client.kill()
+        client.wait()
+    assert server.returncode == 3, err
+    return err.strip().splitlines()[-1]
+
+
+def test_dist_with_a_shared_secret_matches_direct():
+    procs = _start_pair("exchange", 60, secrets=("s3cret", "s3cret"))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    server, client = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert client["loss"] == _direct_loss()
+    # Counted on top of the frames: the handshake (a 37-byte hello, a 32-byte proof) and, for the 2
+    # frames, an 8-byte length and a 32-byte MAC each.
+    extra = (8 + 37) + (8 + 32) + 2 * (8 + 32)
+    sent = _run_local()["client_bytes_sent"] + extra
+    assert client["client_bytes_sent"] == server["server_bytes_received"] == sent
+
+
+AUTH_FAILURES = {
+    "no secret on the client": (("s3cret", None), "exchange", "the client did not authenticate"),
+    "another secret": (("s3cret", "guess"), "exchange", "the client failed authentication: it does not hold"),
+    "no secret on the server": ((None, "s3cret"), "exchange", "the client authenticates with a shared secret and"),
+    "a tampered frame": (("s3cret", "s3cret"), "rogue-tamper", "frame 1 from the client failed its MAC check"),
+    "a replayed frame": (("s3cret", "s3cret"), "rogue-replay", "frame 2 from the client failed its MAC check"),
+}
+
+
+@pytest.mark.parametrize("case", AUTH_FAILURES)
+def test_a_peer_without_the_secret_or_with_forged_frames_is_refused(case):
+    secrets, mode, message = AUTH_FAILURES[case]
+    last = _server_error(_start_pair(mode, 20, secrets))
+    assert message in last, last
 
 
 def test_dist_link_needs_its_environment(monkeypatch):
