@@ -5,6 +5,8 @@ What is measured (bench field "roundtrip"; one record per case and method):
 * hosl-raw, hosl-fp16, hosl-bf16, hosl-int8: decode_frame(encode_frame(Frame(Kind.ACT, tensors={"act": x}),
   compression)) with compression None, "fp16", "bf16", "int8". Both calls return fresh memory, as the
   library does by default.
+* hosl-raw-mac: hosl-raw with the dist link's frame MAC of an authenticated session (hosl.auth):
+  the sender's HMAC-SHA256 tag after the encode, the receiver's check before the decode.
 * hosl-raw-out: the same as hosl-raw, encoding into one send buffer reused across calls
   (encode_frame(..., out=buffer)), as a transport would; it saves the page faults of fresh memory.
 * torch.save: torch.save(x, io.BytesIO()) and .getvalue(); torch.load(io.BytesIO(data), weights_only=True).
@@ -45,6 +47,7 @@ import torch
 from _common import MIB, REPO, Recorder, cpu_name, environment, given, log
 
 import hosl
+from hosl.auth import FrameMac
 from hosl.boundary import Frame, Kind, decode_frame, encode_frame
 
 WARMUP = 2
@@ -55,6 +58,8 @@ BASELINE = "torch.save"
 
 
 def wire_bytes(wire):
+    if isinstance(wire, tuple):  # (frame, MAC)
+        return wire[0].numel() + len(wire[1])
     return wire.numel() if isinstance(wire, torch.Tensor) else len(wire)
 
 
@@ -72,6 +77,17 @@ def methods(x):
         return buf.getvalue()
 
     table = {f"hosl-{c or 'raw'}": (*with_hosl(c), c is None) for c in (None, "fp16", "bf16", "int8")}
+    sender, receiver = FrameMac(bytes(32), "client", "server"), FrameMac(bytes(32), "server", "client")
+
+    def encode_mac():
+        wire = encode_frame(frame)
+        return wire, sender.tag(wire.numpy())
+
+    def decode_mac(pair):
+        receiver.check(pair[0].numpy(), pair[1])
+        return decode_frame(pair[0]).tensors["act"]
+
+    table["hosl-raw-mac"] = (encode_mac, decode_mac, True)
     table["hosl-raw-out"] = (*with_hosl(None, send_buffer), True)
     table[BASELINE] = (torch_save, lambda w: torch.load(io.BytesIO(w), weights_only=True), True)
     table["pickle"] = (lambda: pickle.dumps(x, protocol=5), pickle.loads, True)
