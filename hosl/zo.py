@@ -258,7 +258,7 @@ def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
     buf = params.flat.flat
     if buf.numel() == 0:
         return
-    rms = float(buf.double().square().mean().sqrt())
+    rms = float(torch.linalg.vector_norm(buf)) / math.sqrt(buf.numel())  # no copy: the client's memory is tight
     if rms == 0.0:
         return  # all-zero weights (a fresh adapter): no scale to compare with
     if mu > MU_MAX_RATIO * rms:
