@@ -1,0 +1,108 @@
+"""`python -m hosl.export RUN_DIR OUT_DIR`: a trained run as one Hugging Face model directory.
+
+The client's and the server's weights are joined back into the unsplit model, which is written with
+`save_pretrained` (config.json and model.safetensors) beside its tokenizer, so that
+`transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it and computes what the split
+pair computed. The weights are the run's final ones, or, for a run that has not finished, those of
+its newest checkpoint; either is verified against its manifest first (hosl.checkpoint).
+
+A head tied to the input embedding is copied for the server when the model is cut, and the two
+train apart: the export then holds both, untied (config.tie_word_embeddings = False), the embedding
+as the client trained it and the head as the server did. A model read from a GGUF file is written as
+float32 safetensors. A built-in model's word-level tokenizer is not a transformers tokenizer: its
+vocabulary is written as vocab.json (word -> id), which AutoTokenizer does not load. LoRA runs are
+not exported yet (ExportError).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hosl import checkpoint
+from hosl.config import SPLIT_METHODS, TrainConfig
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported as asked: one line, exit status 2."""
+
+
+def _weights_dir(run_dir: Path) -> Path:
+    """Where the weights to export are: the run directory once finished, else its newest checkpoint."""
+    if (run_dir / "summary.json").exists():
+        from hosl.replay import verify_run
+
+        verify_run(run_dir)
+        return run_dir
+    point = checkpoint.latest(run_dir, run_dir / "config.json")
+    if point is None:
+        raise ExportError(f"{run_dir}: neither final weights (the run has not finished) nor a checkpoint")
+    return point.path
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write RUN_DIR's model to OUT_DIR (new or empty) as a save_pretrained directory; returns OUT_DIR."""
+    from safetensors.torch import load_file
+
+    from hosl.roles import load_tensors
+    from hosl.split import split_model
+    from hosl.train import _build, _load_data
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ExportError(f"{run_dir}: no config.json (not a hosl run directory?)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty")
+    cfg = TrainConfig.from_json((run_dir / "config.json").read_text(encoding="utf-8"))
+    if cfg.client_lora_r or cfg.server_lora_r:
+        raise ExportError("exporting a LoRA run (a PEFT adapter, or merged weights) is not built yet")
+    source = _weights_dir(run_dir)
+    examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
+    tokenizer, model = _build(cfg, examples)
+    if cfg.method in SPLIT_METHODS:
+        client, server = split_model(model, cfg.split_layer)  # the sides share the model's tensors
+        load_tensors(client, load_file(source / "client.safetensors"))
+        load_tensors(server, load_file(source / "server.safetensors"))
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        trained_head = server.lm.get_output_embeddings().weight
+        if head is not None and head.weight is embedding.weight:  # tied in the model, apart in the run
+            head.weight = torch.nn.Parameter(trained_head.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model, "_tied_weights_keys"):
+                model._tied_weights_keys = []
+    else:
+        load_tensors(model, load_file(source / "model.safetensors"))
+    if getattr(model, "hf_quantizer", None) is not None:  # a GGUF file: dequantised to float32 on load
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if hasattr(tokenizer, "hf"):
+        tokenizer.hf.save_pretrained(out_dir)
+    else:
+        vocab = {**{s: i for i, s in enumerate(tokenizer._SPECIALS)}, **tokenizer._ids}
+        (out_dir / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
+    return out_dir
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m hosl.export RUN_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        out = export(*argv)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {argv[0]} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""hosl.export: the exported directory loads with transformers' from_pretrained and computes the split
+pair's logits, for an untied and a tied head, a finished run and a checkpoint; bad input is one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from test_train import cfg_for
+
+from hosl import train
+from hosl.config import TrainConfig
+from hosl.export import export, main
+from hosl.roles import load_tensors
+from hosl.split import split_model
+
+
+def _pair_logits(run_dir: Path, cfg: TrainConfig, ids, mask):
+    """The split pair's logits, built here from the run's config and weight files."""
+    _, model = train._build(cfg, train._load_data(cfg)[0])
+    client, server = split_model(model, cfg.split_layer)
+    load_tensors(client, load_file(run_dir / "client.safetensors"))
+    load_tensors(server, load_file(run_dir / "server.safetensors"))
+    with torch.no_grad():
+        return server(client(input_ids=ids, attention_mask=mask)).logits
+
+
+def _batch(vocab_size):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab_size, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-opt"])  # untied head; head tied to the embedding
+def test_export_computes_what_the_split_pair_computed(tmp_path, model):
+    cfg = cfg_for(tmp_path, steps=3, model=model, server_lr=1e-2)
+    train.run(cfg)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(export(tmp_path / "run", tmp_path / "hf"))
+    ids, mask = _batch(exported.config.vocab_size)
+    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
+    with torch.no_grad():
+        got = exported(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+    if model == "builtin:tiny-opt":  # trained apart: the export keeps both
+        assert not exported.config.tie_word_embeddings
+        assert not torch.equal(exported.get_output_embeddings().weight, exported.get_input_embeddings().weight)
+    assert (tmp_path / "hf" / "vocab.json").exists()
+
+
+def test_export_of_an_unfinished_run_takes_its_newest_checkpoint(tmp_path):
+    cfg = cfg_for(tmp_path, steps=2, save_every=2, server_lr=1e-2)
+    train.run(cfg)
+    run_dir = tmp_path / "run"
+    ids, mask = _batch(train._build(cfg, train._load_data(cfg)[0])[1].config.vocab_size)
+    want = _pair_logits(run_dir, cfg, ids, mask)
+    for name in ("summary.json", "client.safetensors", "server.safetensors", "manifest.json"):
+        (run_dir / name).unlink()  # as if killed after its last save
+    exported = transformers.AutoModelForCausalLM.from_pretrained(export(run_dir, tmp_path / "hf"))
+    with torch.no_grad():
+        got = exported(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "hf")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    train.run(cfg_for(tmp_path, steps=1))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "x").write_text("")
+    assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    train.run(cfg_for(tmp_path, "lora", steps=1, lora_r=2))
+    assert main([str(tmp_path / "lora"), str(tmp_path / "hf2")]) == 2
+    assert "LoRA run" in capsys.readouterr().err
