@@ -5,9 +5,10 @@ How the cut is found, from the model's own structure rather than a list of class
   * the blocks are the ModuleList with one entry per layer (config.num_hidden_layers); its parent
     is the *stack* (LlamaModel, GPT2Model, OPTDecoder, ...), whose forward embeds, loops over the
     blocks and applies the final norm;
-  * the stack's other children with parameters are sorted by where its forward first uses them:
-    before the loop over the blocks they belong to the client (token and position embeddings,
-    OPT's project_in), after it to the server (final norm, OPT's project_out).
+  * the stack's other children are sorted by where its forward first uses them: before the loop
+    over the blocks, those with parameters belong to the client (token and position embeddings,
+    OPT's project_in) and the parameter-free ones (rotary tables) run on both sides; after it, every
+    one belongs to the server (final norm, with or without parameters as in OLMo, OPT's project_out).
 
 How each side runs, through the family's own code (so masks, positions and rotary embeddings are
 whatever the family computes, for any padding):
@@ -56,6 +57,7 @@ __all__ = [
     "labelled_positions",
     "load_client",
     "load_server",
+    "check_split",
     "split_model",
     "split_summary",
 ]
@@ -103,7 +105,7 @@ class _Cut:
     blocks_name: str
     num_blocks: int
     pre: list[str]  # stack children with parameters used before the block loop (client), in use order
-    post: list[str]  # stack children with parameters used after it (server), in use order
+    post: list[str]  # stack children used after it (server), with or without parameters, in use order
 
 
 def _num_layers(config) -> int | None:
@@ -140,14 +142,20 @@ def _find_cut(model: nn.Module) -> _Cut:
         raise SplitError(f"cannot split {name}: {type(stack).__name__}.forward has no loop over self.{blocks_name}")
     pre, post = [], []
     for child, mod in stack.named_children():
-        if child == blocks_name or next(mod.parameters(), None) is None:
-            continue  # parameter-free parts (rotary tables, dropout) run on both sides
+        if child == blocks_name:
+            continue
+        has_params = next(mod.parameters(), None) is not None
         use = re.search(rf"self\.{child}\b", source)
         if use is None:
+            if not has_params:
+                continue  # unused and stateless: nothing to place
             raise SplitError(
                 f"cannot split {name}: {type(stack).__name__}.{child} has parameters but its forward never uses it"
             )
-        (pre if use.start() < loop.start() else post).append((use.start(), child))
+        if use.start() > loop.start():
+            post.append((use.start(), child))  # with parameters or without (OLMo's norm): the server's alone
+        elif has_params:
+            pre.append((use.start(), child))  # parameter-free ones before the loop (rotary tables) run on both sides
     # In the order the forward uses them: the server's entry module is the first post-loop one.
     return _Cut(stack_path, blocks_name, n, [c for _, c in sorted(pre)], [c for _, c in sorted(post)])
 
@@ -380,18 +388,59 @@ def _child_name(parent: nn.Module, module: nn.Module | None) -> str:
     raise SplitError(f"cannot split {type(parent).__name__}: its output embedding is not a direct child")
 
 
-def split_model(model: nn.Module, k: int) -> tuple[ClientModel, ServerModel]:
+def split_model(model: nn.Module, k: int, *, check: bool = True) -> tuple[ClientModel, ServerModel]:
     """Cut a transformers causal LM after decoder block k (0 <= k <= number of blocks).
 
     Returns (client, server): `h = client(input_ids=..., attention_mask=...)` is a hosl.Activation
     and `server(h, labels=...)` the model's output (.logits, and .loss with labels). The sides share
     parameter tensors with `model`; a head tied to the input embedding is copied for the server.
     The model's own structure is not changed (see the module docstring).
+
+    check: compare the pair with the unsplit model on a short input first (check_split) and raise
+    SplitError when they disagree.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_model takes a torch.nn.Module, got {type(model).__name__}")
     client, server, _ = _build(model, k)
+    if check:
+        check_split(model, client, server)
     return client, server
+
+
+@torch.no_grad()
+def check_split(model: nn.Module, client: ClientModel, server: ServerModel, *, seq: int = 8) -> float:
+    """The largest difference between the pair's logits and the unsplit model's on a short input (two
+    rows, the second padded), computed in eval mode (the modes are restored after); SplitError,
+    naming the family and the difference, above float rounding: a cut that lost a module (a
+    parameter-free norm, say) must not train silently. Skipped (returns 0.0) for weights on the meta
+    device."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        return 0.0
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(3, vocab - 1), vocab, (2, seq), generator=g).to(first.device)
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2 :] = 0
+    modes = {m: m.training for m in (*model.modules(), *client.modules(), *server.modules())}
+    try:
+        for m in (model, client, server):
+            m.eval()
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        got = server(client(input_ids=ids, attention_mask=mask)).logits.float()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    real = mask.bool()
+    diff = float((got[real] - want[real]).abs().max())
+    low = first.dtype in (torch.float16, torch.bfloat16)
+    tolerance = (2**-8 if low else 2**-16) * max(1.0, float(want[real].abs().max()))
+    if not diff <= tolerance:  # nan fails too
+        raise SplitError(
+            f"the split of {type(model).__name__} at k = {client.k} disagrees with the unsplit model: logits differ "
+            f"by up to {diff:.3g} (tolerance {tolerance:.3g}); this family's structure is not cut right"
+        )
+    return diff
 
 
 @dataclass

@@ -34,12 +34,17 @@ def config(family: str, **overrides):
         "gemma2": ("Gemma2Config", dict(gqa, head_dim=8, sliding_window=3)),  # alternating sliding/full
         "phi": ("PhiConfig", {}),
         "phi3": ("Phi3Config", gqa),
+        "olmo": ("OlmoConfig", gqa),  # a final norm without parameters
+        "olmo2": ("Olmo2Config", gqa),
+        "granite": ("GraniteConfig", dict(gqa, embedding_multiplier=2.0, logits_scaling=4.0)),
+        "starcoder2": ("Starcoder2Config", dict(gqa, sliding_window=3)),
     }
     cls, kw = extra[family]
     return getattr(transformers, cls)(**{**_DECODER, **kw, **overrides})
 
 
-FAMILIES = ["opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3"]
+FAMILIES = ["opt", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3",
+            "olmo", "olmo2", "granite", "starcoder2"]  # fmt: skip
 
 
 def model(family: str, seed: int = 0, **overrides):

@@ -12,6 +12,7 @@ import transformers
 from _tiny_models import FAMILIES, LAYERS, batch, config, model
 
 import hosl
+from hosl import split
 from hosl.split import (
     Activation,
     SplitError,
@@ -385,3 +386,25 @@ def test_package_exports():
     assert hosl.split_model is split_model and hosl.Activation is Activation
     assert hosl.load_client is load_client and hosl.load_server is load_server
     assert hosl.split_summary is split_summary
+
+
+def test_a_split_that_loses_a_module_is_refused(monkeypatch):
+    """OLMo's final norm has no parameters; a cut that placed only modules with parameters left it on
+    the client's side too (logits off by 0.2). split_model's own check must refuse such a pair."""
+    real = split._find_cut
+
+    def lossy(model):
+        cut = real(model)
+        cut.post = [
+            c for c in cut.post if next(model.get_submodule(".".join([*cut.stack_path, c])).parameters(), None)
+        ]
+        return cut
+
+    m = model("olmo")
+    assert split.check_split(m, *split_model(m, 1)) == 0.0
+    monkeypatch.setattr(split, "_find_cut", lossy)
+    with pytest.raises(SplitError, match="the split of OlmoForCausalLM at k = 1 disagrees .* differ by up to"):
+        split_model(m, 1)
+    wrong = split_model(m, 1, check=False)  # unchecked: the pair before the fix
+    with pytest.raises(SplitError, match="differ by up to"):
+        split.check_split(m, *wrong)
