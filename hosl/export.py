@@ -10,8 +10,10 @@ A head tied to the input embedding is copied for the server when the model is cu
 train apart: the export then holds both, untied (config.tie_word_embeddings = False), the embedding
 as the client trained it and the head as the server did. A model read from a GGUF file is written as
 float32 safetensors. A built-in model's word-level tokenizer is not a transformers tokenizer: its
-vocabulary is written as vocab.json (word -> id), which AutoTokenizer does not load. LoRA runs are
-not exported yet (ExportError).
+vocabulary is written as vocab.json (word -> id), which AutoTokenizer does not load.
+
+A LoRA run exports with --merge: each adapter is merged into the weight it adapts (W + (alpha/r) BA)
+and the model is written without peft. A PEFT adapter directory is not built yet.
 """
 
 from __future__ import annotations
@@ -43,8 +45,23 @@ def _weights_dir(run_dir: Path) -> Path:
     return point.path
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write RUN_DIR's model to OUT_DIR (new or empty) as a save_pretrained directory; returns OUT_DIR."""
+def _merge_lora(model: torch.nn.Module) -> None:
+    """Merge every LoRA layer of model into its base layer and put the base layer in its place."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)  # peft's marks on the model; save_pretrained would follow them
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+
+
+def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> Path:
+    """Write RUN_DIR's model to OUT_DIR (new or empty) as a save_pretrained directory; returns OUT_DIR.
+    merge: merge a LoRA run's adapters into the weights (needed for LoRA runs)."""
     from safetensors.torch import load_file
 
     from hosl.roles import load_tensors
@@ -57,8 +74,11 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty")
     cfg = TrainConfig.from_json((run_dir / "config.json").read_text(encoding="utf-8"))
-    if cfg.client_lora_r or cfg.server_lora_r:
-        raise ExportError("exporting a LoRA run (a PEFT adapter, or merged weights) is not built yet")
+    lora = bool(cfg.client_lora_r or cfg.server_lora_r)
+    if lora and not merge:
+        raise ExportError(
+            "a LoRA run exports with --merge (the adapters merged in); PEFT adapter directories are not built yet"
+        )
     source = _weights_dir(run_dir)
     examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
     tokenizer, model = _build(cfg, examples)
@@ -75,6 +95,8 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
                 model._tied_weights_keys = []
     else:
         load_tensors(model, load_file(source / "model.safetensors"))
+    if lora:
+        _merge_lora(model)
     if getattr(model, "hf_quantizer", None) is not None:  # a GGUF file: dequantised to float32 on load
         model.hf_quantizer = None
         model.is_quantized = False
@@ -92,11 +114,13 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m hosl.export RUN_DIR OUT_DIR", file=sys.stderr)
+    merge = "--merge" in argv
+    argv = [a for a in argv if a != "--merge"]
+    if len(argv) != 2 or any(a.startswith("-") for a in argv):
+        print("usage: python -m hosl.export RUN_DIR OUT_DIR [--merge]", file=sys.stderr)
         return 2
     try:
-        out = export(*argv)
+        out = export(*argv, merge=merge)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

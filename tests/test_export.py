@@ -75,4 +75,21 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     train.run(cfg_for(tmp_path, "lora", steps=1, lora_r=2))
     assert main([str(tmp_path / "lora"), str(tmp_path / "hf2")]) == 2
-    assert "LoRA run" in capsys.readouterr().err
+    assert "a LoRA run exports with --merge" in capsys.readouterr().err
+    assert main([str(tmp_path / "lora")]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranks", [(4, 4), (4, 0), (0, 4)], ids=["both", "client-lora", "server-lora"])
+def test_a_lora_run_exports_merged_with_the_pairs_logits(tmp_path, ranks):
+    cfg = cfg_for(tmp_path, steps=3, client_lora_r=ranks[0], server_lora_r=ranks[1], server_lr=1e-2, client_lr=1e-2)
+    train.run(cfg)
+    assert main([str(tmp_path / "run"), str(tmp_path / "hf"), "--merge"]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    ids, mask = _batch(exported.config.vocab_size)
+    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
+    with torch.no_grad():
+        got = exported(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
