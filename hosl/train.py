@@ -192,7 +192,14 @@ def _cuda_peak(device: torch.device) -> dict:
 
 def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> float:
     predictions = []
-    for start in range(0, len(examples), cfg.eval_batch_size):
+    starts = range(0, len(examples), cfg.eval_batch_size)
+    try:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        pass
+    for start in starts:
         chunk = examples[start : start + cfg.eval_batch_size]
         batch, index = encode_candidates(tokenizer, chunk, cfg.max_length)
         scores = trainer.scores(step, batch)
@@ -248,6 +255,19 @@ class _Writer:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def paused(self, seconds: float) -> None:
+        """Leave `seconds` of other work (an evaluation, a checkpoint) out of the bar's step rate."""
+        if self.bar is not None:
+            self.bar.start_t += seconds
+            self.bar.last_print_t += seconds
+
+    def line(self, text: str) -> None:
+        """One line on stderr, above the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -350,9 +370,12 @@ def train(
 
     final_accuracy = None
     skips = SkipCounter(cfg.max_skipped, "client" if isinstance(trainer, SplitClient) else "model")
+    train_s = 0.0  # training steps only: no evaluation, checkpoint or log writing
     try:
         for step in range(start_step, cfg.steps):
+            t = time.perf_counter()
             stats = trainer.train_step(step, batches(step))
+            train_s += time.perf_counter() - t
             state["skipped_steps"] += stats.skipped
             if zo_log is not None:
                 record = {"step": step, "lr": cfg.client_lr, "grads": stats.grads, "skipped": stats.skipped}
@@ -387,17 +410,27 @@ def train(
                     stats.server_s,
                 )
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                t = time.perf_counter()
                 acc = evaluate(trainer, tokenizer, eval_examples, cfg, step)
+                writer.paused(time.perf_counter() - t)
                 state["evals"].append({"step": step + 1, "accuracy": acc})
                 best = state["best_eval_accuracy"]
                 state["best_eval_accuracy"] = acc if best is None else max(best, acc)
                 writer.write({"step": step, "eval_accuracy": acc})
+                up, down = traffic()
+                writer.line(
+                    f"step {step + 1}/{cfg.steps} | loss {stats.loss:.4f} | eval accuracy {acc:.4f} "
+                    f"(best {state['best_eval_accuracy']:.4f}) | {train_s / (step + 1 - start_step):.3f} s/step | "
+                    f"up {up / 2**20:.1f} MiB, down {down / 2**20:.1f} MiB | skipped {state['skipped_steps']}"
+                )
                 if last:
                     final_accuracy = acc
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and cfg.save_every):
+                t = time.perf_counter()
                 state["wall_seconds"] = time.perf_counter() - wall_start
                 state["bytes"] = traffic()
                 _save_checkpoint(run_dir, trainer, cfg, step + 1, state)
+                writer.paused(time.perf_counter() - t)
     finally:
         writer.close()
         if zo_log is not None:

@@ -695,3 +695,13 @@ def test_dist_loads_each_side_from_a_checkpoint_directory(tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--model", str(tmp_path / "model")]
     assert main([*flags, "--out", str(tmp_path / "local")]) == 0
     _assert_dist_equals_local(tmp_path, flags)
+
+
+def test_each_evaluation_prints_one_dense_line(tmp_path, capsys):
+    flags = ["--steps", "4", "--eval-every", "2", "--train-examples", "32", "--eval-examples", "8"]
+    assert main([*flags, "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    lines = [ln for ln in err if ln.startswith("step ")]
+    assert len(lines) == 2, err
+    assert lines[0].startswith("step 2/4 | loss ") and "| eval accuracy " in lines[0] and " s/step | up " in lines[0]
+    assert lines[1].startswith("step 4/4 | loss ")
