@@ -124,6 +124,14 @@ class TrainConfig:
         ),
     )
     server_lr: float = field(default=1e-3, metadata=_help("server learning rate (and the whole model's for fo-full)"))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=_help(
+            "both sides' rate over --steps, after --warmup-steps of linear warmup (transformers' schedules)",
+            choices=("constant", "linear", "cosine"),
+        ),
+    )
+    warmup_steps: int = field(default=0, metadata=_help("steps of linear warmup from 0 (the first step's rate is 0)"))
     optimizer: str = field(
         default="adamw", metadata=_help("first-order optimiser (server; client too for fo)", choices=("sgd", "adamw"))
     )

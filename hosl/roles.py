@@ -133,6 +133,26 @@ class SkipCounter:
             )
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The rate's multiplier at `step` (0-based): transformers' get_scheduler lambdas for constant
+    (constant_with_warmup when --warmup-steps > 0), linear and cosine (half a cycle), over
+    --steps. A pure function of the step, so resume and replay need no scheduler state."""
+    warmup, total = cfg.warmup_steps, cfg.steps
+    if step < warmup:
+        return step / max(1, warmup)
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.lr_scheduler == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def make_optimizer(params, cfg: TrainConfig, lr: float):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -200,6 +220,10 @@ class SplitClient:
             self.optimizer = None
             for _, p in params:
                 p.requires_grad_(False)  # forward only: no autograd graph, no saved activations
+
+    def lr(self, step: int) -> float:
+        """The client's rate at step (--lr-scheduler)."""
+        return self.cfg.client_lr * lr_factor(self.cfg, step)
 
     # -- protocol ------------------------------------------------------------------------------
     def hello(self) -> None:
@@ -295,7 +319,7 @@ class SplitClient:
             t = time.perf_counter()
             clean = losses.pop((0, 0), None)
             grads, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, self.lr(step), cfg.weight_decay, rows
             )
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
@@ -332,7 +356,7 @@ class SplitClient:
                 del hidden
             del grad_h
             skipped = zo.conclude_with(
-                self.zo, seeds, grads, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows, [loss]
+                self.zo, seeds, grads, cfg.mu, cfg.zo_estimator, self.lr(step), cfg.weight_decay, rows, [loss]
             )
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
@@ -358,6 +382,7 @@ class SplitClient:
         t = time.perf_counter()
         if math.isfinite(loss):
             hidden.backward(grad_h.to(hidden.device, hidden.dtype))
+        set_lr(self.optimizer, self.lr(step))
         skipped = fo_update(self.optimizer, math.isfinite(loss), "client", step)
         client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
@@ -497,9 +522,11 @@ class SplitServer:
         if cfg.method == "zo":  # the client computes the same g from the same losses
             clean = losses.pop((0, 0), None)
             _, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay
-            )
+                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr * lr_factor(cfg, step),
+                cfg.weight_decay,
+            )  # fmt: skip
         else:
+            set_lr(self.optimizer, cfg.server_lr * lr_factor(cfg, step))
             skipped = fo_update(self.optimizer, not skipped, "server", step)
         self.skipped += skipped
         self._skips(skipped, step)
@@ -525,6 +552,7 @@ class SplitServer:
             )
         )
         start = time.perf_counter()
+        set_lr(self.optimizer, self.cfg.server_lr * lr_factor(self.cfg, batch.step))
         skipped = fo_update(self.optimizer, math.isfinite(value), "server", batch.step)
         self.skipped += skipped
         self._skips(skipped, batch.step)

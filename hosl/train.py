@@ -47,8 +47,10 @@ from hosl.roles import (
     fo_update,
     frame_bytes_limit,
     load_tensors,
+    lr_factor,
     make_optimizer,
     save_weights,
+    set_lr,
     tensors_of,
     zo_params_of,
 )
@@ -138,6 +140,7 @@ class FullModel:
             loss = self._loss(batch)
             loss.backward()
             value = float(loss.detach())
+            set_lr(self.optimizer, cfg.server_lr * lr_factor(cfg, step))
             skipped = fo_update(self.optimizer, math.isfinite(value), "model", step)
             return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
         seeds = zo.step_seeds(cfg.seed, step, cfg.q)
@@ -152,7 +155,15 @@ class FullModel:
                 self.zo.add_(probe.seeds, probe.scales, rows=rows)
                 losses[(probe.probe, probe.sign)] = float(self._loss(batch))
             grads, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr, cfg.weight_decay, rows
+                self.zo,
+                seeds,
+                losses,
+                clean,
+                cfg.mu,
+                cfg.zo_estimator,
+                cfg.client_lr * lr_factor(cfg, step),
+                cfg.weight_decay,
+                rows,
             )
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
         encoded = zo.encode_rows(rows) if rows is not None else None
@@ -378,7 +389,8 @@ def train(
             train_s += time.perf_counter() - t
             state["skipped_steps"] += stats.skipped
             if zo_log is not None:
-                record = {"step": step, "lr": cfg.client_lr, "grads": stats.grads, "skipped": stats.skipped}
+                lr = cfg.client_lr * lr_factor(cfg, step)  # what the step used; replay applies it
+                record = {"step": step, "lr": lr, "grads": stats.grads, "skipped": stats.skipped}
                 if stats.rows is not None:
                     record["rows"] = stats.rows
                 zo_log.write(json.dumps(record) + "\n")
@@ -390,8 +402,8 @@ def train(
                 record = {
                     "step": step,
                     "loss": stats.loss,
-                    "client_lr": cfg.client_lr,
-                    "server_lr": cfg.server_lr,
+                    "client_lr": cfg.client_lr * lr_factor(cfg, step),
+                    "server_lr": cfg.server_lr * lr_factor(cfg, step),
                     "client_s": stats.client_s,
                     "link_s": stats.link_s,
                     "server_s": stats.server_s,

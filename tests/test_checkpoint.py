@@ -76,6 +76,20 @@ def test_a_kill_during_a_save_resumes_to_the_same_bits(tmp_path, monkeypatch, po
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("method", ["hosl", "fo"])
+def test_a_killed_run_with_a_schedule_resumes_to_the_same_bits(tmp_path, monkeypatch, method):
+    """The rate is a function of the step: a resumed run takes up the schedule where it stopped."""
+    schedule = dict(lr_scheduler="linear", warmup_steps=3, method=method)
+    want = _straight(tmp_path, **schedule)
+    with monkeypatch.context() as m:
+        _kill_on_call(m, checkpoint, "commit", 3)
+        with pytest.raises(Killed):
+            run(cfg_for(tmp_path, "killed", steps=8, save_every=2, **schedule))
+    _resume(tmp_path / "killed")
+    got = weights(tmp_path / "killed")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_only_the_last_save_total_limit_checkpoints_are_kept(tmp_path):
     run(cfg_for(tmp_path, steps=8, save_every=2, save_total_limit=2))
     assert [s for s, _ in checkpoint.complete(tmp_path / "run")] == [6, 8]

@@ -705,3 +705,29 @@ def test_each_evaluation_prints_one_dense_line(tmp_path, capsys):
     assert len(lines) == 2, err
     assert lines[0].startswith("step 2/4 | loss ") and "| eval accuracy " in lines[0] and " s/step | up " in lines[0]
     assert lines[1].startswith("step 4/4 | loss ")
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedules_are_transformers(name, warmup):
+    """lr_factor against transformers.get_scheduler's rates, step by step."""
+    import transformers
+
+    from hosl.roles import lr_factor
+
+    cfg = TrainConfig(**{**FAST, "steps": 12, "lr_scheduler": name, "warmup_steps": warmup})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf_name = "constant_with_warmup" if name == "constant" and warmup else name
+    sched = transformers.get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=12)
+    for step in range(12):
+        assert lr_factor(cfg, step) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_a_scheduled_run_logs_the_rates_and_replays(tmp_path):
+    cfg = cfg_for(tmp_path, q=2, steps=6, lr_scheduler="cosine", warmup_steps=2, client_lr=1e-3)
+    run(cfg)
+    log = read_log(tmp_path / "run" / "zo_log.jsonl")
+    assert log[0]["lr"] == 0.0 and log[2]["lr"] == pytest.approx(1e-3) and log[5]["lr"] < log[3]["lr"]
+    _assert_replays(cfg, tmp_path / "run")
