@@ -93,3 +93,16 @@ def test_a_lora_run_exports_merged_with_the_pairs_logits(tmp_path, ranks):
         got = exported(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+
+
+def test_plot_draws_a_runs_curves(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from hosl.plot import main as plot_main
+
+    train.run(cfg_for(tmp_path, steps=4, eval_every=2))
+    assert plot_main([str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss"\n')
+    assert plot_main([str(tmp_path / "run")]) == 2
+    assert "metrics.jsonl:1: not a JSON line" in capsys.readouterr().err
