@@ -59,5 +59,17 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print("usage: python -m hosl\n\n" + __doc__.strip() + "\nThe trainer: python -m hosl.train --help")
+        return 0
+    if argv:
+        print("usage: python -m hosl (no arguments; see --help)", file=sys.stderr)
+        return 2
     print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ disk, and only then renamed (one atomic rename). The older ones are deleted afte
 last --save-total-limit, so a kill at any instant leaves at least one complete checkpoint, and resume
 takes the newest.
 
-Each checkpoint has a `manifest.json`: the SHA-256 of every file in it and of the run's config.json.
+Each checkpoint has a `manifest.json`: the SHA-256 of every file in it and of the run's settings
+(config.json's fields that define the trajectory: a resume may change the others, such as --steps,
+and rewrites config.json to say so).
 Resume and replay verify it before they read anything else and refuse, naming the file, when a
 byte differs: a flipped bit in the weights, a truncated optimizer state, an edited step or seed. A
 finished run has a manifest too, of its config, its log and its final weights (hosl.replay checks it).
@@ -78,10 +80,28 @@ def sync_dir(directory: Path) -> None:
     sync_file(directory)
 
 
+def config_digest(config_path: Path) -> str:
+    """SHA-256 of the trajectory-defining fields of a config.json (TrainConfig.identity)."""
+    from hosl.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_json(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    return hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()
+
+
+def check_config(manifest: dict, config_path: Path, where: Path) -> None:
+    if manifest.get("config") != config_digest(config_path):
+        raise CheckpointError(
+            f"{config_path}: its settings differ from those {where} was saved with (edited since the save)"
+        )
+
+
 def write_manifest(directory: Path, files: dict[str, str], config_path: Path | None) -> None:
     manifest = {"files": dict(sorted(files.items()))}
     if config_path is not None:
-        manifest["config.json"] = sha256_file(config_path)
+        manifest["config"] = config_digest(config_path)
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -174,8 +194,7 @@ def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
     manifest = read_manifest(path / MANIFEST)
     # The server's files may live on another machine: the server verifies those itself.
     verify(path, manifest, missing_ok=SERVER_FILES)
-    if manifest.get("config.json") != sha256_file(config_path):
-        raise CheckpointError(f"{config_path}: its SHA-256 differs from {path / MANIFEST}'s (edited since the save)")
+    check_config(manifest, config_path, path)
     state = _read_json(path / "state.json", "the training state")
     if not isinstance(state, dict) or state.get("step") != step:
         got = state.get("step") if isinstance(state, dict) else state

@@ -326,11 +326,24 @@ def _converter(name: str, kind, optional: bool):
     return convert
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line per error (ValueError: the trainer prints it, exit status 2), and negative numbers in
+    scientific notation taken as values (argparse reads --mu -1e-3 as a missing value)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):
+        raise ValueError(f"{message} (see --help)")
+
+
 def build_parser(prog: str = "python -m hosl.train") -> argparse.ArgumentParser:
     """Flags for every TrainConfig field, plus --config FILE. Unset flags stay unset (None in the
     namespace is "not given"), so a config file's values survive unless a flag overrides them."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
+        allow_abbrev=False,  # --step must not quietly mean --steps
         description="Train a causal LM split between a zeroth-order client and a first-order server (HOSL).",
         argument_default=argparse.SUPPRESS,
     )

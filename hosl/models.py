@@ -3,7 +3,10 @@ checkpoints (a local directory, a GGUF file in one, or a hub id)."""
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -53,6 +56,36 @@ def builtin_config(name: str, vocab_size: int, max_positions: int, *, pad_token_
     )  # fmt: skip
 
 
+def check_model_name(name: str) -> None:
+    """ModelError for a --model that names a local path that is not there (before the hub is asked,
+    whose answer would be about repo ids). A hub id has one slash; a path starts with /, . or ~, or
+    has more."""
+    if name.startswith("builtin:"):
+        return
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") >= 2
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ModelError(f"--model {name}: no such directory")
+
+
+def num_blocks(name: str, gguf_file: str | None = None) -> int | None:
+    """The model's number of decoder blocks, read without building it (built-in shapes and local
+    directories with a config.json; None when only loading the model would tell)."""
+    if name.startswith("builtin:"):
+        entry = BUILTIN.get(name.removeprefix("builtin:"))
+        return entry[1]["num_hidden_layers"] if entry else None
+    config = Path(name).expanduser() / "config.json"
+    if gguf_file or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return None
+
+
 def build_model(name: str, tokenizer, *, seed: int, dtype: str = "float32", gguf_file: str | None = None):
     """The full causal LM in eval mode (dropout off: a ZO probe pair must see the same function).
 
@@ -62,6 +95,7 @@ def build_model(name: str, tokenizer, *, seed: int, dtype: str = "float32", gguf
     import transformers
 
     torch_dtype = DTYPES[dtype]
+    check_model_name(name)
     if name.startswith("builtin:"):
         config = builtin_config(name.removeprefix("builtin:"), tokenizer.vocab_size, 2048)
         torch.manual_seed(seed)
@@ -81,6 +115,7 @@ def build_model(name: str, tokenizer, *, seed: int, dtype: str = "float32", gguf
 def build_tokenizer(name: str, task: str, examples=(), gguf_file: str | None = None):
     """The tokenizer for `name`. Built-in models use a word-level vocabulary: the synthetic task's own,
     or every word of the task's examples for a real task."""
+    check_model_name(name)
     if name.startswith("builtin:"):
         if task == "synthetic":
             return WordTokenizer.for_task("synthetic")
@@ -129,7 +164,9 @@ def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
         target_modules=list(ranks), rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items()},
     )  # fmt: skip
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:
         raise ModelError(f"cannot add LoRA to {type(model).__name__}: {exc}") from None
     lm = wrapped.base_model.model

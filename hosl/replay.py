@@ -71,8 +71,7 @@ def verify_run(run_dir: Path) -> None:
         return
     manifest = checkpoint.read_manifest(manifest_path)
     checkpoint.verify(run_dir, manifest, missing_ok=checkpoint.SERVER_FILES)
-    if manifest.get("config.json") != checkpoint.sha256_file(Path(run_dir) / "config.json"):
-        raise checkpoint.CheckpointError(f"{Path(run_dir) / 'config.json'}: its SHA-256 differs from the manifest's")
+    checkpoint.check_config(manifest, Path(run_dir) / "config.json", Path(run_dir))
 
 
 def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:
@@ -88,8 +87,11 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m hosl.replay RUN_DIR", file=sys.stderr)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m hosl.replay RUN_DIR (see --help)", file=sys.stderr)
         return 2
     try:
         client = replay_run(argv[0])

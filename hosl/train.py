@@ -33,7 +33,7 @@ import torch
 from hosl import checkpoint, zo
 from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
-from hosl.models import ModelError, apply_lora, build_model, build_tokenizer
+from hosl.models import ModelError, apply_lora, build_model, build_tokenizer, check_model_name, num_blocks
 from hosl.roles import (
     DivergedError,
     SkipCounter,
@@ -484,6 +484,10 @@ def _summary(cfg: TrainConfig, result: dict, side_params: dict, device: torch.de
 def _start_run_dir(cfg: TrainConfig):
     """(cfg, run directory, the checkpoint to resume from or None). A resumed run's checkpoint is
     verified here, before anything is built or written; a new run's directory must be empty."""
+    check_model_name(cfg.model)
+    n = num_blocks(cfg.model, cfg.gguf_file)  # from the config where it can be read: before a slow build
+    if n is not None and cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
+        raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config.json"
@@ -495,6 +499,11 @@ def _start_run_dir(cfg: TrainConfig):
                     "verify it; resume it with that version"
                 )
             raise UsageError(f"--resume {run_dir}: no checkpoint there (was the run started with --save-every?)")
+        if cfg.steps < point.step:
+            raise UsageError(f"--resume {run_dir}: --steps {cfg.steps} is fewer than the {point.step} it has done")
+        tmp = saved.with_name("config.json.tmp")  # the config says what the run now is (--steps, ...)
+        tmp.write_text(dataclasses.replace(cfg, resume=None).to_json() + "\n")
+        tmp.replace(saved)
         return cfg, run_dir, point
     run_dir = _run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -682,6 +691,9 @@ def _resolve_resume(argv) -> TrainConfig:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
     given.pop("config", None)
+    out = given.pop("out", None)
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise UsageError(f"--resume {run_dir} writes to that directory: --out {out} names another one")
     changed = sorted(k for k, v in given.items() if k not in RUN_ONLY and v != getattr(saved, k))
     if changed:
         what = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (run: {getattr(saved, k)!r})" for k in changed)

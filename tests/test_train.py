@@ -615,6 +615,9 @@ BAD = [
     (["--zo-embedding", "some"], "--zo-embedding must be one of rows, all"),
     (["--transport", "dist", "--auth-token-file", "/nonexistent"], "cannot read --auth-token-file /nonexistent"),
     (["--max-skipped", "-1"], "--max-skipped must be >= 0"),
+    (["--mu", "-1e-3"], "--mu must be a finite number > 0, got -0.001"),
+    (["--step", "5"], "unrecognized arguments: --step 5 (see --help)"),
+    (["--model", "/nonexistent/dir"], "--model /nonexistent/dir: no such directory"),
     (["--save-total-limit", "0"], "--save-total-limit must be >= 1"),
 ]
 
@@ -731,3 +734,33 @@ def test_a_scheduled_run_logs_the_rates_and_replays(tmp_path):
     log = read_log(tmp_path / "run" / "zo_log.jsonl")
     assert log[0]["lr"] == 0.0 and log[2]["lr"] == pytest.approx(1e-3) and log[5]["lr"] < log[3]["lr"]
     _assert_replays(cfg, tmp_path / "run")
+
+
+def test_a_bad_split_layer_is_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    import hosl.train as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(trainer, "build_model", never)
+    assert main(["--split-layer", "9", "--out", str(tmp_path / "r")]) == 2
+    assert "--split-layer must be in [0, 4]" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_config_true_and_refuses_going_back(tmp_path, capsys):
+    run(cfg_for(tmp_path, steps=4, save_every=4))
+    run_dir = tmp_path / "run"
+    assert main(["--resume", str(run_dir), "--steps", "3"]) == 2
+    assert "--steps 3 is fewer than the 4 it has done" in capsys.readouterr().err
+    assert main(["--resume", str(run_dir), "--out", str(tmp_path / "other")]) == 2
+    assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["--resume", str(run_dir), "--out", str(run_dir), "--steps", "6"]) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["steps"] == 6 and saved["resume"] is None
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("module", ["hosl", "hosl.replay"])
+def test_help_of_the_small_commands(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith(("usage", "Rebuild")), out.stderr
