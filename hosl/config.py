@@ -57,7 +57,10 @@ class TrainConfig:
     )
     model: str = field(
         default="builtin:tiny",
-        metadata=_help("a local model directory, a hub id, or builtin:<name> (random init, no network)"),
+        metadata=_help(
+            "a local model directory, a hub id, or builtin:<name>, a random init with no network "
+            "(tiny, tiny-opt, opt-125m, opt-1.3b, smollm2-135m)"
+        ),
     )
     gguf_file: str | None = field(default=None, metadata=_help("a GGUF file inside --model's directory to load"))
     task: str = field(default="synthetic", metadata=_help("sst2, rte, cb, boolq, wsc, wic, or synthetic (built in)"))
@@ -338,31 +341,68 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see --help)")
 
 
+_GROUPS = {
+    "method, model and data": [
+        "method", "model", "gguf_file", "task", "data_dir", "train_examples", "eval_examples", "max_length",
+        "split_layer", "dtype",
+    ],
+    "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
+    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "server_grad"],
+    "optimisation": [
+        "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
+        "batch_size", "steps", "seed", "max_skipped",
+    ],
+    "evaluation, logs and checkpoints": [
+        "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "out", "resume",
+    ],
+    "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
+}  # fmt: skip
+
+_EXAMPLES = """examples:
+  python -m hosl.train                                   # the embedded default: a minute on 2 CPU cores
+  python -m hosl.train --model path/to/model --task sst2 --data-dir data --split-layer 3 --steps 1000 \\
+      --save-every 100 --out runs/sst2
+  python -m hosl.train --resume runs/sst2 --steps 2000   # continue from its newest checkpoint
+  torchrun --nproc-per-node 2 -m hosl.train --transport dist --auth-token-file token --out runs/sst2-dist"""
+
+
 def build_parser(prog: str = "python -m hosl.train") -> argparse.ArgumentParser:
-    """Flags for every TrainConfig field, plus --config FILE. Unset flags stay unset (None in the
-    namespace is "not given"), so a config file's values survive unless a flag overrides them."""
+    """Flags for every TrainConfig field, plus --config FILE, in groups. Unset flags stay unset (None
+    in the namespace is "not given"), so a config file's values survive unless a flag overrides them."""
     parser = _Parser(
         prog=prog,
+        usage=f"{prog} [flags]",
         allow_abbrev=False,  # --step must not quietly mean --steps
         description="Train a causal LM split between a zeroth-order client and a first-order server (HOSL).",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE", help="load a saved config.json; flags given here override it")
-    for f in dataclasses.fields(TrainConfig):
-        kind, optional = _base_type(f.name)
-        default = f.metadata.get("default_text", "none" if f.default is None else f.default)
-        choices = f.metadata.get("choices")
-        help_text = f.metadata["help"] + f" (default: {default})"
-        if choices is not None:
-            help_text += f"; one of {_fmt_choices(choices)}"
-        metavar = None if choices is None else "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
-        if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, dest=f.name, help=help_text)
-        else:
-            parser.add_argument(
-                _flag(f.name), dest=f.name, type=_converter(f.name, kind, optional), metavar=metavar, help=help_text
-            )
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grouped = [n for names in _GROUPS.values() for n in names]
+    groups = {**_GROUPS, "other": [n for n in fields if n not in grouped]}
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_flag(group, fields[name])
     return parser
+
+
+def _add_flag(group, f) -> None:
+    kind, optional = _base_type(f.name)
+    help_text = f.metadata["help"]
+    default = f.metadata.get("default_text", f.default)
+    if default is not None:  # an unset default is said by the help text itself, or needs no words
+        help_text += f" (default: {default})"
+    choices = f.metadata.get("choices")
+    metavar = None if choices is None else "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
+    if kind is bool:
+        group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, dest=f.name, help=help_text)
+    else:
+        group.add_argument(
+            _flag(f.name), dest=f.name, type=_converter(f.name, kind, optional), metavar=metavar, help=help_text
+        )
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

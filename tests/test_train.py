@@ -764,3 +764,14 @@ def test_resume_keeps_the_config_true_and_refuses_going_back(tmp_path, capsys):
 def test_help_of_the_small_commands(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith(("usage", "Rebuild")), out.stderr
+
+
+def test_help_groups_the_flags_once_each_and_names_the_models(capsys):
+    from hosl.models import BUILTIN
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "the zeroth-order client:" in text and "examples:" in text
+    assert all(name in text for name in BUILTIN)
+    assert text.count("--q Q") == 1 and "; one of" not in text and "(default: none)" not in text
