@@ -635,6 +635,11 @@ def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device)
 
 def run_dist(cfg: TrainConfig) -> dict | None:
     """This process's half of a --transport dist run (torchrun: rank 0 server, rank 1 client)."""
+    if cfg.resume and not all(v in os.environ for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+        raise UsageError(
+            f"--resume {cfg.resume}: the run used --transport dist; resume it under torchrun as it was started "
+            "(or add --transport local to continue it in one process)"
+        )
     try:
         secret = read_secret(cfg.auth_token_file)
     except AuthError as exc:

@@ -775,3 +775,14 @@ def test_help_groups_the_flags_once_each_and_names_the_models(capsys):
     assert "the zeroth-order client:" in text and "examples:" in text
     assert all(name in text for name in BUILTIN)
     assert text.count("--q Q") == 1 and "; one of" not in text and "(default: none)" not in text
+
+
+def test_resuming_a_dist_run_outside_torchrun_says_what_to_do(tmp_path, monkeypatch, capsys):
+    run(cfg_for(tmp_path, steps=2, save_every=2))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "transport": "dist"}))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--resume", str(tmp_path / "run"), "--steps", "4"]) == 2
+    assert "resume it under torchrun" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "run"), "--steps", "4", "--transport", "local"]) == 0
