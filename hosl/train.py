@@ -425,10 +425,10 @@ def train(
                 t = time.perf_counter()
                 acc = evaluate(trainer, tokenizer, eval_examples, cfg, step)
                 writer.paused(time.perf_counter() - t)
-                state["evals"].append({"step": step + 1, "accuracy": acc})
+                state["evals"].append({"step": step, "steps_done": step + 1, "accuracy": acc})
                 best = state["best_eval_accuracy"]
                 state["best_eval_accuracy"] = acc if best is None else max(best, acc)
-                writer.write({"step": step, "eval_accuracy": acc})
+                writer.write({"step": step, "steps_done": step + 1, "eval_accuracy": acc})
                 up, down = traffic()
                 writer.line(
                     f"step {step + 1}/{cfg.steps} | loss {stats.loss:.4f} | eval accuracy {acc:.4f} "
@@ -449,6 +449,9 @@ def train(
             zo_log.close()
     if final_accuracy is None:  # no step ran (steps already reached on resume, or --steps 0)
         final_accuracy = evaluate(trainer, tokenizer, eval_examples, cfg, cfg.steps)
+        state["evals"].append({"step": start_step - 1, "steps_done": start_step, "accuracy": final_accuracy})
+        what = "the untrained model" if start_step == 0 else f"the model after its {start_step} steps"
+        print(f"no step to run: evaluated {what}: eval accuracy {final_accuracy:.4f}", file=sys.stderr)
         state["best_eval_accuracy"] = (
             final_accuracy if state["best_eval_accuracy"] is None else state["best_eval_accuracy"]
         )

@@ -786,3 +786,14 @@ def test_resuming_a_dist_run_outside_torchrun_says_what_to_do(tmp_path, monkeypa
     assert main(["--resume", str(tmp_path / "run"), "--steps", "4"]) == 2
     assert "resume it under torchrun" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "run"), "--steps", "4", "--transport", "local"]) == 0
+
+
+def test_evaluations_have_one_numbering_and_steps_0_says_what_it_evaluated(tmp_path, capsys):
+    summary = run(cfg_for(tmp_path, steps=4, eval_every=2))
+    logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    in_metrics = [(r["step"], r["steps_done"]) for r in logged if "eval_accuracy" in r]
+    assert in_metrics == [(e["step"], e["steps_done"]) for e in summary["evals"]] == [(1, 2), (3, 4)]
+    capsys.readouterr()
+    zero = run(cfg_for(tmp_path, "zero", steps=0))
+    assert "no step to run: evaluated the untrained model" in capsys.readouterr().err
+    assert zero["evals"] == [{"step": -1, "steps_done": 0, "accuracy": zero["final_eval_accuracy"]}]
