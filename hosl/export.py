@@ -12,8 +12,12 @@ as the client trained it and the head as the server did. A model read from a GGU
 float32 safetensors. A built-in model's word-level tokenizer is not a transformers tokenizer: its
 vocabulary is written as vocab.json (word -> id), which AutoTokenizer does not load.
 
-A LoRA run exports with --merge: each adapter is merged into the weight it adapts (W + (alpha/r) BA)
-and the model is written without peft. A PEFT adapter directory is not built yet.
+A LoRA run exports either way. With --merge, each adapter is merged into the weight it adapts
+(W + (alpha/r) BA) and the model is written without peft. Without it, as a PEFT adapter directory
+(adapter_config.json, adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, OUT_DIR)`
+loads onto the base model: --model's, or for a built-in model the untrained one, written to
+OUT_DIR/base since it exists nowhere else. An adapter carries only adapter weights, so this needs
+adapters on both sides (a side without them trains its base weights); else use --merge.
 """
 
 from __future__ import annotations
@@ -75,13 +79,15 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
         raise ExportError(f"{out_dir} exists and is not empty")
     cfg = TrainConfig.from_json((run_dir / "config.json").read_text(encoding="utf-8"))
     lora = bool(cfg.client_lora_r or cfg.server_lora_r)
-    if lora and not merge:
+    if lora and not merge and not (cfg.client_lora_r and cfg.server_lora_r):
         raise ExportError(
-            "a LoRA run exports with --merge (the adapters merged in); PEFT adapter directories are not built yet"
+            "this LoRA run trained one side's base weights, which a PEFT adapter cannot carry: export it with --merge"
         )
     source = _weights_dir(run_dir)
     examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
     tokenizer, model = _build(cfg, examples)
+    if lora and not merge:
+        return _export_adapter(cfg, model, tokenizer, source, out_dir)
     if cfg.method in SPLIT_METHODS:
         client, server = split_model(model, cfg.split_layer)  # the sides share the model's tensors
         load_tensors(client, load_file(source / "client.safetensors"))
@@ -104,12 +110,54 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
             del model.config.quantization_config
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+def _export_adapter(cfg: TrainConfig, model, tokenizer, source: Path, out_dir: Path) -> Path:
+    """A PEFT adapter directory of a run with adapters on both sides (see the module docstring)."""
+    from safetensors.torch import load_file, save_file
+
+    from hosl.roles import load_tensors
+    from hosl.split import split_model
+
+    config = model.peft_config["default"]
+    base_path = cfg.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.model.startswith("builtin:"):  # the base, before any adapter trained: no weight but the adapters changes
+        _, base = _build_base(cfg)
+        base.save_pretrained(out_dir / "base", safe_serialization=True)
+        base_path = str(out_dir / "base")
+    client, server = split_model(model, cfg.split_layer, check=False)
+    load_tensors(client, load_file(source / "client.safetensors"))
+    load_tensors(server, load_file(source / "server.safetensors"))
+    adapters = {
+        "base_model.model." + name.replace(".default", ""): p.detach().contiguous()
+        for name, p in model.named_parameters()
+        if "lora_" in name
+    }
+    save_file(adapters, out_dir / "adapter_model.safetensors")
+    config.base_model_name_or_path = base_path
+    config.save_pretrained(str(out_dir))
+    _save_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+def _build_base(cfg: TrainConfig):
+    import dataclasses
+
+    from hosl.train import _build, _load_data
+
+    plain = dataclasses.replace(cfg, lora_r=0, client_lora_r=0, server_lora_r=0)
+    return _build(plain, _load_data(plain)[0])
+
+
+def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     if hasattr(tokenizer, "hf"):
         tokenizer.hf.save_pretrained(out_dir)
     else:
         vocab = {**{s: i for i, s in enumerate(tokenizer._SPECIALS)}, **tokenizer._ids}
         (out_dir / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
-    return out_dir
 
 
 def main(argv=None) -> int:

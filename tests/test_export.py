@@ -73,9 +73,9 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "hf" / "x").write_text("")
     assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    train.run(cfg_for(tmp_path, "lora", steps=1, lora_r=2))
+    train.run(cfg_for(tmp_path, "lora", steps=1, client_lora_r=2, server_lora_r=0))
     assert main([str(tmp_path / "lora"), str(tmp_path / "hf2")]) == 2
-    assert "a LoRA run exports with --merge" in capsys.readouterr().err
+    assert "export it with --merge" in capsys.readouterr().err
     assert main([str(tmp_path / "lora")]) == 2
     assert "usage" in capsys.readouterr().err
 
@@ -106,3 +106,19 @@ def test_plot_draws_a_runs_curves(tmp_path, capsys):
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss"\n')
     assert plot_main([str(tmp_path / "run")]) == 2
     assert "metrics.jsonl:1: not a JSON line" in capsys.readouterr().err
+
+
+def test_a_lora_run_exports_as_a_peft_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = cfg_for(tmp_path, steps=3, lora_r=4, server_lr=1e-2, client_lr=1e-2)
+    train.run(cfg)
+    out = export(tmp_path / "run", tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists() and (out / "base" / "config.json").exists()
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base")
+    adapted = peft.PeftModel.from_pretrained(base, out).eval()
+    ids, mask = _batch(base.config.vocab_size)
+    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
+    with torch.no_grad():
+        got = adapted(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
