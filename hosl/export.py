@@ -156,8 +156,7 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     if hasattr(tokenizer, "hf"):
         tokenizer.hf.save_pretrained(out_dir)
     else:
-        vocab = {**{s: i for i, s in enumerate(tokenizer._SPECIALS)}, **tokenizer._ids}
-        (out_dir / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
+        (out_dir / "vocab.json").write_text(json.dumps(tokenizer.vocab(), indent=1) + "\n")
 
 
 def main(argv=None) -> int:

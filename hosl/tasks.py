@@ -430,6 +430,10 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self._SPECIALS) + len(self._ids)
 
+    def vocab(self) -> dict[str, int]:
+        """Every entry and its id, the special tokens first."""
+        return {**{s: i for i, s in enumerate(self._SPECIALS)}, **self._ids}
+
     @staticmethod
     def words(text: str) -> list[str]:
         """How a text splits into vocabulary entries (lower-cased words and punctuation marks)."""

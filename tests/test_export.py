@@ -34,17 +34,22 @@ def _batch(vocab_size):
     return ids, mask
 
 
+def _assert_computes_the_pairs_logits(loaded, run_dir: Path, cfg: TrainConfig, batch=None):
+    """`loaded` (a from_pretrained model) gives the split pair's logits at every unpadded position."""
+    ids, mask = batch or _batch(loaded.config.vocab_size)
+    want = _pair_logits(run_dir, cfg, ids, mask)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+
+
 @pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-opt"])  # untied head; head tied to the embedding
 def test_export_computes_what_the_split_pair_computed(tmp_path, model):
     cfg = cfg_for(tmp_path, steps=3, model=model, server_lr=1e-2)
     train.run(cfg)
     exported = transformers.AutoModelForCausalLM.from_pretrained(export(tmp_path / "run", tmp_path / "hf"))
-    ids, mask = _batch(exported.config.vocab_size)
-    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
-    with torch.no_grad():
-        got = exported(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+    _assert_computes_the_pairs_logits(exported, tmp_path / "run", cfg)
     if model == "builtin:tiny-opt":  # trained apart: the export keeps both
         assert not exported.config.tie_word_embeddings
         assert not torch.equal(exported.get_output_embeddings().weight, exported.get_input_embeddings().weight)
@@ -56,7 +61,7 @@ def test_export_of_an_unfinished_run_takes_its_newest_checkpoint(tmp_path):
     train.run(cfg)
     run_dir = tmp_path / "run"
     ids, mask = _batch(train._build(cfg, train._load_data(cfg)[0])[1].config.vocab_size)
-    want = _pair_logits(run_dir, cfg, ids, mask)
+    want = _pair_logits(run_dir, cfg, ids, mask)  # before the final weights go
     for name in ("summary.json", "client.safetensors", "server.safetensors", "manifest.json"):
         (run_dir / name).unlink()  # as if killed after its last save
     exported = transformers.AutoModelForCausalLM.from_pretrained(export(run_dir, tmp_path / "hf"))
@@ -87,12 +92,7 @@ def test_a_lora_run_exports_merged_with_the_pairs_logits(tmp_path, ranks):
     assert main([str(tmp_path / "run"), str(tmp_path / "hf"), "--merge"]) == 0
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert not any("lora" in n for n, _ in exported.named_parameters())
-    ids, mask = _batch(exported.config.vocab_size)
-    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
-    with torch.no_grad():
-        got = exported(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+    _assert_computes_the_pairs_logits(exported, tmp_path / "run", cfg)
 
 
 def test_plot_draws_a_runs_curves(tmp_path, capsys):
@@ -116,9 +116,4 @@ def test_a_lora_run_exports_as_a_peft_adapter(tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "base" / "config.json").exists()
     base = transformers.AutoModelForCausalLM.from_pretrained(out / "base")
     adapted = peft.PeftModel.from_pretrained(base, out).eval()
-    ids, mask = _batch(base.config.vocab_size)
-    want = _pair_logits(tmp_path / "run", cfg, ids, mask)
-    with torch.no_grad():
-        got = adapted(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+    _assert_computes_the_pairs_logits(adapted, tmp_path / "run", cfg, _batch(base.config.vocab_size))
