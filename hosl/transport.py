@@ -361,6 +361,10 @@ class _DistLink(Link):
         except FrameError:
             got = b""
         if not auth.proof_ok(got, secret, self.peer, client_nonce, server_nonce):
+            try:  # deliver this side's proof before leaving, so the peer judges it and says why, too
+                self._reap(0)
+            except LinkError:
+                pass
             raise LinkError(f"the {self.peer} failed authentication: it does not hold this run's shared secret")
         self._mac = auth.FrameMac(auth.session_key(secret, client_nonce, server_nonce), self.role, self.peer)
 
