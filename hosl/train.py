@@ -65,7 +65,7 @@ from hosl.tasks import (
     rank_classify,
     target_scores,
 )
-from hosl.transport import LinkError, dist_link, local_links
+from hosl.transport import LinkError, PeerError, dist_link, local_links
 
 logger = logging.getLogger("hosl.train")
 
@@ -583,7 +583,9 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
             _save_final(run_dir, client)
             server_files = client.control("final")["files"]
             client.stop()
-    except LinkError:
+    except LinkError as exc:
+        if isinstance(exc, PeerError):  # the server sent its ERROR frame and is ending: wait for its
+            thread.join(timeout=cfg.timeout)  # thread to record why, and raise the server's own exception
         if failure:
             raise failure[0] from None
         raise

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_train import FAST, cfg_for, losses, weights
 
-from hosl import checkpoint, train
+from hosl import checkpoint, train, transport
 from hosl.boundary import Frame, Kind
 from hosl.replay import main as replay_main
 from hosl.roles import SplitServer
@@ -74,6 +74,21 @@ def test_a_kill_during_a_save_resumes_to_the_same_bits(tmp_path, monkeypatch, po
     got = weights(tmp_path / "killed")
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_a_local_run_raises_the_servers_own_exception_however_late_its_thread_records_it(tmp_path, monkeypatch):
+    """The server's thread sends its ERROR frame, then records its exception: the client waits for it
+    rather than raising the link's report (a race that once failed the kill test above)."""
+    real_fail = transport.Link.fail
+
+    def slow_fail(self, message):
+        real_fail(self, message)
+        time.sleep(0.5)  # the client has its PeerError long before the server's thread records why
+
+    monkeypatch.setattr(transport.Link, "fail", slow_fail)
+    _kill_on_call(monkeypatch, checkpoint, "prune", 1)  # the server prunes first
+    with pytest.raises(Killed):
+        run(cfg_for(tmp_path, "killed", steps=4, save_every=2))
 
 
 @pytest.mark.parametrize("method", ["hosl", "fo"])
