@@ -7,6 +7,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _cwd_outside_the_checkout(tmp_path_factory, monkeypatch):
+    """Every test, and every process it starts, runs in an empty directory: `python -m hosl...` from
+    the repo root would import the source tree instead of the installed copy, and a run without
+    --out would write into the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
