@@ -20,8 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("hosl", "fo", "zo", "fo-full", "zo-full")
-SPLIT_METHODS = ("hosl", "fo", "zo")
+from hosl.plan import FO, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (re-exported)
 
 # What an unset --zo-estimator, --q and --client-lr become, by method. hosl's ZO client probes on
 # its own (cut-grad), so 8 probes cost it 16 client forwards and no server work, and ZO-SGD needs a
@@ -52,7 +51,7 @@ class TrainConfig:
         metadata=_help(
             "hosl: ZO client, FO server (the paper). fo: FO on both sides (split learning). zo: ZO on both sides "
             "with shared seeds (MeZO over the split). fo-full, zo-full: the unsplit model, FO and MeZO",
-            choices=METHODS,
+            choices=tuple(METHODS),
         ),
     )
     model: str = field(
@@ -243,10 +242,46 @@ class TrainConfig:
             raise ValueError(f"--zo-estimator cut-grad needs --method hosl (a first-order server), got {self.method}")
         if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
             raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
+        self._check_used()
         if self.transport == "dist" and not (self.out or self.resume):
             raise ValueError("--transport dist needs --out: each side keeps its files there (one machine: the same)")
         if self.transport == "dist" and self.method not in SPLIT_METHODS:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
+
+    def _check_used(self) -> None:
+        """ValueError for an option the method does not read, set to anything but what it resolves
+        to by default (a saved config holds the resolved defaults, and loads)."""
+        method = method_of(self.method)
+        zo_side, fo_side = ZO in method.orders, FO in method.orders
+        ignored = {
+            "q": not zo_side,
+            "mu": not zo_side,
+            "zo_estimator": not zo_side,
+            "zo_embedding": not zo_side,
+            "server_grad": not method.hybrid,
+            "optimizer": not fo_side,
+            "momentum": not fo_side or self.optimizer != "sgd",
+            "client_lr": "client_lr" not in method.rates,
+            "server_lr": "server_lr" not in method.rates,
+            "compression": not method.split,
+            "sync_probes": not method.split,
+        }
+        for name in (n for n, unused in ignored.items() if unused):
+            value, default = getattr(self, name), self._default(name)
+            if value != default:
+                given = f"{_flag(name)} {_fmt_value(value)}"
+                if name == "momentum" and fo_side:
+                    raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
+                raise ValueError(f"{given} is not used by --method {self.method} ({method.blurb}): drop it")
+
+    def _default(self, name: str):
+        """What a field becomes when it is not given, for this config's method."""
+        by_method = METHOD_DEFAULTS[self.method]
+        if name in by_method:
+            return by_method[name]
+        if name == "q":
+            return Q_DEFAULTS[by_method["zo_estimator"]]
+        return next(f.default for f in dataclasses.fields(self) if f.name == name)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -294,6 +329,12 @@ RUN_ONLY = frozenset(
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _fmt_value(value) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _fmt_choices(choices) -> str:

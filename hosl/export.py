@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from hosl import checkpoint
-from hosl.config import SPLIT_METHODS, TrainConfig
+from hosl.config import TrainConfig
+from hosl.plan import method_of
 
 
 class ExportError(ValueError):
@@ -88,7 +89,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
     tokenizer, model = _build(cfg, examples)
     if lora and not merge:
         return _export_adapter(cfg, model, tokenizer, source, out_dir)
-    if cfg.method in SPLIT_METHODS:
+    if method_of(cfg.method).split:
         client, server = split_model(model, cfg.split_layer)  # the sides share the model's tensors
         load_tensors(client, load_file(source / "client.safetensors"))
         load_tensors(server, load_file(source / "server.safetensors"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hosl import checkpoint, zo
 from hosl.config import TrainConfig
+from hosl.plan import ZO, StepPlan, method_of
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -36,13 +37,14 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     """Apply the logged steps to `params` (at the run's initial weights) exactly as the client did:
     every perturbation pass of the schedule, then the step's final pass (update, or restore only
     for a skipped step) and weight decay."""
+    plan = StepPlan.of(cfg)
     for record in log:
-        seeds = zo.step_seeds(cfg.seed, record["step"], cfg.q)
+        step = record["step"]
         rows = zo.decode_rows(record["rows"]) if "rows" in record else None
-        for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-            params.add_(probe.seeds, probe.scales, rows=rows)
+        for _ in plan.probes(params, step, rows):
+            pass  # each probe's noise pass, applied by the plan; replay needs no forward
         grads = None if record["skipped"] else record["grads"]
-        params.end_step(seeds, cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads, rows=rows)
+        params.end_step(plan.seeds(step), cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads, rows=rows)
 
 
 def replay_run(run_dir: str | Path):
@@ -53,8 +55,9 @@ def replay_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     verify_run(run_dir)
     cfg = TrainConfig.from_json((run_dir / "config.json").read_text())
-    if not cfg.model.startswith("builtin:") or cfg.method != "hosl":
-        raise ValueError("replay_run rebuilds the initial weights of builtin-model hosl runs only")
+    method = method_of(cfg.method)
+    if not cfg.model.startswith("builtin:") or not (method.split and method.client.order == ZO):
+        raise ValueError("replay_run rebuilds the initial weights of builtin-model runs with a ZO client only")
     _, model = _build(cfg, _load_data(cfg)[0])
     client, _ = split_model(model, cfg.split_layer)
     replay(client_zo_params(client, cfg), cfg, read_log(run_dir / "zo_log.jsonl"))

@@ -1,19 +1,11 @@
 """The two roles of a split run and the protocol between them, for every split method.
 
-Per training step the client sends one BATCH frame (labels and attention mask) and then ACT frames
-(the activation at the cut), and the server answers each ACT with a LOSS frame (for `fo`, a GRAD
-frame: dL/dh and the loss). Evaluation is a BATCH frame marked eval and one ACT; the server answers
-with the rank-classification scores. CONTROL frames save, commit and load a
-checkpoint (hosl.checkpoint), save the final weights, and stop. The server knows from the
-config (checked at HELLO) how many ACT frames a step has, so no frame says "end of step".
-
-    hosl  central: clean h, then h(w + mu z_q), h(w - mu z_q) for q = 1..Q        1 + 2Q uploads
-          --server-grad probe: no clean upload; the server's FO step uses (q=1, +)    2Q
-          forward estimator: clean h (also L(w)), then h(w + mu z_q)                  1 + Q
-          cut-grad: clean h; the server answers with a GRAD frame (dL/dh, loss) as    1
-                    for fo, and the client runs its 2Q probes locally
-    zo    central: h(w + mu z_q), h(w - mu z_q); forward: clean, then +mu probes     2Q or 1 + Q
-    fo    h with autograd kept on the client; the server returns dL/dh               1
+Per training step the client sends one BATCH frame (labels and attention mask), then an ACT frame
+(the activation at the cut) for each upload of the step plan (hosl.plan), and the server answers
+each with the frame the plan names: a LOSS, or a GRAD (dL/dh and the loss). Evaluation is a BATCH
+frame marked eval and one ACT; the server answers with a SCORES frame. CONTROL frames save, commit
+and load a checkpoint (hosl.checkpoint), save the final weights, and stop. Both sides derive the
+plan from the same config and compare it at HELLO, so no frame says "end of step".
 
 hosl: the clean upload goes first (the client is at w then, and needs one pass fewer than the
 paper's probes-then-clean order). The server computes its gradient on it at once but takes the
@@ -41,6 +33,7 @@ import torch
 from hosl import checkpoint, zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
+from hosl.plan import FO, GRAD, ZO, StepPlan
 from hosl.rows import LookupRecorder, embedding_tables, input_embedding, step_rows
 from hosl.split import Activation, ClientModel, ServerModel, labelled_positions
 from hosl.tasks import target_scores
@@ -48,28 +41,7 @@ from hosl.transport import Link, LinkError
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = 1
-
-
-def expected_uploads(cfg: TrainConfig) -> int:
-    """ACT frames per training step for cfg.method."""
-    if cfg.method == "fo" or cfg.zo_estimator == "cut-grad":
-        return 1
-    if cfg.zo_estimator == "forward":
-        return 1 + cfg.q
-    if cfg.method == "hosl" and cfg.server_grad == "clean":
-        return 1 + 2 * cfg.q
-    return 2 * cfg.q
-
-
-def clean_first(cfg: TrainConfig) -> bool:
-    """Whether a step starts with an upload at the unperturbed client weights."""
-    return cfg.zo_estimator in ("forward", "cut-grad") or (cfg.method == "hosl" and cfg.server_grad == "clean")
-
-
-def answers_with_grad(cfg: TrainConfig) -> bool:
-    """Whether the server answers a step's upload with dL/dh (a GRAD frame) rather than a loss."""
-    return cfg.method == "fo" or cfg.zo_estimator == "cut-grad"
+PROTOCOL = 2  # 2: HELLO carries the step plan; evaluation scores in their own frame kind
 
 
 def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: int = 0) -> zo.ZOParams:
@@ -101,10 +73,11 @@ def all_finite(tensors) -> bool:
     return all(bool(t.isfinite().all()) for t in tensors)  # a norm can overflow where no element does
 
 
-def fo_update(optimizer, losses_finite: bool, side: str, step: int) -> bool:
-    """A first-order side's update: the optimiser steps when the step's losses and every gradient are finite,
-    else the step is skipped (True is returned); the gradients are then cleared. DivergedError when
-    the update leaves a weight non-finite (it cannot be undone: the run stops at once)."""
+def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -> bool:
+    """A first-order side's update at rate lr: the optimiser steps when the step's losses and every
+    gradient are finite, else the step is skipped (True is returned); the gradients are then cleared.
+    DivergedError when the update leaves a weight non-finite (it cannot be undone: the run stops at once)."""
+    set_lr(optimizer, lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     skipped = not (losses_finite and all_finite([p.grad for p in params]))
     if not skipped:
@@ -201,18 +174,21 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 
 class SplitClient:
-    """The client of a split run: holds the client model and drives the protocol."""
+    """The client of a split run: holds the client model and drives the step plan."""
 
     def __init__(self, cfg: TrainConfig, model: ClientModel, link: Link):
         self.cfg = cfg
+        self.plan = StepPlan.of(cfg)
         self.model = model
         self.link = link
         link.max_frame_bytes = frame_bytes_limit(cfg, model.stack.config.hidden_size)
         self.device = device_of(model)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if cfg.method == "fo":
+        update = self.plan.method.client
+        self.rate = getattr(cfg, update.lr)
+        if update.order == FO:
             self.zo = None
-            self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.client_lr)
+            self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
         else:
             self.zo = zo_params_of(model, cfg)
             zo.check_mu(self.zo, cfg.mu)
@@ -223,14 +199,13 @@ class SplitClient:
 
     def lr(self, step: int) -> float:
         """The client's rate at step (--lr-scheduler)."""
-        return self.cfg.client_lr * lr_factor(self.cfg, step)
+        return self.rate * lr_factor(self.cfg, step)
 
     # -- protocol ------------------------------------------------------------------------------
     def hello(self) -> None:
         numel = self.zo.numel if self.zo is not None else 0
-        self.link.send(
-            Frame(Kind.HELLO, meta={"protocol": PROTOCOL, "config": self.cfg.hash(), "client_numel": numel})
-        )
+        meta = {"protocol": PROTOCOL, "config": self.cfg.hash(), "plan": self.plan.describe(), "client_numel": numel}
+        self.link.send(Frame(Kind.HELLO, meta=meta))
         reply = self.link.recv()
         if reply.kind != Kind.HELLO:
             raise LinkError(f"the server answered HELLO with {reply.kind.name}")
@@ -263,64 +238,86 @@ class SplitClient:
         tensors = {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}
         self.link.send(Frame(Kind.BATCH, step=step, tensors=tensors, meta={"eval": eval_}))
 
-    def _upload(self, step: int, probe: int, sign: int, hidden: torch.Tensor) -> None:
-        self.link.send(Frame(Kind.ACT, step=step, probe=probe, sign=sign, tensors={"hidden": hidden.float()}))
+    def _upload(self, step: int, forward, hidden: torch.Tensor) -> None:
+        self.link.send(
+            Frame(Kind.ACT, step=step, probe=forward.probe, sign=forward.sign, tensors={"hidden": hidden.float()})
+        )
 
-    def _loss(self, step: int) -> tuple[tuple[int, int], float, dict]:
+    def _answer(self, step: int, forward) -> tuple[float, torch.Tensor | None, dict]:
+        """The server's answer to an upload, of the kind the plan says: (loss, dL/dh or None, meta)."""
+        kind = Kind.GRAD if forward.answer == GRAD else Kind.LOSS
         frame = self.link.recv()
-        if frame.kind != Kind.LOSS or frame.step != step:
-            raise LinkError(f"expected the LOSS of step {step}, got {frame.kind.name} of step {frame.step}")
-        return (frame.probe, frame.sign), _scalar(frame.tensors["loss"]), frame.meta
+        if frame.kind != kind or frame.step != step or (frame.probe, frame.sign) != forward.key:
+            raise LinkError(
+                f"expected the {kind.name} of step {step} probe {forward.key}, got {frame.kind.name} of step "
+                f"{frame.step} probe {(frame.probe, frame.sign)}"
+            )
+        return _scalar(frame.tensors["loss"]), frame.tensors.get("grad"), frame.meta
 
     # -- training --------------------------------------------------------------------------------
     def train_step(self, step: int, batch) -> StepStats:
-        if self.cfg.method == "fo":
+        if self.zo is None:
             return self._fo_step(step, batch)
         return self._zo_step(step, batch)
 
     def _zo_step(self, step: int, batch) -> StepStats:
-        cfg = self.cfg
-        if cfg.zo_estimator == "cut-grad":
-            return self._cut_grad_step(step, batch)
+        """The plan's forwards: each upload is sent without waiting (streaming) and its answer read
+        when the update needs it; a local probe pair (cut-grad) is projected on the server's dL/dh."""
+        cfg, plan = self.cfg, self.plan
         start = time.perf_counter()
         client_s = 0.0
-        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
         losses: dict[tuple[int, int], float] = {}
         server_meta: dict = {}
-        pending = 0
+        pending: list = []
+        clean, grad_h, grads, h_plus = None, None, [], None
+
+        def drain():
+            nonlocal server_meta
+            while pending:
+                forward = pending.pop(0)
+                losses[forward.key], _, server_meta = self._answer(step, forward)
+
         self._send_batch(step, batch)
         with torch.no_grad():
-            if clean_first(cfg):
+            if plan.clean is not None:
                 t = time.perf_counter()
                 hidden, rows = self._clean_forward(batch)
                 client_s += time.perf_counter() - t
-                self._upload(step, 0, 0, hidden)
+                self._upload(step, plan.clean, hidden)
                 del hidden  # sent: the next forward runs without it
-                pending += 1
+                if plan.clean.answer == GRAD:  # the probes need dL/dh: wait for it
+                    clean, grad_h, server_meta = self._answer(step, plan.clean)
+                    grad_h = grad_h.to(self.device, torch.float32)
+                else:
+                    pending.append(plan.clean)
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
-            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-                t = time.perf_counter()
-                self.zo.add_(probe.seeds, probe.scales, rows=rows)
-                hidden = self._forward(batch)
-                client_s += time.perf_counter() - t
-                self._upload(step, probe.probe, probe.sign, hidden)
-                del hidden
-                pending += 1
-                if cfg.sync_probes:
-                    while pending:
-                        key, value, server_meta = self._loss(step)
-                        losses[key] = value
-                        pending -= 1
-            while pending:
-                key, value, server_meta = self._loss(step)
-                losses[key] = value
-                pending -= 1
             t = time.perf_counter()
-            clean = losses.pop((0, 0), None)
-            grads, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, self.lr(step), cfg.weight_decay, rows
-            )
+            for forward in plan.probes(self.zo, step, rows):
+                hidden = self._forward(batch)
+                if forward.upload:
+                    client_s += time.perf_counter() - t
+                    self._upload(step, forward, hidden)
+                    pending.append(forward)
+                    if cfg.sync_probes:
+                        drain()
+                    t = time.perf_counter()
+                elif forward.sign > 0:
+                    h_plus = hidden
+                else:
+                    grads.append(zo.cut_grad_projection(grad_h, h_plus, hidden, cfg.mu))
+                    h_plus = None
+                del hidden
+            client_s += time.perf_counter() - t
+            grad_h = None
+            drain()
+            t = time.perf_counter()
+            if plan.local_probes:
+                skipped = plan.end(self.zo, step, grads, self.lr(step), cfg.weight_decay, rows, [clean])
+            else:
+                clean = losses.pop((0, 0), None)
+                lr = self.lr(step)
+                grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(server_meta.get("server_s", 0.0))
@@ -328,62 +325,19 @@ class SplitClient:
         encoded = zo.encode_rows(rows) if rows is not None else None
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
 
-    def _cut_grad_step(self, step: int, batch) -> StepStats:
-        """One clean upload; the server's dL/dh at it; then the probes, on the client alone."""
-        cfg = self.cfg
-        start = time.perf_counter()
-        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
-        self._send_batch(step, batch)
-        with torch.no_grad():
-            t = time.perf_counter()
-            hidden, rows = self._clean_forward(batch)
-            client_s = time.perf_counter() - t
-            self._upload(step, 0, 0, hidden)
-            del hidden
-            loss, grad_h, meta = self._grad(step)
-            t = time.perf_counter()
-            grad_h = grad_h.to(self.device, torch.float32)
-            grads: list[float] = []
-            h_plus = None
-            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-                self.zo.add_(probe.seeds, probe.scales, rows=rows)
-                hidden = self._forward(batch)
-                if probe.sign > 0:
-                    h_plus = hidden
-                else:
-                    grads.append(zo.cut_grad_projection(grad_h, h_plus, hidden, cfg.mu))
-                    h_plus = None
-                del hidden
-            del grad_h
-            skipped = zo.conclude_with(
-                self.zo, seeds, grads, cfg.mu, cfg.zo_estimator, self.lr(step), cfg.weight_decay, rows, [loss]
-            )
-            client_s += time.perf_counter() - t
-        wall = time.perf_counter() - start
-        server_s = float(meta.get("server_s", 0.0))
-        encoded = zo.encode_rows(rows) if rows is not None else None
-        return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
-
-    def _grad(self, step: int) -> tuple[float, torch.Tensor, dict]:
-        """The server's answer to a step's clean upload: its loss and dL/dh there."""
-        frame = self.link.recv()
-        if frame.kind != Kind.GRAD or frame.step != step:
-            raise LinkError(f"expected the GRAD of step {step}, got {frame.kind.name} of step {frame.step}")
-        return _scalar(frame.tensors["loss"]), frame.tensors["grad"], frame.meta
-
     def _fo_step(self, step: int, batch) -> StepStats:
         start = time.perf_counter()
+        (forward,) = self.plan.uploads
         self._send_batch(step, batch)
         t = time.perf_counter()
         hidden = self._forward(batch)
         client_s = time.perf_counter() - t
-        self._upload(step, 0, 0, hidden.detach())
-        loss, grad_h, meta = self._grad(step)
+        self._upload(step, forward, hidden.detach())
+        loss, grad_h, meta = self._answer(step, forward)
         t = time.perf_counter()
         if math.isfinite(loss):
             hidden.backward(grad_h.to(hidden.device, hidden.dtype))
-        set_lr(self.optimizer, self.lr(step))
-        skipped = fo_update(self.optimizer, math.isfinite(loss), "client", step)
+        skipped = fo_update(self.optimizer, self.lr(step), math.isfinite(loss), "client", step)
         client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(meta.get("server_s", 0.0))
@@ -394,10 +348,11 @@ class SplitClient:
     def scores(self, step: int, batch) -> torch.Tensor:
         """Rank-classification scores of the rows of `batch`, computed by the server."""
         self._send_batch(step, batch, eval_=True)
-        self._upload(step, 0, 0, self._forward(batch))
+        hidden = self._forward(batch)
+        self.link.send(Frame(Kind.ACT, step=step, tensors={"hidden": hidden.float()}))
         frame = self.link.recv()
-        if frame.kind != Kind.LOSS or "scores" not in frame.tensors:
-            raise LinkError(f"expected evaluation scores, got {frame.kind.name}")
+        if frame.kind != Kind.SCORES or frame.step != step:
+            raise LinkError(f"expected the SCORES of step {step}, got {frame.kind.name} of step {frame.step}")
         return frame.tensors["scores"]
 
 
@@ -412,24 +367,27 @@ def compute_precision(cfg: TrainConfig, device: torch.device):
 
 
 class SplitServer:
-    """The server of a split run: answers the client's frames until it says stop."""
+    """The server of a split run: answers the client's frames, as the step plan says, until it says stop."""
 
     def __init__(self, cfg: TrainConfig, model: ServerModel, link: Link, run_dir: Path | None = None):
         self.cfg = cfg
+        self.plan = StepPlan.of(cfg)
         self.model = model
         self.link = link
         link.max_frame_bytes = frame_bytes_limit(cfg, model.hidden_size)
         self.device = device_of(model)
         self.run_dir = run_dir
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        update = self.plan.method.server
+        self.rate = getattr(cfg, update.lr)
         self.zo: zo.ZOParams | None = None
         self._zo_params = params
         self.optimizer = None
-        if cfg.method == "zo":
+        if update.order == ZO:
             for _, p in params:
                 p.requires_grad_(False)
         else:
-            self.optimizer = make_optimizer([p for _, p in params], cfg, cfg.server_lr)
+            self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
         self.steps_done = 0
         self.skipped = 0
         self._skips = SkipCounter(cfg.max_skipped, "server")
@@ -458,7 +416,9 @@ class SplitServer:
             raise LinkError(f"the client speaks protocol {frame.meta.get('protocol')}, this server {PROTOCOL}")
         if frame.meta.get("config") != self.cfg.hash():
             raise LinkError("the client's config differs from the server's (same flags on both sides?)")
-        if self.cfg.method == "zo" and self.zo is None:
+        if frame.meta.get("plan") != self.plan.describe():
+            raise LinkError("the client plans another step than this server (another hosl version on one side?)")
+        if self.optimizer is None and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
             self.zo = zo_params_of(self.model, self.cfg, self._zo_params, offset=int(frame.meta["client_numel"]))
             zo.check_mu(self.zo, self.cfg.mu, "server")
@@ -467,105 +427,69 @@ class SplitServer:
     def _forward(self, hidden: torch.Tensor, batch: Frame):
         """The server's blocks, and the head only where the labels are (the loss and the scores read
         nothing else)."""
-        h = Activation(hidden.to(self.device), batch.tensors["attention_mask"].to(self.device))
+        h = Activation(hidden, batch.tensors["attention_mask"].to(self.device))
         with compute_precision(self.cfg, self.device):
             return self.model(h, labels=batch.tensors["labels"].to(self.device), labelled_only=True)
 
-    def _recv_act(self, step: int) -> Frame:
+    def _recv_act(self, step: int, key: tuple[int, int] = (0, 0)) -> Frame:
         frame = self.link.recv()
-        if frame.kind != Kind.ACT or frame.step != step:
-            raise LinkError(f"expected an ACT of step {step}, got {frame.kind.name} of step {frame.step}")
+        if frame.kind != Kind.ACT or frame.step != step or (frame.probe, frame.sign) != key:
+            raise LinkError(
+                f"expected the ACT of step {step} probe {key}, got {frame.kind.name} of step {frame.step} "
+                f"probe {(frame.probe, frame.sign)}"
+            )
         return frame
 
     def _train_step(self, batch: Frame) -> None:
-        cfg, step = self.cfg, batch.step
-        if answers_with_grad(cfg):
-            return self._fo_step(batch)
+        """Each upload of the plan in order: the forward (with the gradient where the plan takes
+        it), the answer; then this side's update. A ZO server applies the plan's noise pass before
+        each probe's forward, as the client did to its own weights."""
+        cfg, plan, step = self.cfg, self.plan, batch.step
         compute = self._update_s  # the previous step's update ran after its answers went out
-        n = expected_uploads(cfg)
-        values: list[float] = []
+        uploads = plan.uploads
+        probes = plan.probes(self.zo, step) if plan.estimator is not None else iter(())
         losses: dict[tuple[int, int], float] = {}
-        seeds = zo.step_seeds(cfg.seed, step, cfg.q) if cfg.method == "zo" else None
-        schedule = iter(zo.schedule(seeds, cfg.mu, cfg.zo_estimator)) if seeds else None
-        for i in range(n):
-            frame = self._recv_act(step)
+        for i, forward in enumerate(uploads):
+            frame = self._recv_act(step, forward.key)
             t = time.perf_counter()
-            if schedule is not None and frame.sign != 0:
-                probe = next(schedule)
-                if (probe.probe, probe.sign) != (frame.probe, frame.sign):
-                    raise LinkError(f"probe ({frame.probe}, {frame.sign}) out of order at step {step}")
-                self.zo.add_(probe.seeds, probe.scales)
-            with_grad = cfg.method == "hosl" and (
-                frame.sign == 0 or (cfg.server_grad == "probe" and (frame.probe, frame.sign) == (0, 1))
-            )
-            with torch.set_grad_enabled(with_grad):
-                loss = self._forward(frame.tensors["hidden"], batch).loss
-                if with_grad:
+            if forward.sign != 0:
+                next(probes)  # the noise pass of this probe (a no-op without ZO weights)
+            hidden = frame.tensors["hidden"].to(self.device)
+            if forward.answer == GRAD:
+                hidden.requires_grad_(True)
+            with torch.set_grad_enabled(forward.server_grad):
+                loss = self._forward(hidden, batch).loss
+                if forward.server_grad:
                     loss.backward()
-            value = _scalar(loss.detach().float())
-            values.append(value)
-            losses[(frame.probe, frame.sign)] = value
+            loss = loss.detach().float()
+            losses[forward.key] = _scalar(loss)
+            tensors = {"loss": loss}
+            if forward.answer == GRAD:
+                tensors["grad"] = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
             compute += time.perf_counter() - t
-            meta = {"server_s": compute} if i == n - 1 else {}
-            self.link.send(
-                Frame(
-                    Kind.LOSS,
-                    step=step,
-                    probe=frame.probe,
-                    sign=frame.sign,
-                    tensors={"loss": loss.detach().float()},
-                    meta=meta,
-                )
-            )
+            meta = {"server_s": compute} if i == len(uploads) - 1 else {}
+            # The answer goes out before the update, so the client's next work overlaps it.
+            kind = Kind.GRAD if forward.answer == GRAD else Kind.LOSS
+            self.link.send(Frame(kind, step=step, probe=forward.probe, sign=forward.sign, tensors=tensors, meta=meta))
         t = time.perf_counter()
-        skipped = not zo.finite(values)
-        if cfg.method == "zo":  # the client computes the same g from the same losses
+        lr = self.rate * lr_factor(cfg, step)
+        if self.zo is not None:  # the client computes the same g from the same losses
             clean = losses.pop((0, 0), None)
-            _, skipped = zo.conclude_step(
-                self.zo, seeds, losses, clean, cfg.mu, cfg.zo_estimator, cfg.client_lr * lr_factor(cfg, step),
-                cfg.weight_decay,
-            )  # fmt: skip
+            _, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay)
         else:
-            set_lr(self.optimizer, cfg.server_lr * lr_factor(cfg, step))
-            skipped = fo_update(self.optimizer, not skipped, "server", step)
+            skipped = fo_update(self.optimizer, lr, zo.finite(losses.values()), "server", step)
         self.skipped += skipped
         self._skips(skipped, step)
         self.steps_done = step + 1
         self._update_s = time.perf_counter() - t
 
-    def _fo_step(self, batch: Frame) -> None:
-        frame = self._recv_act(batch.step)
-        start = time.perf_counter()
-        hidden = frame.tensors["hidden"].to(self.device).requires_grad_(True)
-        loss = self._forward(hidden, batch).loss
-        loss.backward()
-        value = _scalar(loss.detach().float())
-        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-        compute = self._update_s + time.perf_counter() - start
-        # dL/dh goes out before the optimiser step, so the client's backward overlaps it.
-        self.link.send(
-            Frame(
-                Kind.GRAD,
-                step=batch.step,
-                tensors={"grad": grad, "loss": loss.detach().float()},
-                meta={"server_s": compute},
-            )
-        )
-        start = time.perf_counter()
-        set_lr(self.optimizer, self.cfg.server_lr * lr_factor(self.cfg, batch.step))
-        skipped = fo_update(self.optimizer, math.isfinite(value), "server", batch.step)
-        self.skipped += skipped
-        self._skips(skipped, batch.step)
-        self.steps_done = batch.step + 1
-        self._update_s = time.perf_counter() - start
-
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:
         frame = self._recv_act(batch.step)
-        logits = self._forward(frame.tensors["hidden"], batch).logits
+        logits = self._forward(frame.tensors["hidden"].to(self.device), batch).logits
         labels = batch.tensors["labels"].to(self.device)
         scores = target_scores(logits.float(), labels[:, labelled_positions(labels) + 1])
-        self.link.send(Frame(Kind.LOSS, step=batch.step, tensors={"scores": scores}))
+        self.link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": scores}))
 
     def _control(self, frame: Frame) -> bool:
         """stop; save, commit and load a checkpoint of a step; final weights. The server keeps its

@@ -32,25 +32,23 @@ import torch
 
 from hosl import checkpoint, zo
 from hosl.auth import AuthError, read_secret
-from hosl.config import RUN_ONLY, SPLIT_METHODS, TrainConfig, build_parser, parse_config
+from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, apply_lora, build_model, build_tokenizer, check_model_name, num_blocks
+from hosl.plan import ZO, StepPlan, method_of
 from hosl.roles import (
     DivergedError,
     SkipCounter,
     SplitClient,
     SplitServer,
     StepStats,
-    answers_with_grad,
     compute_precision,
     device_of,
-    expected_uploads,
     fo_update,
     frame_bytes_limit,
     load_tensors,
     lr_factor,
     make_optimizer,
     save_weights,
-    set_lr,
     tensors_of,
     zo_params_of,
 )
@@ -101,12 +99,16 @@ class Batches:
 
 
 class FullModel:
-    """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient."""
+    """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient.
+    A ZO step runs its split counterpart's forwards (hosl.plan) on the whole model."""
 
     def __init__(self, cfg: TrainConfig, model, k: int):
         self.cfg, self.model = cfg, model
+        self.plan = StepPlan.of(cfg)
         self.device = device_of(model)
-        if cfg.method == "zo-full":
+        update = self.plan.method.client
+        self.rate = getattr(cfg, update.lr)
+        if update.order == ZO:
             # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
             client, _ = split_model(model, k)
             first = [p for p in client.parameters() if p.requires_grad]
@@ -121,7 +123,7 @@ class FullModel:
             self.optimizer = None
         else:
             self.zo = None
-            self.optimizer = make_optimizer(model.parameters(), cfg, cfg.server_lr)
+            self.optimizer = make_optimizer(model.parameters(), cfg, self.rate)
 
     def _forward(self, batch):
         """The model, with the head only where the labels are (as the split's server runs it)."""
@@ -135,36 +137,24 @@ class FullModel:
         return self._forward(batch).loss
 
     def train_step(self, step: int, batch):
-        cfg, start = self.cfg, time.perf_counter()
+        cfg, plan, start = self.cfg, self.plan, time.perf_counter()
+        lr = self.rate * lr_factor(cfg, step)
         if self.optimizer is not None:
             loss = self._loss(batch)
             loss.backward()
             value = float(loss.detach())
-            set_lr(self.optimizer, cfg.server_lr * lr_factor(cfg, step))
-            skipped = fo_update(self.optimizer, math.isfinite(value), "model", step)
+            skipped = fo_update(self.optimizer, lr, math.isfinite(value), "model", step)
             return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
-        seeds = zo.step_seeds(cfg.seed, step, cfg.q)
         losses: dict[tuple[int, int], float] = {}
         with torch.no_grad():
             clean, recorder = None, None
-            if cfg.zo_estimator == "forward":
+            if plan.clean is not None:
                 with LookupRecorder(self.zo) as recorder:
                     clean = float(self._loss(batch))
             rows = step_rows(self.zo, batch, recorder, self.token_table)
-            for probe in zo.schedule(seeds, cfg.mu, cfg.zo_estimator):
-                self.zo.add_(probe.seeds, probe.scales, rows=rows)
-                losses[(probe.probe, probe.sign)] = float(self._loss(batch))
-            grads, skipped = zo.conclude_step(
-                self.zo,
-                seeds,
-                losses,
-                clean,
-                cfg.mu,
-                cfg.zo_estimator,
-                cfg.client_lr * lr_factor(cfg, step),
-                cfg.weight_decay,
-                rows,
-            )
+            for forward in plan.probes(self.zo, step, rows):
+                losses[forward.key] = float(self._loss(batch))
+            grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
         encoded = zo.encode_rows(rows) if rows is not None else None
         return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads, encoded)
@@ -237,7 +227,7 @@ def _build(cfg: TrainConfig, train_examples):
     tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     n = model.config.num_hidden_layers
-    if cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
+    if method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
         raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
     if cfg.client_lora_r or cfg.server_lora_r:
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
@@ -389,7 +379,7 @@ def train(
             train_s += time.perf_counter() - t
             state["skipped_steps"] += stats.skipped
             if zo_log is not None:
-                lr = cfg.client_lr * lr_factor(cfg, step)  # what the step used; replay applies it
+                lr = trainer.rate * lr_factor(cfg, step)  # what the step used; replay applies it
                 record = {"step": step, "lr": lr, "grads": stats.grads, "skipped": stats.skipped}
                 if stats.rows is not None:
                     record["rows"] = stats.rows
@@ -471,7 +461,7 @@ def _summary(cfg: TrainConfig, result: dict, side_params: dict, device: torch.de
         "method": cfg.method,
         "model": cfg.model,
         "task": cfg.task,
-        "split_layer": cfg.split_layer if cfg.method in SPLIT_METHODS else None,
+        "split_layer": cfg.split_layer if method_of(cfg.method).split else None,
         "steps": cfg.steps,
         "q": cfg.q,
         **result,
@@ -489,7 +479,7 @@ def _start_run_dir(cfg: TrainConfig):
     verified here, before anything is built or written; a new run's directory must be empty."""
     check_model_name(cfg.model)
     n = num_blocks(cfg.model, cfg.gguf_file)  # from the config where it can be read: before a slow build
-    if n is not None and cfg.method in SPLIT_METHODS and not 0 <= cfg.split_layer <= n:
+    if n is not None and method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
         raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
     if cfg.resume:
         run_dir = Path(cfg.resume)
@@ -546,7 +536,7 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     tokenizer, model = _build(cfg, train_examples)
     model.to(device)
     torch.manual_seed(cfg.seed)
-    if cfg.method not in SPLIT_METHODS:
+    if not method_of(cfg.method).split:
         trainer = FullModel(cfg, model, cfg.split_layer)
         result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir, resume=point)
         _save_final(run_dir, trainer)
@@ -556,11 +546,12 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     sizes = split_summary(client_model, server_model)
     del model
     act_bytes = frame_bytes_limit(cfg, client_model.stack.config.hidden_size)
+    plan = StepPlan.of(cfg)
     client_link, server_link = local_links(
         slots=8,
         slot_bytes=act_bytes,
-        down_slots=expected_uploads(cfg) + 2,  # a step's answers fit: the server never blocks on them
-        down_slot_bytes=act_bytes if answers_with_grad(cfg) else 1 << 16,
+        down_slots=len(plan.uploads) + 2,  # a step's answers fit: the server never blocks on them
+        down_slot_bytes=act_bytes if plan.answers_with_grad else 1 << 16,
         timeout=cfg.timeout,
         compression=cfg.compression,
     )

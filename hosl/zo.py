@@ -66,7 +66,7 @@ class Probe:
 
 def schedule(seeds: Sequence[int], mu: float, estimator: str) -> Iterator[Probe]:
     """The perturbation passes of one step, one per probe forward, in order."""
-    estimator = _passes(estimator)
+    estimator = pass_kind(estimator)
     for q, s in enumerate(seeds):
         if q == 0:
             yield Probe((s,), (mu,), q, +1)
@@ -78,7 +78,8 @@ def schedule(seeds: Sequence[int], mu: float, estimator: str) -> Iterator[Probe]
             yield Probe((s,), (-2 * mu,), q, -1)
 
 
-def _passes(estimator: str) -> str:
+def pass_kind(estimator: str) -> str:
+    """The noise passes an estimator runs: central (+mu and -mu per probe) or forward (+mu)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return _PASSES[estimator]
@@ -104,7 +105,7 @@ def final_pass(
     """The pass that ends a step: undo the last perturbation and, unless grads is None (a skipped
     step), apply -lr/Q * g_q z_q for every probe. Terms of the same seed are merged."""
     last = seeds[-1]
-    terms = {last: mu if _passes(estimator) == "central" else -mu}
+    terms = {last: mu if pass_kind(estimator) == "central" else -mu}
     if grads is not None:
         for s, g in zip(seeds, grads):
             terms[s] = terms.get(s, 0.0) - lr * g / len(seeds)

@@ -21,7 +21,6 @@ from hosl.split import split_model
 from hosl.tasks import load_examples
 from hosl.train import Batches, _build, main, run
 
-
 # Small and fast: the built-in model on a slice of the synthetic task. The ZO settings are pinned to
 # the paper's loss-difference step (central, Q = 1), which the protocol tests below exercise;
 # hosl's defaults (cut-grad, Q = 8) have tests of their own.

@@ -1,0 +1,189 @@
+"""What a method trains, with what, and the plan of one of its steps: the one table of methods and
+the one statement of the protocol that the client, the server, the full-model methods, replay and
+the benchmarks read.
+
+A method is data: a pair of side updates (ZO or FO, each with the rate it reads) and whether the
+model is split. hosl = (ZO, FO), fo = (FO, FO), zo = (ZO, ZO); fo-full and zo-full train the
+unsplit model with one update. No code outside this module compares a method's name.
+
+A step plan is derived once from the config. It lists the client's forwards of a step in order,
+each with its probe and sign ((0, 0): the clean forward at w), whether it crosses the cut, whether
+the server takes its gradient on it, and what the server answers (a LOSS, or a GRAD: dL/dh and the
+loss). The noise pass before each probe forward comes from `StepPlan.probes`, the only loop over a
+step's probes.
+
+    hosl  central: clean (server gradient, LOSS), then (q, +1), (q, -1) for q = 1..Q     1 + 2Q uploads
+          --server-grad probe: no clean forward; the server's gradient on (0, +1)        2Q
+          forward: clean (server gradient), then (q, +1)                                 1 + Q
+          cut-grad: clean (server gradient, GRAD); the 2Q probes stay on the client      1
+    zo    central: (q, +1), (q, -1); forward: clean, then (q, +1); the server's ZO side
+          applies the same passes to its own weights                                     2Q or 1 + Q
+    fo    one forward with autograd kept; the server answers GRAD                        1
+
+The full-model methods run the forwards of their split counterpart (zo-full: zo's, fo-full: fo's)
+on the whole model, with nothing crossing a cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from hosl import zo
+
+ZO, FO = "zo", "fo"
+
+
+@dataclass(frozen=True)
+class Update:
+    """How one side (or the unsplit model) trains: ZO-SGD, or the first-order optimiser."""
+
+    order: str  # ZO or FO
+    lr: str  # the config field holding its rate: "client_lr" or "server_lr"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    split: bool
+    client: Update  # the unsplit model's update for the full methods
+    server: Update | None  # None: not split
+    blurb: str
+
+    @property
+    def orders(self) -> set[str]:
+        return {u.order for u in (self.client, self.server) if u is not None}
+
+    @property
+    def rates(self) -> set[str]:
+        return {u.lr for u in (self.client, self.server) if u is not None}
+
+    @property
+    def hybrid(self) -> bool:
+        """A ZO client and an FO server: the server's gradient at the cut is there to use."""
+        return self.split and self.client.order == ZO and self.server.order == FO
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("hosl", True, Update(ZO, "client_lr"), Update(FO, "server_lr"), "ZO client, FO server (the paper)"),
+        Method("fo", True, Update(FO, "client_lr"), Update(FO, "server_lr"), "FO on both sides (split learning)"),
+        Method("zo", True, Update(ZO, "client_lr"), Update(ZO, "client_lr"), "ZO on both sides, shared seeds"),
+        Method("fo-full", False, Update(FO, "server_lr"), None, "the unsplit model, first order"),
+        Method("zo-full", False, Update(ZO, "client_lr"), None, "the unsplit model, MeZO"),
+    )
+}
+SPLIT_METHODS = tuple(name for name, m in METHODS.items() if m.split)
+
+
+def method_of(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {name!r}") from None
+
+
+# The estimators: what a probe pair measures, and whether the client pairs its probes itself (from
+# activations and the server's dL/dh at the cut) or the losses come back over the link.
+ESTIMATORS = zo.ESTIMATORS
+LOCAL_ESTIMATORS = ("cut-grad",)  # needs a hybrid method: the server's gradient at the cut
+LOSS = "loss"
+GRAD = "grad"
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward of the client (or of the unsplit model) in a step."""
+
+    probe: int
+    sign: int  # 0: the clean forward at w; +1: w + mu z_probe; -1: w - mu z_probe
+    upload: bool  # crosses the cut
+    server_grad: bool  # the server backprops on it (the FO server's step uses this gradient)
+    answer: str | None  # LOSS or GRAD (None: not uploaded)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.probe, self.sign)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    method: Method
+    estimator: str | None  # None: no ZO side
+    q: int
+    mu: float
+    seed: int
+    forwards: tuple[Forward, ...]
+
+    @classmethod
+    def of(cls, cfg) -> StepPlan:
+        method = method_of(cfg.method)
+        if ZO not in method.orders:
+            fo = Forward(0, 0, upload=method.split, server_grad=method.split, answer=GRAD if method.split else None)
+            return cls(method, None, cfg.q, cfg.mu, cfg.seed, (fo,))
+        hybrid, split, est = method.hybrid, method.split, cfg.zo_estimator
+        local = est in LOCAL_ESTIMATORS
+        clean_grad = hybrid and (local or cfg.server_grad == "clean")
+        forwards: list[Forward] = []
+        if local or est == "forward" or clean_grad:
+            forwards.append(Forward(0, 0, split, clean_grad, (GRAD if local else LOSS) if split else None))
+        signs = (+1, -1) if zo.pass_kind(est) == "central" else (+1,)
+        for p in range(cfg.q):
+            for sign in signs:
+                grad = hybrid and not clean_grad and (p, sign) == (0, +1)  # --server-grad probe
+                up = split and not local
+                forwards.append(Forward(p, sign, up, grad, LOSS if up else None))
+        return cls(method, est, cfg.q, cfg.mu, cfg.seed, tuple(forwards))
+
+    # -- the shape of a step ---------------------------------------------------------------------
+    @property
+    def clean(self) -> Forward | None:
+        """The step's forward at w when it has one (it comes first)."""
+        return self.forwards[0] if self.forwards[0].sign == 0 else None
+
+    @property
+    def uploads(self) -> tuple[Forward, ...]:
+        return tuple(f for f in self.forwards if f.upload)
+
+    @property
+    def local_probes(self) -> bool:
+        """The client pairs its probes from activations (cut-grad): they never cross the cut."""
+        return self.estimator in LOCAL_ESTIMATORS
+
+    @property
+    def answers_with_grad(self) -> bool:
+        """Whether some answer of a step is a GRAD frame (its slot holds an activation's size)."""
+        return any(f.answer == GRAD for f in self.forwards)
+
+    def describe(self) -> list[list]:
+        """The uploads as plain data, for the HELLO check: both sides must plan the same step."""
+        return [[f.probe, f.sign, f.server_grad, f.answer] for f in self.uploads]
+
+    # -- the ZO side of a step ---------------------------------------------------------------------
+    def seeds(self, step: int) -> list[int]:
+        return zo.step_seeds(self.seed, step, self.q)
+
+    def probes(self, params: zo.ZOParams | None, step: int, rows: Sequence | None = None) -> Iterator[Forward]:
+        """The step's probe forwards in order, each yielded after its noise pass has been applied to
+        `params` (None: a side that follows the plan without ZO weights, such as an FO server). After
+        the last one the weights sit at its probe point; `end` restores them and updates."""
+        passes = zo.schedule(self.seeds(step), self.mu, self.estimator)
+        for forward, noise_pass in zip((f for f in self.forwards if f.sign != 0), passes, strict=True):
+            if (noise_pass.probe, noise_pass.sign) != forward.key:
+                raise AssertionError(f"the plan and the noise schedule disagree at {forward.key}")
+            if params is not None:
+                params.add_(noise_pass.seeds, noise_pass.scales, rows=rows)
+            yield forward
+
+    def end(self, params: zo.ZOParams, step: int, grads, lr: float, weight_decay: float, rows=None, extra=()) -> bool:
+        """The step's last pass on `params`: restore the last probe and apply the update from the
+        projected gradients; skipped (restore only) when any g or any value in `extra` is not
+        finite. Returns whether it was skipped."""
+        seeds = self.seeds(step)
+        return zo.conclude_with(params, seeds, grads, self.mu, self.estimator, lr, weight_decay, rows, extra)
+
+    def end_from_losses(self, params, step: int, losses: dict, clean, lr: float, weight_decay: float, rows=None):
+        """`end` with the projected gradients of a loss-difference estimator: (grads, skipped)."""
+        seeds = self.seeds(step)
+        return zo.conclude_step(params, seeds, losses, clean, self.mu, self.estimator, lr, weight_decay, rows)
