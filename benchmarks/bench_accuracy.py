@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 from _common import REPO, Recorder, cpu_name, environment, log, pyplot, save_figure
 
+from hosl.plan import ZO, method_of
+
 # The learning rates of each method (client, server). fo-full and zo-full use the server's slot for
 # the whole model in the trainer; zo-full takes the client's rate because it is ZO like the client.
 LRS = {
@@ -125,9 +127,11 @@ def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str
         "--split-layer",
         str(k),
     ]
-    flags += ["--q", str(q), "--client-lr", client_lr, "--server-lr", server_lr]
-    if flags[1] != "fo":  # the recorded suites ran the paper's step: loss differences, dense noise
-        flags += ["--zo-estimator", "central", "--zo-embedding", "all"]
+    used = method_of(flags[1])  # the trainer refuses an option its method does not read
+    flags += ["--client-lr", client_lr] if "client_lr" in used.rates else []
+    flags += ["--server-lr", server_lr] if "server_lr" in used.rates else []
+    if ZO in used.orders:  # the recorded suites ran the paper's step: loss differences, dense noise
+        flags += ["--q", str(q), "--zo-estimator", "central", "--zo-embedding", "all"]
     return flags
 
 

@@ -76,11 +76,14 @@ def build(spec):
 
 def config(spec):
     from hosl.config import TrainConfig
+    from hosl.plan import ZO, method_of
 
+    # The ZO settings only where the method has a ZO side (the config refuses options a method ignores).
+    zo_side = {"q": spec["q"], "mu": 1e-3, "zo_estimator": spec["estimator"], "zo_embedding": spec["embedding"]}
     return TrainConfig(
-        method=spec["method"], split_layer=spec["k"], q=spec["q"], batch_size=spec["batch"], max_length=spec["seq"],
-        sync_probes=spec["sync"], client_lr=1e-5, server_lr=1e-5, mu=1e-3, optimizer="adamw", timeout=600.0,
-        zo_estimator=spec["estimator"], zo_embedding=spec["embedding"],
+        method=spec["method"], split_layer=spec["k"], batch_size=spec["batch"], max_length=spec["seq"],
+        sync_probes=spec["sync"], client_lr=1e-5, server_lr=1e-5, optimizer="adamw", timeout=600.0,
+        **(zo_side if ZO in method_of(spec["method"]).orders else {}),
     )  # fmt: skip
 
 
@@ -127,26 +130,18 @@ def drive(client, link, spec) -> dict:
 
 
 def worker(spec: dict) -> None:
-    import threading
-
     import torch
 
-    from hosl.roles import SplitClient, SplitServer, answers_with_grad, expected_uploads
-    from hosl.transport import dist_link, local_links
+    from hosl.roles import SplitClient, SplitServer
+    from hosl.session import local_session
+    from hosl.transport import dist_link
 
     torch.set_num_threads(1)
     client_model, server_model = build(spec)
     cfg = config(spec)
-    if spec["role"] == "local":
-        client_link, server_link = local_links(
-            slots=8, slot_bytes=64 << 20, down_slots=expected_uploads(cfg) + 2, timeout=cfg.timeout,
-            down_slot_bytes=(64 << 20) if answers_with_grad(cfg) else 1 << 16,
-        )  # fmt: skip
-        server = SplitServer(cfg, server_model, server_link)
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        out = drive(SplitClient(cfg, client_model, client_link), client_link, spec)
-        thread.join()
+    if spec["role"] == "local":  # the trainer's own wiring: the link sized by the step plan
+        with local_session(cfg, client_model, server_model) as client:
+            out = drive(client, client.link, spec)
         print(json.dumps(out), flush=True)
         return
     link = dist_link(timeout=cfg.timeout)

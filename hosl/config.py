@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hosl.plan import FO, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (re-exported)
+from hosl.plan import FO, LOCAL_ESTIMATORS, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (re-exported)
 
 # What an unset --zo-estimator, --q and --client-lr become, by method. hosl's ZO client probes on
 # its own (cut-grad), so 8 probes cost it 16 client forwards and no server work, and ZO-SGD needs a
@@ -183,12 +183,11 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        if self.method in METHOD_DEFAULTS:  # else check() names the bad method
-            for name, value in METHOD_DEFAULTS[self.method].items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
-            if self.q is None:
-                self.q = Q_DEFAULTS.get(self.zo_estimator, 1)
+        for name, value in METHOD_DEFAULTS.get(self.method, {}).items():  # an unknown method: check() names it
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.q is None:
+            self.q = Q_DEFAULTS.get(self.zo_estimator, 1)
         for name in ("client_lora_r", "server_lora_r"):
             if getattr(self, name) is None:
                 setattr(self, name, self.lora_r)
@@ -238,14 +237,17 @@ class TrainConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.zo_estimator == "cut-grad" and self.method != "hosl":
-            raise ValueError(f"--zo-estimator cut-grad needs --method hosl (a first-order server), got {self.method}")
+        if self.zo_estimator in LOCAL_ESTIMATORS and not method_of(self.method).hybrid:
+            hybrid = " or ".join(n for n, m in METHODS.items() if m.hybrid)
+            raise ValueError(
+                f"--zo-estimator {self.zo_estimator} needs --method {hybrid} (a first-order server), got {self.method}"
+            )
         if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
             raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
         self._check_used()
         if self.transport == "dist" and not (self.out or self.resume):
             raise ValueError("--transport dist needs --out: each side keeps its files there (one machine: the same)")
-        if self.transport == "dist" and self.method not in SPLIT_METHODS:
+        if self.transport == "dist" and not method_of(self.method).split:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
 
     def _check_used(self) -> None:

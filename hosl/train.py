@@ -24,7 +24,6 @@ import os
 import resource
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from hosl.roles import (
     compute_precision,
     device_of,
     fo_update,
-    frame_bytes_limit,
     load_tensors,
     lr_factor,
     make_optimizer,
@@ -53,6 +51,7 @@ from hosl.roles import (
     zo_params_of,
 )
 from hosl.rows import LookupRecorder, input_embedding, step_rows
+from hosl.session import local_session
 from hosl.split import SplitError, labelled_forward, labelled_positions, split_model, split_summary
 from hosl.tasks import (
     TaskError,
@@ -63,7 +62,7 @@ from hosl.tasks import (
     rank_classify,
     target_scores,
 )
-from hosl.transport import LinkError, PeerError, dist_link, local_links
+from hosl.transport import LinkError, dist_link
 
 logger = logging.getLogger("hosl.train")
 
@@ -545,46 +544,21 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
     del model
-    act_bytes = frame_bytes_limit(cfg, client_model.stack.config.hidden_size)
-    plan = StepPlan.of(cfg)
-    client_link, server_link = local_links(
-        slots=8,
-        slot_bytes=act_bytes,
-        down_slots=len(plan.uploads) + 2,  # a step's answers fit: the server never blocks on them
-        down_slot_bytes=act_bytes if plan.answers_with_grad else 1 << 16,
-        timeout=cfg.timeout,
-        compression=cfg.compression,
-    )
-    server = SplitServer(cfg, server_model, server_link, run_dir)
-    failure: list[BaseException] = []
-
-    def serve():
-        try:
-            server.serve()
-        except BaseException as exc:  # reported to the client through the link, and re-raised below
-            failure.append(exc)
-
-    thread = threading.Thread(target=serve, name="hosl-server", daemon=True)
-    client = SplitClient(cfg, client_model, client_link)  # before the server starts: its checks fail alone
-    thread.start()
-    try:
-        with client_link:
-            client.hello()
-            result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client_link, point)
-            _save_final(run_dir, client)
-            server_files = client.control("final")["files"]
-            client.stop()
-    except LinkError as exc:
-        if isinstance(exc, PeerError):  # the server sent its ERROR frame and is ending: wait for its
-            thread.join(timeout=cfg.timeout)  # thread to record why, and raise the server's own exception
-        if failure:
-            raise failure[0] from None
-        raise
-    thread.join(timeout=cfg.timeout)
-    if failure:
-        raise failure[0]
+    with local_session(cfg, client_model, server_model, run_dir) as client:
+        result, server_files = _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point)
     summary = _summary(cfg, result, _side_params(sizes), device)
     return _finish(run_dir, summary, server_files)
+
+
+def _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point) -> tuple[dict, dict]:
+    """The client's whole session, over either transport: hello, training, the final weights of both
+    sides, stop. Returns the training result and the server's final files with their digests."""
+    client.hello()
+    result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point)
+    _save_final(run_dir, client)
+    server_files = client.control("final")["files"]
+    client.stop()
+    return result, server_files
 
 
 def _side_params(sizes) -> dict:
@@ -666,11 +640,7 @@ def _client_dist(cfg: TrainConfig, link, run_dir: Path, point, device) -> dict:
     client_model, sizes = _one_side(cfg, "client", train_examples, device)
     torch.manual_seed(cfg.seed)
     client = SplitClient(cfg, client_model, link)
-    client.hello()
-    result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, link, point)
-    _save_final(run_dir, client)
-    server_files = client.control("final")["files"]
-    client.stop()
+    result, server_files = _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point)
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
     return _finish(run_dir, _summary(cfg, result, params, device), server_files)
 

@@ -617,6 +617,12 @@ BAD = [
     (["--step", "5"], "unrecognized arguments: --step 5 (see --help)"),
     (["--model", "/nonexistent/dir"], "--model /nonexistent/dir: no such directory"),
     (["--save-total-limit", "0"], "--save-total-limit must be >= 1"),
+    (["--method", "fo", "--q", "10"], "--q 10 is not used by --method fo (FO on both sides"),
+    (["--method", "fo", "--server-grad", "probe"], "--server-grad probe is not used by --method fo"),
+    (["--method", "fo-full", "--client-lr", "1e-3"], "--client-lr 0.001 is not used by --method fo-full"),
+    (["--method", "zo", "--server-lr", "0.1"], "--server-lr 0.1 is not used by --method zo"),
+    (["--method", "zo-full", "--compression", "int8"], "--compression int8 is not used by --method zo-full"),
+    (["--momentum", "0.9"], "--momentum 0.9 needs --optimizer sgd (--optimizer adamw has no momentum)"),
 ]
 
 
