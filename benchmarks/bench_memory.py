@@ -98,6 +98,7 @@ def worker(spec: dict) -> None:
 
     import hosl
     from hosl.config import TrainConfig
+    from hosl.plan import method_of
     from hosl.roles import SplitClient
 
     role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
@@ -122,9 +123,10 @@ def worker(spec: dict) -> None:
     optimizer = "sgd" if method == "fo-sgd" else "adamw"
     # hosl's loss-difference step (central): the client holds one activation at a time. (cut-grad
     # also holds dL/dh and one probe's activation: two activations more, not measured here.)
+    rates = {rate: 1e-5 for rate in method_of(split_method).rates}  # the config refuses a rate the method ignores
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
-        client_lr=1e-5, server_lr=1e-5, mu=1e-3, timeout=600.0, zo_estimator="central",
+        mu=1e-3, timeout=600.0, zo_estimator="central", **rates,
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
     if role == "server":

@@ -66,7 +66,9 @@ import torch
 from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, given, log, proc_status, reset_peak
 
 import hosl
-from hosl import noise
+from hosl import noise, zo
+from hosl.config import TrainConfig
+from hosl.plan import StepPlan
 
 MU = 1e-3  # perturbation scale
 LR_G = 1e-6 * 0.37  # lr times a projected gradient, for the update term; its value does not change the cost
@@ -106,11 +108,27 @@ def hosl_pass_(x, seed, backend):
     noise.add_(x, [seed], [MU], backend=backend)
 
 
-def hosl_step_(x, seed, backend):
-    """hosl's noise for one ZO step with one probe: three passes, the restore merged with the update."""
-    noise.add_(x, [seed], [MU], backend=backend)
-    noise.add_(x, [seed], [-2 * MU], backend=backend)
-    noise.add_(x, [seed], [MU - LR_G], backend=backend)
+# hosl's client step with one probe and loss differences, as the trainer plans it (hosl.plan).
+STEP_PLAN = StepPlan.of(TrainConfig(method="hosl", zo_estimator="central", q=1, mu=MU))
+
+
+class _Buffer:
+    """A tensor with ZOParams' pass interface, through one noise backend."""
+
+    def __init__(self, x, backend):
+        self.x, self.backend = x, backend
+
+    def add_(self, seeds, scales, rows=None):
+        noise.add_(self.x, seeds, scales, backend=self.backend)
+
+
+def hosl_step_(x, step, backend):
+    """hosl's noise for one ZO step with one probe, walked by the step plan: its passes (+mu z, then
+    -2mu z), then the final pass, which merges the restore with the update: three passes."""
+    buffer = _Buffer(x, backend)
+    for _ in STEP_PLAN.probes(buffer, step):
+        pass
+    buffer.add_(*zo.final_pass(STEP_PLAN.seeds(step), MU, STEP_PLAN.estimator, LR_G / 0.37, [0.37]))
 
 
 def mezo_accounted_bytes(tensors):
@@ -278,20 +296,17 @@ def measure(rec, device, bench, case, x, tensors, pack, repeats, copy_gbps):
 
 def measure_rows(rec, device, params, tokens, repeats):
     """One ZO step's noise through hosl.zo on the client, token embedding dense against row-sparse."""
-    from hosl import zo
-
     named = [(f"p{i}", p) for i, p in enumerate(params)]  # p0: embed_tokens.weight (opt_client_params' order)
     vocab = params[0].shape[0]
     rows = [torch.unique(torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0)))]
-    seeds = zo.step_seeds(0, 0, 1)
     for embedding in ("all", "rows"):
         buffer = zo.ZOParams(named, row_sparse=["p0"] if embedding == "rows" else [])
         picked = rows if embedding == "rows" else None
 
         def step(buffer=buffer, picked=picked):
-            for probe in zo.schedule(seeds, MU, "central"):
-                buffer.add_(probe.seeds, probe.scales, rows=picked)
-            buffer.end_step(seeds, MU, "central", 1e-3, 0.0, [LR_G / 1e-3], rows=picked)
+            for _ in STEP_PLAN.probes(buffer, 0, picked):
+                pass
+            STEP_PLAN.end(buffer, 0, [LR_G / 1e-3], 1e-3, 0.0, picked)
 
         log(f"  {device.type} zo_step_rows {embedding} ...")
         median_s, min_s = time_cpu(step, repeats) if device.type == "cpu" else time_cuda(step)

@@ -79,11 +79,12 @@ def config(spec):
     from hosl.plan import ZO, method_of
 
     # The ZO settings only where the method has a ZO side (the config refuses options a method ignores).
+    method = method_of(spec["method"])
     zo_side = {"q": spec["q"], "mu": 1e-3, "zo_estimator": spec["estimator"], "zo_embedding": spec["embedding"]}
     return TrainConfig(
         method=spec["method"], split_layer=spec["k"], batch_size=spec["batch"], max_length=spec["seq"],
-        sync_probes=spec["sync"], client_lr=1e-5, server_lr=1e-5, optimizer="adamw", timeout=600.0,
-        **(zo_side if ZO in method_of(spec["method"]).orders else {}),
+        sync_probes=spec["sync"], optimizer="adamw", timeout=600.0, **{rate: 1e-5 for rate in method.rates},
+        **(zo_side if ZO in method.orders else {}),
     )  # fmt: skip
 
 

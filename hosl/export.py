@@ -69,9 +69,10 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
     merge: merge a LoRA run's adapters into the weights (needed for LoRA runs)."""
     from safetensors.torch import load_file
 
+    from hosl.models import build
     from hosl.roles import load_tensors
     from hosl.split import split_model
-    from hosl.train import _build, _load_data
+    from hosl.tasks import load_run_data
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.json").is_file():
@@ -85,8 +86,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
             "this LoRA run trained one side's base weights, which a PEFT adapter cannot carry: export it with --merge"
         )
     source = _weights_dir(run_dir)
-    examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
-    tokenizer, model = _build(cfg, examples)
+    examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
+    tokenizer, model = build(cfg, examples)
     if lora and not merge:
         return _export_adapter(cfg, model, tokenizer, source, out_dir)
     if method_of(cfg.method).split:
@@ -147,10 +148,11 @@ def _export_adapter(cfg: TrainConfig, model, tokenizer, source: Path, out_dir: P
 def _build_base(cfg: TrainConfig):
     import dataclasses
 
-    from hosl.train import _build, _load_data
+    from hosl.models import build
+    from hosl.tasks import load_run_data
 
     plain = dataclasses.replace(cfg, lora_r=0, client_lora_r=0, server_lora_r=0)
-    return _build(plain, _load_data(plain)[0])
+    return build(plain, load_run_data(plain)[0])
 
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:

@@ -174,3 +174,21 @@ def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
         if any(id(p) in ids for ids in full):
             p.requires_grad_(True)
     return lm
+
+
+def build(cfg, train_examples) -> tuple:
+    """(tokenizer, model) of a run's config: the model of --model (a built-in one seeded and given
+    the task's vocabulary from train_examples), with LoRA adapters where --client-lora-r and
+    --server-lora-r ask. ModelError for a --split-layer the model has no room for."""
+    from hosl.plan import method_of
+
+    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    n = model.config.num_hidden_layers
+    if method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
+        raise ModelError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
+    if cfg.client_lora_r or cfg.server_lora_r:
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
+        k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
+        model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
+    return tokenizer, model

@@ -49,8 +49,9 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
 
 def replay_run(run_dir: str | Path):
     """The client model of a builtin-model run, rebuilt from its seed and replayed from its log."""
+    from hosl.models import build
     from hosl.split import split_model
-    from hosl.train import _build, _load_data
+    from hosl.tasks import load_run_data
 
     run_dir = Path(run_dir)
     verify_run(run_dir)
@@ -58,7 +59,7 @@ def replay_run(run_dir: str | Path):
     method = method_of(cfg.method)
     if not cfg.model.startswith("builtin:") or not (method.split and method.client.order == ZO):
         raise ValueError("replay_run rebuilds the initial weights of builtin-model runs with a ZO client only")
-    _, model = _build(cfg, _load_data(cfg)[0])
+    _, model = build(cfg, load_run_data(cfg)[0])
     client, _ = split_model(model, cfg.split_layer)
     replay(client_zo_params(client, cfg), cfg, read_log(run_dir / "zo_log.jsonl"))
     return client

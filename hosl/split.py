@@ -312,7 +312,7 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _build(model: nn.Module, k: int) -> tuple[ClientModel, ServerModel, dict[int, nn.Parameter]]:
+def _cut(model: nn.Module, k: int) -> tuple[ClientModel, ServerModel, dict[int, nn.Parameter]]:
     """The two sides, and the server's copies of tied parameters by the id of the original."""
     cut = _find_cut(model)
     n = cut.num_blocks
@@ -401,7 +401,7 @@ def split_model(model: nn.Module, k: int, *, check: bool = True) -> tuple[Client
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_model takes a torch.nn.Module, got {type(model).__name__}")
-    client, server, _ = _build(model, k)
+    client, server, _ = _cut(model, k)
     if check:
         check_split(model, client, server)
     return client, server
@@ -634,7 +634,7 @@ def _load_side(name_or_path, k: int, side: str, dtype: torch.dtype | None, devic
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = _tied_names(model)
     buffer_names = {id(b): n for n, b in model.named_buffers()}
-    client, server, clones = _build(model, k)
+    client, server, clones = _cut(model, k)
     part = client if side == "client" else server
     origin = {id(clone): orig for orig, clone in clones.items()}
     checkpoint = _Checkpoint(directory)

@@ -601,3 +601,13 @@ def accuracy(predictions: torch.Tensor | Sequence[int], examples: Sequence[Examp
     if len(predictions) != len(examples) or not examples:
         raise ValueError(f"need one prediction per example, got {len(predictions)} for {len(examples)} examples")
     return sum(p == ex.label for p, ex in zip(predictions, examples)) / len(examples)
+
+
+def load_run_data(cfg) -> tuple[list[Example], list[Example]]:
+    """A run's (training, evaluation) examples: --task from --data-dir, sampled with --seed (the
+    evaluation draw with seed + 1). TaskError when either is empty."""
+    train = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
+    evals = load_examples(cfg.task, "eval", data_dir=cfg.data_dir, n=cfg.eval_examples, seed=cfg.seed + 1)
+    if not train or not evals:
+        raise TaskError(f"task {cfg.task} has no {'training' if not train else 'evaluation'} examples")
+    return train, evals

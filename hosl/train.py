@@ -32,7 +32,7 @@ import torch
 from hosl import checkpoint, zo
 from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
-from hosl.models import ModelError, apply_lora, build_model, build_tokenizer, check_model_name, num_blocks
+from hosl.models import ModelError, build, build_tokenizer, check_model_name, num_blocks
 from hosl.plan import ZO, StepPlan, method_of
 from hosl.roles import (
     DivergedError,
@@ -58,7 +58,7 @@ from hosl.tasks import (
     accuracy,
     encode_candidates,
     encode_for_training,
-    load_examples,
+    load_run_data,
     rank_classify,
     target_scores,
 )
@@ -212,27 +212,6 @@ def _run_dir(cfg: TrainConfig) -> Path:
         return Path(cfg.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.method}-{cfg.task}-{stamp}"
-
-
-def _load_data(cfg: TrainConfig):
-    train = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
-    evals = load_examples(cfg.task, "eval", data_dir=cfg.data_dir, n=cfg.eval_examples, seed=cfg.seed + 1)
-    if not train or not evals:
-        raise TaskError(f"task {cfg.task} has no {'training' if not train else 'evaluation'} examples")
-    return train, evals
-
-
-def _build(cfg: TrainConfig, train_examples):
-    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
-    n = model.config.num_hidden_layers
-    if method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
-        raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
-    if cfg.client_lora_r or cfg.server_lora_r:
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
-        k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
-        model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
-    return tokenizer, model
 
 
 class _Writer:
@@ -531,8 +510,8 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
-    train_examples, eval_examples = _load_data(cfg)
-    tokenizer, model = _build(cfg, train_examples)
+    train_examples, eval_examples = load_run_data(cfg)
+    tokenizer, model = build(cfg, train_examples)
     model.to(device)
     torch.manual_seed(cfg.seed)
     if not method_of(cfg.method).split:
@@ -597,7 +576,7 @@ def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device)
     if local:
         loader = load_client if role == "client" else load_server
         return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype], device=device), None
-    _, model = _build(cfg, train_examples)
+    _, model = build(cfg, train_examples)
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
     return (client_model if role == "client" else server_model).to(device), sizes
@@ -618,7 +597,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
     if link.role == "server":
         try:
             device = _device(cfg)
-            examples = _load_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a builtin vocabulary
+            examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a builtin vocabulary
             side, _ = _one_side(cfg, "server", examples, device)
             torch.manual_seed(cfg.seed)
             server = SplitServer(cfg, side, link, Path(cfg.resume or cfg.out or "."))
@@ -635,7 +614,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
 
 
 def _client_dist(cfg: TrainConfig, link, run_dir: Path, point, device) -> dict:
-    train_examples, eval_examples = _load_data(cfg)
+    train_examples, eval_examples = load_run_data(cfg)
     tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
     client_model, sizes = _one_side(cfg, "client", train_examples, device)
     torch.manual_seed(cfg.seed)

@@ -139,7 +139,7 @@ def conclude_with(params, seeds, grads, mu, estimator, lr, weight_decay, rows=No
     return skipped
 
 
-def decayed(name: str, param: torch.Tensor) -> bool:
+def decayed(param: torch.Tensor) -> bool:
     """Weight decay applies to matrices (linear and embedding weights), not to biases and norms."""
     return param.dim() >= 2
 
@@ -167,7 +167,7 @@ class ZOParams:
         self._decay = [
             (start, p.numel())
             for p, start in zip(self.flat.params, self.flat.offsets)
-            if decayed(by_id.get(id(p), ""), p)
+            if decayed(p)
         ]
         unknown = sorted(set(row_sparse) - set(self.names))
         if unknown:

@@ -15,12 +15,14 @@ import pytest
 import torch
 from test_train import FAST, cfg_for, losses, weights
 
-from hosl import checkpoint, train, transport
+from hosl import checkpoint, transport
 from hosl.boundary import Frame, Kind
+from hosl.models import build
 from hosl.replay import main as replay_main
 from hosl.roles import SplitServer
 from hosl.split import split_model
-from hosl.train import _build, main, run
+from hosl.tasks import load_run_data
+from hosl.train import main, run
 
 
 class Killed(BaseException):
@@ -194,8 +196,8 @@ class _Capture:
 
 def _server(tmp_path):
     cfg = cfg_for(tmp_path, "srv")
-    examples = train._load_data(cfg)[0]
-    _, model = _build(cfg, examples)
+    examples = load_run_data(cfg)[0]
+    _, model = build(cfg, examples)
     _, server_model = split_model(model, cfg.split_layer)
     return SplitServer(cfg, server_model, _Capture(), tmp_path / "srv")
 

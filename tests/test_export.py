@@ -12,13 +12,15 @@ from test_train import cfg_for
 from hosl import train
 from hosl.config import TrainConfig
 from hosl.export import export, main
+from hosl.models import build
 from hosl.roles import load_tensors
 from hosl.split import split_model
+from hosl.tasks import load_run_data
 
 
 def _pair_logits(run_dir: Path, cfg: TrainConfig, ids, mask):
     """The split pair's logits, built here from the run's config and weight files."""
-    _, model = train._build(cfg, train._load_data(cfg)[0])
+    _, model = build(cfg, load_run_data(cfg)[0])
     client, server = split_model(model, cfg.split_layer)
     load_tensors(client, load_file(run_dir / "client.safetensors"))
     load_tensors(server, load_file(run_dir / "server.safetensors"))
@@ -60,7 +62,7 @@ def test_export_of_an_unfinished_run_takes_its_newest_checkpoint(tmp_path):
     cfg = cfg_for(tmp_path, steps=2, save_every=2, server_lr=1e-2)
     train.run(cfg)
     run_dir = tmp_path / "run"
-    ids, mask = _batch(train._build(cfg, train._load_data(cfg)[0])[1].config.vocab_size)
+    ids, mask = _batch(build(cfg, load_run_data(cfg)[0])[1].config.vocab_size)
     want = _pair_logits(run_dir, cfg, ids, mask)  # before the final weights go
     for name in ("summary.json", "client.safetensors", "server.safetensors", "manifest.json"):
         (run_dir / name).unlink()  # as if killed after its last save

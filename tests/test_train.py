@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from hosl import noise, zo
 from hosl.config import TrainConfig, parse_config
+from hosl.models import build
 from hosl.replay import client_zo_params, read_log, replay
 from hosl.split import split_model
 from hosl.tasks import load_examples
-from hosl.train import Batches, _build, main, run
+from hosl.train import Batches, main, run
 
 # Small and fast: the built-in model on a slice of the synthetic task. The ZO settings are pinned to
 # the paper's loss-difference step (central, Q = 1), which the protocol tests below exercise;
@@ -48,7 +49,7 @@ def losses(run_dir) -> list[float]:
 
 def _model_and_batch(cfg: TrainConfig):
     examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
-    tok, model = _build(cfg, examples)
+    tok, model = build(cfg, examples)
     return model, Batches(examples, tok, cfg)
 
 
