@@ -164,11 +164,7 @@ class ZOParams:
         self.flat = FlatParams([p for _, p in named_params])
         self.offset = offset
         by_id = {id(p): n for n, p in named_params}
-        self._decay = [
-            (start, p.numel())
-            for p, start in zip(self.flat.params, self.flat.offsets)
-            if decayed(p)
-        ]
+        self._decay = [(start, p.numel()) for p, start in zip(self.flat.params, self.flat.offsets) if decayed(p)]
         unknown = sorted(set(row_sparse) - set(self.names))
         if unknown:
             raise ValueError(f"row_sparse names parameters that are not here: {', '.join(unknown)}")
