@@ -748,12 +748,12 @@ def test_a_scheduled_run_logs_the_rates_and_replays(tmp_path):
 
 
 def test_a_bad_split_layer_is_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys):
-    import hosl.train as trainer
+    import hosl.models
 
     def never(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(trainer, "build_model", never)
+    monkeypatch.setattr(hosl.models, "build_model", never)
     assert main(["--split-layer", "9", "--out", str(tmp_path / "r")]) == 2
     assert "--split-layer must be in [0, 4]" in capsys.readouterr().err
 
