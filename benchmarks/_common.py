@@ -5,6 +5,7 @@ Imported as `_common` by scripts run as `python benchmarks/bench_<subject>.py` (
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
@@ -17,7 +18,32 @@ import torch
 import hosl
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 MIB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line and the tables every script prints.
+
+
+def bench_parser(doc: str, quick: str | None = None, out: str = "directory for the JSON Lines records"):
+    """The preamble every benchmark shares: its docstring's first paragraph as the description,
+    --quick (when the script has a quick mode: `quick` says what it runs) and --out (benchmarks/results)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"{out} (benchmarks/results)")
+    return parser
+
+
+def print_table(header: list[str], rows: list[list], numeric: list[bool] | None = None) -> None:
+    """A Markdown table on stdout: text columns aligned left, numeric ones right (by default every
+    column but the first is numeric)."""
+    numeric = numeric if numeric is not None else [False] + [True] * (len(header) - 1)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "".join(" ---: |" if n else " --- |" for n in numeric))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ benchmarks/results/bench_accuracy.jsonl (convergence: bench_convergence.jsonl; -
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REPO, Recorder, cpu_name, environment, log, pyplot, save_figure
+from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, print_table, pyplot, save_figure
 
 from hosl.plan import ZO, method_of
 
@@ -200,9 +199,9 @@ def accuracy_suite(args, rec: Recorder) -> None:
     records = [run_record(rec, "accuracy", name, d, label) for name, label, d in names if d is not None]
     print(f"\n{records[0]['task']}, {args.steps} steps, batch {args.batch_size}, split layer {args.split_layer}, "
           f"{args.eval_examples} dev examples, seeds {' '.join(map(str, args.seeds))}, on {cpu_name()}\n")  # fmt: skip
-    print("| method | seeds | dev accuracy mean | std | min | max | wall per run (s) | KiB up / step "
-          "| KiB down / step |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    header = ["method", "seeds", "dev accuracy mean", "std", "min", "max", "wall per run (s)", "KiB up / step",
+              "KiB down / step"]  # fmt: skip
+    table = []
     for method in ["untrained", *args.methods]:
         rows = [r for r in records if r["method"] == method]
         if not rows:
@@ -211,11 +210,11 @@ def accuracy_suite(args, rec: Recorder) -> None:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         up = statistics.fmean(r["bytes_up_per_step"] for r in rows) / 1024
         down = statistics.fmean(r["bytes_down_per_step"] for r in rows) / 1024
-        traffic = "| - | - |" if method == "untrained" else f"| {up:.0f} | {down:.1f} |"  # no steps: evaluation only
-        print(
-            f"| {method} | {len(rows)} | {statistics.fmean(accs):.3f} | {std:.3f} | {min(accs):.3f} | {max(accs):.3f} "
-            f"| {statistics.fmean(r['wall_seconds'] for r in rows):.0f} {traffic}"
-        )
+        traffic = ["-", "-"] if method == "untrained" else [f"{up:.0f}", f"{down:.1f}"]  # no steps: evaluation only
+        wall = statistics.fmean(r["wall_seconds"] for r in rows)
+        table.append([method, len(rows), f"{statistics.fmean(accs):.3f}", f"{std:.3f}", f"{min(accs):.3f}",
+                      f"{max(accs):.3f}", f"{wall:.0f}", *traffic])  # fmt: skip
+    print_table(header, table)
 
 
 def moving_average(xs: list[float], width: int) -> list[float]:
@@ -244,15 +243,16 @@ def convergence_suite(args, rec: Recorder) -> None:
     sweeps = {sweep: [point for point in points if point in records] for sweep, points in sweeps.items()}
     task = next(iter(records.values()))["task"]
     print(f"\nhosl on {task}, {args.steps} steps, batch {args.batch_size}, seed {args.seeds[0]}, on {cpu_name()}\n")
-    print("| sweep | k | Q | client params | first loss | mean loss, last fifth | dev accuracy | wall (s) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    header = ["sweep", "k", "Q", "client params", "first loss", "mean loss, last fifth", "dev accuracy", "wall (s)"]
+    table = []
     for sweep, points in sweeps.items():
         for k, q in points:
             r = records[(k, q)]
-            print(
-                f"| {sweep} | {k} | {q} | {r['client_params'] / 1e6:.2f}M | {r['first_loss']:.3f} "
-                f"| {r['final_loss_mean']:.3f} | {r['final_eval_accuracy']:.3f} | {r['wall_seconds']:.0f} |"
-            )
+            table.append([
+                sweep, k, q, f"{r['client_params'] / 1e6:.2f}M", f"{r['first_loss']:.3f}",
+                f"{r['final_loss_mean']:.3f}", f"{r['final_eval_accuracy']:.3f}", f"{r['wall_seconds']:.0f}",
+            ])  # fmt: skip
+    print_table(header, table)
     plot = Path(args.plot or args.out / f"convergence{'_quick' if args.quick else ''}.png")
     plot_convergence(sweeps, records, args.smooth, plot)
     print(f"\nplot: {plot}")
@@ -277,9 +277,10 @@ def plot_convergence(sweeps, records, smooth: int, path: Path) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(
+        __doc__, "built-in tiny model, synthetic task: checks the script", out="directory for the records and the plot"
+    )
     parser.add_argument("--convergence", action="store_true", help="the convergence suite instead of accuracy")
-    parser.add_argument("--quick", action="store_true", help="built-in tiny model, synthetic task: checks the script")
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (100; --quick: 40)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="accuracy: one run per seed")
@@ -298,9 +299,6 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="tabulate the finished runs; start none")
     parser.add_argument("--out-root", default=None, help="run directories (runs/bench_accuracy[_quick])")
     parser.add_argument("--plot", default=None, help="convergence PNG (OUT/convergence.png)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the records and the plot"
-    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 40 if args.quick else 100

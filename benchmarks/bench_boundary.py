@@ -36,7 +36,6 @@ bench_boundary_quick.jsonl), overwritten each run, and prints a table to stdout 
 
 from __future__ import annotations
 
-import argparse
 import io
 import pickle
 import statistics
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MIB, REPO, Recorder, cpu_name, environment, given, log
+from _common import MIB, Recorder, bench_parser, cpu_name, environment, given, log, print_table
 
 import hosl
 from hosl.auth import FrameMac
@@ -174,7 +173,7 @@ def fmt_ms(seconds):
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
-def print_table(records):
+def report(records):
     header = [
         "case",
         "MiB",
@@ -208,20 +207,11 @@ def print_table(records):
                     f"{r['max_err_over_absmax']:.1e}" if r["max_err_over_absmax"] else "0",
                 ]
             )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = " | ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(line.format(*row))
+    print_table(header, rows, numeric=[False, True, False] + [True] * 8)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two small cases (a few seconds)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
-    )
+    parser = bench_parser(__doc__, "two small cases (a few seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed round trips per method (7; --quick: 5)")
     args = parser.parse_args(argv)
     repeats = given(args.repeats, 5 if args.quick else 7)
@@ -241,7 +231,7 @@ def main(argv=None):
     rec = Recorder(path, env)
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         measure(rec, device, shape, repeats)
-    print_table(rec.records)
+    report(rec.records)
     print(f"\n{len(rec.records)} records written to {path}")
 
 

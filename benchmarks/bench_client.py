@@ -26,7 +26,6 @@ its suite from all finished runs: benchmarks/results/bench_client_<suite>.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -35,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, Recorder, cpu_name, environment, log
+from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, print_table
 
 # name: the flags of the variant, on top of the suite's common flags.
 DEFAULT_VARIANTS = {
@@ -142,17 +141,18 @@ def report(records: list[dict], suite: str) -> None:
     ks = sorted({k for _, k in groups if k is not None})
     if suite == "smollm2" and ks:
         print("\nwhere the client matters: fo against the frozen client (first seed)\n")
-        print("| k | fo | frozen client | fo - frozen |")
-        print("| ---: | ---: | ---: | ---: |")
+        table = []
         for k in ks:
             fo = [r for r in groups.get(("fo", k), []) if r["seed"] == records[0]["seed"]]
             fr = [r for r in groups.get(("frozen-client", k), []) if r["seed"] == records[0]["seed"]]
             if fo and fr:
                 a, b = fo[0]["final_eval_accuracy"], fr[0]["final_eval_accuracy"]
-                print(f"| {k} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
-    print("\n| variant | k | seeds | accuracy mean +- std | R | first -> final loss | wall (s) | KiB up/step "
-          "| KiB down/step |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                table.append([k, f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f}"])
+        print_table(["k", "fo", "frozen client", "fo - frozen"], table, numeric=[True] * 4)
+    print()
+    header = ["variant", "k", "seeds", "accuracy mean +- std", "R", "first -> final loss", "wall (s)", "KiB up/step",
+              "KiB down/step"]  # fmt: skip
+    table = []
     for (variant, k), rows in groups.items():
         mean, std, n = stats(rows)
         fo, frozen = groups.get(("fo", k)), groups.get(("frozen-client", k))
@@ -162,21 +162,21 @@ def report(records: list[dict], suite: str) -> None:
             r_value = f"{(mean - stats(frozen)[0]) / gap:.2f}" if abs(gap) > 1e-9 else "n/a (fo = frozen)"
         loss = f"{statistics.fmean(r['first_loss'] for r in rows):.2f} -> "
         loss += f"{statistics.fmean(r['final_loss_mean'] for r in rows):.2f}"
-        print(
-            f"| {variant} | {'-' if k is None else k} | {n} | {mean:.3f} +- {std:.3f} | {r_value} | {loss} "
-            f"| {statistics.fmean(r['wall_seconds'] for r in rows):.0f} "
-            f"| {statistics.fmean(r['bytes_up_per_step'] for r in rows) / 1024:.0f} "
-            f"| {statistics.fmean(r['bytes_down_per_step'] for r in rows) / 1024:.1f} |"
-        )
+        table.append([
+            variant, "-" if k is None else k, n, f"{mean:.3f} +- {std:.3f}", r_value, loss,
+            f"{statistics.fmean(r['wall_seconds'] for r in rows):.0f}",
+            f"{statistics.fmean(r['bytes_up_per_step'] for r in rows) / 1024:.0f}",
+            f"{statistics.fmean(r['bytes_down_per_step'] for r in rows) / 1024:.1f}",
+        ])  # fmt: skip
+    print_table(header, table)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, out="directory for the records")
     parser.add_argument("--suite", default="default", choices=["default", "smollm2"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report", action="store_true", help="only the tables of the finished runs")
     parser.add_argument("--out-root", default=None, help="run directories (default: runs/bench_client_<suite>)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the records")
     smol = parser.add_argument_group("smollm2 suite")
     smol.add_argument(
         "--ks",

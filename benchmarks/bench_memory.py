@@ -66,9 +66,11 @@ from _common import (
     MIB,
     REPO,
     Recorder,
+    bench_parser,
     environment,
     fmt_bytes,
     log,
+    print_table,
     proc_status,
     pyplot,
     reset_peak,
@@ -99,7 +101,7 @@ def worker(spec: dict) -> None:
     import hosl
     from hosl.config import TrainConfig
     from hosl.plan import method_of
-    from hosl.roles import SplitClient
+    from hosl.roles import SplitClient, SplitServer
 
     role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
     device = torch.device(spec.get("device", "cpu"))
@@ -130,7 +132,7 @@ def worker(spec: dict) -> None:
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
     if role == "server":
-        answer(link, spec)
+        SplitServer(cfg, stub_server(spec), link).serve()
         link.close()
         print("{}", flush=True)
         return
@@ -163,31 +165,27 @@ def worker(spec: dict) -> None:
     print(json.dumps(out), flush=True)
 
 
-def answer(link, spec) -> None:
-    """The server's side of the protocol without its compute: HELLO, then a LOSS for each ACT (for
-    fo, a GRAD: a dL/dh of the activation's shape and dtype), until CONTROL stop. What the client
-    holds does not depend on how the server gets its answers, and the server's own work would cost
-    minutes per measurement on a small machine."""
+def stub_server(spec):
+    """A server side with no blocks, for hosl.roles.SplitServer: one scalar weight and a loss that
+    reads the activation, so the trainer's own server role answers every frame the plan names
+    (LOSS, or GRAD for fo: dL/dh of the activation's shape) in microseconds. What the client holds
+    does not depend on how the server gets its answers, and a real server would cost minutes per
+    measurement on a small machine."""
+    import types
+
     import torch
+    import transformers
 
-    from hosl.boundary import Frame, Kind
-    from hosl.roles import PROTOCOL
+    class StubServer(torch.nn.Module):
+        def __init__(self, hidden_size: int):
+            super().__init__()
+            self.hidden_size = hidden_size
+            self.scale = torch.nn.Parameter(torch.ones(()))
 
-    fo = spec["method"].startswith("fo")
-    while True:
-        frame = link.recv()
-        if frame.kind == Kind.HELLO:
-            link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
-        elif frame.kind == Kind.ACT:
-            loss = torch.tensor(1.0 + 1e-3 * frame.probe * frame.sign)
-            if fo:
-                grad = torch.randn_like(frame.tensors["hidden"]) * 1e-4
-                link.send(Frame(Kind.GRAD, step=frame.step, tensors={"grad": grad, "loss": loss}))
-            else:
-                meta = dict(step=frame.step, probe=frame.probe, sign=frame.sign)
-                link.send(Frame(Kind.LOSS, tensors={"loss": loss}, **meta))
-        elif frame.kind == Kind.CONTROL and frame.meta.get("op") == "stop":
-            return
+        def forward(self, h, labels=None, labelled_only=False):
+            return types.SimpleNamespace(loss=h.hidden.float().mean() * self.scale, logits=None)
+
+    return StubServer(transformers.AutoConfig.from_pretrained(spec["checkpoint"]).hidden_size)
 
 
 class Peak:
@@ -376,8 +374,9 @@ def plot(records, batches, ks, path: Path) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model and batches (a few minutes)")
+    parser = bench_parser(
+        __doc__, "a small model and batches (a few minutes)", out="directory for the records and the plot"
+    )
     parser.add_argument("--steps", type=int, default=2, help="training steps per measurement (2)")
     parser.add_argument(
         "--malloc", default="mmap", choices=list(MALLOC), help="mmap: MALLOC_MMAP_THRESHOLD_=131072 (default)"
@@ -385,9 +384,6 @@ def main(argv=None):
     parser.add_argument("--model", default="opt-125m", choices=["opt-125m", "opt-1.3b"], help="the shape (opt-125m)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (16 64; --quick: 4 16)")
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="split layers (1 3 6)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the records and the plot"
-    )
     parser.add_argument("--work", default=None, help="where the random checkpoint goes (runs/bench_memory)")
     parser.add_argument("--report", metavar="JSONL", help="print the table and plot of saved records; measure nothing")
     parser.add_argument(
@@ -488,9 +484,9 @@ def report(records, png: Path) -> None:
     else:
         where = f"above the bare interpreter, malloc: {r0.get('malloc', 'glibc default')}"
     print(f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps\n")
-    print("| batch | k | method | measured | over floor | fo / this | weights | grads | optim | saved act | link "
-          "| fwd transient | rest |")  # fmt: skip
-    print("| ---: | ---: | --- |" + " ---: |" * 10)
+    header = ["batch", "k", "method", "measured", "over floor", "fo / this", "weights", "grads", "optim", "saved act",
+              "link", "fwd transient", "rest"]  # fmt: skip
+    table = []
     for r in records:
         a = r["accounted"]
         floor = next(
@@ -509,7 +505,8 @@ def report(records, png: Path) -> None:
             fmt_bytes(a["saved_activations"]), fmt_bytes(a["link_buffers"]), fmt_bytes(transient) if zo_like else "-",
             fmt_bytes(r["measured_bytes"] - parts),
         ]  # fmt: skip
-        print(f"| {r['batch_size']} | {r['split_layer']} | {r['method']} | " + " | ".join(cells) + " |")
+        table.append([r["batch_size"], r["split_layer"], r["method"], *cells])
+    print_table(header, table, numeric=[True, True, False] + [True] * 10)
     batches = list(dict.fromkeys(r["batch_size"] for r in records))
     ks = list(dict.fromkeys(r["split_layer"] for r in records))
     plot(records, batches, ks, png)

@@ -63,7 +63,19 @@ import time
 from pathlib import Path
 
 import torch
-from _common import MIB, REPO, Recorder, cpu_name, environment, fmt_bytes, given, log, proc_status, reset_peak
+from _common import (
+    MIB,
+    Recorder,
+    bench_parser,
+    cpu_name,
+    environment,
+    fmt_bytes,
+    given,
+    log,
+    print_table,
+    proc_status,
+    reset_peak,
+)
 
 import hosl
 from hosl import noise, zo
@@ -350,7 +362,7 @@ def fmt_numel(n):
     return f"{n / 1e6:.2f}M"
 
 
-def print_table(records):
+def report(records):
     rows = []
     header = [
         "device",
@@ -394,12 +406,7 @@ def print_table(records):
                 target,
             ]
         )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = " | ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(line.format(*row))
+    print_table(header, rows, numeric=[False, False] + [True] * 8 + [False])
     print()
     if verdicts:
         print(
@@ -433,11 +440,7 @@ def print_table(records):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and a small OPT client (about a minute)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
-    )
+    parser = bench_parser(__doc__, "small sizes and a small OPT client (about a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per CPU measurement (5; --quick: 3)")
     parser.add_argument(
         "--device", default="all", choices=["all", "cpu", "cuda"], help="all: the CPU, and CUDA when present (all)"
@@ -489,7 +492,7 @@ def main(argv=None):
             measure(rec, device, bench, client_name, flat, params, True, repeats, copy_gbps)
         measure_rows(rec, device, params, args.rows_tokens, repeats)
         del params, flat
-    print_table(rec.records)
+    report(rec.records)
     print(f"\n{len(rec.records)} records written to {path}")
 
 

@@ -38,9 +38,8 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
-from _common import REPO, Recorder, cpu_name, environment, given, log, run_workers
+from _common import Recorder, bench_parser, cpu_name, environment, given, log, print_table, run_workers
 
 MODELS = {
     "small": dict(
@@ -184,8 +183,7 @@ def grid(qs, variants):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Q in {1, 4}, fewer steps, smaller batches")
+    parser = bench_parser(__doc__, "Q in {1, 4}, fewer steps, smaller batches")
     parser.add_argument("--model", default="small", choices=list(MODELS))
     parser.add_argument("--split-layer", type=int, default=None, help="the cut (small: 4, opt-125m: 3)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (16; --quick: 8)")
@@ -196,9 +194,6 @@ def main(argv=None):
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the JSON Lines records"
-    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -250,20 +245,20 @@ def main(argv=None):
         f"median of {s['steps']} steps\n"
     )
     fo = {r["transport"]: r["wall_s"] for r in records if r["variant"] == "fo"}
-    print("| variant | Q | probes | transport | step (s) | / fo | client (s) | link (s) | server (s) "
-          "| noise (s) | noise / client | KiB up | KiB down |")  # fmt: skip
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    header = ["variant", "Q", "probes", "transport", "step (s)", "/ fo", "client (s)", "link (s)", "server (s)",
+              "noise (s)", "noise / client", "KiB up", "KiB down"]  # fmt: skip
+    table = []
     for r in records:
         noise = f"{r['noise_s'] / r['client_s']:.1%}" if r["method"] != "fo" else "-"
         ratio = f"{r['wall_s'] / fo[r['transport']]:.2f}x" if r["transport"] in fo else "-"
-        print(
-            f"| {r['variant']} | {r['q']} | {r['probes']} | {r['transport']} | {r['wall_s']:.3f} | {ratio} "
-            f"| {r['client_s']:.3f} | {r['link_s']:.3f} | {r['server_s']:.3f} | {r['noise_s']:.3f} | {noise} "
-            f"| {r['bytes_up'] / 1024:.0f} | {r['bytes_down'] / 1024:.1f} |"
-        )
+        table.append([
+            r["variant"], r["q"], r["probes"], r["transport"], f"{r['wall_s']:.3f}", ratio, f"{r['client_s']:.3f}",
+            f"{r['link_s']:.3f}", f"{r['server_s']:.3f}", f"{r['noise_s']:.3f}", noise,
+            f"{r['bytes_up'] / 1024:.0f}", f"{r['bytes_down'] / 1024:.1f}",
+        ])  # fmt: skip
+    print_table(header, table, numeric=[False, True, False, False] + [True] * 9)
     print("\nstreaming against synchronous probes (speedup = sync step / streaming step)\n")
-    print("| variant | Q | transport | sync (s) | streaming (s) | speedup |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    table = []
     for r in records:
         same = [
             x for x in records if x["probes"] == "sync" and all(x[f] == r[f] for f in ("variant", "q", "transport"))
@@ -271,10 +266,10 @@ def main(argv=None):
         if r["probes"] != "streaming" or not same:
             continue
         sync = same[0]
-        print(
-            f"| {r['variant']} | {r['q']} | {r['transport']} | {sync['wall_s']:.3f} | {r['wall_s']:.3f} "
-            f"| {sync['wall_s'] / r['wall_s']:.2f}x |"
-        )
+        table.append([r["variant"], r["q"], r["transport"], f"{sync['wall_s']:.3f}", f"{r['wall_s']:.3f}",
+                      f"{sync['wall_s'] / r['wall_s']:.2f}x"])  # fmt: skip
+    header = ["variant", "Q", "transport", "sync (s)", "streaming (s)", "speedup"]
+    print_table(header, table, numeric=[False, True, False, True, True, True])
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
-#include "boundary.h"
+#include "codec.h"
+#include "crc32c.h"
 #include "noise.h"
+#include "ring.h"
 
 namespace py = pybind11;
 namespace hb = hosl::boundary;
@@ -32,7 +34,10 @@ void check_range(int64_t n, uint64_t offset) {
 }
 
 void check_terms(int dtype, const std::vector<uint64_t>& seeds, const std::vector<float>& scales) {
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("hosl._C: dtype code must be 0, 1 or 2");
+  using hosl::DType;
+  const auto d = static_cast<DType>(dtype);
+  if (d != DType::kFloat32 && d != DType::kFloat16 && d != DType::kBFloat16)
+    throw std::invalid_argument("hosl._C: the noise's dtype code must be 1 (float32), 3 (float16) or 4 (bfloat16)");
   if (seeds.empty() || seeds.size() > kMaxTerms)
     throw std::invalid_argument("hosl._C: need 1 to 64 seeds, got " + std::to_string(seeds.size()));
   if (seeds.size() != scales.size())

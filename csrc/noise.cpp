@@ -264,6 +264,8 @@ void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const flo
       return add_noise_threads<DType::kBFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
     case DType::kFloat16:
       return add_noise_threads<DType::kFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
+    default:
+      break;
   }
   throw std::invalid_argument("hosl._C: unknown dtype code");
 }
@@ -285,6 +287,8 @@ void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_giv
     case DType::kFloat16:
       return add_noise_rows_threads<DType::kFloat16>(x, width, rows, num_given, seeds, scales, num_terms, offset,
                                                      num_threads);
+    default:
+      break;
   }
   throw std::invalid_argument("hosl._C: unknown dtype code");
 }

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype.h"
+
 namespace hosl {
 namespace noise {
 
@@ -159,7 +161,7 @@ inline float fp16_to_float(uint16_t h) {
   return bits_as_float(b | sign);
 }
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+using DType = hosl::DType;  // the wire numbering (dtype.h); the noise writes float32, bfloat16, float16
 
 // x[i] += sum_k scales[k] * z(seeds[k], offset + i) for i in [0, n), accumulated in float in the
 // order of k and rounded once into x's dtype. With accumulate = false (and one term of scale 1),

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 from hosl import noise  # noqa: E402
 from hosl.flat import FlatParams  # noqa: E402
-from hosl.split import Activation, load_client, load_server, split_model, split_summary  # noqa: E402
+from hosl.loading import load_client, load_server  # noqa: E402
+from hosl.split import Activation, split_model, split_summary  # noqa: E402
 
 __all__ = [
     "Activation",

@@ -29,6 +29,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 MANIFEST = "manifest.json"
 SERVER_FILES = ("server.safetensors", "server_optimizer.pt")
 STATE_KEYS = ("step", "best_eval_accuracy", "evals", "skipped_steps", "wall_seconds", "bytes")
@@ -217,3 +219,53 @@ def check_server_request(meta: dict, op: str) -> tuple[int, dict[str, str]]:
     ):
         raise ValueError(f"CONTROL {op}: files must map {', '.join(SERVER_FILES)} to SHA-256 digests")
     return step, files
+
+
+# -- weights and optimiser state ---------------------------------------------------------------------
+
+
+def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters by name, as owned contiguous CPU copies (safetensors refuses shared storage)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
+
+
+def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """The module's parameters as safetensors at path, written beside it and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors_of(module), tmp)
+    tmp.replace(path)
+
+
+def save_server(server, directory: Path) -> dict[str, str]:
+    """The server's weights and optimiser state into directory; {file name: SHA-256}."""
+    from safetensors.torch import save_file
+
+    save_file(tensors_of(server.model), directory / "server.safetensors")
+    names = ["server.safetensors"]
+    if server.optimizer is not None:
+        torch.save(server.optimizer.state_dict(), directory / "server_optimizer.pt")
+        names.append("server_optimizer.pt")
+    for name in names:
+        sync_file(directory / name)
+    return digests(directory, names)
+
+
+def load_server_state(server, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    load_tensors(server.model, load_file(directory / "server.safetensors"))
+    if server.optimizer is not None:
+        state = torch.load(directory / "server_optimizer.pt", weights_only=True, map_location="cpu")
+        server.optimizer.load_state_dict(state)  # moves the state to the parameters' device

@@ -46,6 +46,7 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     """Everything a run depends on. Fields in RUN_ONLY may change on --resume; the rest may not."""
 
+    # -- method, model and data --------------------------------------------------------------------------
     method: str = field(
         default="hosl",
         metadata=_help(
@@ -77,6 +78,8 @@ class TrainConfig:
             choices=("float32", "bfloat16", "float16"),
         ),
     )
+
+    # -- LoRA --------------------------------------------------------------------------------------------
     lora_r: int = field(
         default=0, metadata=_help("LoRA rank (0: full fine-tuning); with LoRA only the adapters train, on each side")
     )
@@ -89,6 +92,8 @@ class TrainConfig:
         metadata=_help("the server's LoRA rank (0: full fine-tuning of the server)", default_text="--lora-r"),
     )
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
+
+    # -- the zeroth-order client -------------------------------------------------------------------------
     q: int | None = field(
         default=None,
         metadata=_help("ZO probes per step (1 to 64)", default_text="8 for cut-grad, 1 for central and forward"),
@@ -118,6 +123,8 @@ class TrainConfig:
             choices=("clean", "probe"),
         ),
     )
+
+    # -- optimisation ------------------------------------------------------------------------------------
     client_lr: float | None = field(
         default=None,
         metadata=_help(
@@ -144,18 +151,22 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=_help("examples per step"))
     steps: int = field(default=300, metadata=_help("training steps"))
     seed: int = field(default=0, metadata=_help("run seed: data order, model init (builtin), ZO noise"))
+    max_skipped: int = field(
+        default=10, metadata=_help("stop after this many consecutive skipped steps (non-finite; 0: never)")
+    )
+
+    # -- evaluation, logs and checkpoints ----------------------------------------------------------------
     eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0: only at the end)"))
     eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation batch"))
     log_every: int = field(default=10, metadata=_help("write a metrics line every N steps"))
     save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only the final weights)"))
-    max_skipped: int = field(
-        default=10, metadata=_help("stop after this many consecutive skipped steps (non-finite; 0: never)")
-    )
     save_total_limit: int = field(
         default=1, metadata=_help("checkpoints kept (the newest; an older one is deleted only after a newer is whole)")
     )
     out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue the run in this directory from its checkpoint"))
+
+    # -- transport and device ----------------------------------------------------------------------------
     transport: str = field(
         default="local",
         metadata=_help("local: one process; dist: torchrun, rank 0 server, rank 1 client", choices=("local", "dist")),
@@ -384,7 +395,8 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see --help)")
 
 
-_GROUPS = {
+# The sections of TrainConfig, in the order its fields are declared; --help groups its flags by them.
+SECTIONS = {
     "method, model and data": [
         "method", "model", "gguf_file", "task", "data_dir", "train_examples", "eval_examples", "max_length",
         "split_layer", "dtype",
@@ -423,9 +435,7 @@ def build_parser(prog: str = "python -m hosl.train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="load a saved config.json; flags given here override it")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    grouped = [n for names in _GROUPS.values() for n in names]
-    groups = {**_GROUPS, "other": [n for n in fields if n not in grouped]}
-    for title, names in groups.items():
+    for title, names in SECTIONS.items():
         group = parser.add_argument_group(title)
         for name in names:
             _add_flag(group, fields[name])

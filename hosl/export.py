@@ -69,8 +69,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> 
     merge: merge a LoRA run's adapters into the weights (needed for LoRA runs)."""
     from safetensors.torch import load_file
 
+    from hosl.checkpoint import load_tensors
     from hosl.models import build
-    from hosl.roles import load_tensors
     from hosl.split import split_model
     from hosl.tasks import load_run_data
 
@@ -120,7 +120,7 @@ def _export_adapter(cfg: TrainConfig, model, tokenizer, source: Path, out_dir: P
     """A PEFT adapter directory of a run with adapters on both sides (see the module docstring)."""
     from safetensors.torch import load_file, save_file
 
-    from hosl.roles import load_tensors
+    from hosl.checkpoint import load_tensors
     from hosl.split import split_model
 
     config = model.peft_config["default"]

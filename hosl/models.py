@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hosl.tasks import HFTokenizer, WordTokenizer
+from hosl.tokenizers import HFTokenizer, WordTokenizer
 
 # Built-in architectures, by name. Sizes other than vocab_size are fixed; vocab_size comes from the
 # tokenizer. "tiny" is what the embedded default run trains; the larger ones have the shapes of
@@ -192,3 +192,13 @@ def build(cfg, train_examples) -> tuple:
         k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
         model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
     return tokenizer, model
+
+
+DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_precision(cfg, device: torch.device):
+    """The forward's precision: autocast on `device` to --dtype when it is low precision (the weights
+    the ZO noise writes stay float32 masters), a no-op for float32."""
+    dtype = DTYPE_AUTOCAST.get(cfg.dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

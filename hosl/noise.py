@@ -40,7 +40,7 @@ from hosl import reference as _reference
 BACKENDS = ("torch", "cpp", "triton")
 MAX_TERMS = 64
 SEED_LIMIT = 1 << 63
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 3, torch.bfloat16: 4}  # csrc/dtype.h: the wire's numbering
 _ENV = "HOSL_NOISE_BACKEND"
 # Philox counters per Triton program. Under the interpreter each program costs a Python-level
 # trip through the kernel, so programs are made large.

@@ -1,4 +1,5 @@
-"""The two roles of a split run and the protocol between them, for every split method.
+"""The trainers of every method: the two roles of a split run and the protocol between them, and
+the unsplit model of fo-full and zo-full (FullModel), each with one train_step and scores.
 
 Per training step the client sends one BATCH frame (labels and attention mask), then an ACT frame
 (the activation at the cut) for each upload of the step plan (hosl.plan), and the server answers
@@ -33,10 +34,12 @@ import torch
 from hosl import checkpoint, zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
+from hosl.models import compute_precision
+from hosl.optim import SkipCounter, fo_update, lr_factor, make_optimizer
 from hosl.plan import FO, GRAD, ZO, StepPlan
 from hosl.rows import LookupRecorder, embedding_tables, input_embedding, step_rows
-from hosl.split import Activation, ClientModel, ServerModel, labelled_positions
-from hosl.tasks import target_scores
+from hosl.scoring import target_scores
+from hosl.split import Activation, ClientModel, ServerModel, labelled_forward, labelled_positions, split_model
 from hosl.transport import Link, LinkError
 
 logger = logging.getLogger(__name__)
@@ -58,99 +61,6 @@ def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -
     are this size, and each end refuses a longer frame from its peer before allocating it."""
     rows = max(cfg.batch_size, cfg.eval_batch_size * candidates)
     return rows * cfg.max_length * (hidden_size * 4 + 32) + (1 << 20)
-
-
-class DivergedError(RuntimeError):
-    """The run cannot go on: weights became non-finite, or too many steps in a row were skipped."""
-
-
-def all_finite(tensors) -> bool:
-    """Whether every element of every tensor is finite: one fused pass of norms (finite when the
-    elements are), and only when a norm is not, the elementwise check."""
-    tensors = [t for t in tensors if t is not None and t.numel()]
-    if not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
-        return True
-    return all(bool(t.isfinite().all()) for t in tensors)  # a norm can overflow where no element does
-
-
-def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -> bool:
-    """A first-order side's update at rate lr: the optimiser steps when the step's losses and every
-    gradient are finite, else the step is skipped (True is returned); the gradients are then cleared.
-    DivergedError when the update leaves a weight non-finite (it cannot be undone: the run stops at once)."""
-    set_lr(optimizer, lr)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    skipped = not (losses_finite and all_finite([p.grad for p in params]))
-    if not skipped:
-        optimizer.step()
-        if not all_finite(params):
-            raise DivergedError(
-                f"the {side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
-                "large for them); resume from the last checkpoint with a lower rate"
-            )
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
-
-
-class SkipCounter:
-    """Stops a run after --max-skipped consecutive skipped steps (0: never)."""
-
-    def __init__(self, limit: int, side: str):
-        self.limit, self.side, self.run = limit, side, 0
-
-    def __call__(self, skipped: bool, step: int) -> None:
-        self.run = self.run + 1 if skipped else 0
-        if self.limit and self.run >= self.limit:
-            raise DivergedError(
-                f"the {self.side} skipped {self.run} steps in a row up to step {step} (non-finite losses or "
-                "gradients); resume from the last checkpoint with a lower rate or --mu"
-            )
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """The rate's multiplier at `step` (0-based): transformers' get_scheduler lambdas for constant
-    (constant_with_warmup when --warmup-steps > 0), linear and cosine (half a cycle), over
-    --steps. A pure function of the step, so resume and replay need no scheduler state."""
-    warmup, total = cfg.warmup_steps, cfg.steps
-    if step < warmup:
-        return step / max(1, warmup)
-    if cfg.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if cfg.lr_scheduler == "linear":
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def make_optimizer(params, cfg: TrainConfig, lr: float):
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        # Decoupled decay for SGD too: torch's SGD weight_decay is L2 in the gradient, so apply it by hand.
-        return _DecoupledSGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-class _DecoupledSGD(torch.optim.SGD):
-    """SGD (with optional momentum) and decoupled weight decay: w <- w - lr * (update + wd * w)."""
-
-    def __init__(self, groups, lr, momentum):
-        self._decay = [g.pop("weight_decay") for g in groups]
-        super().__init__(groups, lr=lr, momentum=momentum)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group, wd in zip(self.param_groups, self._decay):
-            if wd:
-                for p in group["params"]:
-                    p.mul_(1 - group["lr"] * wd)
-        return super().step(closure)
 
 
 @dataclass
@@ -356,16 +266,6 @@ class SplitClient:
         return frame.tensors["scores"]
 
 
-DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def compute_precision(cfg: TrainConfig, device: torch.device):
-    """The forward's precision: autocast on `device` to --dtype when it is low precision (the weights
-    the ZO noise writes stay float32 masters), a no-op for float32."""
-    dtype = DTYPE_AUTOCAST.get(cfg.dtype)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 class SplitServer:
     """The server of a split run: answers the client's frames, as the step plan says, until it says stop."""
 
@@ -502,7 +402,7 @@ class SplitServer:
             step, _ = checkpoint.check_server_request(meta, op)
             directory = checkpoint.tmp_dir(self._state_dir(), step)
             directory.mkdir(parents=True, exist_ok=True)  # the client's, when the two share a run directory
-            reply["files"] = save_server(self, directory)
+            reply["files"] = checkpoint.save_server(self, directory)
         elif op == "commit":
             step, _ = checkpoint.check_server_request(meta, op)
             keep = meta.get("keep")
@@ -522,10 +422,10 @@ class SplitServer:
             if unlisted:
                 raise checkpoint.CheckpointError(f"CONTROL load: the client's manifest lists no {unlisted[0]}")
             checkpoint.verify(directory, {"files": files})
-            load_server_state(self, directory)
+            checkpoint.load_server_state(self, directory)
         elif op == "final":
             path = self._state_dir() / "server.safetensors"
-            save_weights(self.model, path)
+            checkpoint.save_weights(self.model, path)
             reply["files"] = {path.name: checkpoint.sha256_file(path)}
         else:
             raise LinkError(f"unknown CONTROL op {op!r}")
@@ -539,51 +439,69 @@ class SplitServer:
         return self.run_dir
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
+class FullModel:
+    """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient.
+    A ZO step runs its split counterpart's forwards (hosl.plan) on the whole model."""
 
+    def __init__(self, cfg: TrainConfig, model, k: int):
+        self.cfg, self.model = cfg, model
+        self.plan = StepPlan.of(cfg)
+        self.device = device_of(model)
+        update = self.plan.method.client
+        self.rate = getattr(cfg, update.lr)
+        if update.order == ZO:
+            # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
+            client, _ = split_model(model, k)
+            first = [p for p in client.parameters() if p.requires_grad]
+            seen = {id(p) for p in first}
+            rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.zo = zo_params_of(model, cfg, [(names[id(p)], p) for p in first + rest])
+            zo.check_mu(self.zo, cfg.mu, "model")
+            self.token_table = input_embedding(model)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.optimizer = None
+        else:
+            self.zo = None
+            self.optimizer = make_optimizer(model.parameters(), cfg, self.rate)
 
-def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's parameters by name, as owned contiguous CPU copies (safetensors refuses shared storage)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
+    def _forward(self, batch):
+        """The model, with the head only where the labels are (as the split's server runs it)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with compute_precision(self.cfg, self.device):
+            return labelled_forward(
+                self.model, batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
 
+    def _loss(self, batch) -> torch.Tensor:
+        return self._forward(batch).loss
 
-def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(module.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    if missing:
-        raise ValueError(f"checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+    def train_step(self, step: int, batch):
+        cfg, plan, start = self.cfg, self.plan, time.perf_counter()
+        lr = self.rate * lr_factor(cfg, step)
+        if self.optimizer is not None:
+            loss = self._loss(batch)
+            loss.backward()
+            value = float(loss.detach())
+            skipped = fo_update(self.optimizer, lr, math.isfinite(value), "model", step)
+            return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
+        losses: dict[tuple[int, int], float] = {}
+        with torch.no_grad():
+            clean, recorder = None, None
+            if plan.clean is not None:
+                with LookupRecorder(self.zo) as recorder:
+                    clean = float(self._loss(batch))
+            rows = step_rows(self.zo, batch, recorder, self.token_table)
+            for forward in plan.probes(self.zo, step, rows):
+                losses[forward.key] = float(self._loss(batch))
+            grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
+        loss = clean if clean is not None else sum(losses.values()) / len(losses)
+        encoded = zo.encode_rows(rows) if rows is not None else None
+        return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads, encoded)
 
-
-def save_weights(module: torch.nn.Module, path: Path) -> None:
-    """The module's parameters as safetensors at path, written beside it and renamed into place."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors_of(module), tmp)
-    tmp.replace(path)
-
-
-def save_server(server: SplitServer, directory: Path) -> dict[str, str]:
-    """The server's weights and optimiser state into directory; {file name: SHA-256}."""
-    from safetensors.torch import save_file
-
-    save_file(tensors_of(server.model), directory / "server.safetensors")
-    names = ["server.safetensors"]
-    if server.optimizer is not None:
-        torch.save(server.optimizer.state_dict(), directory / "server_optimizer.pt")
-        names.append("server_optimizer.pt")
-    for name in names:
-        checkpoint.sync_file(directory / name)
-    return checkpoint.digests(directory, names)
-
-
-def load_server_state(server: SplitServer, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    load_tensors(server.model, load_file(directory / "server.safetensors"))
-    if server.optimizer is not None:
-        state = torch.load(directory / "server_optimizer.pt", weights_only=True, map_location="cpu")
-        server.optimizer.load_state_dict(state)  # moves the state to the parameters' device
+    @torch.no_grad()
+    def scores(self, step: int, batch) -> torch.Tensor:
+        logits = self._forward(batch).logits
+        labels = batch["labels"].to(self.device)
+        return target_scores(logits.float(), labels[:, labelled_positions(labels) + 1]).cpu()

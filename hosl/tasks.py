@@ -1,5 +1,5 @@
-"""Classification tasks as prompts with verbalized answers, and the batching and scoring that rank
-classification needs.
+"""Classification tasks as prompts with verbalized answers, and the batching that rank
+classification needs (the scoring is in hosl.scoring, the tokenizers in hosl.tokenizers).
 
 Every task becomes a list of Examples: a context (the prompt) and the verbalized candidates, so that
 `context + candidate` is the whole text a causal LM reads. The prompts and verbalizers are MeZO's
@@ -35,26 +35,24 @@ import logging
 import random
 import re
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
+
+from hosl.tokenizers import Tokenizer, WordTokenizer
 
 __all__ = [
     "TASKS",
     "Example",
-    "HFTokenizer",
     "TaskError",
-    "WordTokenizer",
-    "accuracy",
-    "candidate_scores",
-    "target_scores",
     "encode_candidates",
     "encode_for_training",
     "load_examples",
-    "rank_classify",
+    "load_run_data",
+    "synthetic_words",
 ]
 
 logger = logging.getLogger(__name__)
@@ -392,90 +390,17 @@ def _synthetic(split: str, n: int, seed: int) -> list[Example]:
     return examples[:n]
 
 
-# --- Tokenizers ---------------------------------------------------------------------------------------
-
-
-class _Tokenizer(Protocol):
-    """What the batching functions need: encode without special tokens, the pad id, and the bos id
-    (None when the model reads none)."""
-
-    pad_token_id: int
-    bos_token_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-class WordTokenizer:
-    """Lower-cased words and single punctuation marks over a fixed vocabulary; anything else is unk.
-    Whitespace only separates, so " great" encodes like "great" inside a sentence."""
-
-    pad_token_id = 0
-    unk_token_id = 1
-    bos_token_id = 2
-    eos_token_id = 3
-    _SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
-
-    def __init__(self, words: Iterable[str]):
-        vocab: dict[str, int] = {}
-        for word in words:
-            if not isinstance(word, str) or _WORD.fullmatch(word.lower()) is None:
-                raise ValueError(f"a vocabulary entry must be one word or punctuation mark, got {word!r}")
-            vocab.setdefault(word.lower(), len(self._SPECIALS) + len(vocab))
-        self._ids = vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._SPECIALS) + len(self._ids)
-
-    def vocab(self) -> dict[str, int]:
-        """Every entry and its id, the special tokens first."""
-        return {**{s: i for i, s in enumerate(self._SPECIALS)}, **self._ids}
-
-    @staticmethod
-    def words(text: str) -> list[str]:
-        """How a text splits into vocabulary entries (lower-cased words and punctuation marks)."""
-        return _WORD.findall(text.lower())
-
-    def encode(self, text: str) -> list[int]:
-        return [self._ids.get(w, self.unk_token_id) for w in self.words(text)]
-
-    @classmethod
-    def for_task(cls, task: str = "synthetic") -> WordTokenizer:
-        """The vocabulary of every word the synthetic task's sentences, prompt and answers use."""
-        if task != "synthetic":
-            raise TaskError(f"only the synthetic task has a fixed vocabulary, not {task!r}; use HFTokenizer")
-        prompt = _sst2({"sentence": ""}) + "".join(_TASKS["sst2"].candidates)
-        fillers = {w for p in _PATTERNS for w in p.split() if not w.startswith("{")}
-        words = set(_POSITIVE) | set(_NEGATIVE) | set(_NOUNS) | fillers | set(_WORD.findall(prompt.lower()))
-        return cls(sorted(words))
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer seen through the interface above. encode() never adds special tokens;
-    bos_token_id is set only when the tokenizer itself starts a text with bos (OPT, Llama; not GPT-2
-    or Qwen), and the batching functions prepend it. A tokenizer with no pad token pads with eos:
-    padded positions are masked and never labelled, so the id is only a filler."""
-
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
-        bos = hf_tokenizer.bos_token_id
-        probe = hf_tokenizer.encode("a", add_special_tokens=True)
-        self.bos_token_id = bos if bos is not None and probe[:1] == [bos] else None
-        pad = hf_tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (hf_tokenizer.eos_token_id or 0)
-        self.vocab_size = len(hf_tokenizer)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+def synthetic_words() -> list[str]:
+    """Every word the synthetic task's sentences, prompt and answers use, sorted."""
+    prompt = _sst2({"sentence": ""}) + "".join(_TASKS["sst2"].candidates)
+    fillers = {w for p in _PATTERNS for w in p.split() if not w.startswith("{")}
+    return sorted(set(_POSITIVE) | set(_NEGATIVE) | set(_NOUNS) | fillers | set(WordTokenizer.words(prompt)))
 
 
 # --- Batching -------------------------------------------------------------------------------------------
 
 
-def _row(tokenizer: _Tokenizer, context: str, context_ids: list[int], answer: str, max_length: int):
+def _row(tokenizer: Tokenizer, context: str, context_ids: list[int], answer: str, max_length: int):
     """bos + context tail + answer tokens, and how many answer tokens end the row."""
     full = tokenizer.encode(context + answer)
     n_answer = len(full) - len(context_ids)  # MeZO's option length
@@ -511,9 +436,7 @@ def _check(examples: Sequence[Example], max_length: int) -> None:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
 
 
-def encode_for_training(
-    tokenizer: _Tokenizer, examples: Sequence[Example], max_length: int
-) -> dict[str, torch.Tensor]:
+def encode_for_training(tokenizer: Tokenizer, examples: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask and labels, each (batch, longest row): bos (if any) + context + gold
     answer, right-padded. labels hold the answer's token ids at their own positions and -100
     elsewhere (the loss is on the answer only). A context too long loses its start; an answer
@@ -526,7 +449,7 @@ def encode_for_training(
 
 
 def encode_candidates(
-    tokenizer: _Tokenizer, examples: Sequence[Example], max_length: int
+    tokenizer: Tokenizer, examples: Sequence[Example], max_length: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every (example, candidate) pair as one row laid out as in encode_for_training, labels on that
     candidate's tokens; and the example index of each row (an example's rows are consecutive, in
@@ -539,68 +462,6 @@ def encode_candidates(
             rows.append(_row(tokenizer, ex.context, context_ids, answer, max_length))
             index.append(i)
     return _collate(rows, tokenizer.pad_token_id), torch.tensor(index, dtype=torch.long)
-
-
-# --- Scoring --------------------------------------------------------------------------------------------
-
-
-def candidate_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean log-probability of its labelled tokens (logits[:, t-1] predicts labels[:, t]),
-    in float32: MeZO's rank-classification score.
-
-    Only the labelled positions go through log_softmax: a full (rows, length, vocab) float32 copy
-    would cost gigabytes for a large vocabulary, and the answers are a few tokens a row."""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be (rows, length, vocab) and labels (rows, length); got {tuple(logits.shape)}"
-            f" and {tuple(labels.shape)}"
-        )
-    return target_scores(logits[:, :-1], labels[:, 1:])
-
-
-def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean log-probability under logits[:, i] of targets[:, i] over the targets that are
-    not -100, in float32. candidate_scores is this on the shifted pairs; with the logits of a head
-    run only at the labelled positions (hosl.split.labelled_forward) the targets are
-    labels[:, positions + 1]."""
-    mask = targets != -100
-    counts = mask.sum(dim=1)
-    if (counts == 0).any():
-        raise ValueError(f"rows {(counts == 0).nonzero().flatten().tolist()} have no labelled token after the first")
-    picked = logits[mask].float().log_softmax(dim=-1)  # (labelled tokens, vocab)
-    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)
-    rows = mask.nonzero()[:, 0]
-    total = torch.zeros(len(targets), dtype=torch.float32, device=logits.device).index_add_(0, rows, token_logp)
-    return total / counts.to(torch.float32)
-
-
-def rank_classify(scores: torch.Tensor, example_index: torch.Tensor, num_examples: int) -> torch.Tensor:
-    """Per example, the index (among its own rows, i.e. its candidate index) of its best-scoring row;
-    ties go to the first candidate."""
-    if scores.dim() != 1 or example_index.shape != scores.shape:
-        raise ValueError(
-            f"scores and example_index must be 1-D of one length; got {tuple(scores.shape)}"
-            f" and {tuple(example_index.shape)}"
-        )
-    example_index = example_index.to(device=scores.device, dtype=torch.long)
-    if len(example_index) and (example_index[1:] < example_index[:-1]).any():
-        raise ValueError("example_index must be non-decreasing: an example's rows are consecutive")
-    if len(example_index) and (example_index[0] < 0 or example_index[-1] >= num_examples):
-        raise ValueError(f"example_index must lie in [0, {num_examples}), got {example_index.tolist()}")
-    counts = torch.bincount(example_index, minlength=num_examples)
-    if (counts == 0).any():
-        raise ValueError(f"examples {(counts == 0).nonzero().flatten().tolist()} have no candidate rows")
-    if num_examples == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    return torch.stack([chunk.argmax() for chunk in scores.split(counts.tolist())])
-
-
-def accuracy(predictions: torch.Tensor | Sequence[int], examples: Sequence[Example]) -> float:
-    """The fraction of examples whose predicted candidate index is the gold label."""
-    predictions = [int(p) for p in predictions]
-    if len(predictions) != len(examples) or not examples:
-        raise ValueError(f"need one prediction per example, got {len(predictions)} for {len(examples)} examples")
-    return sum(p == ex.label for p, ex in zip(predictions, examples)) / len(examples)
 
 
 def load_run_data(cfg) -> tuple[list[Example], list[Example]]:

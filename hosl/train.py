@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import resource
 import shutil
@@ -29,39 +28,17 @@ from pathlib import Path
 
 import torch
 
-from hosl import checkpoint, zo
+from hosl import checkpoint
 from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, build, build_tokenizer, check_model_name, num_blocks
-from hosl.plan import ZO, StepPlan, method_of
-from hosl.roles import (
-    DivergedError,
-    SkipCounter,
-    SplitClient,
-    SplitServer,
-    StepStats,
-    compute_precision,
-    device_of,
-    fo_update,
-    load_tensors,
-    lr_factor,
-    make_optimizer,
-    save_weights,
-    tensors_of,
-    zo_params_of,
-)
-from hosl.rows import LookupRecorder, input_embedding, step_rows
+from hosl.optim import DivergedError, SkipCounter, lr_factor
+from hosl.plan import method_of
+from hosl.roles import FullModel, SplitClient, SplitServer
+from hosl.scoring import accuracy, rank_classify
 from hosl.session import local_session
-from hosl.split import SplitError, labelled_forward, labelled_positions, split_model, split_summary
-from hosl.tasks import (
-    TaskError,
-    accuracy,
-    encode_candidates,
-    encode_for_training,
-    load_run_data,
-    rank_classify,
-    target_scores,
-)
+from hosl.split import SplitError, split_model, split_summary
+from hosl.tasks import TaskError, encode_candidates, encode_for_training, load_run_data
 from hosl.transport import LinkError, dist_link
 
 logger = logging.getLogger("hosl.train")
@@ -92,77 +69,6 @@ class Batches:
         n, b = len(self.examples), self.cfg.batch_size
         picked = [self.examples[self._perm(i // n)[i % n]] for i in range(step * b, step * b + b)]
         return encode_for_training(self.tokenizer, picked, self.cfg.max_length)
-
-
-# -- the full-model methods ----------------------------------------------------------------------------
-
-
-class FullModel:
-    """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient.
-    A ZO step runs its split counterpart's forwards (hosl.plan) on the whole model."""
-
-    def __init__(self, cfg: TrainConfig, model, k: int):
-        self.cfg, self.model = cfg, model
-        self.plan = StepPlan.of(cfg)
-        self.device = device_of(model)
-        update = self.plan.method.client
-        self.rate = getattr(cfg, update.lr)
-        if update.order == ZO:
-            # Noise positions as `zo` over the split at k: the client's parameters first, then the rest.
-            client, _ = split_model(model, k)
-            first = [p for p in client.parameters() if p.requires_grad]
-            seen = {id(p) for p in first}
-            rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
-            names = {id(p): n for n, p in model.named_parameters()}
-            self.zo = zo_params_of(model, cfg, [(names[id(p)], p) for p in first + rest])
-            zo.check_mu(self.zo, cfg.mu, "model")
-            self.token_table = input_embedding(model)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self.optimizer = None
-        else:
-            self.zo = None
-            self.optimizer = make_optimizer(model.parameters(), cfg, self.rate)
-
-    def _forward(self, batch):
-        """The model, with the head only where the labels are (as the split's server runs it)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with compute_precision(self.cfg, self.device):
-            return labelled_forward(
-                self.model, batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
-
-    def _loss(self, batch) -> torch.Tensor:
-        return self._forward(batch).loss
-
-    def train_step(self, step: int, batch):
-        cfg, plan, start = self.cfg, self.plan, time.perf_counter()
-        lr = self.rate * lr_factor(cfg, step)
-        if self.optimizer is not None:
-            loss = self._loss(batch)
-            loss.backward()
-            value = float(loss.detach())
-            skipped = fo_update(self.optimizer, lr, math.isfinite(value), "model", step)
-            return StepStats(value, time.perf_counter() - start, 0.0, 0.0, skipped)
-        losses: dict[tuple[int, int], float] = {}
-        with torch.no_grad():
-            clean, recorder = None, None
-            if plan.clean is not None:
-                with LookupRecorder(self.zo) as recorder:
-                    clean = float(self._loss(batch))
-            rows = step_rows(self.zo, batch, recorder, self.token_table)
-            for forward in plan.probes(self.zo, step, rows):
-                losses[forward.key] = float(self._loss(batch))
-            grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
-        loss = clean if clean is not None else sum(losses.values()) / len(losses)
-        encoded = zo.encode_rows(rows) if rows is not None else None
-        return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads, encoded)
-
-    @torch.no_grad()
-    def scores(self, step: int, batch) -> torch.Tensor:
-        logits = self._forward(batch).logits
-        labels = batch["labels"].to(self.device)
-        return target_scores(logits.float(), labels[:, labelled_positions(labels) + 1]).cpu()
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -268,7 +174,7 @@ def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     names = [_weights_file(trainer)]
-    save_file(tensors_of(trainer.model), tmp / names[0])
+    save_file(checkpoint.tensors_of(trainer.model), tmp / names[0])
     if trainer.optimizer is not None:
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         names.append("optimizer.pt")
@@ -288,7 +194,7 @@ def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> Non
 def _load_checkpoint(point: checkpoint.ResumePoint, trainer) -> None:
     from safetensors.torch import load_file
 
-    load_tensors(trainer.model, load_file(point.path / _weights_file(trainer)))
+    checkpoint.load_tensors(trainer.model, load_file(point.path / _weights_file(trainer)))
     if trainer.optimizer is not None:
         state = torch.load(point.path / "optimizer.pt", weights_only=True, map_location="cpu")
         trainer.optimizer.load_state_dict(state)  # moves the state to the parameters' device
@@ -550,7 +456,7 @@ def _side_params(sizes) -> dict:
 
 
 def _save_final(run_dir: Path, trainer) -> None:
-    save_weights(trainer.model, run_dir / _weights_file(trainer))
+    checkpoint.save_weights(trainer.model, run_dir / _weights_file(trainer))
 
 
 def _finish(run_dir: Path, summary: dict, server_files: dict | None = None) -> dict:
@@ -569,8 +475,8 @@ def _one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device)
     """This process's side of a dist run. A local checkpoint directory (safetensors or .bin) is read
     with load_client/load_server, so the process never holds the other side's weights, not even
     while loading; built-in, GGUF and LoRA models are built whole and cut."""
+    from hosl.loading import load_client, load_server
     from hosl.models import DTYPES
-    from hosl.split import load_client, load_server
 
     local = Path(cfg.model).is_dir() and not cfg.gguf_file and not (cfg.client_lora_r or cfg.server_lora_r)
     if local:

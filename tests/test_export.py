@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from test_train import cfg_for
 
 from hosl import train
+from hosl.checkpoint import load_tensors
 from hosl.config import TrainConfig
 from hosl.export import export, main
 from hosl.models import build
-from hosl.roles import load_tensors
 from hosl.split import split_model
 from hosl.tasks import load_run_data
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_train import cfg_for, weights
 
-from hosl import roles
+from hosl import optim, roles
 from hosl.train import main, run
 
 TINY = ["--steps", "4", "--train-examples", "32", "--eval-examples", "8", "--batch-size", "8", "--max-length", "24"]
@@ -33,20 +33,20 @@ def _sgd(lr, *values):
 def test_a_finite_loss_with_a_non_finite_gradient_is_skipped():
     for bad in (math.inf, math.nan):
         p, opt = _sgd(0.1, 1.0, bad)
-        assert roles.fo_update(opt, 0.1, True, "server", 3) is True
+        assert optim.fo_update(opt, 0.1, True, "server", 3) is True
         assert torch.equal(p.detach(), torch.tensor([1.0, 2.0])) and p.grad is None
     p, opt = _sgd(0.1, 1.0, 1.0)
-    assert roles.fo_update(opt, 0.1, True, "server", 3) is False
+    assert optim.fo_update(opt, 0.1, True, "server", 3) is False
     assert torch.allclose(p.detach(), torch.tensor([0.9, 1.9]))
     p, opt = _sgd(0.1, 1.0, 1.0)
-    assert roles.fo_update(opt, 0.1, False, "server", 3) is True  # a non-finite loss: skipped, grads cleared
+    assert optim.fo_update(opt, 0.1, False, "server", 3) is True  # a non-finite loss: skipped, grads cleared
     assert torch.equal(p.detach(), torch.tensor([1.0, 2.0])) and p.grad is None
 
 
 def test_an_update_that_leaves_a_weight_non_finite_stops_the_run():
     p, opt = _sgd(1e10, 1.0, 3e38)
-    with pytest.raises(roles.DivergedError, match="the server's weights became non-finite at step 3"):
-        roles.fo_update(opt, 1e10, True, "server", 3)
+    with pytest.raises(optim.DivergedError, match="the server's weights became non-finite at step 3"):
+        optim.fo_update(opt, 1e10, True, "server", 3)
 
 
 def test_a_huge_server_rate_stops_with_one_line(tmp_path, capsys):

@@ -12,6 +12,7 @@ from hosl import _ext, noise, reference
 SEEDS = [0, 1, 2**32 + 7, 2**63 - 1]
 OFFSETS = [0, 3, 2**33 + 1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CODE = noise._DTYPE_CODES  # the dtype codes hosl._C takes (csrc/dtype.h)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -166,7 +167,7 @@ def test_cpp_independent_of_thread_count():
         out = torch.empty(n)
         _C.gaussian(out.data_ptr(), n, 77, 3, threads)
         x = torch.linspace(-1, 1, n, dtype=torch.bfloat16)
-        _C.add_noise(x.data_ptr(), n, 1, [1, 2, 3], [0.1, -0.2, 0.3], 3, threads)
+        _C.add_noise(x.data_ptr(), n, CODE[torch.bfloat16], [1, 2, 3], [0.1, -0.2, 0.3], 3, threads)
         results.append((out, x))
     for out, x in results[1:]:
         assert_bits_equal(out, results[0][0])
@@ -419,7 +420,7 @@ def test_add_rows_cpp_independent_of_thread_count():
     for n in (3, 7):  # more threads than the machine has cores: the split alone is tested
         x = table.clone()
         r = torch.unique(torch.tensor(rows))
-        _C.add_noise_rows(x.data_ptr(), 64, 4099, r.data_ptr(), r.numel(), 1, seeds, scales, 3, n)
+        _C.add_noise_rows(x.data_ptr(), 64, 4099, r.data_ptr(), r.numel(), CODE[torch.bfloat16], seeds, scales, 3, n)
         results.append(x)
     for got in results[1:]:
         assert_bits_equal(got.view(-1), results[0].view(-1))
@@ -456,7 +457,8 @@ def test_cpp_rows_recheck_what_would_corrupt_memory():
     for rows, message in [([3, NUM_ROWS], "outside a table of 11 rows"), ([3, 2], "sorted"), ([2, 2], "distinct")]:
         r = torch.tensor(rows)
         with pytest.raises(ValueError, match=message):
-            _C.add_noise_rows(table.data_ptr(), NUM_ROWS, 4, r.data_ptr(), r.numel(), 0, [1], [1.0], 0, 1)
+            fp32 = CODE[torch.float32]
+            _C.add_noise_rows(table.data_ptr(), NUM_ROWS, 4, r.data_ptr(), r.numel(), fp32, [1], [1.0], 0, 1)
     assert torch.equal(table, torch.zeros(NUM_ROWS, 4))
 
 
@@ -465,3 +467,14 @@ def test_add_rows_bumps_autograd_version():
     before = table._version
     noise.add_rows_(table, [1], [1], [1.0], backend="cpp")
     assert table._version > before
+
+
+def test_the_noise_and_the_frames_number_dtypes_alike():
+    """One dtype numbering in hosl._C (csrc/dtype.h): the noise kernels take the wire's codes."""
+    from hosl import boundary
+
+    assert CODE == {d: boundary._DTYPE_CODES[d] for d in CODE}
+    _C = _ext.require("this test")
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="the noise's dtype code must be 1"):
+        _C.add_noise(x.data_ptr(), 8, boundary._DTYPE_CODES[torch.int8], [1], [1.0], 0, 1)

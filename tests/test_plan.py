@@ -113,3 +113,16 @@ def test_no_method_name_is_compared_outside_the_table():
         if compared.search(line)
     ]
     assert not found, found
+
+
+def test_the_config_is_declared_in_its_sections():
+    """Every TrainConfig field sits in one section of config.SECTIONS, declared in that order: the
+    source reads section by section and --help offers every flag in its group."""
+    import dataclasses
+
+    from hosl.config import SECTIONS, build_parser
+
+    declared = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert declared == [name for names in SECTIONS.values() for name in names]
+    flags = {a.dest for a in build_parser()._actions}
+    assert set(declared) <= flags

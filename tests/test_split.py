@@ -13,16 +13,9 @@ from _tiny_models import FAMILIES, LAYERS, batch, config, model
 
 import hosl
 from hosl import split
-from hosl.split import (
-    Activation,
-    SplitError,
-    labelled_positions,
-    load_client,
-    load_server,
-    split_model,
-    split_summary,
-)
-from hosl.tasks import candidate_scores, target_scores
+from hosl.loading import load_client, load_server
+from hosl.scoring import candidate_scores, target_scores
+from hosl.split import Activation, SplitError, labelled_positions, split_model, split_summary
 
 
 def _split_forward(m, k, ids, mask, labels):
@@ -335,7 +328,7 @@ def test_load_reports_a_missing_tensor(tmp_path):
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    import hosl.split
+    import hosl.loading
 
     def status(field):
         for line in open("/proc/self/status"):
@@ -346,7 +339,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     # Neither is torch's one-time set-up of meta-device kernels (about 150 MB of code and tables).
     torch.nn.Embedding(2, 2, device="meta")
     base = status("VmRSS:")
-    side = getattr(hosl.split, "load_" + sys.argv[2])(sys.argv[1], 1)
+    side = getattr(hosl.loading, "load_" + sys.argv[2])(sys.argv[1], 1)
     own = sum(p.numel() * p.element_size() for p in {id(p): p for p in side.parameters()}.values())
     print(json.dumps({"extra": status("VmHWM:") - base, "own": own}))
     """

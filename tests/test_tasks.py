@@ -12,19 +12,9 @@ import torch
 from _tiny_models import model
 
 from hosl import tasks
-from hosl.tasks import (
-    TASKS,
-    Example,
-    HFTokenizer,
-    TaskError,
-    WordTokenizer,
-    accuracy,
-    candidate_scores,
-    encode_candidates,
-    encode_for_training,
-    load_examples,
-    rank_classify,
-)
+from hosl.scoring import accuracy, candidate_scores, rank_classify
+from hosl.tasks import TASKS, Example, TaskError, encode_candidates, encode_for_training, load_examples
+from hosl.tokenizers import HFTokenizer, WordTokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

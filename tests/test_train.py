@@ -686,7 +686,7 @@ def _save_hf_model(directory: Path) -> None:
     import transformers
 
     from hosl.models import builtin_config
-    from hosl.tasks import WordTokenizer
+    from hosl.tokenizers import WordTokenizer
 
     words = WordTokenizer.for_task("synthetic")
     vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i for w, i in words._ids.items()}}
@@ -727,7 +727,7 @@ def test_lr_schedules_are_transformers(name, warmup):
     """lr_factor against transformers.get_scheduler's rates, step by step."""
     import transformers
 
-    from hosl.roles import lr_factor
+    from hosl.optim import lr_factor
 
     cfg = TrainConfig(**{**FAST, "steps": 12, "lr_scheduler": name, "warmup_steps": warmup})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -1,11 +1,11 @@
-// CRC32C, the wire casts and BoundaryBuffer (see boundary.h).
+// The wire casts and quantisation (see codec.h).
 //
 // Encoding touches the data as few times as it can: each 64 KiB chunk of the wire form is written
 // (copied, cast or quantised) and then checksummed while it is still in L2, so a raw tensor costs
 // one read of the source and one write of the frame, not a copy followed by a second pass for the
 // CRC. Decoding checks the CRC over the whole frame before it reads any data out (hosl/boundary.py
 // does that), so the data are read twice there; a corrupt frame is never unpacked.
-#include "boundary.h"
+#include "codec.h"
 
 #include <algorithm>
 #include <chrono>
@@ -17,11 +17,12 @@
 #include <limits>
 #include <type_traits>
 
+#include "bytes.h"
 #include "noise.h"  // float <-> fp16 / bf16, round to nearest even
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define HOSL_X86_DISPATCH 1  // SSE4.2 crc32 and F16C conversions, each used only if the CPU has it
+#define HOSL_X86_DISPATCH 1  // F16C conversions, used only if the CPU has them
 #endif
 
 namespace hosl {
@@ -30,148 +31,6 @@ namespace {
 
 using noise::bits_as_float;
 using noise::float_as_bits;
-
-template <typename T>
-inline T load(const uint8_t* p, uint64_t i) {
-  T v;
-  std::memcpy(&v, p + i * sizeof(T), sizeof(T));  // the frame may sit at any address
-  return v;
-}
-
-template <typename T>
-inline void store(uint8_t* p, uint64_t i, T v) {
-  std::memcpy(p + i * sizeof(T), &v, sizeof(T));
-}
-
-std::string fmt(const char* format, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* format, ...) {
-  char buf[512];
-  va_list args;
-  va_start(args, format);
-  std::vsnprintf(buf, sizeof(buf), format, args);
-  va_end(args);
-  return buf;
-}
-
-// ------------------------------------------------------------------------------------------ CRC32C
-
-constexpr uint32_t kPoly = 0x82F63B78u;  // CRC-32C, bit-reflected
-// The hardware loop runs three independent crc32 chains over adjacent blocks of this many bytes
-// (the instruction's latency is 3 cycles and it issues once per cycle, so one chain would leave
-// two thirds of the unit idle), then folds them together with the shift tables below.
-constexpr std::size_t kLongBlock = 8192;
-constexpr std::size_t kShortBlock = 256;
-
-uint32_t gf2_times(const uint32_t* matrix, uint32_t vec) {
-  uint32_t sum = 0;
-  for (int i = 0; vec != 0; ++i, vec >>= 1)
-    if (vec & 1u) sum ^= matrix[i];
-  return sum;
-}
-
-// The linear map (column i = image of bit i) that feeds n zero bytes through a CRC register:
-// crc(a || b) = zeros(len(b)) applied to crc(a), xor the crc of b started from a zero register.
-void zeros_operator(uint64_t n, uint32_t* op) {
-  uint32_t bit[32];  // one zero bit: bit 0 folds in the polynomial, bit i moves down to bit i - 1
-  bit[0] = kPoly;
-  for (int i = 1; i < 32; ++i) bit[i] = 1u << (i - 1);
-  uint32_t power[32];  // 2^k zero bytes at step k of the loop below
-  for (int i = 0; i < 32; ++i) {
-    uint32_t v = 1u << i;
-    for (int k = 0; k < 8; ++k) v = gf2_times(bit, v);
-    power[i] = v;
-  }
-  for (int i = 0; i < 32; ++i) op[i] = 1u << i;
-  while (n != 0) {
-    if (n & 1u)
-      for (int i = 0; i < 32; ++i) op[i] = gf2_times(power, op[i]);
-    n >>= 1;
-    uint32_t squared[32];
-    for (int i = 0; i < 32; ++i) squared[i] = gf2_times(power, power[i]);
-    std::memcpy(power, squared, sizeof(power));
-  }
-}
-
-struct CrcTables {
-  uint32_t slice[8][256];        // slice[k][b]: byte b followed by k zero bytes, from a zero register
-  uint32_t shift_long[4][256];   // zeros_operator(kLongBlock), one table per byte of the register
-  uint32_t shift_short[4][256];  // zeros_operator(kShortBlock)
-
-  CrcTables() {
-    for (uint32_t b = 0; b < 256; ++b) {
-      uint32_t c = b;
-      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (kPoly & (0u - (c & 1u)));
-      slice[0][b] = c;
-    }
-    for (int k = 1; k < 8; ++k)
-      for (uint32_t b = 0; b < 256; ++b) slice[k][b] = (slice[k - 1][b] >> 8) ^ slice[0][slice[k - 1][b] & 0xFFu];
-    fill_shift(kLongBlock, shift_long);
-    fill_shift(kShortBlock, shift_short);
-  }
-
-  static void fill_shift(uint64_t n, uint32_t table[4][256]) {
-    uint32_t op[32];
-    zeros_operator(n, op);
-    for (int k = 0; k < 4; ++k)
-      for (uint32_t b = 0; b < 256; ++b) table[k][b] = gf2_times(op, b << (8 * k));
-  }
-};
-
-const CrcTables& tables() {
-  static const CrcTables t;  // built once, thread-safely, on first use
-  return t;
-}
-
-inline uint32_t shift(const uint32_t table[4][256], uint32_t crc) {
-  return table[0][crc & 0xFFu] ^ table[1][(crc >> 8) & 0xFFu] ^ table[2][(crc >> 16) & 0xFFu] ^ table[3][crc >> 24];
-}
-
-// Slicing-by-8 (Intel's 2006 scheme): eight table lookups per 8 bytes. The crc argument and result
-// are the raw register (no pre/post inversion), as in the hardware loop.
-uint32_t crc_register_tables(uint32_t crc, const uint8_t* p, std::size_t n) {
-  const CrcTables& t = tables();
-  while (n != 0 && (reinterpret_cast<uintptr_t>(p) & 7u) != 0) {
-    crc = (crc >> 8) ^ t.slice[0][(crc ^ *p++) & 0xFFu];
-    --n;
-  }
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  for (; n >= 8; n -= 8, p += 8) {
-    const uint64_t w = load<uint64_t>(p, 0) ^ crc;
-    crc = t.slice[7][w & 0xFFu] ^ t.slice[6][(w >> 8) & 0xFFu] ^ t.slice[5][(w >> 16) & 0xFFu] ^
-          t.slice[4][(w >> 24) & 0xFFu] ^ t.slice[3][(w >> 32) & 0xFFu] ^ t.slice[2][(w >> 40) & 0xFFu] ^
-          t.slice[1][(w >> 48) & 0xFFu] ^ t.slice[0][w >> 56];
-  }
-#endif
-  while (n-- != 0) crc = (crc >> 8) ^ t.slice[0][(crc ^ *p++) & 0xFFu];
-  return crc;
-}
-
-#ifdef HOSL_X86_DISPATCH
-__attribute__((target("sse4.2"))) uint32_t crc_register_sse42(uint32_t crc, const uint8_t* p, std::size_t n) {
-  const CrcTables& t = tables();
-  uint64_t c0 = crc;
-  while (n != 0 && (reinterpret_cast<uintptr_t>(p) & 7u) != 0) {
-    c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
-    --n;
-  }
-  for (const std::size_t block : {kLongBlock, kShortBlock}) {
-    const auto& table = block == kLongBlock ? t.shift_long : t.shift_short;
-    for (; n >= 3 * block; n -= 3 * block, p += 3 * block) {
-      uint64_t c1 = 0, c2 = 0;
-      for (std::size_t i = 0; i < block; i += 8) {
-        c0 = _mm_crc32_u64(c0, load<uint64_t>(p + i, 0));
-        c1 = _mm_crc32_u64(c1, load<uint64_t>(p + block + i, 0));
-        c2 = _mm_crc32_u64(c2, load<uint64_t>(p + 2 * block + i, 0));
-      }
-      c0 = shift(table, static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1);
-      c0 = shift(table, static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c2);
-    }
-  }
-  for (; n >= 8; n -= 8, p += 8) c0 = _mm_crc32_u64(c0, load<uint64_t>(p, 0));
-  while (n-- != 0) c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
-  return static_cast<uint32_t>(c0);
-}
-#endif
 
 // -------------------------------------------------------------------------- element types on the wire
 
@@ -464,29 +323,6 @@ uint64_t wire_bytes(Encoding encoding, DType dtype, uint64_t numel) {
   return nbytes;
 }
 
-bool crc32c_hardware() {
-#ifdef HOSL_X86_DISPATCH
-  static const bool available = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("sse4.2") != 0;
-  }();
-  return available;
-#else
-  return false;
-#endif
-}
-
-uint32_t crc32c_portable(uint32_t crc, const void* data, std::size_t n) {
-  return ~crc_register_tables(~crc, static_cast<const uint8_t*>(data), n);
-}
-
-uint32_t crc32c(uint32_t crc, const void* data, std::size_t n) {
-#ifdef HOSL_X86_DISPATCH
-  if (crc32c_hardware()) return ~crc_register_sse42(~crc, static_cast<const uint8_t*>(data), n);
-#endif
-  return crc32c_portable(crc, data, n);
-}
-
 uint32_t encode_tensor(uint8_t* frame, uint64_t frame_len, uint32_t crc, uint64_t crc_from, uint64_t offset,
                        Encoding encoding, const void* src, DType dtype, uint64_t numel, uint64_t row_len,
                        uint64_t scales_offset, bool portable) {
@@ -568,99 +404,6 @@ int64_t decode_tensor(const uint8_t* frame, uint64_t frame_len, uint64_t offset,
 }
 
 // ---------------------------------------------------------------------------------- BoundaryBuffer
-
-BoundaryBuffer::BoundaryBuffer(int64_t slots, int64_t slot_bytes)
-    : slots_(slots), slot_bytes_(slot_bytes), stride_((static_cast<std::size_t>(slot_bytes) + 63) & ~std::size_t{63}) {
-  if (slots < 1)
-    throw std::invalid_argument("hosl._C.BoundaryBuffer: slots must be >= 1, got " + std::to_string(slots));
-  if (slot_bytes < 1)
-    throw std::invalid_argument("hosl._C.BoundaryBuffer: slot_bytes must be >= 1, got " + std::to_string(slot_bytes));
-  std::size_t total;
-  if (__builtin_mul_overflow(stride_, static_cast<std::size_t>(slots), &total) || total > (std::size_t{1} << 48))
-    throw std::invalid_argument(fmt("hosl._C.BoundaryBuffer: %lld slots of %lld bytes is too much memory",
-                                    static_cast<long long>(slots), static_cast<long long>(slot_bytes)));
-  storage_.reset(new uint8_t[total + 63]);  // std::bad_alloc becomes MemoryError
-  base_ = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(storage_.get()) + 63) & ~uintptr_t{63});
-  lengths_.assign(static_cast<std::size_t>(slots), 0);
-  states_.assign(static_cast<std::size_t>(slots), State::kFree);
-}
-
-bool BoundaryBuffer::push(const void* src, uint64_t nbytes, double wait_s) {
-  if (nbytes > static_cast<uint64_t>(slot_bytes_))
-    throw std::invalid_argument(fmt("hosl._C.BoundaryBuffer: a %llu-byte frame does not fit in a %lld-byte slot",
-                                    static_cast<unsigned long long>(nbytes), static_cast<long long>(slot_bytes_)));
-  if (nbytes > 0 && src == nullptr) throw std::invalid_argument("hosl._C.BoundaryBuffer: null source pointer");
-  if (!(wait_s >= 0.0 && wait_s < 1e9)) throw std::invalid_argument("hosl._C.BoundaryBuffer: bad wait time");
-  std::unique_lock<std::mutex> lock(mutex_);
-  const auto ready = [&] { return closed_ || states_[write_ticket_ % slots_] == State::kFree; };
-  if (!can_push_.wait_for(lock, std::chrono::duration<double>(wait_s), ready)) return false;
-  if (closed_) throw BufferClosed("hosl._C.BoundaryBuffer: push on a closed buffer (close() was called)");
-  const std::size_t i = write_ticket_++ % slots_;
-  states_[i] = State::kWriting;
-  lock.unlock();
-  std::memcpy(slot_data(i), src, nbytes);  // unlocked: pops of older frames and other pushes go on meanwhile
-  lock.lock();
-  lengths_[i] = nbytes;
-  states_[i] = State::kFull;
-  ++full_;
-  lock.unlock();
-  can_pop_.notify_all();  // all: waiters wait for different slots (and for close)
-  return true;
-}
-
-bool BoundaryBuffer::pop_into(void* dst, uint64_t capacity, double wait_s, uint64_t* nbytes) {
-  if (capacity > 0 && dst == nullptr) throw std::invalid_argument("hosl._C.BoundaryBuffer: null destination pointer");
-  if (!(wait_s >= 0.0 && wait_s < 1e9)) throw std::invalid_argument("hosl._C.BoundaryBuffer: bad wait time");
-  std::unique_lock<std::mutex> lock(mutex_);
-  // The oldest frame may still be being written by its push; wait for it rather than skip it, so
-  // the order stays that of the reservations. Closed and nothing held (or coming): give up.
-  const auto ready = [&] {
-    const State s = states_[read_ticket_ % slots_];
-    return s == State::kFull || (closed_ && s == State::kFree);
-  };
-  if (!can_pop_.wait_for(lock, std::chrono::duration<double>(wait_s), ready)) return false;
-  const std::size_t i = read_ticket_ % slots_;
-  if (states_[i] != State::kFull)
-    throw BufferClosed("hosl._C.BoundaryBuffer: pop on a closed buffer with no frames left (close() was called)");
-  const uint64_t n = lengths_[i];
-  if (n > capacity)
-    throw std::invalid_argument(
-        fmt("hosl._C.BoundaryBuffer: the next frame is %llu bytes, more than the %llu-byte "
-            "destination; it stays in the buffer",
-            static_cast<unsigned long long>(n), static_cast<unsigned long long>(capacity)));
-  ++read_ticket_;
-  states_[i] = State::kReading;
-  --full_;
-  lock.unlock();
-  std::memcpy(dst, slot_data(i), n);
-  lock.lock();
-  states_[i] = State::kFree;
-  const bool wake_pops = closed_;  // a pop on a closed buffer may be waiting for this slot to settle
-  lock.unlock();
-  can_push_.notify_all();
-  if (wake_pops) can_pop_.notify_all();
-  *nbytes = n;
-  return true;
-}
-
-void BoundaryBuffer::close() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    closed_ = true;
-  }
-  can_push_.notify_all();
-  can_pop_.notify_all();
-}
-
-int64_t BoundaryBuffer::size() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return full_;
-}
-
-bool BoundaryBuffer::closed() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return closed_;
-}
 
 }  // namespace boundary
 }  // namespace hosl
