@@ -163,6 +163,13 @@ class TrainConfig:
     save_total_limit: int = field(
         default=1, metadata=_help("checkpoints kept (the newest; an older one is deleted only after a newer is whole)")
     )
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "also write the metrics for tensorboard (RUN_DIR/tensorboard; needs pip install 'hosl[tensorboard]')",
+            choices=("none", "tensorboard"),
+        ),
+    )
     out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue the run in this directory from its checkpoint"))
 
@@ -336,6 +343,7 @@ RUN_ONLY = frozenset(
         "timeout",
         "transport",
         "device",
+        "report_to",
     }  # fmt: skip
 )
 
@@ -408,7 +416,7 @@ SECTIONS = {
         "batch_size", "steps", "seed", "max_skipped",
     ],
     "evaluation, logs and checkpoints": [
-        "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "out", "resume",
+        "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
     "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
 }  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -121,10 +122,17 @@ def _run_dir(cfg: TrainConfig) -> Path:
 
 
 class _Writer:
-    """metrics.jsonl (appending) and the progress bar."""
+    """metrics.jsonl (appending), the progress bar, and with --report-to tensorboard the same numbers
+    as scalars (train/<key>, eval/accuracy) in RUN_DIR/tensorboard. A resumed run purges the events
+    from its checkpoint's step on, as it rewrites metrics.jsonl from there."""
 
-    def __init__(self, run_dir: Path, total: int, start: int):
+    def __init__(self, run_dir: Path, total: int, start: int, report_to: str = "none"):
         self.file = open(run_dir / "metrics.jsonl", "a")
+        self.board = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start or None)
         try:
             from tqdm.auto import tqdm
 
@@ -135,6 +143,12 @@ class _Writer:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("step", "steps_done") and isinstance(value, (int, float)) and value is not None:
+                    tag = "eval/accuracy" if key == "eval_accuracy" else f"train/{key}"
+                    self.board.add_scalar(tag, value, record["step"])
+            self.board.flush()
 
     def tick(self, loss: float) -> None:
         if self.bar is not None:
@@ -157,6 +171,8 @@ class _Writer:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.board is not None:
+            self.board.close()
         self.file.close()
 
 
@@ -245,7 +261,7 @@ def train(
             if keep is not None:
                 (run_dir / name).write_text("".join(line + "\n" for line in keep))
     batches = Batches(train_examples, tokenizer, cfg)
-    writer = _Writer(run_dir, cfg.steps, start_step)
+    writer = _Writer(run_dir, cfg.steps, start_step, cfg.report_to)
     zo_log = open(run_dir / "zo_log.jsonl", "a") if trainer.zo is not None else None
     wall_start = time.perf_counter() - state["wall_seconds"]
     before = state["bytes"]  # counted by the process that ran the steps before a resume
@@ -362,6 +378,8 @@ def _start_run_dir(cfg: TrainConfig):
     """(cfg, run directory, the checkpoint to resume from or None). A resumed run's checkpoint is
     verified here, before anything is built or written; a new run's directory must be empty."""
     check_model_name(cfg.model)
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--report-to tensorboard needs the tensorboard package: pip install 'hosl[tensorboard]'")
     n = num_blocks(cfg.model, cfg.gguf_file)  # from the config where it can be read: before a slow build
     if n is not None and method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
         raise UsageError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")

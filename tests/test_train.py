@@ -808,3 +808,52 @@ def test_evaluations_have_one_numbering_and_steps_0_says_what_it_evaluated(tmp_p
     zero = run(cfg_for(tmp_path, "zero", steps=0))
     assert "no step to run: evaluated the untrained model" in capsys.readouterr().err
     assert zero["evals"] == [{"step": -1, "steps_done": 0, "accuracy": zero["final_eval_accuracy"]}]
+
+
+def test_report_to_tensorboard_writes_what_metrics_jsonl_holds_and_a_resume_purges(tmp_path):
+    """train/<key> and eval/accuracy at the metrics' steps. A run killed in its save of step 8 is
+    resumed from checkpoint-4 and reruns steps 4 to 7: their first events are purged, as
+    metrics.jsonl rewrites those lines."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hosl import checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    real_commit, calls = checkpoint.commit, []
+
+    def commit(*args):  # the second save (step 6) dies: steps 4 and 5 were logged after checkpoint-4
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real_commit(*args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(checkpoint, "commit", commit)
+        with pytest.raises(Killed):
+            run(cfg_for(tmp_path, steps=8, save_every=4, eval_every=3, report_to="tensorboard"))
+    assert main(["--resume", str(tmp_path / "run")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    board.Reload()
+    got = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    want = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(8))
+    assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(got, want))
+    evals = [(e.step, e.value) for e in board.Scalars("eval/accuracy")]
+    assert evals == [(r["step"], pytest.approx(r["eval_accuracy"])) for r in records if "eval_accuracy" in r]
+    assert "train/client_s" in board.Tags()["scalars"]
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    assert main(["--report-to", "tensorboard", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().endswith("needs the tensorboard package: pip install 'hosl[tensorboard]'")
+    assert not (tmp_path / "r").exists()
