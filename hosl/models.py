@@ -3,8 +3,10 @@ checkpoints (a local directory, a GGUF file in one, or a hub id)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -179,11 +181,20 @@ def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
 def build(cfg, train_examples) -> tuple:
     """(tokenizer, model) of a run's config: the model of --model (a built-in one seeded and given
     the task's vocabulary from train_examples), with LoRA adapters where --client-lora-r and
-    --server-lora-r ask. ModelError for a --split-layer the model has no room for."""
+    --server-lora-r ask. ModelError for a --split-layer the model has no room for. A bar on stderr
+    follows the stages when loading takes more than 2 s."""
+    with _stages("loading the model", 3) as stage:
+        tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+        stage("weights")
+        model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+        stage("adapters" if cfg.client_lora_r or cfg.server_lora_r else "checks")
+        return tokenizer, _adapt(cfg, model)
+
+
+def _adapt(cfg, model):
+    """The built model checked against --split-layer, with LoRA adapters where the config asks."""
     from hosl.plan import method_of
 
-    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     n = model.config.num_hidden_layers
     if method_of(cfg.method).split and not 0 <= cfg.split_layer <= n:
         raise ModelError(f"--split-layer must be in [0, {n}] for {cfg.model} ({n} blocks), got {cfg.split_layer}")
@@ -191,7 +202,30 @@ def build(cfg, train_examples) -> tuple:
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
         k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
         model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
-    return tokenizer, model
+    return model
+
+
+@contextlib.contextmanager
+def _stages(what: str, total: int):
+    """A bar on stderr over a slow phase's stages, shown only once the phase has taken 2 s (a
+    built-in model loads in well under that). Yields a function that ends a stage and names the next."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers; without it, no bar
+        yield lambda name: None
+        return
+    bar = tqdm(total=total, desc=what, unit="stage", delay=2, leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar.set_postfix_str("tokenizer", refresh=False)
+
+    def stage(name: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(name, refresh=False)
+
+    try:
+        yield stage
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
 
 
 DTYPE_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}

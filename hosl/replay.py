@@ -38,6 +38,12 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     every perturbation pass of the schedule, then the step's final pass (update, or restore only
     for a skipped step) and weight decay."""
     plan = StepPlan.of(cfg)
+    try:
+        from tqdm.auto import tqdm
+
+        log = tqdm(log, desc="replay", unit="step", delay=2, leave=False, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:  # tqdm comes with transformers; without it, no bar
+        pass
     for record in log:
         step = record["step"]
         rows = zo.decode_rows(record["rows"]) if "rows" in record else None
