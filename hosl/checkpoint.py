@@ -17,6 +17,10 @@ The server keeps its own files (server.safetensors, server_optimizer.pt) in its 
 which is the client's on one machine. The client lists their digests in its manifest and sends them
 back when it asks the server to load, so the server verifies what it reads as well; a frame names a
 step, never a path.
+
+Here too: a module's weights as safetensors and back (tensors_of, load_tensors, save_weights), the
+server's files (save_server, load_server_state), and a trainer's whole checkpoint (save_run,
+load_run, save_final).
 """
 
 from __future__ import annotations
@@ -269,3 +273,59 @@ def load_server_state(server, directory: Path) -> None:
     if server.optimizer is not None:
         state = torch.load(directory / "server_optimizer.pt", weights_only=True, map_location="cpu")
         server.optimizer.load_state_dict(state)  # moves the state to the parameters' device
+
+
+# -- a run's checkpoints, either side ----------------------------------------------------------------
+
+
+# `trainer` below is hosl.roles' SplitClient or FullModel: .model, .optimizer (None for ZO),
+# .split_client, and a split client's .control (the CONTROL frames to the server).
+
+
+def weights_file(trainer) -> str:
+    """This process's weights: the client's of a split run (the server saves its own), or the model's."""
+    return "client.safetensors" if trainer.split_client else "model.safetensors"
+
+
+def save_run(run_dir: Path, trainer, total_limit: int, step: int, state: dict) -> None:
+    """checkpoint-<step>/, written whole into its .tmp, verified by a manifest, renamed into place;
+    then only the newest `total_limit` are kept. A split client has the server save, commit and prune
+    its own files in step (CONTROL frames)."""
+    from safetensors.torch import save_file
+
+    tmp, final = tmp_dir(run_dir, step), step_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [weights_file(trainer)]
+    save_file(tensors_of(trainer.model), tmp / names[0])
+    if trainer.optimizer is not None:
+        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        names.append("optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    names.append("state.json")
+    files = digests(tmp, names)
+    if trainer.split_client:
+        files.update(trainer.control("save", step=step)["files"])  # the server's: here too when it shares run_dir
+    write_manifest(tmp, files, run_dir / "config.json")
+    commit(tmp, final)
+    keep = [s for s, _ in complete(run_dir)][-total_limit:]
+    if trainer.split_client:
+        trainer.control("commit", step=step, keep=keep)
+    prune(run_dir, keep)
+
+
+def load_run(point: ResumePoint, trainer) -> None:
+    """The verified checkpoint `point` into trainer (a split client also has the server load its own)."""
+    from safetensors.torch import load_file
+
+    load_tensors(trainer.model, load_file(point.path / weights_file(trainer)))
+    if trainer.optimizer is not None:
+        state = torch.load(point.path / "optimizer.pt", weights_only=True, map_location="cpu")
+        trainer.optimizer.load_state_dict(state)  # moves the state to the parameters' device
+    if trainer.split_client:
+        trainer.control("load", step=point.step, files=point.server_digests())
+
+
+def save_final(run_dir: Path, trainer) -> None:
+    """This process's final weights, beside the run's logs."""
+    save_weights(trainer.model, run_dir / weights_file(trainer))

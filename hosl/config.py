@@ -163,11 +163,11 @@ class TrainConfig:
     save_total_limit: int = field(
         default=1, metadata=_help("checkpoints kept (the newest; an older one is deleted only after a newer is whole)")
     )
-    report_to: str = field(
-        default="none",
+    report_to: str | None = field(
+        default=None,
         metadata=_help(
-            "also write the metrics for tensorboard (RUN_DIR/tensorboard; needs pip install 'hosl[tensorboard]')",
-            choices=("none", "tensorboard"),
+            "also write the metrics for tensorboard, in RUN_DIR/tensorboard (needs pip install 'hosl[tensorboard]')",
+            choices=(None, "tensorboard"),
         ),
     )
     out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))

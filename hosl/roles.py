@@ -86,6 +86,8 @@ def device_of(model: torch.nn.Module) -> torch.device:
 class SplitClient:
     """The client of a split run: holds the client model and drives the step plan."""
 
+    split_client = True  # its checkpoints have a server half (hosl.checkpoint.save_run)
+
     def __init__(self, cfg: TrainConfig, model: ClientModel, link: Link):
         self.cfg = cfg
         self.plan = StepPlan.of(cfg)
@@ -442,6 +444,8 @@ class SplitServer:
 class FullModel:
     """fo-full and zo-full: the unsplit model, trained in place; the same interface as SplitClient.
     A ZO step runs its split counterpart's forwards (hosl.plan) on the whole model."""
+
+    split_client = False
 
     def __init__(self, cfg: TrainConfig, model, k: int):
         self.cfg, self.model = cfg, model

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -126,7 +125,7 @@ class _Writer:
     as scalars (train/<key>, eval/accuracy) in RUN_DIR/tensorboard. A resumed run purges the events
     from its checkpoint's step on, as it rewrites metrics.jsonl from there."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, report_to: str = "none"):
+    def __init__(self, run_dir: Path, total: int, start: int, report_to: str | None = None):
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.board = None
         if report_to == "tensorboard":
@@ -176,48 +175,6 @@ class _Writer:
         self.file.close()
 
 
-def _weights_file(trainer) -> str:
-    """This process's weights: the client's of a split run (the server saves its own), or the model's."""
-    return "client.safetensors" if isinstance(trainer, SplitClient) else "model.safetensors"
-
-
-def _save_checkpoint(run_dir: Path, trainer, cfg, step: int, state: dict) -> None:
-    """checkpoint-<step>/, written whole into its .tmp, verified by a manifest, renamed into place;
-    then only the last --save-total-limit are kept (hosl.checkpoint)."""
-    from safetensors.torch import save_file
-
-    tmp, final = checkpoint.tmp_dir(run_dir, step), checkpoint.step_dir(run_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = [_weights_file(trainer)]
-    save_file(checkpoint.tensors_of(trainer.model), tmp / names[0])
-    if trainer.optimizer is not None:
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-        names.append("optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    names.append("state.json")
-    files = checkpoint.digests(tmp, names)
-    if isinstance(trainer, SplitClient):
-        files.update(trainer.control("save", step=step)["files"])  # the server's: here too when it shares run_dir
-    checkpoint.write_manifest(tmp, files, run_dir / "config.json")
-    checkpoint.commit(tmp, final)
-    keep = [s for s, _ in checkpoint.complete(run_dir)][-cfg.save_total_limit :]
-    if isinstance(trainer, SplitClient):
-        trainer.control("commit", step=step, keep=keep)
-    checkpoint.prune(run_dir, keep)
-
-
-def _load_checkpoint(point: checkpoint.ResumePoint, trainer) -> None:
-    from safetensors.torch import load_file
-
-    checkpoint.load_tensors(trainer.model, load_file(point.path / _weights_file(trainer)))
-    if trainer.optimizer is not None:
-        state = torch.load(point.path / "optimizer.pt", weights_only=True, map_location="cpu")
-        trainer.optimizer.load_state_dict(state)  # moves the state to the parameters' device
-    if isinstance(trainer, SplitClient):
-        trainer.control("load", step=point.step, files=point.server_digests())
-
-
 def _kept_lines(path: Path, step: int) -> list[str] | None:
     """The lines of a JSON Lines log for steps before `step` (a resumed run rewrites what came after
     its checkpoint); None when there is no such file. A last line cut short by a kill is dropped;
@@ -254,7 +211,7 @@ def train(
     state = {"best_eval_accuracy": None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
     if resume is not None:
         logs = {name: _kept_lines(run_dir / name, resume.step) for name in ("metrics.jsonl", "zo_log.jsonl")}
-        _load_checkpoint(resume, trainer)  # every check before the first file is rewritten
+        checkpoint.load_run(resume, trainer)  # every check before the first file is rewritten
         state = {k: v for k, v in resume.state.items() if k != "step"}
         start_step = resume.step
         for name, keep in logs.items():
@@ -331,7 +288,7 @@ def train(
                 t = time.perf_counter()
                 state["wall_seconds"] = time.perf_counter() - wall_start
                 state["bytes"] = traffic()
-                _save_checkpoint(run_dir, trainer, cfg, step + 1, state)
+                checkpoint.save_run(run_dir, trainer, cfg.save_total_limit, step + 1, state)
                 writer.paused(time.perf_counter() - t)
     finally:
         writer.close()
@@ -441,7 +398,7 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     if not method_of(cfg.method).split:
         trainer = FullModel(cfg, model, cfg.split_layer)
         result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir, resume=point)
-        _save_final(run_dir, trainer)
+        checkpoint.save_final(run_dir, trainer)
         summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())}, device)
         return _finish(run_dir, summary)
     client_model, server_model = split_model(model, cfg.split_layer)
@@ -458,7 +415,7 @@ def _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_d
     sides, stop. Returns the training result and the server's final files with their digests."""
     client.hello()
     result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point)
-    _save_final(run_dir, client)
+    checkpoint.save_final(run_dir, client)
     server_files = client.control("final")["files"]
     client.stop()
     return result, server_files
@@ -471,10 +428,6 @@ def _side_params(sizes) -> dict:
         "client_trainable_params": sizes.client.trainable,
         "server_trainable_params": sizes.server.trainable,
     }
-
-
-def _save_final(run_dir: Path, trainer) -> None:
-    checkpoint.save_weights(trainer.model, run_dir / _weights_file(trainer))
 
 
 def _finish(run_dir: Path, summary: dict, server_files: dict | None = None) -> dict:
