@@ -113,8 +113,15 @@ def worker(spec: dict) -> None:
         client = hosl.load_client(spec["checkpoint"], k, device=device)
         out["weights"] = module_bytes(client)
         ids = torch.randint(4, client.stack.config.vocab_size, (batch_size, seq), device=device)
-        with torch.inference_mode():
-            client(input_ids=ids, attention_mask=torch.ones_like(ids))
+        micro = spec.get("micro_batch") or batch_size
+        with torch.inference_mode():  # the activation sent, and one slice's transients at a time
+            hidden = None
+            for lo in range(0, batch_size, micro):
+                part = client(input_ids=ids[lo : lo + micro], attention_mask=torch.ones_like(ids[lo : lo + micro]))
+                if hidden is None:
+                    hidden = part.hidden.new_empty((batch_size, *part.hidden.shape[1:]))
+                hidden[lo : lo + micro] = part.hidden
+                del part
         out.update(peak.read())
         print(json.dumps(out), flush=True)
         return
@@ -129,6 +136,7 @@ def worker(spec: dict) -> None:
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
         mu=1e-3, timeout=600.0, zo_estimator="central", **rates,
+        **({"client_micro_batch": spec.get("micro_batch", 0)} if split_method != "fo" else {}),
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
     if role == "server":
@@ -337,10 +345,20 @@ MALLOC = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {}}
 
 
 def measure(
-    method: str, k: int, batch: int, seq: int, checkpoint: Path, steps: int, malloc: str = "mmap", device="cpu"
+    method: str,
+    k: int,
+    batch: int,
+    seq: int,
+    checkpoint: Path,
+    steps: int,
+    malloc: str = "mmap",
+    device="cpu",
+    micro_batch: int = 0,
 ) -> tuple[dict, dict | None]:
-    """(client result, server stand-in's result or None for the floor)."""
-    spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps, device=device)
+    """(client result, server stand-in's result or None for the floor). micro_batch: the floor's and
+    the ZO clients' forwards over slices of that many rows (--client-micro-batch)."""
+    spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps, device=device,
+                micro_batch=micro_batch)  # fmt: skip
     env = MALLOC[malloc]
     if method == "floor":
         return run_workers(__file__, spec, ["client"], threads=2, extra_env=env)[0], None
@@ -389,6 +407,10 @@ def main(argv=None):
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="where the client runs (cpu; cuda: allocator peak)"
     )
+    parser.add_argument(
+        "--client-micro-batch", dest="micro_batch", type=int, default=0,
+        help="the floor's and the ZO clients' forwards over slices of this many rows (0: the whole batch)",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="measurements at once, each in its own processes (1)")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -407,6 +429,8 @@ def main(argv=None):
     setting["ks"] = args.ks or setting["ks"]
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.micro_batch < 0:
+        parser.error(f"--client-micro-batch must be >= 0, got {args.micro_batch}")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -416,6 +440,7 @@ def main(argv=None):
         ("_quick" if args.quick else "" if args.model == "opt-125m" else f"_{args.model}")
         + ("_default_malloc" if args.malloc == "default" else "")
         + ("_cuda" if args.device == "cuda" else "")
+        + (f"_micro{args.micro_batch}" if args.micro_batch else "")
     )
     work = Path(args.work or REPO / "runs" / "bench_memory")
     checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
@@ -429,7 +454,7 @@ def main(argv=None):
     def one(job):
         batch, k, method = job
         start = time.perf_counter()
-        client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc, args.device)
+        client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc, args.device, args.micro_batch)
         log(f"batch {batch} k {k} {method:6s} {fmt_bytes(client['peak_bytes']):>10s}  "
             f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
         return client
@@ -468,6 +493,7 @@ def main(argv=None):
                 unaccounted_bytes=peak - sum(parts.values()),
                 link_init_bytes=client.get("link_init_bytes"),
                 client_threads=2,
+                client_micro_batch=args.micro_batch,
                 measure=MEASURE[device.type],
                 **extra,
             )
@@ -483,7 +509,12 @@ def report(records, png: Path) -> None:
         where = f"on {r0['device_name']}: CUDA allocator peak from before the model loads"
     else:
         where = f"above the bare interpreter, malloc: {r0.get('malloc', 'glibc default')}"
-    print(f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps\n")
+    micro = (
+        f"; floor and ZO clients in slices of {r0['client_micro_batch']} rows" if r0.get("client_micro_batch") else ""
+    )
+    print(
+        f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps{micro}\n"
+    )
     header = ["batch", "k", "method", "measured", "over floor", "fo / this", "weights", "grads", "optim", "saved act",
               "link", "fwd transient", "rest"]  # fmt: skip
     table = []

@@ -116,6 +116,13 @@ class TrainConfig:
             choices=("rows", "all"),
         ),
     )
+    client_micro_batch: int = field(
+        default=0,
+        metadata=_help(
+            "a ZO client runs each forward over slices of this many rows into one activation, so it holds one "
+            "slice's transients instead of the batch's (0: the whole batch at once)"
+        ),
+    )
     server_grad: str = field(
         default="clean",
         metadata=_help(
@@ -230,6 +237,7 @@ class TrainConfig:
             "save_every",
             "max_skipped",
             "split_layer",
+            "client_micro_batch",
             "lora_r",
             "client_lora_r",
             "server_lora_r",
@@ -285,6 +293,7 @@ class TrainConfig:
             "server_lr": "server_lr" not in method.rates,
             "compression": not method.split,
             "sync_probes": not method.split,
+            "client_micro_batch": not (method.split and method.client.order == ZO),
         }
         for name in (n for n, unused in ignored.items() if unused):
             value, default = getattr(self, name), self._default(name)
@@ -410,7 +419,7 @@ SECTIONS = {
         "split_layer", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
-    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "server_grad"],
+    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "client_micro_batch", "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",

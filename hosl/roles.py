@@ -133,10 +133,21 @@ class SplitClient:
         return reply.meta
 
     def _forward(self, batch) -> torch.Tensor:
+        """The activation at the cut. Without autograd and with --client-micro-batch M, the rows run
+        M at a time into one preallocated activation: the forward's transients are one slice's."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        m = self.cfg.client_micro_batch
         with compute_precision(self.cfg, self.device):
-            h = self.model(input_ids=ids, attention_mask=mask)
-        return h.hidden
+            if not m or m >= len(ids) or torch.is_grad_enabled():
+                return self.model(input_ids=ids, attention_mask=mask).hidden
+            hidden = None
+            for lo in range(0, len(ids), m):
+                part = self.model(input_ids=ids[lo : lo + m], attention_mask=mask[lo : lo + m]).hidden
+                if hidden is None:
+                    hidden = part.new_empty((len(ids), *part.shape[1:]))
+                hidden[lo : lo + m] = part
+                del part
+            return hidden
 
     def _clean_forward(self, batch) -> tuple[torch.Tensor, list | None]:
         """The step's forward at w, and the embedding rows it looked up (hosl.rows)."""

@@ -624,6 +624,8 @@ BAD = [
     (["--method", "zo", "--server-lr", "0.1"], "--server-lr 0.1 is not used by --method zo"),
     (["--method", "zo-full", "--compression", "int8"], "--compression int8 is not used by --method zo-full"),
     (["--momentum", "0.9"], "--momentum 0.9 needs --optimizer sgd (--optimizer adamw has no momentum)"),
+    (["--method", "fo", "--client-micro-batch", "4"], "--client-micro-batch 4 is not used by --method fo"),
+    (["--client-micro-batch", "-1"], "--client-micro-batch must be >= 0, got -1"),
 ]
 
 
@@ -857,3 +859,32 @@ def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys,
     assert main(["--report-to", "tensorboard", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip().endswith("needs the tensorboard package: pip install 'hosl[tensorboard]'")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-opt"])
+def test_a_micro_batched_client_forward_gives_the_whole_batchs_activation(tmp_path, model):
+    """--client-micro-batch M: the rows M at a time into one activation, the same values (to float
+    tolerance: a matmul over fewer rows may round otherwise); a run with it follows the same losses."""
+    from hosl.roles import SplitClient
+    from hosl.tasks import load_run_data
+
+    cfg = cfg_for(tmp_path, model=model)
+    examples = load_run_data(cfg)[0]
+    tok, m = build(cfg, examples)
+    client, _ = split_model(m, cfg.split_layer)
+    batch = Batches(examples, tok, cfg)(0)
+
+    class _NoLink:
+        max_frame_bytes = 0
+
+    def hidden(micro):
+        with torch.no_grad():
+            return SplitClient(dataclasses.replace(cfg, client_micro_batch=micro), client, _NoLink())._forward(batch)
+
+    whole = hidden(0)
+    for micro in (1, 3, 8, 100):
+        got = hidden(micro)
+        assert got.shape == whole.shape and torch.allclose(got, whole, rtol=0, atol=1e-6), micro
+    run(cfg_for(tmp_path, "whole", model=model))
+    run(cfg_for(tmp_path, "micro", model=model, client_micro_batch=3))
+    assert losses(tmp_path / "micro") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
