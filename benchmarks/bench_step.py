@@ -14,7 +14,8 @@ client and server each have one core, as two machines would:
 Variants (--variants; all by default): fo; hosl with the loss-difference estimator (central) and
 with the cut-gradient estimator (cut-grad: one upload, dL/dh down, the probes on the client), both
 with row-sparse embedding noise (--zo-embedding rows, the default); hosl central with dense noise
-(all), for the noise share; zo. Q in {1, 4, 16} (fo has no probes: Q = 1 only), both transports,
+(all), for the noise share; hosl central with --server-batch-probes (central-stacked: the server's
+probe forwards as one stacked batch); zo. Q in {1, 4, 16} (fo has no probes: Q = 1 only), both transports,
 and for hosl central and zo streaming probes (the default: the client sends all of a step's
 activations without waiting) against --sync-probes (the client waits for each loss before its next
 probe); cut-grad's probes never wait for the server. --warmup steps are run, then --steps steps
@@ -84,6 +85,7 @@ def config(spec):
         method=spec["method"], split_layer=spec["k"], batch_size=spec["batch"], max_length=spec["seq"],
         sync_probes=spec["sync"], optimizer="adamw", timeout=600.0, **{rate: 1e-5 for rate in method.rates},
         **(zo_side if ZO in method.orders else {}),
+        **({"server_batch_probes": True} if spec.get("stacked") else {}),
     )  # fmt: skip
 
 
@@ -165,6 +167,7 @@ VARIANTS = {
     "hosl-central": ("hosl", "central", "rows", "all", [False, True]),
     "hosl-cut-grad": ("hosl", "cut-grad", "rows", "all", [False]),
     "hosl-central-all": ("hosl", "central", "all", "one", [False]),
+    "hosl-central-stacked": ("hosl", "central", "rows", "all", [False]),  # --server-batch-probes
     "zo": ("zo", "central", "all", "all", [False, True]),
 }
 
@@ -177,7 +180,14 @@ def grid(qs, variants):
                 for transport in ("local", "dist"):
                     yield (
                         name,
-                        dict(method=method, estimator=estimator, embedding=embedding, q=q, sync=sync),
+                        dict(
+                            method=method,
+                            estimator=estimator,
+                            embedding=embedding,
+                            q=q,
+                            sync=sync,
+                            stacked=name.endswith("-stacked"),
+                        ),
                         transport,
                     )
 

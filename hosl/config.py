@@ -123,6 +123,13 @@ class TrainConfig:
             "slice's transients instead of the batch's (0: the whole batch at once)"
         ),
     )
+    server_batch_probes: bool = field(
+        default=False,
+        metadata=_help(
+            "hosl with central or forward: the server runs a step's probe uploads as one stacked forward once "
+            "they have all arrived, not one forward each (the same losses to float tolerance)"
+        ),
+    )
     server_grad: str = field(
         default="clean",
         metadata=_help(
@@ -271,6 +278,10 @@ class TrainConfig:
         if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
             raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
         self._check_used()
+        if self.server_batch_probes and self.sync_probes:
+            raise ValueError(
+                "--server-batch-probes answers after a step's last upload: --sync-probes would wait forever"
+            )
         if self.transport == "dist" and not (self.out or self.resume):
             raise ValueError("--transport dist needs --out: each side keeps its files there (one machine: the same)")
         if self.transport == "dist" and not method_of(self.method).split:
@@ -294,11 +305,16 @@ class TrainConfig:
             "compression": not method.split,
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
+            "server_batch_probes": not method.hybrid or self.zo_estimator in LOCAL_ESTIMATORS,
         }
         for name in (n for n, unused in ignored.items() if unused):
             value, default = getattr(self, name), self._default(name)
             if value != default:
                 given = f"{_flag(name)} {_fmt_value(value)}"
+                if name == "server_batch_probes" and method.hybrid:
+                    raise ValueError(
+                        f"{given} needs --zo-estimator central or forward ({self.zo_estimator} uploads no probes)"
+                    )
                 if name == "momentum" and fo_side:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
                 raise ValueError(f"{given} is not used by --method {self.method} ({method.blurb}): drop it")
@@ -419,7 +435,8 @@ SECTIONS = {
         "split_layer", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
-    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "client_micro_batch", "server_grad"],
+    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "client_micro_batch", "server_batch_probes",
+                                "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",

@@ -362,11 +362,20 @@ class SplitServer:
         uploads = plan.uploads
         probes = plan.probes(self.zo, step) if plan.estimator is not None else iter(())
         losses: dict[tuple[int, int], float] = {}
+        # --server-batch-probes: the uploads the server takes no gradient on wait for one stacked
+        # forward after the step's last upload (they come after any that it does, so the answers
+        # keep the plan's order).
+        stacked = [f for f in uploads if cfg.server_batch_probes and not f.server_grad]
+        waiting: list[torch.Tensor] = []
         for i, forward in enumerate(uploads):
             frame = self._recv_act(step, forward.key)
             t = time.perf_counter()
             if forward.sign != 0:
                 next(probes)  # the noise pass of this probe (a no-op without ZO weights)
+            if forward in stacked:
+                waiting.append(frame.tensors["hidden"])
+                compute += time.perf_counter() - t
+                continue
             hidden = frame.tensors["hidden"].to(self.device)
             if forward.answer == GRAD:
                 hidden.requires_grad_(True)
@@ -384,6 +393,18 @@ class SplitServer:
             # The answer goes out before the update, so the client's next work overlaps it.
             kind = Kind.GRAD if forward.answer == GRAD else Kind.LOSS
             self.link.send(Frame(kind, step=step, probe=forward.probe, sign=forward.sign, tensors=tensors, meta=meta))
+        if stacked:
+            t = time.perf_counter()
+            values = self._stacked_losses(waiting, batch)
+            compute += time.perf_counter() - t
+            for j, (forward, loss) in enumerate(zip(stacked, values)):
+                losses[forward.key] = _scalar(loss)
+                meta = {"server_s": compute} if j == len(stacked) - 1 else {}
+                self.link.send(
+                    Frame(
+                        Kind.LOSS, step=step, probe=forward.probe, sign=forward.sign, tensors={"loss": loss}, meta=meta
+                    )
+                )
         t = time.perf_counter()
         lr = self.rate * lr_factor(cfg, step)
         if self.zo is not None:  # the client computes the same g from the same losses
@@ -395,6 +416,25 @@ class SplitServer:
         self._skips(skipped, step)
         self.steps_done = step + 1
         self._update_s = time.perf_counter() - t
+
+    @torch.no_grad()
+    def _stacked_losses(self, hiddens: list[torch.Tensor], batch: Frame) -> list[torch.Tensor]:
+        """The losses of several uploads of one batch from one forward over their stacked rows: each
+        upload's mean next-token loss over its labelled tokens, as its own forward gives it (to float
+        tolerance: the kernels see more rows)."""
+        n, labels = len(hiddens), batch.tensors["labels"].to(self.device)
+        rows = len(labels)
+        mask = batch.tensors["attention_mask"].to(self.device).repeat(n, 1)
+        stacked_labels = labels.repeat(n, 1)
+        h = Activation(torch.cat(hiddens).to(self.device), mask)
+        with compute_precision(self.cfg, self.device):
+            logits = self.model(h, labels=stacked_labels, labelled_only=True).logits
+        targets = stacked_labels[:, labelled_positions(labels) + 1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+        ).view(n, rows * targets.shape[1])
+        counts = (targets != -100).view(n, -1).sum(dim=1)
+        return list((ce.sum(dim=1) / counts).float().unbind())
 
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:

@@ -626,6 +626,9 @@ BAD = [
     (["--momentum", "0.9"], "--momentum 0.9 needs --optimizer sgd (--optimizer adamw has no momentum)"),
     (["--method", "fo", "--client-micro-batch", "4"], "--client-micro-batch 4 is not used by --method fo"),
     (["--client-micro-batch", "-1"], "--client-micro-batch must be >= 0, got -1"),
+    (["--method", "fo", "--server-batch-probes"], "--server-batch-probes true is not used by --method fo"),
+    (["--zo-estimator", "cut-grad", "--server-batch-probes"], "needs --zo-estimator central or forward (cut-grad"),
+    (["--zo-estimator", "central", "--server-batch-probes", "--sync-probes"], "--sync-probes would wait forever"),
 ]
 
 
@@ -888,3 +891,37 @@ def test_a_micro_batched_client_forward_gives_the_whole_batchs_activation(tmp_pa
     run(cfg_for(tmp_path, "whole", model=model))
     run(cfg_for(tmp_path, "micro", model=model, client_micro_batch=3))
     assert losses(tmp_path / "micro") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_the_servers_stacked_probe_forward_gives_each_uploads_loss(tmp_path):
+    """--server-batch-probes: one forward over a step's probe uploads, stacked, gives each the loss
+    its own forward gives (to float tolerance), and a run with it follows the same losses."""
+    from hosl.boundary import Frame, Kind
+    from hosl.roles import SplitServer
+    from hosl.split import Activation
+    from hosl.tasks import load_run_data
+
+    cfg = cfg_for(tmp_path, q=3, server_batch_probes=True)
+    examples = load_run_data(cfg)[0]
+    tok, m = build(cfg, examples)
+    client, server_model = split_model(m, cfg.split_layer)
+    batch = Batches(examples, tok, cfg)(0)
+
+    class _NoLink:
+        max_frame_bytes = 0
+
+    server = SplitServer(cfg, server_model, _NoLink())
+    frame = Frame(Kind.BATCH, tensors={"labels": batch["labels"], "attention_mask": batch["attention_mask"]})
+    with torch.no_grad():
+        h = client(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden
+        hiddens = [h + 0.01 * i * torch.randn_like(h) for i in range(4)]
+        one_by_one = [
+            server_model(Activation(x, batch["attention_mask"]), labels=batch["labels"], labelled_only=True).loss
+            for x in hiddens
+        ]
+    stacked = server._stacked_losses(hiddens, frame)
+    assert len(set(map(float, one_by_one))) == 4  # the uploads differ, and so do their losses
+    assert [float(x) for x in stacked] == pytest.approx([float(x) for x in one_by_one], rel=1e-5)
+    run(cfg_for(tmp_path, "each", q=3))
+    run(cfg_for(tmp_path, "stacked", q=3, server_batch_probes=True))
+    assert losses(tmp_path / "stacked") == pytest.approx(losses(tmp_path / "each"), rel=1e-5)
