@@ -864,21 +864,30 @@ def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys,
     assert not (tmp_path / "r").exists()
 
 
+class _NoLink:
+    """What a role reads of its link when the test calls its forward alone."""
+
+    max_frame_bytes = 0
+
+
+def _sides_and_batch(cfg):
+    """The client and server models of cfg and its first training batch."""
+    from hosl.tasks import load_run_data
+
+    examples = load_run_data(cfg)[0]
+    tok, m = build(cfg, examples)
+    client, server = split_model(m, cfg.split_layer)
+    return client, server, Batches(examples, tok, cfg)(0)
+
+
 @pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-opt"])
 def test_a_micro_batched_client_forward_gives_the_whole_batchs_activation(tmp_path, model):
     """--client-micro-batch M: the rows M at a time into one activation, the same values (to float
     tolerance: a matmul over fewer rows may round otherwise); a run with it follows the same losses."""
     from hosl.roles import SplitClient
-    from hosl.tasks import load_run_data
 
     cfg = cfg_for(tmp_path, model=model)
-    examples = load_run_data(cfg)[0]
-    tok, m = build(cfg, examples)
-    client, _ = split_model(m, cfg.split_layer)
-    batch = Batches(examples, tok, cfg)(0)
-
-    class _NoLink:
-        max_frame_bytes = 0
+    client, _, batch = _sides_and_batch(cfg)
 
     def hidden(micro):
         with torch.no_grad():
@@ -899,17 +908,9 @@ def test_the_servers_stacked_probe_forward_gives_each_uploads_loss(tmp_path):
     from hosl.boundary import Frame, Kind
     from hosl.roles import SplitServer
     from hosl.split import Activation
-    from hosl.tasks import load_run_data
 
     cfg = cfg_for(tmp_path, q=3, server_batch_probes=True)
-    examples = load_run_data(cfg)[0]
-    tok, m = build(cfg, examples)
-    client, server_model = split_model(m, cfg.split_layer)
-    batch = Batches(examples, tok, cfg)(0)
-
-    class _NoLink:
-        max_frame_bytes = 0
-
+    client, server_model, batch = _sides_and_batch(cfg)
     server = SplitServer(cfg, server_model, _NoLink())
     frame = Frame(Kind.BATCH, tensors={"labels": batch["labels"], "attention_mask": batch["attention_mask"]})
     with torch.no_grad():
