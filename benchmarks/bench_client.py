@@ -59,6 +59,7 @@ def smollm2_variants(client_lr: str) -> dict[str, list[str]]:
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
         "hosl-cut-grad-q1": [*zo, "--zo-estimator", "cut-grad", "--q", "1"],
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
+        "hosl-cut-grad-q8-all": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--zo-embedding", "all"],
         "hosl-client-lora-r8": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--client-lora-r", "8",
                                 "--server-lora-r", "0"],
         "hosl-central-rows": [*zo, "--zo-estimator", "central", "--q", "1"],
