@@ -236,8 +236,10 @@ def _flags(run_dir, steps):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     """A run killed (SIGKILL) at 6 moments, resumed after each, ends with the bits of a run that never
-    stopped; after every kill, zo_log.jsonl covers every step metrics.jsonl does."""
-    steps = 16
+    stopped; after every kill, zo_log.jsonl covers every step metrics.jsonl does. The run is long
+    enough (a step takes well under 0.1 s) that it cannot end before the sixth kill, however the
+    machine's load shifts the moments (16 steps once ended after three)."""
+    steps = 64
     run(cfg_for(tmp_path, "straight", steps=steps))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "hosl.train", *_flags(run_dir, steps)]
