@@ -116,6 +116,15 @@ class TrainConfig:
             choices=("rows", "all"),
         ),
     )
+    zo_probes: str = field(
+        default="inplace",
+        metadata=_help(
+            "inplace: a probe writes w + mu z into the weights and the next pass undoes it (float32 rounding "
+            "stays behind); scratch: each module's weights are perturbed in a scratch copy just before it runs "
+            "and copied back, so the weights stay w exactly (needed by --clients > 1)",
+            choices=("inplace", "scratch"),
+        ),
+    )
     client_micro_batch: int = field(
         default=0,
         metadata=_help(
@@ -297,6 +306,7 @@ class TrainConfig:
             "mu": not zo_side,
             "zo_estimator": not zo_side,
             "zo_embedding": not zo_side,
+            "zo_probes": not zo_side,
             "server_grad": not method.hybrid,
             "optimizer": not fo_side,
             "momentum": not fo_side or self.optimizer != "sgd",
@@ -435,8 +445,8 @@ SECTIONS = {
         "split_layer", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
-    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "client_micro_batch", "server_batch_probes",
-                                "server_grad"],
+    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "client_micro_batch",
+                                "server_batch_probes", "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",

@@ -161,25 +161,35 @@ class StepPlan:
         return [[f.probe, f.sign, f.server_grad, f.answer] for f in self.uploads]
 
     # -- the ZO side of a step ---------------------------------------------------------------------
-    def seeds(self, step: int) -> list[int]:
-        return zo.step_seeds(self.seed, step, self.q)
+    def seeds(self, step: int, client: int = 0) -> list[int]:
+        """The noise seeds of a step's probes; each client of a many-client run (hosl.clients) has its own."""
+        return zo.step_seeds(self.seed, step, self.q, client)
 
-    def probes(self, params: zo.ZOParams | None, step: int, rows: Sequence | None = None) -> Iterator[Forward]:
+    def probes(
+        self, params: zo.ZOParams | None, step: int, rows: Sequence | None = None, client: int = 0
+    ) -> Iterator[Forward]:
         """The step's probe forwards in order, each yielded after its noise pass has been applied to
         `params` (None: a side that follows the plan without ZO weights, such as an FO server). After
-        the last one the weights sit at its probe point; `end` restores them and updates."""
-        passes = zo.schedule(self.seeds(step), self.mu, self.estimator)
+        the last one the weights sit at its probe point; `end` restores them and updates. With
+        scratch probes (zo.PROBE_WRITES) each forward is yielded inside the probe's context and the
+        weights stay w; run the generator to its end (a for loop does) to leave the last one."""
+        seeds = self.seeds(step, client)
+        passes = zo.schedule(seeds, self.mu, self.estimator)
         for forward, noise_pass in zip((f for f in self.forwards if f.sign != 0), passes, strict=True):
             if (noise_pass.probe, noise_pass.sign) != forward.key:
                 raise AssertionError(f"the plan and the noise schedule disagree at {forward.key}")
+            if params is not None and params.probes == "scratch":
+                with params.perturbed(seeds[forward.probe], forward.sign * self.mu, rows):
+                    yield forward
+                continue
             if params is not None:
                 params.add_(noise_pass.seeds, noise_pass.scales, rows=rows)
             yield forward
 
     def end(self, params: zo.ZOParams, step: int, grads, lr: float, weight_decay: float, rows=None, extra=()) -> bool:
-        """The step's last pass on `params`: restore the last probe and apply the update from the
-        projected gradients; skipped (restore only) when any g or any value in `extra` is not
-        finite. Returns whether it was skipped."""
+        """The step's last pass on `params`: restore the last probe (in place) and apply the update
+        from the projected gradients; skipped (restore only) when any g or any value in `extra` is
+        not finite. Returns whether it was skipped."""
         seeds = self.seeds(step)
         return zo.conclude_with(params, seeds, grads, self.mu, self.estimator, lr, weight_decay, rows, extra)
 

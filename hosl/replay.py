@@ -36,7 +36,8 @@ def read_log(path: str | Path) -> list[dict]:
 def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     """Apply the logged steps to `params` (at the run's initial weights) exactly as the client did:
     every perturbation pass of the schedule, then the step's final pass (update, or restore only
-    for a skipped step) and weight decay."""
+    for a skipped step) and weight decay. With scratch probes the weights never held a probe: one
+    pass per step, the update."""
     plan = StepPlan.of(cfg)
     try:
         from tqdm.auto import tqdm
@@ -47,8 +48,9 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     for record in log:
         step = record["step"]
         rows = zo.decode_rows(record["rows"]) if "rows" in record else None
-        for _ in plan.probes(params, step, rows):
-            pass  # each probe's noise pass, applied by the plan; replay needs no forward
+        if params.probes == "inplace":  # scratch probes left no trace in the weights: the update alone
+            for _ in plan.probes(params, step, rows):
+                pass  # each probe's noise pass, applied by the plan; replay needs no forward
         grads = None if record["skipped"] else record["grads"]
         params.end_step(plan.seeds(step), cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads, rows=rows)
 

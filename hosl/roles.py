@@ -52,7 +52,10 @@ def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: 
     its embedding tables row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
     tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
-    return zo.ZOParams(named, offset=offset, row_sparse=[n for n, _ in named if n in tables])
+    params = zo.ZOParams(named, offset=offset, row_sparse=[n for n, _ in named if n in tables], probes=cfg.zo_probes)
+    if cfg.zo_probes == "scratch":
+        params.attach(model)
+    return params
 
 
 def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -> int:
@@ -393,6 +396,7 @@ class SplitServer:
             # The answer goes out before the update, so the client's next work overlaps it.
             kind = Kind.GRAD if forward.answer == GRAD else Kind.LOSS
             self.link.send(Frame(kind, step=step, probe=forward.probe, sign=forward.sign, tensors=tensors, meta=meta))
+        next(probes, None)  # leaves the last probe (scratch probes perturb inside it)
         if stacked:
             t = time.perf_counter()
             values = self._stacked_losses(waiting, batch)

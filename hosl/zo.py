@@ -29,6 +29,7 @@ before. The rows of each step are part of its replay record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -40,18 +41,23 @@ from hosl import noise
 from hosl.flat import FlatParams
 
 ESTIMATORS = ("central", "forward", "cut-grad")
+# Where a probe's perturbation is written: into the weights that persist (and undone by the next
+# pass), or into a scratch copy of each module's weights just before the module runs.
+PROBE_WRITES = ("inplace", "scratch")
 # The noise passes each estimator runs: cut-grad probes +mu and -mu as central does.
 _PASSES = {"central": "central", "forward": "forward", "cut-grad": "central"}
 
 
-def probe_seed(run_seed: int, step: int, probe: int) -> int:
-    """The noise seed of probe `probe` at step `step`: a 63-bit hash, the same on every machine."""
-    digest = hashlib.blake2b(f"hosl:{run_seed}:{step}:{probe}".encode(), digest_size=8).digest()
+def probe_seed(run_seed: int, step: int, probe: int, client: int = 0) -> int:
+    """The noise seed of probe `probe` at step `step` (of client `client` in a many-client run): a
+    63-bit hash, the same on every machine. Client 0's seeds are a one-client run's."""
+    key = f"hosl:{run_seed}:{step}:{probe}" + (f":{client}" if client else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def step_seeds(run_seed: int, step: int, q: int) -> list[int]:
-    return [probe_seed(run_seed, step, p) for p in range(q)]
+def step_seeds(run_seed: int, step: int, q: int, client: int = 0) -> list[int]:
+    return [probe_seed(run_seed, step, p, client) for p in range(q)]
 
 
 @dataclass(frozen=True)
@@ -100,15 +106,24 @@ def projected_gradients(
 
 
 def final_pass(
-    seeds: Sequence[int], mu: float, estimator: str, lr: float, grads: Sequence[float] | None
+    seeds: Sequence[int],
+    mu: float,
+    estimator: str,
+    lr: float,
+    grads: Sequence[float] | None,
+    restore: bool = True,
+    share: int = 1,
 ) -> tuple[list[int], list[float]]:
-    """The pass that ends a step: undo the last perturbation and, unless grads is None (a skipped
-    step), apply -lr/Q * g_q z_q for every probe. Terms of the same seed are merged."""
-    last = seeds[-1]
-    terms = {last: mu if pass_kind(estimator) == "central" else -mu}
+    """The pass that ends a step: undo the last perturbation (unless `restore` is False: scratch
+    probes leave nothing to undo) and, unless grads is None (a skipped step), apply
+    -lr/(share Q) * g_q z_q for every probe (share: the clients whose probes make up one update,
+    hosl.clients). Terms of the same seed are merged."""
+    terms: dict[int, float] = {}
+    if restore:
+        terms[seeds[-1]] = mu if pass_kind(estimator) == "central" else -mu
     if grads is not None:
         for s, g in zip(seeds, grads):
-            terms[s] = terms.get(s, 0.0) - lr * g / len(seeds)
+            terms[s] = terms.get(s, 0.0) - lr * g / (len(seeds) * share)
     return list(terms), list(terms.values())
 
 
@@ -159,10 +174,15 @@ class ZOParams:
         named_params: Sequence[tuple[str, torch.nn.Parameter]],
         offset: int = 0,
         row_sparse: Sequence[str] = (),
+        probes: str = "inplace",
     ):
+        if probes not in PROBE_WRITES:
+            raise ValueError(f"probes must be one of {PROBE_WRITES}, got {probes!r}")
         self.names = [n for n, _ in named_params]
         self.flat = FlatParams([p for _, p in named_params])
         self.offset = offset
+        self.probes = probes
+        self._scratch: _ScratchProbes | None = None
         by_id = {id(p): n for n, p in named_params}
         self._decay = [(start, p.numel()) for p, start in zip(self.flat.params, self.flat.offsets) if decayed(p)]
         unknown = sorted(set(row_sparse) - set(self.names))
@@ -216,12 +236,133 @@ class ZOParams:
         for start, n in self._decay:
             buf[start : start + n].mul_(factor)
 
-    def end_step(self, seeds, mu, estimator, lr, weight_decay, grads, rows=None) -> None:
+    def end_step(self, seeds, mu, estimator, lr, weight_decay, grads, rows=None, share: int = 1) -> None:
         """The final pass, then weight decay (skipped steps get neither update nor decay). Decay is
         dense: it adds no noise, and decays every row as a first-order optimiser's would."""
-        self.add_(*final_pass(seeds, mu, estimator, lr, grads), rows=rows)
+        self.update_(seeds, mu, estimator, lr, grads, rows, share, restore=self.probes == "inplace")
         if grads is not None and weight_decay:
             self.decay_(1.0 - lr * weight_decay)
+
+    def update_(self, seeds, mu, estimator, lr, grads, rows=None, share: int = 1, restore: bool = False) -> None:
+        """The update pass alone (with the restore of an in-place last probe when `restore`)."""
+        terms = final_pass(seeds, mu, estimator, lr, grads, restore=restore, share=share)
+        if terms[0]:
+            self.add_(*terms, rows=rows)
+
+    # -- scratch probes ------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> None:
+        """Scratch probes on `model`, whose parameters this buffer holds: see _ScratchProbes."""
+        if self.probes != "scratch":
+            raise ValueError("attach is for a buffer built with probes='scratch'")
+        self._scratch = _ScratchProbes(self, model)
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float, rows: Sequence | None = None) -> Iterator[None]:
+        """Within the context, the attached model's forward sees w + scale * z(seed) (on `rows` of
+        the row-sparse tables, as add_ takes them), and the persistent weights stay w."""
+        if self._scratch is None:
+            raise RuntimeError("scratch probes need the model attached (ZOParams.attach)")
+        with self._scratch.probe(seed, scale, rows):
+            yield
+
+
+class _ScratchProbes:
+    """Probes that never write into the weights that persist. During a probe forward, each module
+    that owns parameters of the buffer saves them (on a row-sparse table: the step's rows) into a
+    scratch copy just before it runs, adds the probe's noise in place, runs, and copies them back:
+    the restore is a copy, exact in any dtype, and the extra memory is one module's weights at a
+    time. The noise of each element is the one a whole-buffer pass gives it (same seed, same
+    position), so w + mu z is the same value either way; -mu z is formed from w, not from w + mu z.
+
+    A module called twice in one forward (micro-batches, a shared layer) is perturbed and restored
+    on each call. Every module holding buffer weights must run in a probe forward: a parameter read
+    outside its module's forward would see no noise, and the probe raises RuntimeError naming it.
+    """
+
+    def __init__(self, params: ZOParams, model: torch.nn.Module):
+        self.params = params
+        buf = params.flat.flat
+        base, size = buf.data_ptr(), buf.element_size()
+        tables = {start: i for i, (start, _, _) in enumerate(params.tables)}
+        covered: set[int] = set()
+        self.owners: list[tuple[str, list[tuple[int, int, int | None]]]] = []
+        for name, module in model.named_modules():
+            own = []
+            for p in module.parameters(recurse=False):
+                ptr = p.data_ptr()
+                if p.numel() == 0 or not base <= ptr < base + buf.numel() * size:
+                    continue
+                start = (ptr - base) // size
+                own.append((start, start + p.numel(), tables.get(start)))
+                covered.add(start)
+            if own:
+                index = len(self.owners)
+                self.owners.append((name or "the model", own))
+                module.register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
+                module.register_forward_hook(lambda _m, _a, _o, i=index: self._leave(i))
+        missing = [
+            tuple(p.shape) for p, s in zip(params.flat.params, params.flat.offsets) if p.numel() and s not in covered
+        ]
+        if missing:
+            raise ValueError(f"scratch probes: no module of the model holds the ZO parameter of shape {missing[0]}")
+        self.active: tuple[int, float, Sequence | None] | None = None
+        self.saved: dict[int, list[list[torch.Tensor]]] = {}
+        self.calls: list[int] = []
+
+    @contextlib.contextmanager
+    def probe(self, seed: int, scale: float, rows):
+        if self.active is not None:
+            raise RuntimeError("a scratch probe is already active")
+        self.active, self.calls = (seed, scale, rows), [0] * len(self.owners)
+        try:
+            yield
+        finally:
+            self.active = None
+            leftover = [i for i, stack in self.saved.items() if stack]
+            for i in leftover:  # a forward that raised inside a module: put its weights back
+                while self.saved[i]:
+                    self._restore(i, self.saved[i].pop())
+        unread = [name for (name, _), n in zip(self.owners, self.calls) if n == 0]
+        if unread:
+            raise RuntimeError(f"scratch probes: {unread[0]} holds ZO weights but did not run in the probe's forward")
+
+    def _views(self, i: int):
+        buf, rows = self.params.flat.flat, self.active[2]
+        for start, end, table in self.owners[i][1]:
+            view = buf[start:end]
+            if table is not None and rows is not None and rows[table] is not None:
+                _, n, width = self.params.tables[table]
+                yield start, view.view(n, width), rows[table].to(view.device)
+            else:
+                yield start, view, None
+
+    def _enter(self, i: int) -> None:
+        if self.active is None:
+            return
+        seed, scale, _ = self.active
+        offset = self.params.offset
+        saved = []
+        for start, view, picked in self._views(i):
+            if picked is None:
+                saved.append(view.clone())
+                noise.add_(view, [seed], [scale], offset=offset + start)
+            else:
+                saved.append(view.index_select(0, picked))
+                noise.add_rows_(view, picked, [seed], [scale], offset=offset + start)
+        self.saved.setdefault(i, []).append(saved)
+        self.calls[i] += 1
+
+    def _leave(self, i: int) -> None:
+        if self.active is None:
+            return
+        self._restore(i, self.saved[i].pop())
+
+    def _restore(self, i: int, saved: list[torch.Tensor]) -> None:
+        for (_, view, picked), old in zip(self._views(i), saved):
+            if picked is None:
+                view.copy_(old)
+            else:
+                view.index_copy_(0, picked, old)
 
 
 def encode_rows(rows: Sequence) -> list[list[int] | None]:

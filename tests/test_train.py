@@ -315,10 +315,12 @@ def test_fo_split_equals_fo_full(tmp_path):
     assert a["bytes_down"] > 0 and b["bytes_up"] == 0
 
 
-def test_zo_split_equals_zo_full(tmp_path):
-    """MeZO over the split (server noise continuing at the client's offset) equals MeZO on the model."""
-    run(cfg_for(tmp_path, "zo", method="zo", client_lr=2e-4))
-    run(cfg_for(tmp_path, "full", method="zo-full", client_lr=2e-4))
+@pytest.mark.parametrize("probes", ["inplace", "scratch"])
+def test_zo_split_equals_zo_full(tmp_path, probes):
+    """MeZO over the split (server noise continuing at the client's offset) equals MeZO on the model,
+    with probes in place or in scratch copies (there on every module of both sides and of the model)."""
+    run(cfg_for(tmp_path, "zo", method="zo", client_lr=2e-4, zo_probes=probes))
+    run(cfg_for(tmp_path, "full", method="zo-full", client_lr=2e-4, zo_probes=probes))
     assert losses(tmp_path / "zo") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
     split, full = weights(tmp_path / "zo"), weights(tmp_path / "full")
     torch.testing.assert_close(
@@ -368,8 +370,21 @@ def test_streaming_equals_synchronous(tmp_path):
         {"compression": "int8"},
         {"zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2},
         {"zo_estimator": "cut-grad", "q": 2, "weight_decay": 0.1, "compression": "fp16"},
+        {"zo_probes": "scratch", "q": 2},
+        {"zo_probes": "scratch", "zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2, "client_micro_batch": 3},
+        {"zo_probes": "scratch", "lora_r": 2, "client_lr": 1e-3},
     ],
-    ids=["server-grad-probe", "forward-estimator", "sgd-momentum-decay", "int8-link", "cut-grad", "cut-grad-fp16"],
+    ids=[
+        "server-grad-probe",
+        "forward-estimator",
+        "sgd-momentum-decay",
+        "int8-link",
+        "cut-grad",
+        "cut-grad-fp16",
+        "scratch",
+        "scratch-cut-grad-micro",
+        "scratch-lora",
+    ],  # fmt: skip
 )
 def test_variants_run_and_replay(tmp_path, overrides):
     """Each variant trains, and the client's weights replay bit for bit from the ZO log."""

@@ -175,3 +175,118 @@ def test_cut_grad_projection_is_the_loss_difference_to_first_order():
     for a, b in zip(cut, central):
         assert abs(a - b) <= 0.02 * abs(b) + 2e-3, (cut, central)
     assert max(abs(b) for b in central) > 0.05
+
+
+# -- scratch probes ---------------------------------------------------------------------------------
+
+
+def _client_of(family, k=2, row_sparse=True, probes="scratch"):
+    from _tiny_models import model
+
+    from hosl.rows import embedding_tables
+    from hosl.split import split_model
+
+    client, _ = split_model(model(family), k)
+    named = [(n, p) for n, p in client.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.requires_grad_(False)
+    tables = set(embedding_tables(client)) if row_sparse else set()
+    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes=probes)
+    if probes == "scratch":
+        params.attach(client)
+    return client, params
+
+
+def _hidden(client, ids, mask):
+    with torch.no_grad():
+        return client(input_ids=ids, attention_mask=mask).hidden
+
+
+FAMILIES_SAMPLE = ["opt", "gpt2", "llama", "gemma2", "phi"]
+
+
+@pytest.mark.parametrize("family", FAMILIES_SAMPLE)
+def test_a_scratch_probe_sees_the_perturbed_weights_and_leaves_w_exactly(family):
+    """Under a scratch probe the forward is the forward of weights that a whole-buffer pass set to
+    w + c z (bit for bit, +mu and -mu, on the batch's rows of the token table), and afterwards the
+    weights are w, bit for bit. The reference moves a second copy's weights with add_ passes."""
+    from _tiny_models import batch
+
+    ids, mask, _ = batch()
+    client, params = _client_of(family)
+    ref_client, ref = _client_of(family, probes="inplace")
+    rows = [torch.unique(ids)] + [None] * (len(params.tables) - 1)
+    w0 = params.flat.flat.clone()
+    seed, mu = zo.probe_seed(3, 1, 0), 1e-3
+    for scale in (mu, -mu):
+        with params.perturbed(seed, scale, rows):
+            probe = _hidden(client, ids, mask)
+        assert torch.equal(params.flat.flat, w0)
+        ref.flat.flat.copy_(w0)
+        ref.add_([seed], [scale], rows=rows)
+        assert torch.equal(probe, _hidden(ref_client, ids, mask))
+        assert not torch.equal(probe, _hidden(client, ids, mask))  # the probe did move the output
+
+
+def test_scratch_probes_leave_untouched_rows_alone_and_restore_after_a_failed_forward():
+    client, params = _client_of("llama")
+    w0 = params.flat.flat.clone()
+    calls = []
+
+    def boom(module, args, output):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    handle = client.stack.layers[1].mlp.down_proj.register_forward_hook(boom)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RuntimeError, match="boom"):
+        with params.perturbed(11, 1e-2, [torch.tensor([5, 6, 7])]):
+            _hidden(client, ids, torch.ones_like(ids))
+    handle.remove()
+    assert calls and torch.equal(params.flat.flat, w0)
+
+
+def test_scratch_probes_refuse_weights_their_modules_do_not_read():
+    """A ZO parameter read outside its module's forward would see no noise: the probe says so."""
+
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 3)
+            self.free = torch.nn.Linear(3, 3)  # its weight is read, its forward never runs
+
+        def forward(self, x):
+            return self.inner(x) @ self.free.weight
+
+    m = Reads()
+    params = zo.ZOParams(list(m.named_parameters()), probes="scratch")
+    params.attach(m)
+    with pytest.raises(RuntimeError, match="free holds ZO weights but did not run"):
+        with params.perturbed(1, 1e-3):
+            m(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="no module of the model holds"):
+        zo.ZOParams([("w", torch.nn.Parameter(torch.ones(3)))], probes="scratch").attach(m)
+
+
+@pytest.mark.parametrize("estimator", ["central", "forward"])
+def test_a_scratch_step_is_the_update_alone(estimator):
+    """With scratch probes a step's end is one pass, the update: the weights are w0 - lr/Q sum g z
+    after the plan's probes, to float32 rounding, with no probe residue in them."""
+    from types import SimpleNamespace
+
+    from hosl.plan import StepPlan
+
+    m = torch.nn.Linear(5, 4)
+    named = list(m.named_parameters())
+    params = zo.ZOParams(named, probes="scratch")
+    params.attach(m)
+    w0 = params.flat.flat.clone()
+    cfg = SimpleNamespace(method="zo-full", q=2, mu=1e-3, seed=4, zo_estimator=estimator, server_grad="clean")
+    plan = StepPlan.of(cfg)
+    for _ in plan.probes(params, 7):
+        m(torch.ones(2, 5))
+        assert torch.equal(params.flat.flat, w0)
+    grads = [0.5, -1.5]
+    params.end_step(plan.seeds(7), cfg.mu, estimator, 0.1, 0.0, grads)
+    expected = _expected_update(w0, plan.seeds(7), grads, 0.1, 0.0, [])
+    torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=1e-7)
