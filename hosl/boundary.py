@@ -20,7 +20,8 @@ Header, HEADER_BYTES = 48 bytes:
     offset  size  field          value
     0       4     magic          b"HOSL"
     4       2     version        u16, VERSION = 1
-    6       1     kind           u8, a Kind: HELLO 1, BATCH 2, ACT 3, LOSS 4, GRAD 5, CONTROL 6, ERROR 7, SCORES 8
+    6       1     kind           u8, a Kind: HELLO 1, BATCH 2, ACT 3, LOSS 4, GRAD 5, CONTROL 6, ERROR 7, SCORES 8,
+                                 REPORT 9, ROUND 10
     7       1     sign           i8, -1, 0 or +1
     8       4     flags          u32, 0 (reserved: a version-1 reader rejects anything else)
     12      4     client_id      u32
@@ -169,6 +170,8 @@ class Kind(enum.IntEnum):
     CONTROL = 6  # checkpoint, stop
     ERROR = 7
     SCORES = 8  # an evaluation batch's rank-classification scores
+    REPORT = 9  # a client's projected gradients and rows for a round (hosl.clients)
+    ROUND = 10  # the round's list of (client, g, rows), to every client (hosl.clients)
 
 
 class FrameError(ValueError):

@@ -116,13 +116,14 @@ class TrainConfig:
             choices=("rows", "all"),
         ),
     )
-    zo_probes: str = field(
-        default="inplace",
+    zo_probes: str | None = field(
+        default=None,
         metadata=_help(
             "inplace: a probe writes w + mu z into the weights and the next pass undoes it (float32 rounding "
             "stays behind); scratch: each module's weights are perturbed in a scratch copy just before it runs "
-            "and copied back, so the weights stay w exactly (needed by --clients > 1)",
+            "and copied back, so the weights stay w exactly (what many clients need)",
             choices=("inplace", "scratch"),
+            default_text="inplace for one client, scratch for --clients > 1",
         ),
     )
     client_micro_batch: int = field(
@@ -196,6 +197,29 @@ class TrainConfig:
     out: str | None = field(default=None, metadata=_help("run directory (default: runs/<method>-<task>-<time>)"))
     resume: str | None = field(default=None, metadata=_help("continue the run in this directory from its checkpoint"))
 
+    # -- many clients ------------------------------------------------------------------------------------
+    clients: int = field(
+        default=1,
+        metadata=_help(
+            "edge clients sharing one client model, each with its own shard of the training data "
+            "(split-federated HOSL, hosl.clients; --steps counts rounds)"
+        ),
+    )
+    clients_per_round: int | None = field(
+        default=None, metadata=_help("clients sampled per round (seeded)", default_text="--clients")
+    )
+    partition: str = field(
+        default="iid",
+        metadata=_help(
+            "how the training examples are shared out among the clients: iid, or dirichlet (label skew, --alpha)",
+            choices=("iid", "dirichlet"),
+        ),
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata=_help("concentration of --partition dirichlet: small values give each client few labels"),
+    )
+
     # -- transport and device ----------------------------------------------------------------------------
     transport: str = field(
         default="local",
@@ -229,6 +253,10 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.q is None:
             self.q = Q_DEFAULTS.get(self.zo_estimator, 1)
+        if self.clients_per_round is None:
+            self.clients_per_round = self.clients
+        if self.zo_probes is None:
+            self.zo_probes = "scratch" if self.clients > 1 else "inplace"
         for name in ("client_lora_r", "server_lora_r"):
             if getattr(self, name) is None:
                 setattr(self, name, self.lora_r)
@@ -263,6 +291,16 @@ class TrainConfig:
         for name in ("train_examples", "eval_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.clients < 1:
+            raise ValueError(f"--clients must be >= 1, got {self.clients}")
+        if not 1 <= self.clients_per_round <= self.clients:
+            raise ValueError(
+                f"--clients-per-round must be in [1, --clients {self.clients}], got {self.clients_per_round}"
+            )
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha}")
+        if self.clients > 1:
+            self._check_many_clients()
         if not 1 <= self.q <= 64:
             raise ValueError(f"--q must be in [1, 64], got {self.q}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
@@ -296,6 +334,21 @@ class TrainConfig:
         if self.transport == "dist" and not method_of(self.method).split:
             raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
 
+    def _check_many_clients(self) -> None:
+        method = method_of(self.method)
+        what = f"--clients {self.clients}"
+        if not method.hybrid:
+            hybrid = " or ".join(n for n, m in METHODS.items() if m.hybrid)
+            raise ValueError(f"{what} needs --method {hybrid} (ZO clients kept in sync by seeds), got {self.method}")
+        if self.zo_probes != "scratch":
+            raise ValueError(
+                f"{what} needs --zo-probes scratch: in-place probes leave each client its own rounding residue"
+            )
+        if self.save_every or self.resume:
+            raise ValueError(f"{what}: checkpoints and --resume are for one client so far; drop --save-every")
+        if self.transport != "local":
+            raise ValueError(f"{what} runs with --transport local so far")
+
     def _check_used(self) -> None:
         """ValueError for an option the method does not read, set to anything but what it resolves
         to by default (a saved config holds the resolved defaults, and loads)."""
@@ -316,6 +369,9 @@ class TrainConfig:
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
             "server_batch_probes": not method.hybrid or self.zo_estimator in LOCAL_ESTIMATORS,
+            "clients_per_round": self.clients == 1,
+            "partition": self.clients == 1,
+            "alpha": self.clients == 1 or self.partition != "dirichlet",
         }
         for name in (n for n, unused in ignored.items() if unused):
             value, default = getattr(self, name), self._default(name)
@@ -327,15 +383,26 @@ class TrainConfig:
                     )
                 if name == "momentum" and fo_side:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
+                if name in ("clients_per_round", "partition"):
+                    raise ValueError(f"{given} needs --clients > 1 (this run has one client)")
+                if name == "alpha":
+                    raise ValueError(
+                        f"{given} needs --partition dirichlet" + (" and --clients > 1" * (self.clients == 1))
+                    )
                 raise ValueError(f"{given} is not used by --method {self.method} ({method.blurb}): drop it")
 
     def _default(self, name: str):
         """What a field becomes when it is not given, for this config's method."""
+        if name == "clients_per_round":
+            return self.clients
+        if name == "zo_probes":
+            return "scratch" if self.clients > 1 else "inplace"
         by_method = METHOD_DEFAULTS[self.method]
         if name in by_method:
             return by_method[name]
         if name == "q":
             return Q_DEFAULTS[by_method["zo_estimator"]]
+
         return next(f.default for f in dataclasses.fields(self) if f.name == name)
 
     def to_json(self) -> str:
@@ -454,6 +521,7 @@ SECTIONS = {
     "evaluation, logs and checkpoints": [
         "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
+    "many clients": ["clients", "clients_per_round", "partition", "alpha"],
     "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
 }  # fmt: skip
 

@@ -47,6 +47,17 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
         pass
     for record in log:
         step = record["step"]
+        if "clients" in record:  # a round of many clients (hosl.clients): its update alone
+            if not record["skipped"]:
+                from hosl.clients import apply_round
+
+                per_client = record.get("rows") or [None] * len(record["clients"])
+                entries = [
+                    (c, g, None if r is None else zo.decode_rows(r))
+                    for c, g, r in zip(record["clients"], record["grads"], per_client)
+                ]
+                apply_round(params, plan, step, entries, record["lr"], cfg.weight_decay)
+            continue
         rows = zo.decode_rows(record["rows"]) if "rows" in record else None
         if params.probes == "inplace":  # scratch probes left no trace in the weights: the update alone
             for _ in plan.probes(params, step, rows):

@@ -75,6 +75,7 @@ class StepStats:
     skipped: bool
     grads: list[float] | None = None  # the projected gradients (ZO clients)
     rows: list[list[int]] | None = None  # the row-sparse tables' rows, zo.encode_rows (ZO clients)
+    clients: list[int] | None = None  # a round of many clients (hosl.clients): grads and rows are per client
 
 
 def _scalar(t: torch.Tensor) -> float:
@@ -91,11 +92,12 @@ class SplitClient:
 
     split_client = True  # its checkpoints have a server half (hosl.checkpoint.save_run)
 
-    def __init__(self, cfg: TrainConfig, model: ClientModel, link: Link):
+    def __init__(self, cfg: TrainConfig, model: ClientModel, link: Link, client_id: int = 0):
         self.cfg = cfg
         self.plan = StepPlan.of(cfg)
         self.model = model
         self.link = link
+        self.client_id = client_id  # its probe seeds (hosl.clients: each client of a round has its own)
         link.max_frame_bytes = frame_bytes_limit(cfg, model.stack.config.hidden_size)
         self.device = device_of(model)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -181,12 +183,14 @@ class SplitClient:
         return _scalar(frame.tensors["loss"]), frame.tensors.get("grad"), frame.meta
 
     # -- training --------------------------------------------------------------------------------
-    def train_step(self, step: int, batch) -> StepStats:
+    def train_step(self, step: int, batch, report: bool = False) -> StepStats:
+        """One step. report: send the projected gradients and rows to the server in a REPORT frame
+        instead of updating (a round of hosl.clients; its ROUND frame brings the update)."""
         if self.zo is None:
             return self._fo_step(step, batch)
-        return self._zo_step(step, batch)
+        return self._zo_step(step, batch, report)
 
-    def _zo_step(self, step: int, batch) -> StepStats:
+    def _zo_step(self, step: int, batch, report: bool = False) -> StepStats:
         """The plan's forwards: each upload is sent without waiting (streaming) and its answer read
         when the update needs it; a local probe pair (cut-grad) is projected on the server's dL/dh."""
         cfg, plan = self.cfg, self.plan
@@ -219,7 +223,7 @@ class SplitClient:
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
-            for forward in plan.probes(self.zo, step, rows):
+            for forward in plan.probes(self.zo, step, rows, self.client_id):
                 hidden = self._forward(batch)
                 if forward.upload:
                     client_s += time.perf_counter() - t
@@ -239,17 +243,35 @@ class SplitClient:
             drain()
             t = time.perf_counter()
             if plan.local_probes:
-                skipped = plan.end(self.zo, step, grads, self.lr(step), cfg.weight_decay, rows, [clean])
+                extra = [clean]
             else:
                 clean = losses.pop((0, 0), None)
-                lr = self.lr(step)
-                grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
+                grads = zo.projected_gradients(losses, plan.q, cfg.mu, plan.estimator, clean)
+                extra = [*losses.values(), *(() if clean is None else (clean,))]
+            loss = clean if clean is not None else sum(losses.values()) / len(losses)
+            if report:
+                self._report(step, grads, rows, loss)
+                skipped = not zo.finite([*grads, *extra])
+            else:
+                skipped = plan.end(self.zo, step, grads, self.lr(step), cfg.weight_decay, rows, extra)
             client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(server_meta.get("server_s", 0.0))
-        loss = clean if clean is not None else sum(losses.values()) / len(losses)
         encoded = zo.encode_rows(rows) if rows is not None else None
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
+
+    def _report(self, step: int, grads, rows, loss: float) -> None:
+        """REPORT: this client's g (float64, exact) and the rows its tables used (hosl.clients)."""
+        tensors = {
+            "grads": torch.tensor(grads, dtype=torch.float64),
+            "loss": torch.tensor([loss], dtype=torch.float64),
+        }
+        if rows is not None:
+            tensors["row_counts"] = torch.tensor([-1 if r is None else len(r) for r in rows], dtype=torch.int64)
+            tensors["rows"] = torch.cat([torch.zeros(0, dtype=torch.int32)] + [r.int() for r in rows if r is not None])
+        sent = self.link.bytes_sent
+        self.link.send(Frame(Kind.REPORT, step=step, tensors=tensors))
+        self.report_bytes = self.link.bytes_sent - sent
 
     def _fo_step(self, step: int, batch) -> StepStats:
         start = time.perf_counter()
@@ -360,6 +382,12 @@ class SplitServer:
         """Each upload of the plan in order: the forward (with the gradient where the plan takes
         it), the answer; then this side's update. A ZO server applies the plan's noise pass before
         each probe's forward, as the client did to its own weights."""
+        losses = self._answer_step(batch)
+        self._update(batch.step, losses, zo.finite(losses.values()))
+
+    def _answer_step(self, batch: Frame) -> dict[tuple[int, int], float]:
+        """A step's uploads, answered; the gradient accumulated where the plan takes it. Returns
+        the losses by (probe, sign)."""
         cfg, plan, step = self.cfg, self.plan, batch.step
         compute = self._update_s  # the previous step's update ran after its answers went out
         uploads = plan.uploads
@@ -409,13 +437,26 @@ class SplitServer:
                         Kind.LOSS, step=step, probe=forward.probe, sign=forward.sign, tensors={"loss": loss}, meta=meta
                     )
                 )
+        return losses
+
+    def _update(self, step: int, losses: dict, finite: bool, share: int = 1) -> None:
+        """This side's step: ZO from the step's losses (the client computes the same g), or the
+        optimiser on the accumulated gradient divided by `share` (the clients of a round), skipped
+        unless `finite`."""
+        cfg, plan = self.cfg, self.plan
         t = time.perf_counter()
         lr = self.rate * lr_factor(cfg, step)
-        if self.zo is not None:  # the client computes the same g from the same losses
+        if self.zo is not None:
+            losses = dict(losses)
             clean = losses.pop((0, 0), None)
             _, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay)
         else:
-            skipped = fo_update(self.optimizer, lr, zo.finite(losses.values()), "server", step)
+            if share > 1:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(share)
+            skipped = fo_update(self.optimizer, lr, finite, "server", step)
         self.skipped += skipped
         self._skips(skipped, step)
         self.steps_done = step + 1

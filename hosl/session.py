@@ -22,18 +22,21 @@ from hosl.split import ClientModel, ServerModel
 from hosl.transport import LinkError, PeerError, local_links
 
 
-def local_links_for(cfg: TrainConfig, hidden_size: int):
+def local_links_for(cfg: TrainConfig, hidden_size: int, client_id: int = 0):
     """The two ends of a local link for cfg's sessions: up slots hold the largest frame the session
-    sends, and the down ring holds a whole step's answers, so the server never blocks on them."""
+    sends, and the down ring holds a whole step's answers (and a round's ROUND frame, with every
+    sampled client's rows), so the server never blocks on them."""
     plan = StepPlan.of(cfg)
     act_bytes = frame_bytes_limit(cfg, hidden_size)
+    round_bytes = cfg.clients_per_round * (cfg.batch_size * cfg.max_length + cfg.q + 64) * 8 + (1 << 12)
     return local_links(
         slots=8,
         slot_bytes=act_bytes,
-        down_slots=len(plan.uploads) + 2,
-        down_slot_bytes=act_bytes if plan.answers_with_grad else 1 << 16,
+        down_slots=len(plan.uploads) + 3,
+        down_slot_bytes=max(act_bytes if plan.answers_with_grad else 1 << 16, round_bytes),
         timeout=cfg.timeout,
         compression=cfg.compression,
+        client_id=client_id,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -55,13 +56,19 @@ class Batches:
     """The training batch of every step: a fresh seeded permutation per epoch, so the batch of step t
     depends only on (seed, t) and a resumed run sees the same data as an uninterrupted one."""
 
-    def __init__(self, examples, tokenizer, cfg: TrainConfig):
+    def __init__(self, examples, tokenizer, cfg: TrainConfig, stream: int = 0):
         self.examples, self.tokenizer, self.cfg = examples, tokenizer, cfg
+        self.stream = stream  # a client of a many-client run walks its shard in its own order
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            seed = self.cfg.seed * 1_000_003 + epoch
+            if self.stream:
+                seed = int.from_bytes(
+                    hashlib.blake2b(f"hosl:data:{seed}:{self.stream}".encode(), digest_size=7).digest()
+                )
+            g = torch.Generator().manual_seed(seed)
             self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
         return self._perms[epoch]
 
@@ -203,10 +210,19 @@ def _kept_lines(path: Path, step: int) -> list[str] | None:
 
 
 def train(
-    cfg: TrainConfig, trainer, tokenizer, train_examples, eval_examples, run_dir: Path, link=None, resume=None
+    cfg: TrainConfig,
+    trainer,
+    tokenizer,
+    train_examples,
+    eval_examples,
+    run_dir: Path,
+    link=None,
+    resume=None,
+    batches=None,
 ) -> dict:
     """The loop: steps, logging, evaluation, checkpoints; returns the summary. resume: the verified
-    checkpoint (hosl.checkpoint.ResumePoint) to continue from."""
+    checkpoint (hosl.checkpoint.ResumePoint) to continue from. batches: the batch of each step
+    (default: Batches over train_examples)."""
     start_step = 0
     state = {"best_eval_accuracy": None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
     if resume is not None:
@@ -217,7 +233,7 @@ def train(
         for name, keep in logs.items():
             if keep is not None:
                 (run_dir / name).write_text("".join(line + "\n" for line in keep))
-    batches = Batches(train_examples, tokenizer, cfg)
+    batches = batches or Batches(train_examples, tokenizer, cfg)
     writer = _Writer(run_dir, cfg.steps, start_step, cfg.report_to)
     zo_log = open(run_dir / "zo_log.jsonl", "a") if trainer.zo is not None else None
     wall_start = time.perf_counter() - state["wall_seconds"]
@@ -227,7 +243,7 @@ def train(
         return [before[0] + (link.bytes_sent if link else 0), before[1] + (link.bytes_received if link else 0)]
 
     final_accuracy = None
-    skips = SkipCounter(cfg.max_skipped, "client" if isinstance(trainer, SplitClient) else "model")
+    skips = SkipCounter(cfg.max_skipped, "client" if trainer.split_client else "model")
     train_s = 0.0  # training steps only: no evaluation, checkpoint or log writing
     try:
         for step in range(start_step, cfg.steps):
@@ -240,6 +256,8 @@ def train(
                 record = {"step": step, "lr": lr, "grads": stats.grads, "skipped": stats.skipped}
                 if stats.rows is not None:
                     record["rows"] = stats.rows
+                if stats.clients is not None:  # a round of many clients: grads and rows per client
+                    record["clients"] = stats.clients
                 zo_log.write(json.dumps(record) + "\n")
                 zo_log.flush()  # a killed run's log covers every step it finished
             skips(stats.skipped, step)  # after the log line: the log covers the step that stops the run
@@ -404,17 +422,55 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
     del model
+    if cfg.clients > 1:
+        return _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes)
     with local_session(cfg, client_model, server_model, run_dir) as client:
         result, server_files = _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point)
     summary = _summary(cfg, result, _side_params(sizes), device)
     return _finish(run_dir, summary, server_files)
 
 
-def _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point) -> tuple[dict, dict]:
+def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes) -> dict:
+    """--clients N > 1 in one process (hosl.clients): the lead client runs the loop, the others and
+    the server run on threads; at the end every client's weights are compared with the lead's."""
+    from hosl import clients as many
+
+    device = next(client_model.parameters()).device
+    shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    streams = [Batches([train_examples[i] for i in s], tokenizer, cfg, stream=c) for c, s in enumerate(shards)]
+    schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+
+    def lead_batches(rnd):
+        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
+
+    with many.local_rounds(cfg, client_model, server_model, streams, run_dir) as clients:
+        lead = clients[0]
+        result, server_files = _client_session(
+            cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=lead_batches
+        )
+    identical = all(torch.equal(c.zo.flat.flat, lead.zo.flat.flat) for c in clients)
+    if not identical:
+        raise RuntimeError("the clients' weights differ after the run (a bug: please report it)")
+    extra = {
+        "clients": cfg.clients,
+        "clients_per_round": cfg.clients_per_round,
+        "partition": cfg.partition,
+        "shard_examples": [len(s) for s in shards],
+        "clients_identical": identical,
+        "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
+        "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
+    }
+    summary = _summary(cfg, result, _side_params(sizes), device)
+    return _finish(run_dir, {**summary, **extra}, server_files)
+
+
+def _client_session(
+    cfg, client, tokenizer, train_examples, eval_examples, run_dir, point, batches=None
+) -> tuple[dict, dict]:
     """The client's whole session, over either transport: hello, training, the final weights of both
     sides, stop. Returns the training result and the server's final files with their digests."""
     client.hello()
-    result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point)
+    result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point, batches)
     checkpoint.save_final(run_dir, client)
     server_files = client.control("final")["files"]
     client.stop()

@@ -185,8 +185,8 @@ def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch,
     """The check above, with the sign of the ZO update flipped in zo.final_pass: the loss rises."""
     final_pass = zo.final_pass
 
-    def flipped(seeds, mu, estimator, lr, grads):
-        return final_pass(seeds, mu, estimator, lr, None if grads is None else [-g for g in grads])
+    def flipped(seeds, mu, estimator, lr, grads, **kw):
+        return final_pass(seeds, mu, estimator, lr, None if grads is None else [-g for g in grads], **kw)
 
     monkeypatch.setattr(zo, "final_pass", flipped)
     gain = _client_alone_gain(tmp_path, CLIENT_ALONE[name])

@@ -1,0 +1,398 @@
+"""Many edge clients, one server: split-federated HOSL (--clients N), every client holding the same
+client weights, bit for bit, with no weight ever crossing the network.
+
+All clients share one client model (the SFL setting); each has its own shard of the training data
+(`partition`). A round r:
+
+  1. The lead client (client 0: it also evaluates and asks for the final weights) opens the round
+     with CONTROL round.
+  2. The server serves the round's sampled clients (`Schedule.sampled`, seeded) in client order.
+     Each sends its BATCH and the step plan's uploads, all against the same server weights; the
+     server answers each as in a one-client step and accumulates its first-order gradient on each
+     clean upload, then takes the client's REPORT: its projected gradients g (float64) and the
+     rows its embedding tables used.
+  3. The server steps once on the mean of those gradients and sends ROUND to every client: the
+     sampled clients with their g and rows. Each client applies
+
+         w <- w - lr / (K Q) * sum_i sum_q g_iq z_iq          (K sampled clients, Q probes)
+
+     as one update pass per sampled client, in client order (client i's pass on its own rows of
+     the tables), then weight decay once. A round any of whose losses or g is not finite is
+     skipped on both sides.
+
+Why the clients agree exactly: with scratch probes (zo.PROBE_WRITES) a client's probes never write
+into its weights, so the only writes are the round's update passes, a pure function of the weights
+and the ROUND frame; the noise z is bit-identical on every backend. A client that was not sampled
+applies the same frame. Synchronisation is O(K Q) scalars per round (plus the row lists), whatever
+the model's size; `RoundClient.sync_bytes` counts it.
+
+Each client draws its probe seeds from (run seed, round, probe, client) and walks its own shard
+in a seeded order, one batch per round it is sampled in. Client 0's seeds and data order are a
+one-client run's, so --clients 1 is today's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from hosl import zo
+from hosl.boundary import Frame, Kind
+from hosl.config import TrainConfig
+from hosl.roles import SplitClient, SplitServer, StepStats
+from hosl.split import ClientModel, ServerModel
+from hosl.transport import Link, LinkError, PeerError
+
+
+class PartitionError(ValueError):
+    """A partition that leaves a client without training examples."""
+
+
+# -- data and sampling -------------------------------------------------------------------------------
+
+
+def partition(
+    labels: Sequence[int], n: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
+) -> list[list[int]]:
+    """The indices of each of n clients' training examples. iid: a seeded permutation dealt out in
+    turn. dirichlet: per label, proportions over the clients drawn from Dirichlet(alpha) and that
+    label's (shuffled) examples cut by them, as the federated-learning literature skews labels.
+    One client gets every example, in order. PartitionError when a client would get none."""
+    count = len(labels)
+    if n == 1:
+        return [list(range(count))]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    shards: list[list[int]] = [[] for _ in range(n)]
+    if scheme == "iid":
+        for i, index in enumerate(torch.randperm(count, generator=g).tolist()):
+            shards[i % n].append(index)
+    elif scheme == "dirichlet":
+        concentration = torch.full((n,), float(alpha), dtype=torch.float64)
+        for label in sorted(set(labels)):
+            members = [i for i, y in enumerate(labels) if y == label]
+            members = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+            gammas = torch._standard_gamma(concentration, generator=g)
+            cuts = (torch.cumsum(gammas / gammas.sum(), 0) * len(members)).round().long().tolist()
+            lo = 0
+            for i, hi in enumerate(cuts):
+                shards[i].extend(members[lo:hi])
+                lo = hi
+    else:
+        raise ValueError(f"partition must be iid or dirichlet, got {scheme!r}")
+    empty = [i for i, shard in enumerate(shards) if not shard]
+    if empty:
+        how = f"--partition {scheme}" + (f" --alpha {alpha:g}" if scheme == "dirichlet" else "")
+        raise PartitionError(
+            f"{how} leaves client {empty[0]} no training examples ({count} examples over {n} clients); "
+            "use more examples, fewer clients" + (" or a larger --alpha" if scheme == "dirichlet" else "")
+        )
+    return [sorted(shard) for shard in shards]
+
+
+class Schedule:
+    """Which clients each round samples, and how far into its shard each client is."""
+
+    def __init__(self, seed: int, clients: int, per_round: int):
+        self.seed, self.clients, self.per_round = seed, clients, per_round
+        self._sampled: dict[int, list[int]] = {}
+        self._taken: list[int] = [0] * clients  # rounds before _upto each client took part in
+        self._upto = 0
+
+    def sampled(self, rnd: int) -> list[int]:
+        """The clients of round `rnd`, in client order: all of them, or per_round drawn by a hash of
+        (seed, round, client), the same on every machine."""
+        if rnd not in self._sampled:
+            ids = list(range(self.clients))
+            if self.per_round < self.clients:
+
+                def key(i):
+                    return hashlib.blake2b(f"hosl:round:{self.seed}:{rnd}:{i}".encode(), digest_size=8).digest()
+
+                ids = sorted(sorted(ids, key=key)[: self.per_round])
+            self._sampled[rnd] = ids
+        return self._sampled[rnd]
+
+    def position(self, client: int, rnd: int) -> int:
+        """How many rounds before `rnd` the client took part in: the index of its batch at `rnd`."""
+        if rnd < self._upto:
+            return sum(client in self.sampled(r) for r in range(rnd))
+        for r in range(self._upto, rnd):
+            for i in self.sampled(r):
+                self._taken[i] += 1
+        self._upto = rnd
+        return self._taken[client]
+
+
+# -- the round's update ---------------------------------------------------------------------------------
+
+
+def round_frame(rnd: int, reports: list[tuple[int, Frame]], skipped: bool, q: int) -> Frame:
+    """ROUND: the sampled clients, their g (K x Q float64) and losses, their rows, and whether the
+    round is skipped."""
+    tensors = {
+        "clients": torch.tensor([c for c, _ in reports], dtype=torch.int64),
+        "grads": torch.stack([f.tensors["grads"] for _, f in reports]).reshape(len(reports), q),
+        "losses": torch.cat([f.tensors["loss"] for _, f in reports]),
+    }
+    if all("row_counts" in f.tensors for _, f in reports):
+        tensors["row_counts"] = torch.stack([f.tensors["row_counts"] for _, f in reports])
+        tensors["rows"] = torch.cat([f.tensors["rows"] for _, f in reports])
+    return Frame(Kind.ROUND, step=rnd, tensors=tensors, meta={"skipped": skipped})
+
+
+def round_entries(frame: Frame, clients: int, q: int) -> list[tuple[int, list[float], list | None]]:
+    """(client, g, rows) of each sampled client of a ROUND frame, checked: LinkError for a frame
+    that does not describe a round of this run."""
+    t = frame.tensors
+    ids, grads = t.get("clients"), t.get("grads")
+    if ids is None or grads is None or ids.dtype != torch.int64 or grads.dtype != torch.float64:
+        raise LinkError("a ROUND frame without int64 clients and float64 grads")
+    if ids.dim() != 1 or not 1 <= len(ids) <= clients or tuple(grads.shape) != (len(ids), q):
+        raise LinkError(f"a ROUND frame of {tuple(ids.shape)} clients and {tuple(grads.shape)} grads (Q = {q})")
+    if ids.tolist() != sorted(set(ids.tolist())) or not 0 <= int(ids.min()) <= int(ids.max()) < clients:
+        raise LinkError(f"a ROUND frame names clients {ids.tolist()} of a run of {clients}")
+    rows: list[list | None] = [None] * len(ids)
+    if "row_counts" in t:
+        counts, flat = t["row_counts"], t.get("rows")
+        if (
+            flat is None
+            or counts.dim() != 2
+            or counts.shape[0] != len(ids)
+            or flat.dim() != 1
+            or flat.is_floating_point()
+        ):
+            raise LinkError("a ROUND frame with row counts that do not match its rows")
+        if int(counts.clamp(min=0).sum()) != len(flat) or bool((counts < -1).any()):
+            raise LinkError("a ROUND frame with row counts that do not match its rows")
+        at = 0
+        for i, per_table in enumerate(counts.tolist()):
+            rows[i] = []
+            for n in per_table:
+                rows[i].append(None if n < 0 else flat[at : at + n].long())
+                at += max(n, 0)
+    return [(int(c), g, r) for c, g, r in zip(ids.tolist(), grads.tolist(), rows)]
+
+
+def apply_round(params: zo.ZOParams, plan, rnd: int, entries, lr: float, weight_decay: float) -> None:
+    """The round's update on a client's weights: one pass per sampled client, in client order, with
+    its seeds and g scaled by 1 / (K Q), on its rows; then weight decay once."""
+    for client, grads, rows in entries:
+        params.update_(plan.seeds(rnd, client), plan.mu, plan.estimator, lr, grads, rows, share=len(entries))
+    if weight_decay:
+        params.decay_(1.0 - lr * weight_decay)
+
+
+# -- the two roles -------------------------------------------------------------------------------------
+
+
+class RoundClient:
+    """One client of a many-client run: a SplitClient whose steps report to the server, and which
+    applies every round's update. The lead (client 0) has the trainer's interface (train_step,
+    scores, control, ...), so hosl.train's loop drives it."""
+
+    split_client = True
+
+    def __init__(self, cfg: TrainConfig, client: SplitClient, schedule: Schedule):
+        self.cfg, self.client, self.schedule = cfg, client, schedule
+        self.id = client.client_id
+        self.zo, self.rate, self.link, self.plan = client.zo, client.rate, client.link, client.plan
+        self.model = client.model
+        self.sync_bytes = [0, 0]  # REPORT frames sent, ROUND frames received
+
+    def lr(self, rnd: int) -> float:
+        return self.client.lr(rnd)
+
+    def hello(self) -> None:
+        self.client.hello()
+
+    def scores(self, step: int, batch) -> torch.Tensor:
+        return self.client.scores(step, batch)
+
+    def control(self, op: str, **meta) -> dict:
+        return self.client.control(op, **meta)
+
+    def stop(self) -> None:
+        self.client.stop()
+
+    def train_step(self, rnd: int, batch) -> StepStats:
+        """Round `rnd`: this client's step when it is sampled (batch: its batch, else unused), then
+        the round's update. The stats are the round's: its clients' g, rows and mean loss."""
+        start = time.perf_counter()
+        if self.id == 0:
+            self.link.send(Frame(Kind.CONTROL, step=rnd, meta={"op": "round"}))
+        own = None
+        if self.id in self.schedule.sampled(rnd):
+            own = self.client.train_step(rnd, batch, report=True)
+            self.sync_bytes[0] += self.client.report_bytes
+        received = self.link.bytes_received
+        frame = self.link.recv()
+        if frame.kind != Kind.ROUND or frame.step != rnd:
+            raise LinkError(f"expected the ROUND of round {rnd}, got {frame.kind.name} of step {frame.step}")
+        self.sync_bytes[1] += self.link.bytes_received - received
+        entries = round_entries(frame, self.cfg.clients, self.plan.q)
+        skipped = bool(frame.meta.get("skipped"))
+        t = time.perf_counter()
+        with torch.no_grad():
+            if not skipped:
+                apply_round(self.zo, self.plan, rnd, entries, self.lr(rnd), self.cfg.weight_decay)
+        update_s = time.perf_counter() - t
+        wall = time.perf_counter() - start
+        losses = frame.tensors["losses"].tolist()
+        client_s = (own.client_s if own else 0.0) + update_s
+        server_s = own.server_s if own else 0.0
+        return StepStats(
+            loss=sum(losses) / len(losses),
+            client_s=client_s,
+            server_s=server_s,
+            link_s=max(wall - client_s - server_s, 0.0),
+            skipped=skipped,
+            grads=[g for _, g, _ in entries],
+            rows=[zo.encode_rows(r) if r is not None else None for _, _, r in entries],
+            clients=[c for c, _, _ in entries],
+        )
+
+    def follow(self, batches: Callable[[int], dict], rounds: int) -> None:
+        """A client other than the lead: hello, then every round (its batch drawn only when sampled).
+        A failure here is sent to the server, which ends the run for every client."""
+        with self.link:
+            self.hello()
+            for rnd in range(rounds):
+                mine = self.id in self.schedule.sampled(rnd)
+                self.train_step(rnd, batches(self.schedule.position(self.id, rnd)) if mine else None)
+
+
+class RoundServer:
+    """The server of a many-client run: one SplitServer's model and optimiser, N links. It serves
+    the lead's frames between rounds (evaluation, CONTROL) and each round's sampled clients in
+    client order; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, server: SplitServer, links: Sequence[Link], schedule: Schedule):
+        self.cfg, self.server, self.links, self.schedule = cfg, server, list(links), schedule
+        for link in self.links[1:]:
+            link.max_frame_bytes = self.links[0].max_frame_bytes
+
+    def _recv(self, i: int) -> Frame:
+        frame = self.links[i].recv()
+        if frame.client_id != i:
+            raise LinkError(f"client {i}'s link carried a frame of client {frame.client_id}")
+        return frame
+
+    def serve(self) -> None:
+        """HELLO from every client, then the lead's frames and the rounds until the lead's stop. A
+        failure is sent to every client before it propagates."""
+        try:
+            for i in range(len(self.links)):
+                self.server.link = self.links[i]
+                frame = self._recv(i)
+                if frame.kind != Kind.HELLO:
+                    raise LinkError(f"client {i} opened with {frame.kind.name}, not HELLO")
+                self.server._hello(frame)
+            while True:
+                self.server.link = self.links[0]
+                frame = self._recv(0)
+                if frame.kind == Kind.CONTROL and frame.meta.get("op") == "round":
+                    self._round(frame.step)
+                elif frame.kind == Kind.BATCH and frame.meta.get("eval"):
+                    self.server._evaluate(frame)
+                elif frame.kind == Kind.CONTROL:
+                    if not self.server._control(frame):
+                        return
+                else:
+                    raise LinkError(f"the server got an unexpected {frame.kind.name} frame from the lead client")
+        except BaseException as exc:
+            for link in self.links:
+                link.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            for link in self.links:
+                link.close()
+
+    def _round(self, rnd: int) -> None:
+        q = self.server.plan.q
+        reports: list[tuple[int, Frame]] = []
+        finite = True
+        for i in self.schedule.sampled(rnd):
+            self.server.link = self.links[i]
+            batch = self._recv(i)
+            if batch.kind != Kind.BATCH or batch.meta.get("eval") or batch.step != rnd:
+                raise LinkError(f"expected client {i}'s BATCH of round {rnd}, got {batch.kind.name} of {batch.step}")
+            losses = self.server._answer_step(batch)
+            report = self._recv(i)
+            if report.kind != Kind.REPORT or report.step != rnd:
+                raise LinkError(f"expected client {i}'s REPORT of round {rnd}, got {report.kind.name}")
+            grads, loss = report.tensors.get("grads"), report.tensors.get("loss")
+            if grads is None or grads.dtype != torch.float64 or tuple(grads.shape) != (q,) or loss is None:
+                raise LinkError(f"client {i}'s REPORT of round {rnd} does not hold its {q} projected gradients")
+            finite = finite and zo.finite(losses.values()) and zo.finite([*grads.tolist(), *loss.tolist()])
+            reports.append((i, report))
+        self.server._update(rnd, {}, finite, share=len(reports))
+        frame = round_frame(rnd, reports, not finite, q)
+        for link in self.links:
+            link.send(frame)
+
+
+# -- one process: the clients as threads -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_rounds(
+    cfg: TrainConfig,
+    client_model: ClientModel,
+    server_model: ServerModel,
+    batches: Sequence[Callable[[int], dict]],
+    run_dir: Path | None = None,
+) -> Iterator[list[RoundClient]]:
+    """--clients N in one process: the server and clients 1..N-1 on threads, each client with its
+    own copy of the client model (as each device would hold one). Yields every client; the caller
+    drives the lead (the first), the others follow on their own. On leaving, every thread has
+    ended; the first failure of any side is raised in place of the others' reports of it."""
+    from hosl.session import local_links_for
+
+    hidden = client_model.stack.config.hidden_size
+    pairs = [local_links_for(cfg, hidden, client_id=i) for i in range(cfg.clients)]
+    schedule = Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+    server = SplitServer(cfg, server_model, pairs[0][1], run_dir)
+    round_server = RoundServer(cfg, server, [s for _, s in pairs], schedule)
+    models = [client_model] + [copy.deepcopy(client_model) for _ in range(cfg.clients - 1)]
+    clients = [
+        RoundClient(
+            cfg, SplitClient(cfg, m, link, client_id=i), Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+        )
+        for i, (m, (link, _)) in enumerate(zip(models, pairs))
+    ]
+    failures: list[tuple[int, BaseException]] = []  # (order, exception): who failed first
+
+    def guarded(name, fn, *args):
+        def body():
+            try:
+                fn(*args)
+            except BaseException as exc:
+                failures.append((0 if not isinstance(exc, LinkError) else 1, exc))
+
+        return threading.Thread(target=body, name=name, daemon=True)
+
+    threads = [guarded("hosl-server", round_server.serve)]
+    threads += [guarded(f"hosl-client-{c.id}", c.follow, batches[c.id], cfg.steps) for c in clients[1:]]
+    for thread in threads:
+        thread.start()
+    try:
+        with clients[0].link:
+            yield clients
+    except LinkError as exc:
+        if isinstance(exc, PeerError):
+            threads[0].join(timeout=cfg.timeout)
+        root = sorted(failures, key=lambda f: f[0])
+        if root and root[0][0] == 0:
+            raise root[0][1] from None
+        raise
+    for thread in threads:
+        thread.join(timeout=cfg.timeout)
+    if failures:
+        raise sorted(failures, key=lambda f: f[0])[0][1]
