@@ -422,12 +422,17 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     client_model, server_model = split_model(model, cfg.split_layer)
     sizes = split_summary(client_model, server_model)
     del model
-    if cfg.clients > 1:
+    if _rounds(cfg):
         return _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes)
     with local_session(cfg, client_model, server_model, run_dir) as client:
         result, server_files = _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point)
     summary = _summary(cfg, result, _side_params(sizes), device)
     return _finish(run_dir, summary, server_files)
+
+
+def _rounds(cfg: TrainConfig) -> bool:
+    """Whether the run goes by rounds of many clients (tests run one client through them too)."""
+    return cfg.clients > 1
 
 
 def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes) -> dict:

@@ -290,3 +290,27 @@ def test_a_scratch_step_is_the_update_alone(estimator):
     params.end_step(plan.seeds(7), cfg.mu, estimator, 0.1, 0.0, grads)
     expected = _expected_update(w0, plan.seeds(7), grads, 0.1, 0.0, [])
     torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=1e-7)
+
+
+def test_in_place_probes_leave_a_residue_that_depends_on_the_seed_and_scratch_probes_none():
+    """Why many clients probe in scratch copies: two copies of w probed in place with different
+    seeds (+mu, -2mu, +mu) come back with different last bits; probed in scratch they come back w."""
+    m = torch.nn.Linear(64, 64)
+    backs = []
+    for probes in ("inplace", "scratch"):
+        for seed in (1, 2):
+            copy = torch.nn.Linear(64, 64)
+            copy.load_state_dict(m.state_dict())
+            params = zo.ZOParams(list(copy.named_parameters()), probes=probes)
+            if probes == "scratch":
+                params.attach(copy)
+                for sign in (1, -1):
+                    with params.perturbed(seed, sign * 1e-2):
+                        copy(torch.ones(1, 64))
+            else:
+                for scale in (1e-2, -2e-2, 1e-2):
+                    params.add_([seed], [scale])
+            backs.append(params.flat.flat.clone())
+    w = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
+    assert not torch.equal(backs[0], backs[1]) and not torch.equal(backs[0], w)
+    assert torch.equal(backs[2], w) and torch.equal(backs[3], w)

@@ -1,0 +1,263 @@
+"""Many clients, one server (hosl.clients): one client through the rounds is the one-client run;
+every client holds the same bits after every round; the rounds equal a single-process computation
+written here from the primitives; shards, sampling, replay, failures and bad input."""
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hosl import clients as many
+from hosl import train as trainer
+from hosl import zo
+from hosl.config import TrainConfig
+from hosl.models import build
+from hosl.optim import make_optimizer
+from hosl.replay import client_zo_params, read_log, replay
+from hosl.rows import LookupRecorder, embedding_tables, step_rows
+from hosl.split import Activation, split_model
+from hosl.tasks import load_examples
+from hosl.train import Batches, main, run
+
+FAST = dict(train_examples=96, eval_examples=16, steps=4, log_every=1, batch_size=6, max_length=20, q=2)
+
+
+def cfg_for(tmp_path, name="run", **overrides) -> TrainConfig:
+    return TrainConfig(**{**FAST, "out": str(tmp_path / name), **overrides})
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "client.safetensors"), load_file(run_dir / "server.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_client_through_the_rounds_is_the_one_client_run(tmp_path, monkeypatch):
+    """--clients 1 run by rounds (REPORT, ROUND, the server's step on the round's mean) gives the
+    one-client run's bits on both sides and its log: client 0's seeds, data and update are its."""
+    cfg = cfg_for(tmp_path, "one", zo_probes="scratch")
+    run(cfg)
+    monkeypatch.setattr(trainer, "_rounds", lambda cfg: True)
+    run(cfg_for(tmp_path, "rounds", zo_probes="scratch"))
+    one, rounds = _weights(tmp_path / "one"), _weights(tmp_path / "rounds")
+    assert _same(one[0], rounds[0]) and _same(one[1], rounds[1])
+    a, b = read_log(tmp_path / "one" / "zo_log.jsonl"), read_log(tmp_path / "rounds" / "zo_log.jsonl")
+    assert [r["grads"] for r in a] == [r["grads"][0] for r in b] and all(r["clients"] == [0] for r in b)
+
+
+def _digests(monkeypatch):
+    """Records a digest of each client's weights after each round's update."""
+    seen: list[tuple[int, int, str]] = []
+    apply = many.apply_round
+
+    def recording(params, plan, rnd, entries, lr, weight_decay):
+        apply(params, plan, rnd, entries, lr, weight_decay)
+        digest = hashlib.sha256(params.flat.flat.numpy().tobytes()).hexdigest()
+        seen.append((rnd, id(params), digest))
+
+    monkeypatch.setattr(many, "apply_round", recording)
+    return seen
+
+
+@pytest.mark.parametrize("per_round", [3, 2], ids=["all-sampled", "two-of-three"])
+def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatch, per_round):
+    seen = _digests(monkeypatch)
+    cfg = cfg_for(tmp_path, clients=3, clients_per_round=per_round, steps=5)
+    summary = run(cfg)
+    assert summary["clients_identical"]
+    by_round: dict[int, set] = {}
+    holders: dict[int, set] = {}
+    for rnd, who, digest in seen:
+        by_round.setdefault(rnd, set()).add(digest)
+        holders.setdefault(rnd, set()).add(who)
+    assert sorted(by_round) == list(range(cfg.steps))
+    assert all(len(holders[r]) == 3 for r in by_round)  # sampled or not, every client applied it
+    assert all(len(d) == 1 for d in by_round.values())  # and all three hold the same bits
+    assert len({next(iter(d)) for d in by_round.values()}) == cfg.steps  # which move every round
+
+
+def _reference(cfg: TrainConfig):
+    """The rounds computed in one process from the primitives, with no link, frame, RoundServer or
+    RoundClient: per round, each sampled client's clean forward, the server's loss and backward
+    there (dL/dh, and its gradient summed), the client's scratch probes and g; then the server's
+    optimiser step on the mean gradient and one noise pass per client: -lr/(K Q) g_iq z_iq."""
+    examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
+    tok, model = build(cfg, examples)
+    client, server = split_model(model, cfg.split_layer)
+    named = [(n, p) for n, p in client.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.requires_grad_(False)
+    tables = set(embedding_tables(client))
+    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes="scratch")
+    params.attach(client)
+    optimizer = make_optimizer([p for p in server.parameters() if p.requires_grad], cfg, cfg.server_lr)
+    shards = many.partition([e.label for e in examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    streams = [Batches([examples[i] for i in s], tok, cfg, stream=c) for c, s in enumerate(shards)]
+    schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+    for rnd in range(cfg.steps):
+        entries = []
+        for i in schedule.sampled(rnd):
+            batch = streams[i](schedule.position(i, rnd))
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            with torch.no_grad(), LookupRecorder(params) as recorder:
+                h = client(input_ids=ids, attention_mask=mask).hidden
+            rows = step_rows(params, batch, recorder)
+            h.requires_grad_(True)
+            server(Activation(h, mask), labels=batch["labels"], labelled_only=True).loss.backward()
+            grad_h, grads = h.grad, []
+            for q in range(cfg.q):
+                seed = zo.probe_seed(cfg.seed, rnd, q, i)
+                with torch.no_grad():
+                    with params.perturbed(seed, cfg.mu, rows):
+                        plus = client(input_ids=ids, attention_mask=mask).hidden
+                    with params.perturbed(seed, -cfg.mu, rows):
+                        minus = client(input_ids=ids, attention_mask=mask).hidden
+                grads.append(float(torch.dot(grad_h.reshape(-1), (plus - minus).reshape(-1))) / (2 * cfg.mu))
+            entries.append((i, grads, rows))
+        k = len(entries)
+        for p in server.parameters():
+            if p.grad is not None:
+                p.grad.div_(k)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for i, grads, rows in entries:
+            seeds = [zo.probe_seed(cfg.seed, rnd, q, i) for q in range(cfg.q)]
+            params.add_(seeds, [0.0 - cfg.client_lr * g / (cfg.q * k) for g in grads], rows=rows)
+    return dict(client.named_parameters()), dict(server.named_parameters())
+
+
+@pytest.mark.parametrize("per_round,partition", [(3, "iid"), (2, "dirichlet")])
+def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partition):
+    cfg = cfg_for(tmp_path, clients=3, clients_per_round=per_round, partition=partition, steps=3)
+    run(cfg)
+    client, server = _weights(tmp_path / "run")
+    ref_client, ref_server = _reference(cfg)
+    for name, p in ref_client.items():
+        assert torch.equal(client[name], p.detach()), name
+    for name, p in ref_server.items():
+        torch.testing.assert_close(server[name], p.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_a_many_client_run_replays_bit_for_bit(tmp_path):
+    cfg = cfg_for(tmp_path, clients=4, clients_per_round=2, partition="dirichlet", alpha=1.0, steps=5)
+    run(cfg)
+    examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
+    _, model = build(cfg, examples)
+    client, _ = split_model(model, cfg.split_layer)
+    initial = {n: p.detach().clone() for n, p in client.named_parameters()}
+    log = read_log(tmp_path / "run" / "zo_log.jsonl")
+    assert all(len(r["clients"]) == 2 for r in log)
+    replay(client_zo_params(client, cfg), cfg, log)
+    saved = load_file(tmp_path / "run" / "client.safetensors")
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in client.named_parameters())
+    assert any(not torch.equal(p.detach(), initial[n]) for n, p in client.named_parameters())
+
+
+def test_the_summary_counts_each_clients_traffic_and_synchronisation(tmp_path):
+    """Without row lists a round's synchronisation is a few scalars per sampled client: REPORT up,
+    ROUND down, under 1 KB per client at K = 8, Q = 1 (the activations are the rest)."""
+    cfg = cfg_for(tmp_path, clients=8, q=1, zo_embedding="all", steps=3)
+    summary = run(cfg)
+    sync, total = summary["sync_bytes_per_client"], summary["bytes_per_client"]
+    assert len(sync) == len(total) == 8 and summary["shard_examples"] == [12] * 8
+    assert all(0 < s / cfg.steps < 1024 for s in sync)
+    assert all(s < t for s, t in zip(sync, total))
+
+
+# -- shards and sampling -------------------------------------------------------------------------------
+
+
+def test_iid_shards_cover_the_examples_once_and_evenly():
+    shards = many.partition([i % 2 for i in range(103)], 4, "iid", seed=3)
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(103)) and {len(s) for s in shards} == {25, 26}
+    assert shards == many.partition([i % 2 for i in range(103)], 4, "iid", seed=3)
+    assert shards != many.partition([i % 2 for i in range(103)], 4, "iid", seed=4)
+    assert many.partition([0, 1, 0], 1) == [[0, 1, 2]]  # one client: every example, in order
+
+
+def test_dirichlet_shards_skew_the_labels_more_as_alpha_shrinks():
+    labels = [i % 4 for i in range(800)]
+
+    def mean_labels(alpha, seed):
+        shards = many.partition(labels, 8, "dirichlet", alpha, seed)
+        assert sorted(i for s in shards for i in s) == list(range(800))
+        return sum(len({labels[i] for i in s if True}) for s in shards) / 8
+
+    def majority(alpha, seed):
+        shards = many.partition(labels, 8, "dirichlet", alpha, seed)
+        return sum(max(sum(labels[i] == y for i in s) for y in range(4)) / len(s) for s in shards) / 8
+
+    skewed = sum(majority(0.1, s) for s in range(3)) / 3
+    even = sum(majority(100.0, s) for s in range(3)) / 3
+    assert skewed > 0.7 and even < 0.4, (skewed, even)
+    assert mean_labels(100.0, 0) == 4
+
+
+def test_a_partition_that_leaves_a_client_nothing_is_refused():
+    with pytest.raises(many.PartitionError, match="leaves client .* no training examples"):
+        many.partition([0] * 5, 8, "iid")
+
+
+def test_sampling_is_seeded_and_every_client_takes_its_turn():
+    a, b = many.Schedule(0, 5, 2), many.Schedule(0, 5, 2)
+    rounds = [a.sampled(r) for r in range(40)]
+    assert rounds == [b.sampled(r) for r in range(40)]
+    assert all(len(r) == 2 and r == sorted(set(r)) for r in rounds)
+    assert {i for r in rounds for i in r} == set(range(5)) and len({tuple(r) for r in rounds}) > 3
+    assert rounds != [many.Schedule(1, 5, 2).sampled(r) for r in range(40)]
+    # A client's batch index counts the rounds it took part in, asked in any order.
+    for client in range(5):
+        assert a.position(client, 40) == sum(client in r for r in rounds)
+        assert a.position(client, 17) == sum(client in r for r in rounds[:17])
+
+
+# -- failures and bad input ------------------------------------------------------------------------------
+
+
+def test_a_failing_client_ends_the_run_for_everyone_with_its_error(tmp_path, monkeypatch):
+    step = many.RoundClient.train_step
+
+    def failing(self, rnd, batch):
+        if self.id == 2 and rnd == 1:
+            raise RuntimeError("client 2 lost its battery")
+        return step(self, rnd, batch)
+
+    monkeypatch.setattr(many.RoundClient, "train_step", failing)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="client 2 lost its battery"):
+        run(cfg_for(tmp_path, clients=3, timeout=60))
+    assert time.perf_counter() - start < 30  # told, not timed out
+    assert not [t for t in threading.enumerate() if t.name.startswith("hosl-")]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--clients", "0"], "--clients must be >= 1, got 0"),
+        (["--clients", "2", "--clients-per-round", "3"], "--clients-per-round must be in [1, --clients 2], got 3"),
+        (["--clients", "2", "--partition", "dirichlet", "--alpha", "0"], "--alpha must be a finite number > 0"),
+        (["--clients-per-round", "1", "--partition", "dirichlet"], "--partition dirichlet needs --clients > 1"),
+        (["--clients", "2", "--alpha", "0.1"], "--alpha 0.1 needs --partition dirichlet"),
+        (["--clients", "2", "--method", "fo"], "--clients 2 needs --method hosl"),
+        (["--clients", "2", "--zo-probes", "inplace"], "--clients 2 needs --zo-probes scratch"),
+        (["--clients", "40", "--train-examples", "20"], "leaves client 20 no training examples"),
+    ],
+)
+def test_bad_many_client_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_metrics_log_holds_the_rounds(tmp_path):
+    run(cfg_for(tmp_path, clients=2, steps=3))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [0, 1, 2]
