@@ -209,6 +209,10 @@ class RoundClient:
     def lr(self, rnd: int) -> float:
         return self.client.lr(rnd)
 
+    def digest(self) -> str:
+        """SHA-256 of this client's ZO weights: equal on every client of a run, on any machine."""
+        return hashlib.sha256(self.zo.flat.flat.detach().cpu().numpy().tobytes()).hexdigest()
+
     def hello(self) -> None:
         self.client.hello()
 

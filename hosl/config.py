@@ -346,8 +346,6 @@ class TrainConfig:
             )
         if self.save_every or self.resume:
             raise ValueError(f"{what}: checkpoints and --resume are for one client so far; drop --save-every")
-        if self.transport != "local":
-            raise ValueError(f"{what} runs with --transport local so far")
 
     def _check_used(self) -> None:
         """ValueError for an option the method does not read, set to anything but what it resolves

@@ -40,7 +40,7 @@ from hosl.scoring import accuracy, rank_classify
 from hosl.session import local_session
 from hosl.split import SplitError, split_model, split_summary
 from hosl.tasks import TaskError, encode_candidates, encode_for_training, load_run_data
-from hosl.transport import LinkError, dist_link
+from hosl.transport import LinkError, dist_link, dist_links
 
 logger = logging.getLogger("hosl.train")
 
@@ -462,6 +462,7 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
         "partition": cfg.partition,
         "shard_examples": [len(s) for s in shards],
         "clients_identical": identical,
+        "client_weights_sha256": lead.digest(),
         "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
         "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
     }
@@ -531,6 +532,8 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         secret = read_secret(cfg.auth_token_file)
     except AuthError as exc:
         raise UsageError(str(exc)) from None
+    if _rounds(cfg):
+        return _dist_rounds(cfg, secret)
     link = dist_link(timeout=cfg.timeout, compression=cfg.compression, secret=secret)
     if link.role == "server":
         try:
@@ -560,6 +563,76 @@ def _client_dist(cfg: TrainConfig, link, run_dir: Path, point, device) -> dict:
     result, server_files = _client_session(cfg, client, tokenizer, train_examples, eval_examples, run_dir, point)
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
     return _finish(run_dir, _summary(cfg, result, params, device), server_files)
+
+
+def _dist_rounds(cfg: TrainConfig, secret) -> dict | None:
+    """This process's part of a --clients N --transport dist run (torchrun --nproc-per-node N+1):
+    rank 0 the server, rank 1 the lead client (it writes the run directory), ranks 2..N the others."""
+    from hosl import clients as many
+
+    role, links = dist_links(cfg.clients, timeout=cfg.timeout, compression=cfg.compression, secret=secret)
+    schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+    if role == "server":
+        try:
+            device = _device(cfg)
+            examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []
+            side, _ = _one_side(cfg, "server", examples, device)
+            torch.manual_seed(cfg.seed)
+            server = SplitServer(cfg, side, links[0], Path(cfg.out))
+            rounds = many.RoundServer(cfg, server, links, schedule)
+        except Exception as exc:
+            for link in links:
+                link.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        rounds.serve()
+        return None
+    (link,) = links
+    with link:
+        device = _device(cfg)
+        if link.client_id == 0:
+            cfg, run_dir, point = _start_run_dir(cfg)
+            with _unless_started(run_dir, point):
+                return _lead_dist(cfg, link, run_dir, device, schedule)
+        train_examples, _ = load_run_data(cfg)
+        tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+        client_model, _ = _one_side(cfg, "client", train_examples, device)
+        torch.manual_seed(cfg.seed)
+        shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+        mine = Batches([train_examples[i] for i in shards[link.client_id]], tokenizer, cfg, stream=link.client_id)
+        client = many.RoundClient(cfg, SplitClient(cfg, client_model, link, client_id=link.client_id), schedule)
+        client.follow(mine, cfg.steps)
+        print(f"client {client.id}: weights sha256 {client.digest()}", flush=True)
+    return None
+
+
+def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
+    from hosl import clients as many
+
+    train_examples, eval_examples = load_run_data(cfg)
+    tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
+    client_model, sizes = _one_side(cfg, "client", train_examples, device)
+    torch.manual_seed(cfg.seed)
+    shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    stream = Batches([train_examples[i] for i in shards[0]], tokenizer, cfg)
+    lead = many.RoundClient(cfg, SplitClient(cfg, client_model, link), schedule)
+
+    def batches(rnd):
+        return stream(schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
+
+    result, server_files = _client_session(
+        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches
+    )
+    params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
+    extra = {
+        "clients": cfg.clients,
+        "clients_per_round": cfg.clients_per_round,
+        "partition": cfg.partition,
+        "shard_examples": [len(s) for s in shards],
+        "client_weights_sha256": lead.digest(),
+        "sync_bytes_per_client": [sum(lead.sync_bytes)],
+        "bytes_per_client": [link.bytes_sent + link.bytes_received],
+    }
+    return _finish(run_dir, {**_summary(cfg, result, params, device), **extra}, server_files)
 
 
 def _resolve_resume(argv) -> TrainConfig:

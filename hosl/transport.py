@@ -20,7 +20,8 @@ the client, sent is "up" and received "down".
 
 Roles over dist: rank 0 is the server and rank 1 the client, started with torchrun
 (`torchrun --nproc-per-node 2 ...`, or one process per machine with --nnodes 2) or with the usual
-MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE environment.
+MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE environment. With many clients (dist_links, hosl.clients)
+ranks 1..N are clients 0..N-1 and the server holds one link to each.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from hosl.boundary import (
     encode_frame,
 )
 
-__all__ = ["Link", "LinkError", "LinkTimeout", "PeerError", "dist_link", "local_links", "TRANSPORTS"]
+__all__ = ["Link", "LinkError", "LinkTimeout", "PeerError", "dist_link", "dist_links", "local_links", "TRANSPORTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +239,14 @@ class _DistLink(Link):
     MAX_IN_FLIGHT = 256
     MAX_IN_FLIGHT_BYTES = 8 << 20
 
-    def __init__(self, role, timeout, compression, client_id, owns_group):
+    def __init__(self, role, timeout, compression, client_id, owns_group, peer_rank: int | None = None):
         super().__init__(role, timeout, compression, client_id)
         import torch.distributed as dist
 
         self._dist = dist
-        self._group = None  # the default group, of exactly these two processes
-        self._owns_group = owns_group
-        self._peer_rank = 1 - ROLES.index(role)
+        self._group = None  # the default group: the server (rank 0) and its clients
+        self._owns_group = owns_group  # a _GroupOwner (the group ends with its last link), or a bool
+        self._peer_rank = 1 - ROLES.index(role) if peer_rank is None else peer_rank
         self._length = torch.zeros(1, dtype=torch.int64)
         self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
         self._in_flight: collections.deque = collections.deque()  # (work, buffer kept alive)
@@ -383,9 +384,25 @@ class _DistLink(Link):
                 if not self.broken:
                     self._reap(0)  # deliver what was sent before leaving
             finally:
-                if self._owns_group and self._dist.is_initialized():
+                if isinstance(self._owns_group, _GroupOwner):
+                    self._owns_group.release()
+                elif self._owns_group and self._dist.is_initialized():
                     self._dist.destroy_process_group()
         super().close()
+
+
+class _GroupOwner:
+    """The process group of a server's many links: destroyed when the last of them closes."""
+
+    def __init__(self, links: int, owns: bool):
+        self.left, self.owns = links, owns
+
+    def release(self) -> None:
+        import torch.distributed as dist
+
+        self.left -= 1
+        if self.left == 0 and self.owns and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def dist_link(
@@ -406,6 +423,54 @@ def dist_link(
     secret: a shared secret (hosl.auth.read_secret): the link opens with the handshake of
     hosl.auth, and every frame carries a MAC checked before it is decoded. Both sides need it.
     """
+    rank, owns = _join(timeout, backend, clients=1)
+    if role is not None and role != ROLES[rank]:
+        raise LinkError(f"rank {rank} is the {ROLES[rank]}, but this process was asked to be the {role}")
+    link = _DistLink(ROLES[rank], timeout, compression, client_id, owns_group=owns)
+    _authenticate([link], secret)
+    return link
+
+
+def dist_links(
+    clients: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    compression: str | None = None,
+    backend: str | None = None,
+    secret: bytes | None = None,
+) -> tuple[str, list[Link]]:
+    """This process's links in a run of one server and `clients` clients over torch.distributed
+    (WORLD_SIZE clients + 1): (role, links). Rank 0, the server, gets one link per client (client
+    i is rank i + 1, and its link's client_id is i); a client gets its one link to rank 0. The
+    group ends when the server's last link closes. As dist_link otherwise."""
+    rank, owns = _join(timeout, backend, clients)
+    if rank == 0:
+        owner = _GroupOwner(clients, owns)
+        links = [
+            _DistLink("server", timeout, compression, i, owns_group=owner, peer_rank=i + 1) for i in range(clients)
+        ]
+    else:
+        links = [_DistLink("client", timeout, compression, rank - 1, owns_group=owns, peer_rank=0)]
+    _authenticate(links, secret)
+    return ROLES[min(rank, 1)], links
+
+
+def _authenticate(links, secret) -> None:
+    if secret is None:
+        return
+    for link in links:
+        try:
+            link.authenticate(secret)
+        except LinkError:
+            for other in links:
+                other.broken = True
+                other.close()
+            raise
+
+
+def _join(timeout: float, backend: str | None, clients: int) -> tuple[int, bool]:
+    """(this process's rank, whether it created the default group), joining it from the torchrun
+    environment unless it exists; WORLD_SIZE must be clients + 1."""
     import torch.distributed as dist
 
     owns = False
@@ -415,7 +480,7 @@ def dist_link(
             raise LinkError(
                 "the dist transport needs a torch.distributed environment (missing "
                 + ", ".join(missing)
-                + "): start it with `torchrun --nproc-per-node 2 ...`"
+                + f"): start it with `torchrun --nproc-per-node {clients + 1} ...`"
             )
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         try:
@@ -425,16 +490,10 @@ def dist_link(
             raise LinkError(f"could not join the other process at {where} within {timeout:g} s ({first})") from exc
         owns = True
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world != 2:
-        raise LinkError(f"the dist transport joins exactly 2 processes (server and client); WORLD_SIZE is {world}")
-    if role is not None and role != ROLES[rank]:
-        raise LinkError(f"rank {rank} is the {ROLES[rank]}, but this process was asked to be the {role}")
-    link = _DistLink(ROLES[rank], timeout, compression, client_id, owns_group=owns)
-    if secret is not None:
-        try:
-            link.authenticate(secret)
-        except LinkError:
-            link.broken = True
-            link.close()
-            raise
-    return link
+    if world != clients + 1:
+        what = "server and client" if clients == 1 else f"the server and {clients} clients"
+        raise LinkError(
+            f"the dist transport joins exactly {clients + 1} processes ({what}); WORLD_SIZE is {world}"
+            + (f": start it with `torchrun --nproc-per-node {clients + 1} ...`" if clients > 1 else "")
+        )
+    return rank, owns

@@ -4,6 +4,9 @@ written here from the primitives; shards, sampling, replay, failures and bad inp
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
 import threading
 import time
 
@@ -261,3 +264,41 @@ def test_the_metrics_log_holds_the_rounds(tmp_path):
     run(cfg_for(tmp_path, clients=2, steps=3))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [0, 1, 2]
+
+
+# -- dist ----------------------------------------------------------------------------------------------
+
+
+def test_three_clients_over_dist_equal_three_clients_in_one_process(tmp_path):
+    """torchrun --nproc-per-node 4: the server, the lead and two clients in their own processes,
+    over an authenticated link, give the local run's losses and both sides' weights bit for bit,
+    and every client process ends with the lead's weights (their SHA-256). One thread in both: a
+    float32 reduction's order follows the thread count."""
+    overrides = dict(clients=3, clients_per_round=2, partition="dirichlet", alpha=1.0, steps=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run(cfg_for(tmp_path, "local", **overrides))
+    finally:
+        torch.set_num_threads(threads)
+    token = tmp_path / "token"
+    token.write_text("a shared secret\n")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, **overrides}.items()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        ["torchrun", "--nproc-per-node", "4", "--master-port", str(port), "-m", "hosl.train", *flags,
+         "--transport=dist", f"--auth-token-file={token}", "--out", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    dist = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert dist["client_weights_sha256"] == summary["client_weights_sha256"]
+    followers = sorted(line for line in out.stdout.splitlines() if "weights sha256" in line)
+    assert followers == [f"client {i}: weights sha256 {summary['client_weights_sha256']}" for i in (1, 2)]
+    metrics = [json.loads(x).get("loss") for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x).get("loss") for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == again
+    for a, b in zip(_weights(tmp_path / "local"), _weights(tmp_path / "dist")):
+        assert _same(a, b)
