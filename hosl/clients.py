@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,8 @@ from hosl.config import TrainConfig
 from hosl.roles import SplitClient, SplitServer, StepStats
 from hosl.split import ClientModel, ServerModel
 from hosl.transport import Link, LinkError, PeerError
+
+logger = logging.getLogger(__name__)
 
 
 class PartitionError(ValueError):
@@ -133,18 +136,23 @@ class Schedule:
 # -- the round's update ---------------------------------------------------------------------------------
 
 
-def round_frame(rnd: int, reports: list[tuple[int, Frame]], skipped: bool, q: int) -> Frame:
-    """ROUND: the sampled clients, their g (K x Q float64) and losses, their rows, and whether the
-    round is skipped."""
+def round_frame(rnd: int, reports: list[tuple[int, Frame]], skipped: bool, q: int, left=()) -> Frame:
+    """ROUND: the clients that reported, their g (K x Q float64) and losses, their rows, whether the
+    round is skipped, and who left during it ([client, round, why])."""
     tensors = {
         "clients": torch.tensor([c for c, _ in reports], dtype=torch.int64),
-        "grads": torch.stack([f.tensors["grads"] for _, f in reports]).reshape(len(reports), q),
-        "losses": torch.cat([f.tensors["loss"] for _, f in reports]),
+        "grads": torch.stack([f.tensors["grads"] for _, f in reports]).reshape(len(reports), q)
+        if reports
+        else torch.zeros(0, q, dtype=torch.float64),
+        "losses": torch.cat([f.tensors["loss"] for _, f in reports])
+        if reports
+        else torch.zeros(0, dtype=torch.float64),
     }
-    if all("row_counts" in f.tensors for _, f in reports):
+    if reports and all("row_counts" in f.tensors for _, f in reports):
         tensors["row_counts"] = torch.stack([f.tensors["row_counts"] for _, f in reports])
         tensors["rows"] = torch.cat([f.tensors["rows"] for _, f in reports])
-    return Frame(Kind.ROUND, step=rnd, tensors=tensors, meta={"skipped": skipped})
+    meta = {"skipped": skipped} | ({"left": [list(x) for x in left]} if left else {})
+    return Frame(Kind.ROUND, step=rnd, tensors=tensors, meta=meta)
 
 
 def round_entries(frame: Frame, clients: int, q: int) -> list[tuple[int, list[float], list | None]]:
@@ -154,9 +162,9 @@ def round_entries(frame: Frame, clients: int, q: int) -> list[tuple[int, list[fl
     ids, grads = t.get("clients"), t.get("grads")
     if ids is None or grads is None or ids.dtype != torch.int64 or grads.dtype != torch.float64:
         raise LinkError("a ROUND frame without int64 clients and float64 grads")
-    if ids.dim() != 1 or not 1 <= len(ids) <= clients or tuple(grads.shape) != (len(ids), q):
+    if ids.dim() != 1 or not 0 <= len(ids) <= clients or tuple(grads.shape) != (len(ids), q):
         raise LinkError(f"a ROUND frame of {tuple(ids.shape)} clients and {tuple(grads.shape)} grads (Q = {q})")
-    if ids.tolist() != sorted(set(ids.tolist())) or not 0 <= int(ids.min()) <= int(ids.max()) < clients:
+    if ids.tolist() != sorted(set(ids.tolist())) or any(not 0 <= c < clients for c in ids.tolist()):
         raise LinkError(f"a ROUND frame names clients {ids.tolist()} of a run of {clients}")
     rows: list[list | None] = [None] * len(ids)
     if "row_counts" in t:
@@ -203,8 +211,11 @@ class RoundClient:
         self.cfg, self.client, self.schedule = cfg, client, schedule
         self.id = client.client_id
         self.zo, self.rate, self.link, self.plan = client.zo, client.rate, client.link, client.plan
+        # The server may wait out --timeout on each of the round's other clients before it gets here.
+        self.link.timeout = cfg.timeout * (cfg.clients_per_round + 1)
         self.model = client.model
         self.sync_bytes = [0, 0]  # REPORT frames sent, ROUND frames received
+        self.left: list[list] = []  # [client, round, why] of the clients the server dropped
 
     def lr(self, rnd: int) -> float:
         return self.client.lr(rnd)
@@ -249,10 +260,14 @@ class RoundClient:
         update_s = time.perf_counter() - t
         wall = time.perf_counter() - start
         losses = frame.tensors["losses"].tolist()
+        for client, at, why in frame.meta.get("left", []):
+            self.left.append([client, at, why])
+            if self.id == 0:
+                logger.warning("client %d left at round %d: %s", client, at, why)
         client_s = (own.client_s if own else 0.0) + update_s
         server_s = own.server_s if own else 0.0
         return StepStats(
-            loss=sum(losses) / len(losses),
+            loss=sum(losses) / len(losses) if losses else float("nan"),
             client_s=client_s,
             server_s=server_s,
             link_s=max(wall - client_s - server_s, 0.0),
@@ -275,12 +290,23 @@ class RoundClient:
 class RoundServer:
     """The server of a many-client run: one SplitServer's model and optimiser, N links. It serves
     the lead's frames between rounds (evaluation, CONTROL) and each round's sampled clients in
-    client order; see the module docstring."""
+    client order; see the module docstring.
+
+    A client other than the lead that fails, leaves or stays silent past the timeout is dropped
+    (--on-client-loss continue): its part of the round is discarded, the round completes with the
+    others, the ROUND frame says who left, and no frame goes to it again. Fewer live clients than
+    --min-clients, --on-client-loss fail, or the lead's loss end the run with one line to every
+    client left."""
 
     def __init__(self, cfg: TrainConfig, server: SplitServer, links: Sequence[Link], schedule: Schedule):
         self.cfg, self.server, self.links, self.schedule = cfg, server, list(links), schedule
         for link in self.links[1:]:
             link.max_frame_bytes = self.links[0].max_frame_bytes
+        self.live = set(range(len(self.links)))
+        self.left: list[list] = []  # [client, round, why], in the order they left
+        self._params = [] if server.optimizer is None else [
+            p for group in server.optimizer.param_groups for p in group["params"]
+        ]  # fmt: skip
 
     def _recv(self, i: int) -> Frame:
         frame = self.links[i].recv()
@@ -288,16 +314,37 @@ class RoundServer:
             raise LinkError(f"client {i}'s link carried a frame of client {frame.client_id}")
         return frame
 
+    def _drop(self, i: int, rnd: int, exc: BaseException) -> None:
+        """Client i is gone: LinkError for the lead, --on-client-loss fail or too few left."""
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if i == 0:
+            raise LinkError(f"the lead client (client 0) left at round {rnd}: {why}") from exc
+        if self.cfg.on_client_loss == "fail":
+            raise LinkError(f"client {i} left at round {rnd} (--on-client-loss fail): {why}") from exc
+        self.live.discard(i)
+        self.left.append([i, rnd, why])
+        logger.warning("client %d left at round %d: %s", i, rnd, why)
+        with contextlib.suppress(Exception):
+            self.links[i].fail(f"the server dropped client {i} at round {rnd}: {why}")
+        if len(self.live) < self.cfg.min_clients:
+            raise LinkError(
+                f"{len(self.live)} clients left after client {i} left at round {rnd}, fewer than "
+                f"--min-clients {self.cfg.min_clients}"
+            )
+
     def serve(self) -> None:
         """HELLO from every client, then the lead's frames and the rounds until the lead's stop. A
         failure is sent to every client before it propagates."""
         try:
             for i in range(len(self.links)):
                 self.server.link = self.links[i]
-                frame = self._recv(i)
-                if frame.kind != Kind.HELLO:
-                    raise LinkError(f"client {i} opened with {frame.kind.name}, not HELLO")
-                self.server._hello(frame)
+                try:
+                    frame = self._recv(i)
+                    if frame.kind != Kind.HELLO:
+                        raise LinkError(f"client {i} opened with {frame.kind.name}, not HELLO")
+                    self.server._hello(frame)
+                except LinkError as exc:
+                    self._drop(i, 0, exc)
             while True:
                 self.server.link = self.links[0]
                 frame = self._recv(0)
@@ -311,35 +358,63 @@ class RoundServer:
                 else:
                     raise LinkError(f"the server got an unexpected {frame.kind.name} frame from the lead client")
         except BaseException as exc:
-            for link in self.links:
-                link.fail(f"{type(exc).__name__}: {exc}")
+            for i in sorted(self.live):
+                self.links[i].fail(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             for link in self.links:
                 link.close()
 
-    def _round(self, rnd: int) -> None:
+    def _client_step(self, i: int, rnd: int) -> tuple[dict, Frame]:
+        """Client i's step of round rnd: its uploads answered, its REPORT checked."""
         q = self.server.plan.q
+        self.server.link = self.links[i]
+        batch = self._recv(i)
+        if batch.kind != Kind.BATCH or batch.meta.get("eval") or batch.step != rnd:
+            raise LinkError(f"expected client {i}'s BATCH of round {rnd}, got {batch.kind.name} of {batch.step}")
+        losses = self.server._answer_step(batch)
+        report = self._recv(i)
+        if report.kind != Kind.REPORT or report.step != rnd:
+            raise LinkError(f"expected client {i}'s REPORT of round {rnd}, got {report.kind.name}")
+        grads, loss = report.tensors.get("grads"), report.tensors.get("loss")
+        if grads is None or grads.dtype != torch.float64 or tuple(grads.shape) != (q,) or loss is None:
+            raise LinkError(f"client {i}'s REPORT of round {rnd} does not hold its {q} projected gradients")
+        return losses, report
+
+    def _round(self, rnd: int) -> None:
         reports: list[tuple[int, Frame]] = []
-        finite = True
+        finite, summed = True, {}
+        before = len(self.left)
         for i in self.schedule.sampled(rnd):
-            self.server.link = self.links[i]
-            batch = self._recv(i)
-            if batch.kind != Kind.BATCH or batch.meta.get("eval") or batch.step != rnd:
-                raise LinkError(f"expected client {i}'s BATCH of round {rnd}, got {batch.kind.name} of {batch.step}")
-            losses = self.server._answer_step(batch)
-            report = self._recv(i)
-            if report.kind != Kind.REPORT or report.step != rnd:
-                raise LinkError(f"expected client {i}'s REPORT of round {rnd}, got {report.kind.name}")
-            grads, loss = report.tensors.get("grads"), report.tensors.get("loss")
-            if grads is None or grads.dtype != torch.float64 or tuple(grads.shape) != (q,) or loss is None:
-                raise LinkError(f"client {i}'s REPORT of round {rnd} does not hold its {q} projected gradients")
-            finite = finite and zo.finite(losses.values()) and zo.finite([*grads.tolist(), *loss.tolist()])
+            if i not in self.live:
+                continue
+            try:
+                losses, report = self._client_step(i, rnd)
+            except LinkError as exc:
+                for p in self._params:  # what it got of the way: not part of the round
+                    p.grad = None
+                self._drop(i, rnd, exc)
+                continue
+            values = [*report.tensors["grads"].tolist(), *report.tensors["loss"].tolist()]
+            finite = finite and zo.finite(losses.values()) and zo.finite(values)
+            for p in self._params:  # the round's sum, client by client in order
+                if p.grad is not None:
+                    if id(p) in summed:
+                        summed[id(p)].add_(p.grad)
+                    else:
+                        summed[id(p)] = p.grad
+                    p.grad = None
             reports.append((i, report))
-        self.server._update(rnd, {}, finite, share=len(reports))
-        frame = round_frame(rnd, reports, not finite, q)
-        for link in self.links:
-            link.send(frame)
+        if reports:
+            for p in self._params:
+                p.grad = summed.get(id(p))
+            self.server._update(rnd, {}, finite, share=len(reports))
+        frame = round_frame(rnd, reports, not (finite and reports), self.server.plan.q, self.left[before:])
+        for i in sorted(self.live):
+            try:
+                self.links[i].send(frame)
+            except LinkError as exc:
+                self._drop(i, rnd, exc)
 
 
 # -- one process: the clients as threads -----------------------------------------------------------------
@@ -371,18 +446,23 @@ def local_rounds(
         )
         for i, (m, (link, _)) in enumerate(zip(models, pairs))
     ]
-    failures: list[tuple[int, BaseException]] = []  # (order, exception): who failed first
 
     def guarded(name, fn, *args):
         def body():
-            try:
+            with contextlib.suppress(BaseException):  # the server drops the client and reports why
                 fn(*args)
-            except BaseException as exc:
-                failures.append((0 if not isinstance(exc, LinkError) else 1, exc))
 
         return threading.Thread(target=body, name=name, daemon=True)
 
-    threads = [guarded("hosl-server", round_server.serve)]
+    server_failed: list[BaseException] = []
+
+    def serve():
+        try:
+            round_server.serve()
+        except BaseException as exc:
+            server_failed.append(exc)
+
+    threads = [threading.Thread(target=serve, name="hosl-server", daemon=True)]
     threads += [guarded(f"hosl-client-{c.id}", c.follow, batches[c.id], cfg.steps) for c in clients[1:]]
     for thread in threads:
         thread.start()
@@ -390,13 +470,14 @@ def local_rounds(
         with clients[0].link:
             yield clients
     except LinkError as exc:
-        if isinstance(exc, PeerError):
+        if isinstance(exc, PeerError):  # the server is ending: wait for its thread to record why
             threads[0].join(timeout=cfg.timeout)
-        root = sorted(failures, key=lambda f: f[0])
-        if root and root[0][0] == 0:
-            raise root[0][1] from None
+        if server_failed:  # the server's reason names the client that ended the run, and why
+            raise server_failed[0] from None
         raise
-    for thread in threads:
-        thread.join(timeout=cfg.timeout)
-    if failures:
-        raise sorted(failures, key=lambda f: f[0])[0][1]
+    finally:
+        for thread in threads:  # the server has ended every client's link, or is about to
+            thread.join(timeout=cfg.timeout * (cfg.clients_per_round + 2))
+    if server_failed:
+        raise server_failed[0]
+    # A client that failed was dropped by the server and the run went on (--on-client-loss continue).

@@ -220,6 +220,15 @@ class TrainConfig:
         metadata=_help("concentration of --partition dirichlet: small values give each client few labels"),
     )
 
+    on_client_loss: str = field(
+        default="continue",
+        metadata=_help(
+            "a client (not the lead) that fails or stays silent past --timeout: drop it and go on, or end the run",
+            choices=("continue", "fail"),
+        ),
+    )
+    min_clients: int = field(default=1, metadata=_help("end the run when fewer clients than this are left"))
+
     # -- transport and device ----------------------------------------------------------------------------
     transport: str = field(
         default="local",
@@ -297,6 +306,8 @@ class TrainConfig:
             raise ValueError(
                 f"--clients-per-round must be in [1, --clients {self.clients}], got {self.clients_per_round}"
             )
+        if not 1 <= self.min_clients <= self.clients:
+            raise ValueError(f"--min-clients must be in [1, --clients {self.clients}], got {self.min_clients}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha}")
         if self.clients > 1:
@@ -370,6 +381,8 @@ class TrainConfig:
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
             "alpha": self.clients == 1 or self.partition != "dirichlet",
+            "on_client_loss": self.clients == 1,
+            "min_clients": self.clients == 1,
         }
         for name in (n for n, unused in ignored.items() if unused):
             value, default = getattr(self, name), self._default(name)
@@ -381,7 +394,7 @@ class TrainConfig:
                     )
                 if name == "momentum" and fo_side:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
-                if name in ("clients_per_round", "partition"):
+                if name in ("clients_per_round", "partition", "on_client_loss", "min_clients"):
                     raise ValueError(f"{given} needs --clients > 1 (this run has one client)")
                 if name == "alpha":
                     raise ValueError(
@@ -519,7 +532,7 @@ SECTIONS = {
     "evaluation, logs and checkpoints": [
         "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
-    "many clients": ["clients", "clients_per_round", "partition", "alpha"],
+    "many clients": ["clients", "clients_per_round", "partition", "alpha", "on_client_loss", "min_clients"],
     "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
 }  # fmt: skip
 

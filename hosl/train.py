@@ -453,7 +453,8 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
         result, server_files = _client_session(
             cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=lead_batches
         )
-    identical = all(torch.equal(c.zo.flat.flat, lead.zo.flat.flat) for c in clients)
+    gone = {c for c, _, _ in lead.left}
+    identical = all(torch.equal(c.zo.flat.flat, lead.zo.flat.flat) for c in clients if c.id not in gone)
     if not identical:
         raise RuntimeError("the clients' weights differ after the run (a bug: please report it)")
     extra = {
@@ -462,6 +463,7 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
         "partition": cfg.partition,
         "shard_examples": [len(s) for s in shards],
         "clients_identical": identical,
+        "clients_left": lead.left,
         "client_weights_sha256": lead.digest(),
         "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
         "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
@@ -629,6 +631,7 @@ def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
         "partition": cfg.partition,
         "shard_examples": [len(s) for s in shards],
         "client_weights_sha256": lead.digest(),
+        "clients_left": lead.left,
         "sync_bytes_per_client": [sum(lead.sync_bytes)],
         "bytes_per_client": [link.bytes_sent + link.bytes_received],
     }

@@ -5,8 +5,10 @@ written here from the primitives; shards, sampling, replay, failures and bad inp
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +27,7 @@ from hosl.rows import LookupRecorder, embedding_tables, step_rows
 from hosl.split import Activation, split_model
 from hosl.tasks import load_examples
 from hosl.train import Batches, main, run
+from hosl.transport import LinkError
 
 FAST = dict(train_examples=96, eval_examples=16, steps=4, log_every=1, batch_size=6, max_length=20, q=2)
 
@@ -224,18 +227,55 @@ def test_sampling_is_seeded_and_every_client_takes_its_turn():
 # -- failures and bad input ------------------------------------------------------------------------------
 
 
-def test_a_failing_client_ends_the_run_for_everyone_with_its_error(tmp_path, monkeypatch):
+def _failing_at(monkeypatch, client: int, rnd: int, how):
     step = many.RoundClient.train_step
 
-    def failing(self, rnd, batch):
-        if self.id == 2 and rnd == 1:
-            raise RuntimeError("client 2 lost its battery")
-        return step(self, rnd, batch)
+    def failing(self, r, batch):
+        if self.id == client and r == rnd:
+            how()
+        return step(self, r, batch)
 
     monkeypatch.setattr(many.RoundClient, "train_step", failing)
+
+
+def _battery():
+    raise RuntimeError("client 2 lost its battery")
+
+
+def test_a_client_that_fails_is_dropped_and_the_round_completes_without_it(tmp_path, monkeypatch):
+    """--on-client-loss continue (the default): the server drops client 2 at round 1, the others go
+    on to the end holding the same bits, and the summary says who left when and why."""
+    _failing_at(monkeypatch, 2, 1, _battery)
+    seen = _digests(monkeypatch)
+    summary = run(cfg_for(tmp_path, clients=3, steps=4, timeout=60))
+    assert summary["steps"] == 4 and summary["clients_identical"]
+    ((who, when, why),) = summary["clients_left"]
+    assert (who, when) == (2, 1) and "lost its battery" in why
+    log = read_log(tmp_path / "run" / "zo_log.jsonl")
+    assert [r["clients"] for r in log] == [[0, 1, 2], [0, 1], [0, 1], [0, 1]]
+    holders = {}
+    for rnd, _, digest in seen:
+        holders.setdefault(rnd, set()).add(digest)
+    assert all(len(d) == 1 for d in holders.values())
+    assert not [t for t in threading.enumerate() if t.name.startswith("hosl-")]
+
+
+def test_a_client_that_goes_silent_is_dropped_after_the_timeout(tmp_path, monkeypatch):
+    _failing_at(monkeypatch, 1, 2, lambda: time.sleep(6))
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="client 2 lost its battery"):
-        run(cfg_for(tmp_path, clients=3, timeout=60))
+    summary = run(cfg_for(tmp_path, clients=3, steps=4, timeout=2))
+    assert time.perf_counter() - start < 60
+    ((who, when, why),) = summary["clients_left"]
+    assert (who, when) == (1, 2) and "2 s" in why, why
+
+
+def test_losing_a_client_ends_the_run_under_on_client_loss_fail_or_below_min_clients(tmp_path, monkeypatch):
+    _failing_at(monkeypatch, 2, 1, _battery)
+    start = time.perf_counter()
+    with pytest.raises(LinkError, match=r"client 2 left at round 1 \(--on-client-loss fail\).*lost its battery"):
+        run(cfg_for(tmp_path, "fail", clients=3, timeout=60, on_client_loss="fail"))
+    with pytest.raises(LinkError, match="2 clients left after client 2 left at round 1, fewer than --min-clients 3"):
+        run(cfg_for(tmp_path, "min", clients=3, timeout=60, min_clients=3))
     assert time.perf_counter() - start < 30  # told, not timed out
     assert not [t for t in threading.enumerate() if t.name.startswith("hosl-")]
 
@@ -302,3 +342,40 @@ def test_three_clients_over_dist_equal_three_clients_in_one_process(tmp_path):
     assert metrics == again
     for a, b in zip(_weights(tmp_path / "local"), _weights(tmp_path / "dist")):
         assert _same(a, b)
+
+
+def test_a_client_process_killed_mid_run_is_dropped_and_the_run_ends_normally(tmp_path):
+    """Four processes with the torch.distributed environment (one per device; torchrun's agent would
+    stop every worker when one dies): SIGKILL client 2 once the lead has logged five rounds. The
+    server drops it, the others finish every round with exit status 0, the summary says who left
+    when, and client 1 ends with the lead's bits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, "steps": 40, "clients": 3, "timeout": 30}.items()]
+    procs = []
+    for rank in range(4):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        cmd = [sys.executable, "-m", "hosl.train", *flags, "--transport=dist", "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        metrics, start = out / "metrics.jsonl", time.time()
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert time.time() - start < 120 and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.05)
+        procs[3].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0, 0, -signal.SIGKILL], [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(3)]
+    summary = json.loads((out / "summary.json").read_text())
+    ((who, when, why),) = summary["clients_left"]
+    assert who == 2 and 5 <= when < 40 and "lost the client (rank 3)" in why
+    assert f"client 1: weights sha256 {summary['client_weights_sha256']}" in (tmp_path / "rank2.log").read_text()
+    log = read_log(out / "zo_log.jsonl")
+    assert len(log) == 40 and log[-1]["clients"] == [0, 1]
