@@ -216,6 +216,8 @@ class RoundClient:
         self.model = client.model
         self.sync_bytes = [0, 0]  # REPORT frames sent, ROUND frames received
         self.left: list[list] = []  # [client, round, why] of the clients the server dropped
+        self.applied = 0  # rounds applied to this client's weights
+        self.catch_up_bytes, self.catch_up_s = 0, 0.0  # of rounds applied late (--relay sampled)
 
     def lr(self, rnd: int) -> float:
         return self.client.lr(rnd)
@@ -244,26 +246,11 @@ class RoundClient:
             self.link.send(Frame(Kind.CONTROL, step=rnd, meta={"op": "round"}))
         own = None
         if self.id in self.schedule.sampled(rnd):
+            self.catch_up(rnd)
             own = self.client.train_step(rnd, batch, report=True)
             self.sync_bytes[0] += self.client.report_bytes
-        received = self.link.bytes_received
-        frame = self.link.recv()
-        if frame.kind != Kind.ROUND or frame.step != rnd:
-            raise LinkError(f"expected the ROUND of round {rnd}, got {frame.kind.name} of step {frame.step}")
-        self.sync_bytes[1] += self.link.bytes_received - received
-        entries = round_entries(frame, self.cfg.clients, self.plan.q)
-        skipped = bool(frame.meta.get("skipped"))
-        t = time.perf_counter()
-        with torch.no_grad():
-            if not skipped:
-                apply_round(self.zo, self.plan, rnd, entries, self.lr(rnd), self.cfg.weight_decay)
-        update_s = time.perf_counter() - t
+        entries, skipped, losses, update_s = self._apply_next(rnd)
         wall = time.perf_counter() - start
-        losses = frame.tensors["losses"].tolist()
-        for client, at, why in frame.meta.get("left", []):
-            self.left.append([client, at, why])
-            if self.id == 0:
-                logger.warning("client %d left at round %d: %s", client, at, why)
         client_s = (own.client_s if own else 0.0) + update_s
         server_s = own.server_s if own else 0.0
         return StepStats(
@@ -277,14 +264,49 @@ class RoundClient:
             clients=[c for c, _, _ in entries],
         )
 
+    def catch_up(self, upto: int) -> None:
+        """Apply the rounds before `upto` that this client has not yet applied (--relay sampled: the
+        server sends them just before the client's next step, and after the last round)."""
+        while self.applied < upto:
+            t = time.perf_counter()
+            received = self.link.bytes_received
+            self._apply_next(self.applied)
+            self.catch_up_bytes += self.link.bytes_received - received
+            self.catch_up_s += time.perf_counter() - t
+
+    def _apply_next(self, rnd: int):
+        """Receive the ROUND frame of round `rnd` and apply it: (entries, skipped, losses, seconds)."""
+        if rnd != self.applied:
+            raise RuntimeError(f"client {self.id} would apply round {rnd} after round {self.applied - 1}")
+        received = self.link.bytes_received
+        frame = self.link.recv()
+        if frame.kind != Kind.ROUND or frame.step != rnd:
+            raise LinkError(f"expected the ROUND of round {rnd}, got {frame.kind.name} of step {frame.step}")
+        self.sync_bytes[1] += self.link.bytes_received - received
+        entries = round_entries(frame, self.cfg.clients, self.plan.q)
+        skipped = bool(frame.meta.get("skipped"))
+        t = time.perf_counter()
+        with torch.no_grad():
+            if not skipped:
+                apply_round(self.zo, self.plan, rnd, entries, self.lr(rnd), self.cfg.weight_decay)
+        self.applied += 1
+        for client, at, why in frame.meta.get("left", []):
+            self.left.append([client, at, why])
+            if self.id == 0:
+                logger.warning("client %d left at round %d: %s", client, at, why)
+        return entries, skipped, frame.tensors["losses"].tolist(), time.perf_counter() - t
+
     def follow(self, batches: Callable[[int], dict], rounds: int) -> None:
-        """A client other than the lead: hello, then every round (its batch drawn only when sampled).
-        A failure here is sent to the server, which ends the run for every client."""
+        """A client other than the lead: hello, then every round (its batch drawn only when
+        sampled; under --relay sampled, only the rounds it is sampled in, then the rest at the end).
+        A failure here is sent to the server, which drops the client or ends the run."""
         with self.link:
             self.hello()
             for rnd in range(rounds):
                 mine = self.id in self.schedule.sampled(rnd)
-                self.train_step(rnd, batches(self.schedule.position(self.id, rnd)) if mine else None)
+                if mine or self.cfg.relay == "all":
+                    self.train_step(rnd, batches(self.schedule.position(self.id, rnd)) if mine else None)
+            self.catch_up(rounds)
 
 
 class RoundServer:
@@ -303,6 +325,9 @@ class RoundServer:
         for link in self.links[1:]:
             link.max_frame_bytes = self.links[0].max_frame_bytes
         self.live = set(range(len(self.links)))
+        self.log: list[Frame] = []  # the ROUND frames some live client has not been sent, from round _base on
+        self._base = 0
+        self.delivered = [0] * len(self.links)  # rounds sent to each client
         self.left: list[list] = []  # [client, round, why], in the order they left
         self._params = [] if server.optimizer is None else [
             p for group in server.optimizer.param_groups for p in group["params"]
@@ -389,6 +414,7 @@ class RoundServer:
             if i not in self.live:
                 continue
             try:
+                self._deliver(i, rnd)
                 losses, report = self._client_step(i, rnd)
             except LinkError as exc:
                 for p in self._params:  # what it got of the way: not part of the round
@@ -409,12 +435,24 @@ class RoundServer:
             for p in self._params:
                 p.grad = summed.get(id(p))
             self.server._update(rnd, {}, finite, share=len(reports))
-        frame = round_frame(rnd, reports, not (finite and reports), self.server.plan.q, self.left[before:])
+        self.log.append(round_frame(rnd, reports, not (finite and reports), self.server.plan.q, self.left[before:]))
+        last = rnd + 1 == self.cfg.steps
+        sampled = {0, *(i for i, _ in reports)}
         for i in sorted(self.live):
-            try:
-                self.links[i].send(frame)
-            except LinkError as exc:
-                self._drop(i, rnd, exc)
+            if self.cfg.relay == "all" or i in sampled or last:
+                try:
+                    self._deliver(i, rnd + 1)
+                except LinkError as exc:
+                    self._drop(i, rnd, exc)
+        oldest = min(self.delivered[i] for i in self.live)  # every live client has the rounds before it
+        del self.log[: oldest - self._base]
+        self._base = oldest
+
+    def _deliver(self, i: int, upto: int) -> None:
+        """Send client i the ROUND frames of the rounds before `upto` it has not been sent."""
+        while self.delivered[i] < upto:
+            self.links[i].send(self.log[self.delivered[i] - self._base])
+            self.delivered[i] += 1
 
 
 # -- one process: the clients as threads -----------------------------------------------------------------

@@ -220,6 +220,14 @@ class TrainConfig:
         metadata=_help("concentration of --partition dirichlet: small values give each client few labels"),
     )
 
+    relay: str = field(
+        default="all",
+        metadata=_help(
+            "all: every round's update goes to every client; sampled: to the round's clients (and the lead), "
+            "the others catch up from the server's log of rounds when next sampled and after the last round",
+            choices=("all", "sampled"),
+        ),
+    )
     on_client_loss: str = field(
         default="continue",
         metadata=_help(
@@ -381,6 +389,7 @@ class TrainConfig:
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
             "alpha": self.clients == 1 or self.partition != "dirichlet",
+            "relay": self.clients_per_round == self.clients,
             "on_client_loss": self.clients == 1,
             "min_clients": self.clients == 1,
         }
@@ -396,6 +405,8 @@ class TrainConfig:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
                 if name in ("clients_per_round", "partition", "on_client_loss", "min_clients"):
                     raise ValueError(f"{given} needs --clients > 1 (this run has one client)")
+                if name == "relay":
+                    raise ValueError(f"{given} needs --clients-per-round below --clients (every client is sampled)")
                 if name == "alpha":
                     raise ValueError(
                         f"{given} needs --partition dirichlet" + (" and --clients > 1" * (self.clients == 1))
@@ -532,7 +543,7 @@ SECTIONS = {
     "evaluation, logs and checkpoints": [
         "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
-    "many clients": ["clients", "clients_per_round", "partition", "alpha", "on_client_loss", "min_clients"],
+    "many clients": ["clients", "clients_per_round", "partition", "alpha", "relay", "on_client_loss", "min_clients"],
     "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
 }  # fmt: skip
 

@@ -466,6 +466,7 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
         "clients_left": lead.left,
         "client_weights_sha256": lead.digest(),
         "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
+        "catch_up_bytes_per_client": [c.catch_up_bytes for c in clients],
         "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
     }
     summary = _summary(cfg, result, _side_params(sizes), device)

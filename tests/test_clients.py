@@ -150,6 +150,27 @@ def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partitio
         torch.testing.assert_close(server[name], p.detach(), rtol=0, atol=0, msg=name)
 
 
+def test_clients_that_sit_out_rounds_catch_up_to_the_same_bits(tmp_path, monkeypatch):
+    """--relay sampled: a round's update goes only to its clients and the lead; the others get the
+    rounds they missed from the server's log before their next step and after the last round. The
+    run ends with the bits of --relay all, on every client, and the catch-up is counted."""
+    seen = _digests(monkeypatch)
+    common = dict(clients=4, clients_per_round=2, steps=6)
+    everyone = run(cfg_for(tmp_path, "all", **common))
+    seen.clear()
+    lazy = run(cfg_for(tmp_path, "sampled", relay="sampled", **common))
+    assert lazy["clients_identical"] and lazy["client_weights_sha256"] == everyone["client_weights_sha256"]
+    assert _same(_weights(tmp_path / "all")[1], _weights(tmp_path / "sampled")[1])
+    assert everyone["catch_up_bytes_per_client"] == [0, 0, 0, 0]
+    assert lazy["catch_up_bytes_per_client"][0] == 0 and all(b > 0 for b in lazy["catch_up_bytes_per_client"][1:])
+    assert lazy["sync_bytes_per_client"] == everyone["sync_bytes_per_client"]  # the same frames, later
+    assert not lazy["clients_left"]
+    applied = {}
+    for rnd, who, _ in seen:
+        applied.setdefault(who, []).append(rnd)
+    assert len(applied) == 4 and all(rounds == list(range(6)) for rounds in applied.values())  # each, in order
+
+
 def test_a_many_client_run_replays_bit_for_bit(tmp_path):
     cfg = cfg_for(tmp_path, clients=4, clients_per_round=2, partition="dirichlet", alpha=1.0, steps=5)
     run(cfg)
