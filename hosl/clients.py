@@ -328,6 +328,10 @@ class RoundServer:
         self.log: list[Frame] = []  # the ROUND frames some live client has not been sent, from round _base on
         self._base = 0
         self.delivered = [0] * len(self.links)  # rounds sent to each client
+        # Per client: steps served, seconds waiting for its BATCH (a straggler's cost), seconds from
+        # its BATCH to its REPORT (the server's time on its step). The final weights' reply carries them.
+        self.stats = [{"steps": 0, "wait_s": 0.0, "step_s": 0.0} for _ in self.links]
+        server.reply_extra["server_stats"] = self.stats
         self.left: list[list] = []  # [client, round, why], in the order they left
         self._params = [] if server.optimizer is None else [
             p for group in server.optimizer.param_groups for p in group["params"]
@@ -394,7 +398,9 @@ class RoundServer:
         """Client i's step of round rnd: its uploads answered, its REPORT checked."""
         q = self.server.plan.q
         self.server.link = self.links[i]
+        start = time.perf_counter()
         batch = self._recv(i)
+        arrived = time.perf_counter()
         if batch.kind != Kind.BATCH or batch.meta.get("eval") or batch.step != rnd:
             raise LinkError(f"expected client {i}'s BATCH of round {rnd}, got {batch.kind.name} of {batch.step}")
         losses = self.server._answer_step(batch)
@@ -404,6 +410,10 @@ class RoundServer:
         grads, loss = report.tensors.get("grads"), report.tensors.get("loss")
         if grads is None or grads.dtype != torch.float64 or tuple(grads.shape) != (q,) or loss is None:
             raise LinkError(f"client {i}'s REPORT of round {rnd} does not hold its {q} projected gradients")
+        stats = self.stats[i]
+        stats["steps"] += 1
+        stats["wait_s"] += arrived - start
+        stats["step_s"] += time.perf_counter() - arrived
         return losses, report
 
     def _round(self, rnd: int) -> None:

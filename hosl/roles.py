@@ -330,6 +330,7 @@ class SplitServer:
         self.skipped = 0
         self._skips = SkipCounter(cfg.max_skipped, "server")
         self._update_s = 0.0  # reported with the next step: the update runs after a step's answers
+        self.reply_extra: dict = {}  # more for the final weights' reply (hosl.clients: its per-client times)
 
     def serve(self) -> None:
         """Answer frames until CONTROL stop. A failure here is sent to the client before it propagates."""
@@ -525,6 +526,7 @@ class SplitServer:
             path = self._state_dir() / "server.safetensors"
             checkpoint.save_weights(self.model, path)
             reply["files"] = {path.name: checkpoint.sha256_file(path)}
+            reply.update(self.reply_extra)
         else:
             raise LinkError(f"unknown CONTROL op {op!r}")
         self.link.send(Frame(Kind.CONTROL, meta=reply))

@@ -321,6 +321,7 @@ def train(
             final_accuracy if state["best_eval_accuracy"] is None else state["best_eval_accuracy"]
         )
     return {
+        "train_seconds": train_s,
         "final_eval_accuracy": final_accuracy,
         "best_eval_accuracy": state["best_eval_accuracy"],
         "evals": state["evals"],
@@ -481,9 +482,11 @@ def _client_session(
     client.hello()
     result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point, batches)
     checkpoint.save_final(run_dir, client)
-    server_files = client.control("final")["files"]
+    reply = client.control("final")
     client.stop()
-    return result, server_files
+    if "server_stats" in reply:  # many clients: the server's time on each
+        result["server_stats"] = reply["server_stats"]
+    return result, reply["files"]
 
 
 def _side_params(sizes) -> dict:

@@ -95,6 +95,27 @@ def test_bench_accuracy_quick(tmp_path):
     assert again.returncode == 0 and "done before, kept" in again.stderr and "hosl.train" not in again.stderr
 
 
+@pytest.mark.slow
+def test_bench_clients_quick(tmp_path):
+    """Both transports count the same synchronisation per round but dist's framing; it is a few
+    hundred bytes without row lists."""
+    stdout = run("bench_clients.py", "--quick", "--parts", "rounds", "sync", "--rounds", 2, "--out", tmp_path)
+    assert "| local | 2 |" in stdout and "| dist | 2 |" in stdout
+    rows = records(tmp_path / "bench_clients_quick.jsonl")
+    got = {(r["part"], r.get("transport"), r["clients"]): r for r in rows}
+    assert len(rows) == 5
+    for n in (1, 2):
+        local, dist = got[("rounds", "local", n)], got[("rounds", "dist", n)]
+        frames = 2 if n > 1 else 0  # a REPORT up, a ROUND down; dist adds an 8-byte length to each
+        assert dist["sync_bytes_per_round"] == local["sync_bytes_per_round"] + 8 * frames
+        assert dist["activation_bytes_per_round"] > local["activation_bytes_per_round"] > 0  # + dist's framing
+    assert (
+        got[("rounds", "local", 1)]["sync_bytes_per_round"] == 0 < got[("rounds", "local", 2)]["sync_bytes_per_round"]
+    )
+    assert got[("rounds", "local", 2)]["server_step_s"] > 0
+    assert 0 < got[("sync", None, 2)]["sync_bytes_per_round"] < 1024
+
+
 CUDA_ABSENT = [
     ("bench_memory.py", ["--device", "cuda"], "--device cuda: torch"),
     ("bench_noise.py", ["--device", "cuda"], "--device cuda: torch"),
@@ -105,6 +126,8 @@ BAD_FLAGS = [
     ("bench_boundary.py", ["--repeats", "0"], "--repeats must be >= 1; got 0"),
     ("bench_step.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("bench_step.py", ["--split-layer", "9"], "--split-layer must be in [0, 8] for small, got 9"),
+    ("bench_clients.py", ["--clients", "0"], "--clients must be >= 1, got 0"),
+    ("bench_clients.py", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
     *([] if torch.cuda.is_available() else CUDA_ABSENT),
 ]
 
