@@ -18,6 +18,10 @@ Parts (--parts; all by default):
 * memory: the client process's peak RSS (dist, so the client is alone in its process) for one
   client (--clients 1, in-place probes) against the lead of --clients 4 (scratch probes, ROUND
   frames): the target is within 5%.
+* accuracy (not in the default parts: --parts accuracy): SST-2 (../shared/data or $HOSL_DATA) on
+  the built-in model, N in {1, 2, 4, 8} at the same number of training examples seen (--examples
+  in all: N clients of batch 16 take examples / (16 N) rounds), IID and Dirichlet(0.1) shards,
+  --seeds seeds. It resumes: a point already in bench_clients_accuracy.jsonl is kept.
 
     python benchmarks/bench_clients.py --quick     # N in {1, 2}, a few rounds: a minute
     python benchmarks/bench_clients.py             # the whole grid, about 15 minutes on 2 cores
@@ -37,7 +41,9 @@ from pathlib import Path
 import torch
 from _common import Recorder, bench_parser, environment, fmt_bytes, free_port, log, print_table
 
-PARTS = ("rounds", "sync", "memory")
+PARTS = ("rounds", "sync", "memory", "accuracy")
+DEFAULT_PARTS = ["rounds", "sync", "memory"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(flags: list[str], transport: str, clients: int, out: Path, timeout: float = 1800) -> dict:
@@ -77,7 +83,9 @@ def _per_round(summary: dict, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, quick="N in {1, 2} and a few rounds")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=DEFAULT_PARTS)
+    parser.add_argument("--examples", type=int, default=7680, help="accuracy: training examples seen per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="accuracy: run seeds")
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="N (default 1 2 4 8; --quick 1 2)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 30; --quick 4)")
     parser.add_argument("--transports", nargs="+", choices=("local", "dist"), default=["local", "dist"])
@@ -148,8 +156,62 @@ def main(argv=None) -> int:
         print("\nThe client process's peak RSS (dist, OPT-125M shape cut at 3, batch 8)")
         print_table(["N", "peak RSS"], rows)
         print(f"N = 4 / N = 1: {rec.records[-1]['client_peak_memory_bytes'] / base:.3f}")
+    if "accuracy" in args.parts:
+        _accuracy(args, [n for n in ns if args.examples % (16 * n) == 0], out_dir, cpu)
     log(f"wrote {rec.path}")
     return 0
+
+
+def _accuracy(args, ns, out_dir, cpu) -> None:
+    path = args.out / "bench_clients_accuracy.jsonl"
+    done = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    key = ("clients", "partition", "seed", "examples")
+    have = {tuple(r[k] for k in key): r for r in done}
+    rec = Recorder(path, environment())
+    rec.records = list(done)
+    path.write_text("".join(json.dumps(r) + "\n" for r in done))
+    data = os.environ.get("HOSL_DATA", str(REPO.parent / "shared" / "data"))
+    for seed in args.seeds:
+        for partition in ("iid", "dirichlet"):
+            for n in ns:
+                if n == 1 and partition == "dirichlet":
+                    continue  # one client holds every example either way
+                point = (n, partition if n > 1 else "iid", seed, args.examples)
+                if point in have:
+                    log(f"accuracy: N = {n}, {partition}, seed {seed}: done before, kept")
+                    continue
+                log(f"accuracy: N = {n}, {partition}, seed {seed}")
+                flags = ["--task", "sst2", "--data-dir", data, "--batch-size", "16", "--seed", str(seed),
+                         "--steps", str(args.examples // (16 * n))]  # fmt: skip
+                if n > 1:
+                    flags += ["--partition", partition] + (["--alpha", "0.1"] if partition == "dirichlet" else [])
+                summary = _run(flags, "local", n, out_dir(), timeout=3600)
+                rec.add(
+                    cpu,
+                    part="accuracy",
+                    clients=n,
+                    partition=point[1],
+                    seed=seed,
+                    examples=args.examples,
+                    rounds=args.examples // (16 * n),
+                    accuracy=summary["final_eval_accuracy"],
+                    shard_examples=summary.get("shard_examples"),
+                    train_seconds=summary["train_seconds"],
+                )
+    rows = []
+    for partition in ("iid", "dirichlet"):
+        for n in ns:
+            want = (n, partition if n > 1 else "iid", args.examples)
+            got = [
+                r["accuracy"]
+                for r in rec.records
+                if (r["clients"], r["partition"], r["examples"]) == want and r["seed"] in args.seeds
+            ]
+            if got:
+                mean = sum(got) / len(got)
+                rows.append([partition, n, args.examples // (16 * n), f"{mean:.3f}", len(got)])
+    print(f"\nSST-2 accuracy at {args.examples} training examples seen (built-in model, hosl defaults)")
+    print_table(["shards", "N", "rounds", "accuracy (mean)", "seeds"], rows, [False] + [True] * 4)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ evaluation, checkpoints and replay) to save one pass in 2Q+1; hosl keeps steps s
 The schedule is a pure function of (seeds, mu, estimator), and the update of (seeds, mu, lr,
 weight decay, the g_q); replaying the same passes from the same initial weights gives the same
 bits (hosl.replay). The +mu/-mu round trip is not exact in float32, and replay repeats it too.
+Scratch probes (PROBE_WRITES, _ScratchProbes) write no probe into the weights: each module's
+weights are perturbed in a scratch copy of them while it runs, the weights stay w, a step's end is
+the update alone, and replay is one pass per step.
 
 Row-sparse tables: a step's loss reads only the rows of an embedding table that its batch's tokens
 index, so ZOParams can perturb and update just those rows (hosl.noise.add_rows_), each element

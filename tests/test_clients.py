@@ -400,3 +400,24 @@ def test_a_client_process_killed_mid_run_is_dropped_and_the_run_ends_normally(tm
     assert f"client 1: weights sha256 {summary['client_weights_sha256']}" in (tmp_path / "rank2.log").read_text()
     log = read_log(out / "zo_log.jsonl")
     assert len(log) == 40 and log[-1]["clients"] == [0, 1]
+
+
+def test_a_round_frame_that_does_not_describe_a_round_of_this_run_is_refused():
+    from hosl.boundary import Frame, Kind
+
+    def frame(**tensors):
+        return Frame(Kind.ROUND, step=0, tensors=tensors)
+
+    good = dict(clients=torch.tensor([0, 2]), grads=torch.zeros(2, 3, dtype=torch.float64))
+    assert [c for c, _, _ in many.round_entries(frame(**good), 3, 3)] == [0, 2]
+    bad = [
+        (dict(good, grads=torch.zeros(2, 3)), "int64 clients and float64 grads"),
+        (dict(good, grads=torch.zeros(2, 4, dtype=torch.float64)), "grads"),
+        (dict(good, clients=torch.tensor([2, 0])), "names clients"),
+        (dict(good, clients=torch.tensor([0, 3])), "names clients"),
+        (dict(good, row_counts=torch.tensor([[2], [1]]), rows=torch.tensor([1, 2])), "row counts"),
+        (dict(good, row_counts=torch.tensor([[2], [1]]), rows=torch.tensor([1.0, 2.0, 3.0])), "row counts"),
+    ]
+    for tensors, message in bad:
+        with pytest.raises(LinkError, match=message):
+            many.round_entries(frame(**tensors), 3, 3)
