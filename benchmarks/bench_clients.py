@@ -18,8 +18,9 @@ Parts (--parts; all by default):
 * memory: the client process's peak RSS (dist, so the client is alone in its process) for one
   client (--clients 1, in-place probes) against the lead of --clients 4 (scratch probes, ROUND
   frames): the target is within 5%.
-* accuracy (not in the default parts: --parts accuracy): SST-2 (../shared/data or $HOSL_DATA) on
-  the built-in model, N in {1, 2, 4, 8} at the same number of training examples seen (--examples
+* accuracy (not in the default parts: --parts accuracy): the built-in model on --task (synthetic,
+  the built-in task; or sst2 from ../shared/data or $HOSL_DATA, which the built-in model does not
+  learn at this budget), N in {1, 2, 4, 8} at the same number of training examples seen (--examples
   in all: N clients of batch 16 take examples / (16 N) rounds), IID and Dirichlet(0.1) shards,
   --seeds seeds. It resumes: a point already in bench_clients_accuracy.jsonl is kept.
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=DEFAULT_PARTS)
     parser.add_argument("--examples", type=int, default=7680, help="accuracy: training examples seen per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="accuracy: run seeds")
+    parser.add_argument("--task", choices=("synthetic", "sst2"), default="synthetic", help="accuracy: the task")
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="N (default 1 2 4 8; --quick 1 2)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 30; --quick 4)")
     parser.add_argument("--transports", nargs="+", choices=("local", "dist"), default=["local", "dist"])
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
     ns = args.clients or ([1, 2] if args.quick else [1, 2, 4, 8])
     rounds = args.rounds or (4 if args.quick else 30)
     name = "bench_clients_quick.jsonl" if args.quick else "bench_clients.jsonl"
-    rec = Recorder(args.out / name, environment())
+    # The other parts' file is rewritten only when one of them runs.
+    rec = Recorder(args.out / name, environment()) if set(args.parts) - {"accuracy"} else None
     cpu = torch.device("cpu")
     work = Path(tempfile.mkdtemp(prefix="hosl_bench_clients_"))
     common = ["--steps", str(rounds), "--batch-size", "16", "--eval-examples", "32"]
@@ -156,16 +159,17 @@ def main(argv=None) -> int:
         print("\nThe client process's peak RSS (dist, OPT-125M shape cut at 3, batch 8)")
         print_table(["N", "peak RSS"], rows)
         print(f"N = 4 / N = 1: {rec.records[-1]['client_peak_memory_bytes'] / base:.3f}")
-    if "accuracy" in args.parts:
+    if "accuracy" in args.parts:  # its own file, which it extends
         _accuracy(args, [n for n in ns if args.examples % (16 * n) == 0], out_dir, cpu)
-    log(f"wrote {rec.path}")
+    if rec is not None:
+        log(f"wrote {rec.path}")
     return 0
 
 
 def _accuracy(args, ns, out_dir, cpu) -> None:
     path = args.out / "bench_clients_accuracy.jsonl"
     done = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    key = ("clients", "partition", "seed", "examples")
+    key = ("task", "clients", "partition", "seed", "examples")
     have = {tuple(r[k] for k in key): r for r in done}
     rec = Recorder(path, environment())
     rec.records = list(done)
@@ -176,21 +180,23 @@ def _accuracy(args, ns, out_dir, cpu) -> None:
             for n in ns:
                 if n == 1 and partition == "dirichlet":
                     continue  # one client holds every example either way
-                point = (n, partition if n > 1 else "iid", seed, args.examples)
+                point = (args.task, n, partition if n > 1 else "iid", seed, args.examples)
                 if point in have:
                     log(f"accuracy: N = {n}, {partition}, seed {seed}: done before, kept")
                     continue
                 log(f"accuracy: N = {n}, {partition}, seed {seed}")
-                flags = ["--task", "sst2", "--data-dir", data, "--batch-size", "16", "--seed", str(seed),
+                flags = ["--task", args.task, "--batch-size", "16", "--seed", str(seed),
                          "--steps", str(args.examples // (16 * n))]  # fmt: skip
+                flags += ["--data-dir", data] if args.task == "sst2" else []
                 if n > 1:
                     flags += ["--partition", partition] + (["--alpha", "0.1"] if partition == "dirichlet" else [])
                 summary = _run(flags, "local", n, out_dir(), timeout=3600)
                 rec.add(
                     cpu,
                     part="accuracy",
+                    task=args.task,
                     clients=n,
-                    partition=point[1],
+                    partition=point[2],
                     seed=seed,
                     examples=args.examples,
                     rounds=args.examples // (16 * n),
@@ -201,17 +207,18 @@ def _accuracy(args, ns, out_dir, cpu) -> None:
     rows = []
     for partition in ("iid", "dirichlet"):
         for n in ns:
-            want = (n, partition if n > 1 else "iid", args.examples)
+            want = (args.task, n, partition if n > 1 else "iid", args.examples)
             got = [
                 r["accuracy"]
                 for r in rec.records
-                if (r["clients"], r["partition"], r["examples"]) == want and r["seed"] in args.seeds
+                if (r["task"], r["clients"], r["partition"], r["examples"]) == want and r["seed"] in args.seeds
             ]
             if got:
                 mean = sum(got) / len(got)
                 rows.append([partition, n, args.examples // (16 * n), f"{mean:.3f}", len(got)])
-    print(f"\nSST-2 accuracy at {args.examples} training examples seen (built-in model, hosl defaults)")
+    print(f"\n{args.task} accuracy at {args.examples} training examples seen (built-in model, hosl defaults)")
     print_table(["shards", "N", "rounds", "accuracy (mean)", "seeds"], rows, [False] + [True] * 4)
+    log(f"wrote {path}")
 
 
 if __name__ == "__main__":
