@@ -54,6 +54,9 @@ from hosl.transport import Link, LinkError, PeerError
 logger = logging.getLogger(__name__)
 
 
+_DIRICHLET_DRAWS = 100
+
+
 class PartitionError(ValueError):
     """A partition that leaves a client without training examples."""
 
@@ -66,8 +69,9 @@ def partition(
 ) -> list[list[int]]:
     """The indices of each of n clients' training examples. iid: a seeded permutation dealt out in
     turn. dirichlet: per label, proportions over the clients drawn from Dirichlet(alpha) and that
-    label's (shuffled) examples cut by them, as the federated-learning literature skews labels.
-    One client gets every example, in order. PartitionError when a client would get none."""
+    label's (shuffled) examples cut by them, as the federated-learning literature skews labels;
+    drawn again (up to 100 times, seeded) while a client gets no example. One client gets every
+    example, in order. PartitionError when a client would get none."""
     count = len(labels)
     if n == 1:
         return [list(range(count))]
@@ -78,15 +82,19 @@ def partition(
             shards[i % n].append(index)
     elif scheme == "dirichlet":
         concentration = torch.full((n,), float(alpha), dtype=torch.float64)
-        for label in sorted(set(labels)):
-            members = [i for i, y in enumerate(labels) if y == label]
-            members = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
-            gammas = torch._standard_gamma(concentration, generator=g)
-            cuts = (torch.cumsum(gammas / gammas.sum(), 0) * len(members)).round().long().tolist()
-            lo = 0
-            for i, hi in enumerate(cuts):
-                shards[i].extend(members[lo:hi])
-                lo = hi
+        for _ in range(_DIRICHLET_DRAWS):  # as the literature does: draw again while a client has none
+            shards = [[] for _ in range(n)]
+            for label in sorted(set(labels)):
+                members = [i for i, y in enumerate(labels) if y == label]
+                members = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+                gammas = torch._standard_gamma(concentration, generator=g)
+                cuts = (torch.cumsum(gammas / gammas.sum(), 0) * len(members)).round().long().tolist()
+                lo = 0
+                for i, hi in enumerate(cuts):
+                    shards[i].extend(members[lo:hi])
+                    lo = hi
+            if all(shards):
+                break
     else:
         raise ValueError(f"partition must be iid or dirichlet, got {scheme!r}")
     empty = [i for i, shard in enumerate(shards) if not shard]
