@@ -5,6 +5,7 @@ written here from the primitives; shards, sampling, replay, failures and bad inp
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -356,8 +357,8 @@ def test_three_clients_over_dist_equal_three_clients_in_one_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     dist = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert dist["client_weights_sha256"] == summary["client_weights_sha256"]
-    followers = sorted(line for line in out.stdout.splitlines() if "weights sha256" in line)
-    assert followers == [f"client {i}: weights sha256 {summary['client_weights_sha256']}" for i in (1, 2)]
+    followers = sorted(re.findall(r"client (\d+): weights sha256 ([0-9a-f]{64})", out.stdout))  # lines may interleave
+    assert followers == [(str(i), summary["client_weights_sha256"]) for i in (1, 2)]
     metrics = [json.loads(x).get("loss") for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(x).get("loss") for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == again
