@@ -107,6 +107,25 @@ def partition(
     return [sorted(shard) for shard in shards]
 
 
+def hold_out(shards: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(training part, held-out part) of each shard: round(fraction * size) of its examples, drawn
+    with the seed, are held out for evaluating the shared model on that client's own data.
+    PartitionError when a client would be left no training example."""
+    if not fraction:
+        return shards, [[] for _ in shards]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 29)
+    train, held = [], []
+    for i, shard in enumerate(shards):
+        k = round(fraction * len(shard))
+        if k >= len(shard):
+            what = f"--client-eval-fraction {fraction:g} leaves client {i} no training examples"
+            raise PartitionError(f"{what} ({len(shard)} in its shard)")
+        picked = {shard[j] for j in torch.randperm(len(shard), generator=g)[:k].tolist()}
+        train.append([x for x in shard if x not in picked])
+        held.append(sorted(picked))
+    return train, held
+
+
 class Schedule:
     """Which clients each round samples, and how far into its shard each client is."""
 

@@ -220,6 +220,13 @@ class TrainConfig:
         metadata=_help("concentration of --partition dirichlet: small values give each client few labels"),
     )
 
+    client_eval_fraction: float = field(
+        default=0.0,
+        metadata=_help(
+            "hold out this fraction of each client's shard and report the final model's accuracy on each "
+            "client's part (client_eval_accuracy in the summary), beside the shared evaluation set"
+        ),
+    )
     relay: str = field(
         default="all",
         metadata=_help(
@@ -316,6 +323,8 @@ class TrainConfig:
             )
         if not 1 <= self.min_clients <= self.clients:
             raise ValueError(f"--min-clients must be in [1, --clients {self.clients}], got {self.min_clients}")
+        if not (math.isfinite(self.client_eval_fraction) and 0 <= self.client_eval_fraction < 1):
+            raise ValueError(f"--client-eval-fraction must be in [0, 1), got {self.client_eval_fraction}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha}")
         if self.clients > 1:
@@ -389,6 +398,7 @@ class TrainConfig:
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
             "alpha": self.clients == 1 or self.partition != "dirichlet",
+            "client_eval_fraction": self.clients == 1,
             "relay": self.clients_per_round == self.clients,
             "on_client_loss": self.clients == 1,
             "min_clients": self.clients == 1,
@@ -403,7 +413,7 @@ class TrainConfig:
                     )
                 if name == "momentum" and fo_side:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
-                if name in ("clients_per_round", "partition", "on_client_loss", "min_clients"):
+                if name in ("clients_per_round", "partition", "client_eval_fraction", "on_client_loss", "min_clients"):
                     raise ValueError(f"{given} needs --clients > 1 (this run has one client)")
                 if name == "relay":
                     raise ValueError(f"{given} needs --clients-per-round below --clients (every client is sampled)")
@@ -543,7 +553,8 @@ SECTIONS = {
     "evaluation, logs and checkpoints": [
         "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
-    "many clients": ["clients", "clients_per_round", "partition", "alpha", "relay", "on_client_loss", "min_clients"],
+    "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
+                     "on_client_loss", "min_clients"],
     "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
 }  # fmt: skip
 

@@ -436,23 +436,47 @@ def _rounds(cfg: TrainConfig) -> bool:
     return cfg.clients > 1
 
 
+def _client_data(cfg: TrainConfig, train_examples, tokenizer):
+    """Every client's shard (its training part), held-out part (--client-eval-fraction) and batches:
+    the same on every process of a run."""
+    from hosl import clients as many
+
+    shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    shards, held = many.hold_out(shards, cfg.client_eval_fraction, cfg.seed)
+    streams = [Batches([train_examples[i] for i in s], tokenizer, cfg, stream=c) for c, s in enumerate(shards)]
+    return shards, held, streams
+
+
+def _held_out_accuracy(cfg, held, train_examples, tokenizer):
+    """After the last round: the shared model's accuracy on each client's held-out part, evaluated
+    by the lead (every process of this simulation reads the whole dataset; the clients hold the
+    same weights, so each would get the same number on its own part)."""
+
+    def evaluate_held(client, result):
+        if cfg.client_eval_fraction:
+            parts = [[train_examples[j] for j in h] for h in held]
+            result["client_eval_accuracy"] = [evaluate(client, tokenizer, p, cfg, cfg.steps) for p in parts]
+
+    return evaluate_held
+
+
 def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes) -> dict:
     """--clients N > 1 in one process (hosl.clients): the lead client runs the loop, the others and
     the server run on threads; at the end every client's weights are compared with the lead's."""
     from hosl import clients as many
 
     device = next(client_model.parameters()).device
-    shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
-    streams = [Batches([train_examples[i] for i in s], tokenizer, cfg, stream=c) for c, s in enumerate(shards)]
+    shards, held, streams = _client_data(cfg, train_examples, tokenizer)
     schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
 
     def lead_batches(rnd):
         return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
 
+    after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
     with many.local_rounds(cfg, client_model, server_model, streams, run_dir) as clients:
         lead = clients[0]
         result, server_files = _client_session(
-            cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=lead_batches
+            cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=lead_batches, after=after
         )
     gone = {c for c, _, _ in lead.left}
     identical = all(torch.equal(c.zo.flat.flat, lead.zo.flat.flat) for c in clients if c.id not in gone)
@@ -475,12 +499,15 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
 
 
 def _client_session(
-    cfg, client, tokenizer, train_examples, eval_examples, run_dir, point, batches=None
+    cfg, client, tokenizer, train_examples, eval_examples, run_dir, point, batches=None, after=None
 ) -> tuple[dict, dict]:
     """The client's whole session, over either transport: hello, training, the final weights of both
-    sides, stop. Returns the training result and the server's final files with their digests."""
+    sides, stop. Returns the training result and the server's final files with their digests.
+    after(client, result): more work with the server before the final weights (held-out evaluation)."""
     client.hello()
     result = train(cfg, client, tokenizer, train_examples, eval_examples, run_dir, client.link, point, batches)
+    if after is not None:
+        after(client, result)
     checkpoint.save_final(run_dir, client)
     reply = client.control("final")
     client.stop()
@@ -603,8 +630,7 @@ def _dist_rounds(cfg: TrainConfig, secret) -> dict | None:
         tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
         client_model, _ = _one_side(cfg, "client", train_examples, device)
         torch.manual_seed(cfg.seed)
-        shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
-        mine = Batches([train_examples[i] for i in shards[link.client_id]], tokenizer, cfg, stream=link.client_id)
+        mine = _client_data(cfg, train_examples, tokenizer)[2][link.client_id]
         client = many.RoundClient(cfg, SplitClient(cfg, client_model, link, client_id=link.client_id), schedule)
         client.follow(mine, cfg.steps)
         print(f"client {client.id}: weights sha256 {client.digest()}", flush=True)
@@ -618,15 +644,15 @@ def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
     tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
     client_model, sizes = _one_side(cfg, "client", train_examples, device)
     torch.manual_seed(cfg.seed)
-    shards = many.partition([e.label for e in train_examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
-    stream = Batches([train_examples[i] for i in shards[0]], tokenizer, cfg)
+    shards, held, streams = _client_data(cfg, train_examples, tokenizer)
     lead = many.RoundClient(cfg, SplitClient(cfg, client_model, link), schedule)
 
     def batches(rnd):
-        return stream(schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
+        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
 
+    after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
     result, server_files = _client_session(
-        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches
+        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches, after=after
     )
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
     extra = {

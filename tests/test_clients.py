@@ -228,6 +228,29 @@ def test_dirichlet_shards_skew_the_labels_more_as_alpha_shrinks():
     assert mean_labels(100.0, 0) == 4
 
 
+def test_each_client_can_hold_out_part_of_its_shard_for_its_own_evaluation(tmp_path, monkeypatch):
+    """--client-eval-fraction: a seeded part of each shard is never trained on, and the summary has
+    the final model's accuracy on each client's part, as the run's own evaluation computes it."""
+    shards = many.partition([i % 2 for i in range(90)], 3, "iid", seed=0)
+    train, held = many.hold_out(shards, 0.2, seed=0)
+    for s, t, h in zip(shards, train, held):
+        assert sorted(t + h) == s and not set(t) & set(h) and len(h) == 6
+    assert many.hold_out(shards, 0.2, seed=0) == (train, held) != many.hold_out(shards, 0.2, seed=1)
+    parts = []
+    evaluate = trainer.evaluate
+
+    def recording(client, tokenizer, examples, cfg, step):
+        parts.append(len(examples))
+        return evaluate(client, tokenizer, examples, cfg, step)
+
+    monkeypatch.setattr(trainer, "evaluate", recording)
+    summary = run(cfg_for(tmp_path, clients=3, client_eval_fraction=0.25))
+    assert summary["shard_examples"] == [24, 24, 24] and parts == [16, 8, 8, 8]  # shared set, then each part
+    assert len(summary["client_eval_accuracy"]) == 3 and all(0 <= a <= 1 for a in summary["client_eval_accuracy"])
+    with pytest.raises(many.PartitionError, match="leaves client 0 no training examples"):
+        many.hold_out([[1, 2]], 0.9, seed=0)
+
+
 def test_a_partition_that_leaves_a_client_nothing_is_refused():
     with pytest.raises(many.PartitionError, match="leaves client .* no training examples"):
         many.partition([0] * 5, 8, "iid")
@@ -313,6 +336,8 @@ def test_losing_a_client_ends_the_run_under_on_client_loss_fail_or_below_min_cli
         (["--clients", "2", "--method", "fo"], "--clients 2 needs --method hosl"),
         (["--clients", "2", "--zo-probes", "inplace"], "--clients 2 needs --zo-probes scratch"),
         (["--clients", "40", "--train-examples", "20"], "leaves client 20 no training examples"),
+        (["--clients", "2", "--client-eval-fraction", "1"], "--client-eval-fraction must be in [0, 1), got 1.0"),
+        (["--client-eval-fraction", "0.1"], "--client-eval-fraction 0.1 needs --clients > 1"),
     ],
 )
 def test_bad_many_client_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
