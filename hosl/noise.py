@@ -214,7 +214,11 @@ def add_(
     seed_list = _check_seeds(seeds)
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, x.numel())
-    name = resolve_backend(backend, x.device)
+    return _launch(x, seed_list, scale_t, offset, resolve_backend(backend, x.device))
+
+
+def _launch(x: torch.Tensor, seed_list: list[int], scale_t: torch.Tensor, offset: int, name: str) -> torch.Tensor:
+    """add_ after its checks."""
     if x.numel() == 0:
         return x
     if name == "cpp":
@@ -273,7 +277,12 @@ def add_rows_(
     seed_list = _check_seeds(seeds, "add_rows_")
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, table.numel())
-    name = resolve_backend(backend, table.device)
+    return _launch_rows(table, row_t, seed_list, scale_t, offset, resolve_backend(backend, table.device))
+
+
+def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str) -> torch.Tensor:
+    """add_rows_ after its checks (row_t: sorted distinct int64 rows on the CPU)."""
+    num_rows, width = table.shape
     if row_t.numel() == 0 or width == 0:
         return table
     if name == "cpp":
@@ -300,6 +309,41 @@ def add_rows_(
     # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
     torch.autograd.graph.increment_version(table)
     return table
+
+
+class Terms:
+    """Seeds and scales checked once, for many add_ and add_rows_ calls on different tensors (a
+    scratch probe puts one term on each module's weights in turn): the functions' results, bit
+    for bit, without their per-call checks of the terms. The tensors' own checks remain."""
+
+    def __init__(self, seeds, scales, backend: str | None = None):
+        self.seeds = _check_seeds(seeds)
+        self.scales = _check_scales(scales, len(self.seeds))
+        self._backend = backend
+        self._names: dict[torch.device, str] = {}
+
+    def _name(self, device: torch.device) -> str:
+        if device not in self._names:
+            self._names[device] = resolve_backend(self._backend, device)
+        return self._names[device]
+
+    def add_(self, x: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
+        if x.dtype not in _DTYPE_CODES or not x.is_contiguous():
+            return add_(x, self.seeds, self.scales, offset=offset, backend=self._backend)  # it says what is wrong
+        return _launch(x, self.seeds, self.scales, _check_offset(offset, x.numel()), self._name(x.device))
+
+    def add_rows_(self, table: torch.Tensor, rows: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
+        """rows: as checked_rows(rows, table.shape[0]) gives them."""
+        if table.dtype not in _DTYPE_CODES or table.dim() != 2 or not table.is_contiguous():
+            return add_rows_(table, rows, self.seeds, self.scales, offset=offset, backend=self._backend)
+        name = self._name(table.device)
+        return _launch_rows(table, rows, self.seeds, self.scales, _check_offset(offset, table.numel()), name)
+
+
+def checked_rows(rows, num_rows: int) -> torch.Tensor:
+    """The distinct rows of `rows`, sorted, as an int64 CPU tensor (ValueError for one out of range):
+    what Terms.add_rows_ takes."""
+    return _check_rows(rows, num_rows)
 
 
 def gaussian(

@@ -316,6 +316,9 @@ class _ScratchProbes:
     def probe(self, seed: int, scale: float, rows):
         if self.active is not None:
             raise RuntimeError("a scratch probe is already active")
+        if rows is not None:  # checked once for the probe's every module
+            rows = [None if r is None else noise.checked_rows(r, n) for r, (_, n, _) in zip(rows, self.params.tables)]
+        self.terms = noise.Terms([seed], [scale])
         self.active, self.calls = (seed, scale, rows), [0] * len(self.owners)
         try:
             yield
@@ -335,23 +338,22 @@ class _ScratchProbes:
             view = buf[start:end]
             if table is not None and rows is not None and rows[table] is not None:
                 _, n, width = self.params.tables[table]
-                yield start, view.view(n, width), rows[table].to(view.device)
+                yield start, view.view(n, width), rows[table]
             else:
                 yield start, view, None
 
     def _enter(self, i: int) -> None:
         if self.active is None:
             return
-        seed, scale, _ = self.active
-        offset = self.params.offset
+        offset, terms = self.params.offset, self.terms
         saved = []
         for start, view, picked in self._views(i):
             if picked is None:
                 saved.append(view.clone())
-                noise.add_(view, [seed], [scale], offset=offset + start)
+                terms.add_(view, offset=offset + start)
             else:
-                saved.append(view.index_select(0, picked))
-                noise.add_rows_(view, picked, [seed], [scale], offset=offset + start)
+                saved.append(view.index_select(0, picked.to(view.device)))
+                terms.add_rows_(view, picked, offset=offset + start)
         self.saved.setdefault(i, []).append(saved)
         self.calls[i] += 1
 
@@ -365,7 +367,7 @@ class _ScratchProbes:
             if picked is None:
                 view.copy_(old)
             else:
-                view.index_copy_(0, picked, old)
+                view.index_copy_(0, picked.to(view.device), old)
 
 
 def encode_rows(rows: Sequence) -> list[list[int] | None]:

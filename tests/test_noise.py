@@ -478,3 +478,26 @@ def test_the_noise_and_the_frames_number_dtypes_alike():
     x = torch.zeros(8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="the noise's dtype code must be 1"):
         _C.add_noise(x.data_ptr(), 8, boundary._DTYPE_CODES[torch.int8], [1], [1.0], 0, 1)
+
+
+def test_terms_checked_once_give_the_functions_bits():
+    """noise.Terms (what a scratch probe uses on each module in turn) against add_ and add_rows_ on
+    copies: the same bits, on float32 and bfloat16, dense and on rows; bad tensors still refused."""
+    terms = noise.Terms([11, 12], [0.5, -0.25])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1000).to(dtype)
+        a, b = x.clone(), x.clone()
+        terms.add_(a, offset=77)
+        noise.add_(b, [11, 12], [0.5, -0.25], offset=77)
+        assert torch.equal(a, b) and not torch.equal(a, x)
+        t = torch.randn(9, 13).to(dtype)
+        a, b = t.clone(), t.clone()
+        terms.add_rows_(a, noise.checked_rows([7, 2, 2], 9), offset=5)
+        noise.add_rows_(b, [2, 7], [11, 12], [0.5, -0.25], offset=5)
+        assert torch.equal(a, b) and torch.equal(a[0], t[0]) and not torch.equal(a[2], t[2])
+    with pytest.raises(ValueError, match="contiguous"):
+        terms.add_(torch.zeros(4, 4).t())
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        terms.add_(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        noise.checked_rows([9], 9)
