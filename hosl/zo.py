@@ -323,11 +323,10 @@ class _ScratchProbes:
         try:
             yield
         finally:
+            for i, stack in self.saved.items():  # a forward that raised inside a module: put its weights back
+                while stack:
+                    self._restore(i, stack.pop())
             self.active = None
-            leftover = [i for i, stack in self.saved.items() if stack]
-            for i in leftover:  # a forward that raised inside a module: put its weights back
-                while self.saved[i]:
-                    self._restore(i, self.saved[i].pop())
         unread = [name for (name, _), n in zip(self.owners, self.calls) if n == 0]
         if unread:
             raise RuntimeError(f"scratch probes: {unread[0]} holds ZO weights but did not run in the probe's forward")

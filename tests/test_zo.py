@@ -233,11 +233,12 @@ def test_scratch_probes_leave_untouched_rows_alone_and_restore_after_a_failed_fo
     w0 = params.flat.flat.clone()
     calls = []
 
-    def boom(module, args, output):
+    def boom(module, args):
         calls.append(1)
         raise RuntimeError("boom")
 
-    handle = client.stack.layers[1].mlp.down_proj.register_forward_hook(boom)
+    # After the probe's own pre-hook: down_proj is perturbed and never reaches its restoring hook.
+    handle = client.stack.layers[1].mlp.down_proj.register_forward_pre_hook(boom)
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(RuntimeError, match="boom"):
         with params.perturbed(11, 1e-2, [torch.tensor([5, 6, 7])]):
