@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hosl import checkpoint, zo
+from hosl.clients import apply_round
 from hosl.config import TrainConfig
 from hosl.plan import ZO, StepPlan, method_of
 
@@ -49,8 +50,6 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
         step = record["step"]
         if "clients" in record:  # a round of many clients (hosl.clients): its update alone
             if not record["skipped"]:
-                from hosl.clients import apply_round
-
                 per_client = record.get("rows") or [None] * len(record["clients"])
                 entries = [
                     (c, g, None if r is None else zo.decode_rows(r))

@@ -98,6 +98,7 @@ class SplitClient:
         self.model = model
         self.link = link
         self.client_id = client_id  # its probe seeds (hosl.clients: each client of a round has its own)
+        self.report_bytes = 0  # the last REPORT frame's size (hosl.clients)
         link.max_frame_bytes = frame_bytes_limit(cfg, model.stack.config.hidden_size)
         self.device = device_of(model)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -460,6 +460,30 @@ def _held_out_accuracy(cfg, held, train_examples, tokenizer):
     return evaluate_held
 
 
+def _lead_batches(streams, schedule):
+    """The lead's batch of each round: the next of its shard when it is sampled, else None."""
+
+    def batches(rnd):
+        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
+
+    return batches
+
+
+def _rounds_summary(cfg: TrainConfig, shards, lead, clients) -> dict:
+    """What a many-client summary adds, from the clients this process holds (all of them, or the lead)."""
+    return {
+        "clients": cfg.clients,
+        "clients_per_round": cfg.clients_per_round,
+        "partition": cfg.partition,
+        "shard_examples": [len(s) for s in shards],
+        "client_weights_sha256": lead.digest(),
+        "clients_left": lead.left,
+        "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
+        "catch_up_bytes_per_client": [c.catch_up_bytes for c in clients],
+        "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
+    }
+
+
 def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_examples, eval_examples, sizes) -> dict:
     """--clients N > 1 in one process (hosl.clients): the lead client runs the loop, the others and
     the server run on threads; at the end every client's weights are compared with the lead's."""
@@ -467,33 +491,18 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
 
     device = next(client_model.parameters()).device
     shards, held, streams = _client_data(cfg, train_examples, tokenizer)
-    schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
-
-    def lead_batches(rnd):
-        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
-
     after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
     with many.local_rounds(cfg, client_model, server_model, streams, run_dir) as clients:
         lead = clients[0]
+        batches = _lead_batches(streams, lead.schedule)
         result, server_files = _client_session(
-            cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=lead_batches, after=after
+            cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches, after=after
         )
     gone = {c for c, _, _ in lead.left}
     identical = all(torch.equal(c.zo.flat.flat, lead.zo.flat.flat) for c in clients if c.id not in gone)
     if not identical:
         raise RuntimeError("the clients' weights differ after the run (a bug: please report it)")
-    extra = {
-        "clients": cfg.clients,
-        "clients_per_round": cfg.clients_per_round,
-        "partition": cfg.partition,
-        "shard_examples": [len(s) for s in shards],
-        "clients_identical": identical,
-        "clients_left": lead.left,
-        "client_weights_sha256": lead.digest(),
-        "sync_bytes_per_client": [sum(c.sync_bytes) for c in clients],
-        "catch_up_bytes_per_client": [c.catch_up_bytes for c in clients],
-        "bytes_per_client": [c.link.bytes_sent + c.link.bytes_received for c in clients],
-    }
+    extra = {**_rounds_summary(cfg, shards, lead, clients), "clients_identical": identical}
     summary = _summary(cfg, result, _side_params(sizes), device)
     return _finish(run_dir, {**summary, **extra}, server_files)
 
@@ -646,25 +655,12 @@ def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
     torch.manual_seed(cfg.seed)
     shards, held, streams = _client_data(cfg, train_examples, tokenizer)
     lead = many.RoundClient(cfg, SplitClient(cfg, client_model, link), schedule)
-
-    def batches(rnd):
-        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
-
     after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
     result, server_files = _client_session(
-        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches, after=after
+        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, _lead_batches(streams, schedule), after
     )
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
-    extra = {
-        "clients": cfg.clients,
-        "clients_per_round": cfg.clients_per_round,
-        "partition": cfg.partition,
-        "shard_examples": [len(s) for s in shards],
-        "client_weights_sha256": lead.digest(),
-        "clients_left": lead.left,
-        "sync_bytes_per_client": [sum(lead.sync_bytes)],
-        "bytes_per_client": [link.bytes_sent + link.bytes_received],
-    }
+    extra = _rounds_summary(cfg, shards, lead, [lead])
     return _finish(run_dir, {**_summary(cfg, result, params, device), **extra}, server_files)
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 
 import pytest
 import torch
+from _procs import free_port
 from safetensors.torch import load_file
 
 from hosl import clients as many
@@ -371,9 +371,7 @@ def test_three_clients_over_dist_equal_three_clients_in_one_process(tmp_path):
     token = tmp_path / "token"
     token.write_text("a shared secret\n")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, **overrides}.items()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = subprocess.run(
         ["torchrun", "--nproc-per-node", "4", "--master-port", str(port), "-m", "hosl.train", *flags,
          "--transport=dist", f"--auth-token-file={token}", "--out", str(tmp_path / "dist")],
@@ -396,9 +394,7 @@ def test_a_client_process_killed_mid_run_is_dropped_and_the_run_ends_normally(tm
     stop every worker when one dies): SIGKILL client 2 once the lead has logged five rounds. The
     server drops it, the others finish every round with exit status 0, the summary says who left
     when, and client 1 ends with the lead's bits."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, "steps": 40, "clients": 3, "timeout": 30}.items()]
     procs = []

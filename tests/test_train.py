@@ -5,13 +5,13 @@ streaming vs synchronous, dist vs local, replay and resume bit for bit, the CLI'
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _procs import free_port
 from safetensors.torch import load_file
 
 from hosl import noise, zo
@@ -584,9 +584,7 @@ def test_dist_equals_local_with_cut_grad(tmp_path):
 
 def _assert_dist_equals_local(tmp_path, flags):
     """torchrun the same flags over --transport dist; the losses and weights equal tmp_path/local's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = subprocess.run(
         ["torchrun", "--nproc-per-node", "2", "--master-port", str(port), "-m", "hosl.train", *flags,
          "--transport=dist", "--out", str(tmp_path / "dist")],

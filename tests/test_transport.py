@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _procs import free_port
 from _tiny_models import batch, model
 
 from hosl.boundary import Frame, Kind, encode_frame
@@ -30,12 +30,6 @@ def _direct_loss():
         return server(client(input_ids=ids, attention_mask=mask), labels=labels).loss.item()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(rank, port):
     return dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -45,7 +39,7 @@ def _env(rank, port):
 
 def _start_pair(mode, timeout, secrets=(None, None)):
     """The server (rank 0) and client (rank 1) of _exchange.py; secrets: each one's $HOSL_AUTH_TOKEN."""
-    port = _free_port()
+    port = free_port()
 
     def env(rank):
         e = {k: v for k, v in _env(rank, port).items() if k != "HOSL_AUTH_TOKEN"}
@@ -113,7 +107,7 @@ def test_dist_streaming_holds_bounded_bytes_in_flight():
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_dist_exchange_under_torchrun(tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     out = subprocess.run(
         [
             "torchrun",
