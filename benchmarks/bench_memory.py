@@ -26,6 +26,9 @@ Methods (rows):
 * fo-sgd: the same with plain SGD, which has no optimiser state: the least an FO client can hold;
 * hosl: ZO client (Q = 1, central: a clean forward and two probes per step), under no_grad;
 * zo: the client of MeZO over the split: two probes per step, no clean forward;
+* hosl-no-master (with --dtype bfloat16 or float16): the hosl client with its weights kept in that
+  dtype and no float32 master (--zo-master none, scratch probes, stochastically rounded updates);
+  hosl in that setting is the default, a float32 master of the ZO weights;
 * floor: no link and no training: the client's weights and one forward in inference mode, in a
   process of its own. This is the least any client of this split can hold.
 
@@ -44,12 +47,13 @@ largest transient of the training forward) is reported as unaccounted.
     python benchmarks/bench_memory.py --quick   # a small model: a few minutes
     python benchmarks/bench_memory.py           # about 15 minutes on 2 cores
     python benchmarks/bench_memory.py --device cuda --jobs 6   # on a GPU, six measurements at once
+    python benchmarks/bench_memory.py --dtype bfloat16 --batches 16 --ks 3 6   # the float32 master or none
 
 Each measurement runs in processes of its own and reads only their peaks, so --jobs N of them may
 run at once without changing the numbers (on a small machine it only slows each one down).
 
 Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl; the other settings
-add _opt-1.3b, _default_malloc, _cuda to the name), one record per
+add _opt-1.3b, _default_malloc, _cuda, _micro8, _bfloat16 to the name), one record per
 (method, split_layer, batch_size), and the plot benchmarks/results/memory.png (memory against split
 layer, one line per method, one panel per batch size); prints the table.
 """
@@ -87,7 +91,12 @@ QUICK = dict(
     ks=[1, 3, 6], batches=[4, 16], seq=32,
 )  # fmt: skip
 METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
-MARKERS = {"floor": "", "hosl": "o", "zo": "x", "fo-sgd": "s", "fo": "^"}
+MARKERS = {"floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^"}
+
+
+def methods_for(dtype: str) -> list[str]:
+    """The rows of a run: with low-precision weights, hosl also without its float32 master."""
+    return METHODS if dtype == "float32" else ["floor", "hosl", "hosl-no-master", "zo", "fo-sgd", "fo"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,12 +114,14 @@ def worker(spec: dict) -> None:
 
     role, method, k, batch_size, seq = spec["role"], spec["method"], spec["k"], spec["batch"], spec["seq"]
     device = torch.device(spec.get("device", "cpu"))
+    dtype_name = spec.get("dtype", "float32")
+    dtype = getattr(torch, dtype_name)
     peak = Peak(device if role == "client" else torch.device("cpu"))  # the stand-in server computes nothing
     torch.manual_seed(0)
     out: dict = {"baseline_bytes": peak.baseline}
 
     if method == "floor":
-        client = hosl.load_client(spec["checkpoint"], k, device=device)
+        client = hosl.load_client(spec["checkpoint"], k, dtype=dtype, device=device)
         out["weights"] = module_bytes(client)
         ids = torch.randint(4, client.stack.config.vocab_size, (batch_size, seq), device=device)
         micro = spec.get("micro_batch") or batch_size
@@ -128,14 +139,15 @@ def worker(spec: dict) -> None:
 
     from hosl.transport import dist_link
 
-    split_method = "fo" if method.startswith("fo") else method
+    split_method = "fo" if method.startswith("fo") else "hosl" if method.startswith("hosl") else method
+    low = {"dtype": dtype_name} | ({"zo_master": "none"} if method == "hosl-no-master" else {})
     optimizer = "sgd" if method == "fo-sgd" else "adamw"
     # hosl's loss-difference step (central): the client holds one activation at a time. (cut-grad
     # also holds dL/dh and one probe's activation: two activations more, not measured here.)
     rates = {rate: 1e-5 for rate in method_of(split_method).rates}  # the config refuses a rate the method ignores
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
-        mu=1e-3, timeout=600.0, zo_estimator="central", **rates,
+        mu=1e-3, timeout=600.0, zo_estimator="central", **rates, **low,
         **({"client_micro_batch": spec.get("micro_batch", 0)} if split_method != "fo" else {}),
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
@@ -146,9 +158,9 @@ def worker(spec: dict) -> None:
         return
 
     out["link_init_bytes"] = proc_status("VmRSS") - peak.host_baseline
-    model = hosl.load_client(spec["checkpoint"], k, device=device)
-    out["weights"] = module_bytes(model)
+    model = hosl.load_client(spec["checkpoint"], k, dtype=dtype, device=device)
     client = SplitClient(cfg, model, link)
+    out["weights"] = module_bytes(model)  # after packing: a float32 master replaces low-precision weights
     held = watch_link(link)
     parts = {"gradients": 0, "optimizer_state": 0}
     if client.optimizer is not None:
@@ -354,11 +366,12 @@ def measure(
     malloc: str = "mmap",
     device="cpu",
     micro_batch: int = 0,
+    dtype: str = "float32",
 ) -> tuple[dict, dict | None]:
     """(client result, server stand-in's result or None for the floor). micro_batch: the floor's and
     the ZO clients' forwards over slices of that many rows (--client-micro-batch)."""
     spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=steps, device=device,
-                micro_batch=micro_batch)  # fmt: skip
+                micro_batch=micro_batch, dtype=dtype)  # fmt: skip
     env = MALLOC[malloc]
     if method == "floor":
         return run_workers(__file__, spec, ["client"], threads=2, extra_env=env)[0], None
@@ -373,7 +386,7 @@ def plot(records, batches, ks, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in records):
             ys = [
                 next(r["measured_bytes"] for r in records if r["method"] == method and r["split_layer"] == k
                      and r["batch_size"] == b) / MIB
@@ -411,6 +424,10 @@ def main(argv=None):
         "--client-micro-batch", dest="micro_batch", type=int, default=0,
         help="the floor's and the ZO clients' forwards over slices of this many rows (0: the whole batch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="the client's weights (float32; a low one adds hosl-no-master beside hosl's float32 master)",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="measurements at once, each in its own processes (1)")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -441,6 +458,7 @@ def main(argv=None):
         + ("_default_malloc" if args.malloc == "default" else "")
         + ("_cuda" if args.device == "cuda" else "")
         + (f"_micro{args.micro_batch}" if args.micro_batch else "")
+        + (f"_{args.dtype}" if args.dtype != "float32" else "")
     )
     work = Path(args.work or REPO / "runs" / "bench_memory")
     checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
@@ -449,12 +467,15 @@ def main(argv=None):
     seq = setting["seq"]
     # Each measurement is its own processes and reads its own peak, so --jobs of them may run at once
     # (on a small machine that only slows each down; the numbers do not depend on it).
-    settings = [(batch, k, method) for batch in setting["batches"] for k in setting["ks"] for method in METHODS]
+    methods = methods_for(args.dtype)
+    settings = [(batch, k, method) for batch in setting["batches"] for k in setting["ks"] for method in methods]
 
     def one(job):
         batch, k, method = job
         start = time.perf_counter()
-        client, _ = measure(method, k, batch, seq, checkpoint, args.steps, args.malloc, args.device, args.micro_batch)
+        client, _ = measure(
+            method, k, batch, seq, checkpoint, args.steps, args.malloc, args.device, args.micro_batch, args.dtype
+        )
         log(f"batch {batch} k {k} {method:6s} {fmt_bytes(client['peak_bytes']):>10s}  "
             f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
         return client
@@ -494,6 +515,7 @@ def main(argv=None):
                 link_init_bytes=client.get("link_init_bytes"),
                 client_threads=2,
                 client_micro_batch=args.micro_batch,
+                dtype=args.dtype,
                 measure=MEASURE[device.type],
                 **extra,
             )
@@ -513,7 +535,8 @@ def report(records, png: Path) -> None:
         f"; floor and ZO clients in slices of {r0['client_micro_batch']} rows" if r0.get("client_micro_batch") else ""
     )
     print(
-        f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps{micro}\n"
+        f"\n{r0.get('model', 'opt-125m')}: client peak {where}; sequence {r0['seq_len']}, {r0['steps']} steps{micro}"
+        f"; weights in {r0.get('dtype', 'float32')}\n"
     )
     header = ["batch", "k", "method", "measured", "over floor", "fo / this", "weights", "grads", "optim", "saved act",
               "link", "fwd transient", "rest"]  # fmt: skip
@@ -527,7 +550,7 @@ def report(records, png: Path) -> None:
         )
         # The inference forward's transient, as the floor measured it: what the ZO clients' forwards
         # (under no_grad) hold too. fo's forward keeps its activations instead (saved act).
-        zo_like = r["method"] in ("floor", "hosl", "zo")
+        zo_like = r["method"] in ("floor", "hosl", "hosl-no-master", "zo")
         transient = floor["measured_bytes"] - floor["accounted"]["weights"] if zo_like else 0
         parts = sum(v for key, v in a.items() if key != "transient") + transient
         cells = [

@@ -221,7 +221,7 @@ def apply_round(params: zo.ZOParams, plan, rnd: int, entries, lr: float, weight_
     for client, grads, rows in entries:
         params.update_(plan.seeds(rnd, client), plan.mu, plan.estimator, lr, grads, rows, share=len(entries))
     if weight_decay:
-        params.decay_(1.0 - lr * weight_decay)
+        params.decay_(1.0 - lr * weight_decay, key=plan.seeds(rnd, 0))
 
 
 # -- the two roles -------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class RoundClient:
 
     def digest(self) -> str:
         """SHA-256 of this client's ZO weights: equal on every client of a run, on any machine."""
-        return hashlib.sha256(self.zo.flat.flat.detach().cpu().numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self.zo.flat.flat.detach().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
 
     def hello(self) -> None:
         self.client.hello()

@@ -74,7 +74,7 @@ class TrainConfig:
     dtype: str = field(
         default="float32",
         metadata=_help(
-            "model dtype; bfloat16/float16 keep fp32 masters of the ZO weights",
+            "model dtype; bfloat16/float16 keep float32 masters of the ZO weights unless --zo-master none",
             choices=("float32", "bfloat16", "float16"),
         ),
     )
@@ -123,7 +123,16 @@ class TrainConfig:
             "stays behind); scratch: each module's weights are perturbed in a scratch copy just before it runs "
             "and copied back, so the weights stay w exactly (what many clients need)",
             choices=("inplace", "scratch"),
-            default_text="inplace for one client, scratch for --clients > 1",
+            default_text="inplace for one client, scratch for --clients > 1 or --zo-master none",
+        ),
+    )
+    zo_master: str = field(
+        default="float32",
+        metadata=_help(
+            "float32: a bfloat16/float16 model's ZO weights train in a float32 master copy; none: they stay in "
+            "the model's dtype (half the memory) and each update is rounded stochastically from the seeded stream "
+            "(needs scratch probes)",
+            choices=("float32", "none"),
         ),
     )
     client_micro_batch: int = field(
@@ -280,7 +289,7 @@ class TrainConfig:
         if self.clients_per_round is None:
             self.clients_per_round = self.clients
         if self.zo_probes is None:
-            self.zo_probes = "scratch" if self.clients > 1 else "inplace"
+            self.zo_probes = self._default("zo_probes")
         for name in ("client_lora_r", "server_lora_r"):
             if getattr(self, name) is None:
                 setattr(self, name, self.lora_r)
@@ -353,6 +362,13 @@ class TrainConfig:
         if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
             raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
         self._check_used()
+        if self.zo_master == "none" and self.dtype == "float32":
+            raise ValueError("--zo-master none keeps bfloat16 or float16 weights without a master: it needs --dtype "
+                             "bfloat16 or float16 (float32 weights are their own master)")  # fmt: skip
+        if self.zo_master == "none" and self.zo_probes != "scratch":
+            raise ValueError(
+                "--zo-master none needs --zo-probes scratch: an in-place +mu / -mu does not undo in low precision"
+            )
         if self.server_batch_probes and self.sync_probes:
             raise ValueError(
                 "--server-batch-probes answers after a step's last upload: --sync-probes would wait forever"
@@ -386,6 +402,7 @@ class TrainConfig:
             "zo_estimator": not zo_side,
             "zo_embedding": not zo_side,
             "zo_probes": not zo_side,
+            "zo_master": not zo_side,
             "server_grad": not method.hybrid,
             "optimizer": not fo_side,
             "momentum": not fo_side or self.optimizer != "sgd",
@@ -428,7 +445,7 @@ class TrainConfig:
         if name == "clients_per_round":
             return self.clients
         if name == "zo_probes":
-            return "scratch" if self.clients > 1 else "inplace"
+            return "scratch" if self.clients > 1 or self.zo_master == "none" else "inplace"
         by_method = METHOD_DEFAULTS[self.method]
         if name in by_method:
             return by_method[name]
@@ -544,8 +561,8 @@ SECTIONS = {
         "split_layer", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
-    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "client_micro_batch",
-                                "server_batch_probes", "server_grad"],
+    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
+                                "client_micro_batch", "server_batch_probes", "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",

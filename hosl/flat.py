@@ -1,5 +1,6 @@
-"""FlatParams: a client's trainable weights as ONE flat float32 buffer, so that one noise pass
-(hosl.noise.add_ on `.flat`) perturbs, restores or updates all of them in a single launch.
+"""FlatParams: a client's trainable weights as ONE flat buffer (float32 unless master=False), so
+that one noise pass (hosl.noise.add_ on `.flat`) perturbs, restores or updates all of them in a
+single launch.
 
 Each parameter keeps its identity (the same nn.Parameter object, requires_grad and all) but its
 data becomes a view into the buffer. Noise position j of the buffer is element j of `.flat`, so a
@@ -12,9 +13,13 @@ never holds a weight twice.
 Two parameters that are the same tensor (tied weights, listed twice or held by two modules) are
 stored once and stay tied. A bfloat16 or float16 parameter becomes a float32 master copy (its
 value is unchanged): a zeroth-order update (about lr * projected gradient, often ~1e-6 relative)
-is far below a bfloat16 ulp and would round away, and a +mu / -mu perturbation applied in place in
-low precision does not undo exactly. Run the forward of such a model under
-`torch.autocast(device_type, dtype=flat.compute_dtype)` to keep low-precision compute.
+is far below a bfloat16 ulp and would round away under round-to-nearest, and a +mu / -mu
+perturbation applied in place in low precision does not undo exactly. Run the forward of such a
+model under `torch.autocast(device_type, dtype=flat.compute_dtype)` to keep low-precision compute.
+
+master=False keeps parameters of one low-precision dtype in that dtype (half the memory): the
+buffer is then bfloat16 or float16, and whoever writes into it must round stochastically and must
+not rely on +mu / -mu undoing (hosl.zo: scratch probes and a stochastically rounded update).
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FlatParams:
-    """Packs parameters into one contiguous float32 tensor `.flat` and makes each a view of it.
+    """Packs parameters into one contiguous tensor `.flat` (float32, or with master=False the
+    parameters' own dtype) and makes each a view of it.
 
     Attributes:
-        flat: the float32 buffer, 1-D and contiguous.
+        flat: the buffer, 1-D and contiguous.
         params: the distinct parameters, in buffer order.
         offsets: start of each parameter of `params` in `flat`.
         dtypes: each parameter's dtype before packing.
         compute_dtype: the lowest precision among those dtypes (float32 if all were float32).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor]):
+    def __init__(self, params: Iterable[torch.Tensor], master: bool = True):
         self.params: list[torch.Tensor] = []
         self.dtypes: list[torch.dtype] = []
         aliases: list[list[torch.Tensor]] = []
@@ -64,20 +70,26 @@ class FlatParams:
         if len(devices) > 1:
             raise ValueError(f"FlatParams needs all parameters on one device; got {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
+        dtype = torch.float32
+        if not master and self.dtypes:
+            if len(set(self.dtypes)) > 1:
+                names = ", ".join(sorted({str(d).removeprefix("torch.") for d in self.dtypes}))
+                raise ValueError(f"FlatParams(master=False) needs parameters of one dtype; got {names}")
+            dtype = self.dtypes[0]
 
         self.offsets: list[int] = []
         total = 0
         for p in self.params:
             self.offsets.append(total)
             total += p.numel()
-        self.flat = _packed(self.params, self.offsets, total)
+        self.flat = _packed(self.params, self.offsets, total, dtype)
         if self.flat is None:
-            self._pack(aliases, total, device)
+            self._pack(aliases, total, device, dtype)
         low = [d for d in self.dtypes if d != torch.float32]
         self.compute_dtype = torch.bfloat16 if torch.bfloat16 in low else (low[0] if low else torch.float32)
 
-    def _pack(self, aliases, total, device) -> None:
-        self.flat = torch.empty(total, dtype=torch.float32, device=device)
+    def _pack(self, aliases, total, device, dtype) -> None:
+        self.flat = torch.empty(total, dtype=dtype, device=device)
         with torch.no_grad():
             for p, start, group in zip(self.params, self.offsets, aliases):
                 view = self.flat[start : start + p.numel()].view(p.shape)
@@ -98,19 +110,20 @@ class FlatParams:
             yield p, start, start + p.numel()
 
     def __repr__(self) -> str:
-        return f"FlatParams({len(self.params)} tensors, {self.numel} float32 elements on {self.flat.device})"
+        dtype = str(self.flat.dtype).removeprefix("torch.")
+        return f"FlatParams({len(self.params)} tensors, {self.numel} {dtype} elements on {self.flat.device})"
 
 
-def _packed(params, offsets, total):
-    """The buffer the parameters already are, when they are float32 contiguous views lying one after
-    the other, in order, from the start of one storage (as hosl.load_client lays them out): adopted
-    as `.flat` with no copy. None otherwise."""
-    if not params or any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+def _packed(params, offsets, total, dtype=torch.float32):
+    """The buffer the parameters already are, when they are contiguous views of `dtype` lying one
+    after the other, in order, from the start of one storage (as hosl.load_client lays them out):
+    adopted as `.flat` with no copy. None otherwise."""
+    if not params or any(p.dtype != dtype or not p.is_contiguous() for p in params):
         return None
     storage = params[0].untyped_storage()
     for p, start in zip(params, offsets):
         if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != start:
             return None
-    if storage.nbytes() < total * 4:
+    if storage.nbytes() < total * params[0].element_size():
         return None
     return params[0].detach().new_empty(0).set_(storage, 0, (total,), (1,))

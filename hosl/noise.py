@@ -21,6 +21,13 @@ Backends, all bit-identical:
   before Triton was imported.
 * "torch": the pure-PyTorch reference, any device; slow, used by tests and as the last fallback.
 
+Stochastic rounding, for weights kept in bfloat16 or float16 without a float32 master (hosl.zo):
+
+    uniform_(u, seed, offset=o):  u[i] = Phi(z(seed, o + i)), uniform on [0, 1]
+    round_stochastic(x, dtype, u): each float32 x[i] to one of the two values of dtype around it,
+        away from zero where u[i] < |x[i] - t| / |a - t| (t, a: the neighbours toward and away from
+        zero), so that E[result] = x[i] for uniform u.
+
 backend=None picks "triton" for CUDA tensors and "cpp" for CPU tensors, falling back to "torch"
 when those cannot run; the environment variable HOSL_NOISE_BACKEND forces one backend for every call
 that does not name its own.
@@ -338,6 +345,41 @@ class Terms:
             return add_rows_(table, rows, self.seeds, self.scales, offset=offset, backend=self._backend)
         name = self._name(table.device)
         return _launch_rows(table, rows, self.seeds, self.scales, _check_offset(offset, table.numel()), name)
+
+
+def uniform_(u: torch.Tensor, seed: int, *, offset: int = 0, backend: str | None = None) -> torch.Tensor:
+    """In place on a contiguous float32 u: u[i] = Phi(z(seed, offset + i)), the standard normal's CDF
+    of the seeded Gaussian, so uniform on [0, 1] and fixed by the seed and the position. Returns u."""
+    if u.dtype != torch.float32:
+        raise TypeError(f"u must be float32; got {u.dtype}")
+    add_(u.zero_(), [seed], [1.0], offset=offset, backend=backend)
+    return torch.special.ndtr(u, out=u)
+
+
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def round_stochastic(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:
+    """float32 x rounded into dtype (bfloat16 or float16) stochastically, a new tensor: each element
+    becomes t, its neighbour in dtype toward zero, or a, the one away from zero, taking a where
+    u < |x - t| / |a - t|. For u uniform on [0, 1) that is unbiased: E[result] = x. Values of dtype
+    come back unchanged, NaN stays NaN, infinities stay; a finite x past dtype's largest finite
+    value rounds to that value.
+
+    Both neighbours come from the bits: dtype is sign and magnitude, so one step of the integer
+    view moves one ulp toward zero (-1) or away from it (+1) on either side of zero."""
+    if dtype not in _BITS:
+        raise TypeError(f"stochastic rounding is into bfloat16 or float16; got {dtype}")
+    if x.dtype != torch.float32 or u.dtype != torch.float32 or x.shape != u.shape:
+        raise ValueError(f"x and u must be float32 tensors of one shape; got {x.dtype}, {u.dtype}")
+    nearest = x.to(dtype)
+    bits = nearest.view(_BITS[dtype])
+    toward = torch.where(nearest.float().abs() > x.abs(), bits - 1, bits)
+    away = (toward + 1).view(dtype)
+    toward = toward.view(dtype)
+    low = toward.float()
+    p = (x - low).abs_().div_((away.float() - low).abs_())
+    return torch.where(u < p, away, toward)
 
 
 def checked_rows(rows, num_rows: int) -> torch.Tensor:

@@ -52,7 +52,9 @@ def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: 
     its embedding tables row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
     tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
-    params = zo.ZOParams(named, offset=offset, row_sparse=[n for n, _ in named if n in tables], probes=cfg.zo_probes)
+    row_sparse = [n for n, _ in named if n in tables]
+    master = cfg.zo_master != "none"
+    params = zo.ZOParams(named, offset=offset, row_sparse=row_sparse, probes=cfg.zo_probes, master=master)
     if cfg.zo_probes == "scratch":
         params.attach(model)
     return params

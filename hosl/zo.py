@@ -28,6 +28,14 @@ Row-sparse tables: a step's loss reads only the rows of an embedding table that 
 index, so ZOParams can perturb and update just those rows (hosl.noise.add_rows_), each element
 keeping the noise position it has in the dense layout. The rest of the buffer gets every pass as
 before. The rows of each step are part of its replay record.
+
+Without a float32 master (master=False, a bfloat16 or float16 buffer): the probes must be scratch
+ones (a +mu / -mu round trip in low precision would not give w back), and every pass that writes
+the weights, the update and weight decay, is computed in float32 a chunk at a time and rounded
+stochastically into the buffer with a uniform drawn from the seeded stream (hosl.noise.uniform_
+under a seed hashed from the pass's own seeds and scales): unbiased in expectation, so updates far
+below an ulp still move the weights on average, and a pure function of the pass, so replay and
+every client of a round give the same bits.
 """
 
 from __future__ import annotations
@@ -178,11 +186,19 @@ class ZOParams:
         offset: int = 0,
         row_sparse: Sequence[str] = (),
         probes: str = "inplace",
+        master: bool = True,
     ):
         if probes not in PROBE_WRITES:
             raise ValueError(f"probes must be one of {PROBE_WRITES}, got {probes!r}")
         self.names = [n for n, _ in named_params]
-        self.flat = FlatParams([p for _, p in named_params])
+        self.flat = FlatParams([p for _, p in named_params], master=master)
+        # Weights in bfloat16 or float16 with no float32 master: written by stochastic rounding.
+        self.native = self.flat.flat.dtype != torch.float32
+        if self.native and probes != "scratch":
+            raise ValueError(
+                f"{str(self.flat.flat.dtype).removeprefix('torch.')} weights without a float32 master need "
+                "scratch probes: an in-place +mu / -mu would not give the weights back in low precision"
+            )
         self.offset = offset
         self.probes = probes
         self._scratch: _ScratchProbes | None = None
@@ -218,6 +234,9 @@ class ZOParams:
         """One noise pass. rows: one entry per row-sparse table, an index tensor or None (that table
         dense); rows=None: dense everywhere."""
         seeds, scales, buf = list(seeds), list(scales), self.flat.flat
+        if self.native:
+            self._rounded(noise.Terms(seeds, scales), 1.0, _round_seed("add", seeds, scales), rows)
+            return
         if rows is None or not self.tables:
             noise.add_(buf, seeds, scales, offset=self.offset)
             return
@@ -232,10 +251,19 @@ class ZOParams:
             else:
                 noise.add_rows_(table.view(n, width), picked, seeds, scales, offset=self.offset + start)
 
-    def decay_(self, factor: float) -> None:
+    def decay_(self, factor: float, key: Sequence[int] = ()) -> None:
+        """The decayed tensors times factor. key: the seeds of the step (or round) it ends, which
+        seed the stochastic rounding of weights without a float32 master."""
         if factor == 1.0:
             return
         buf = self.flat.flat
+        if self.native:
+            if not key:
+                raise ValueError("decay without a float32 master needs the step's seeds as its key")
+            seed = _round_seed("decay", list(key), [factor])
+            for start, n in self._decay:
+                self._rounded_dense(start, start + n, None, factor, seed)
+            return
         for start, n in self._decay:
             buf[start : start + n].mul_(factor)
 
@@ -244,13 +272,57 @@ class ZOParams:
         dense: it adds no noise, and decays every row as a first-order optimiser's would."""
         self.update_(seeds, mu, estimator, lr, grads, rows, share, restore=self.probes == "inplace")
         if grads is not None and weight_decay:
-            self.decay_(1.0 - lr * weight_decay)
+            self.decay_(1.0 - lr * weight_decay, key=seeds)
 
     def update_(self, seeds, mu, estimator, lr, grads, rows=None, share: int = 1, restore: bool = False) -> None:
         """The update pass alone (with the restore of an in-place last probe when `restore`)."""
         terms = final_pass(seeds, mu, estimator, lr, grads, restore=restore, share=share)
         if terms[0]:
             self.add_(*terms, rows=rows)
+
+    # -- weights without a float32 master ----------------------------------------------------------------
+    def _rounded(self, terms: noise.Terms, factor: float, seed: int, rows) -> None:
+        """add_'s pass on a low-precision buffer: in float32, rounded stochastically under `seed`."""
+        if rows is None or not self.tables:
+            self._rounded_dense(0, self.numel, terms, factor, seed)
+            return
+        if len(rows) != len(self.tables):
+            raise ValueError(f"got rows for {len(rows)} tables; this buffer has {len(self.tables)}")
+        for lo, hi in self._dense:
+            self._rounded_dense(lo, hi, terms, factor, seed)
+        for (start, n, width), picked in zip(self.tables, rows):
+            if picked is None:
+                self._rounded_dense(start, start + n * width, terms, factor, seed)
+            else:
+                self._rounded_rows(start, n, width, noise.checked_rows(picked, n), terms, seed)
+
+    def _rounded_dense(self, lo: int, hi: int, terms, factor: float, seed: int) -> None:
+        buf = self.flat.flat
+        for a in range(lo, hi, _ROUND_CHUNK):
+            view = buf[a : min(a + _ROUND_CHUNK, hi)]
+            x = view.float()
+            if terms is not None:
+                terms.add_(x, offset=self.offset + a)
+            if factor != 1.0:
+                x.mul_(factor)
+            u = noise.uniform_(torch.empty_like(x), seed, offset=self.offset + a)
+            view.copy_(noise.round_stochastic(x, buf.dtype, u))
+
+    def _rounded_rows(self, start: int, n: int, width: int, picked: torch.Tensor, terms, seed: int) -> None:
+        """The same on rows `picked` of a table, each element at its dense position (a row at a time:
+        the noise of row r starts at r * width)."""
+        buf = self.flat.flat
+        table = buf[start : start + n * width].view(n, width)
+        per = max(1, _ROUND_CHUNK // max(width, 1))
+        for i in range(0, picked.numel(), per):
+            chosen = picked[i : i + per].to(buf.device)
+            x = table.index_select(0, chosen).float()
+            u = torch.empty_like(x)
+            for j, r in enumerate(chosen.tolist()):
+                at = self.offset + start + r * width
+                terms.add_(x[j], offset=at)
+                noise.uniform_(u[j], seed, offset=at)
+            table.index_copy_(0, chosen, noise.round_stochastic(x, buf.dtype, u))
 
     # -- scratch probes ------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -369,6 +441,18 @@ class _ScratchProbes:
                 view.index_copy_(0, picked.to(view.device), old)
 
 
+# Elements per float32 chunk of a stochastically rounded pass: its transient memory is a few of them.
+_ROUND_CHUNK = 1 << 18
+
+
+def _round_seed(kind: str, seeds: Sequence[int], scales: Sequence[float]) -> int:
+    """The rounding seed of a pass: a hash of what the pass is (its kind, seeds and scales), so the
+    same pass rounds the same way on every machine and in replay, and no two steps share one."""
+    key = f"hosl:round:{kind}:" + ",".join(map(str, seeds)) + ":" + ",".join(map(float.hex, map(float, scales)))
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def encode_rows(rows: Sequence) -> list[list[int] | None]:
     """Sorted distinct rows of each table as [first, gap, gap, ...] (short in JSON); None stays None
     (a table dense that step)."""
@@ -387,9 +471,11 @@ def finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-# mu's sane range, relative to the RMS of the weights it perturbs (see check_mu).
+# mu's sane range, relative to the RMS of the weights it perturbs (see check_mu): the floor is per
+# dtype of the weights the probe writes (weights without a float32 master are perturbed in their own).
 MU_MAX_RATIO = 1.0
 MU_MIN_RATIO = 2.0**-20
+MU_MIN_RATIOS = {torch.float32: MU_MIN_RATIO, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
@@ -400,7 +486,10 @@ def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
     buf = params.flat.flat
     if buf.numel() == 0:
         return
-    rms = float(torch.linalg.vector_norm(buf)) / math.sqrt(buf.numel())  # no copy: the client's memory is tight
+    # A chunk at a time: no float32 copy of a low-precision buffer (nor any copy of a float32 one).
+    chunks = (buf[a : a + _ROUND_CHUNK].float() for a in range(0, buf.numel(), _ROUND_CHUNK))
+    rms = math.sqrt(sum(float(torch.linalg.vector_norm(c)) ** 2 for c in chunks) / buf.numel())
+    floor, dtype = MU_MIN_RATIOS[buf.dtype], str(buf.dtype).removeprefix("torch.")
     if rms == 0.0:
         return  # all-zero weights (a fresh adapter): no scale to compare with
     if mu > MU_MAX_RATIO * rms:
@@ -408,8 +497,8 @@ def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
             f"--mu {mu:g} is larger than the {side} weights' RMS ({rms:.3g}): a probe would swamp the weights, "
             f"and the float32 round trip w + mu z - mu z would not give them back; use --mu <= {rms:.3g}"
         )
-    if mu < MU_MIN_RATIO * rms:
+    if mu < floor * rms:
         raise ValueError(
-            f"--mu {mu:g} is below 2^-20 of the {side} weights' RMS ({rms:.3g}): w + mu z rounds to w in "
-            f"float32 and the probes measure nothing; use --mu >= {MU_MIN_RATIO * rms:.3g}"
+            f"--mu {mu:g} is below 2^{math.log2(floor):.0f} of the {side} weights' RMS ({rms:.3g}): w + mu z "
+            f"rounds to w in {dtype} and the probes measure nothing; use --mu >= {floor * rms:.3g}"
         )

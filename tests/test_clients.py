@@ -65,17 +65,24 @@ def _digests(monkeypatch):
 
     def recording(params, plan, rnd, entries, lr, weight_decay):
         apply(params, plan, rnd, entries, lr, weight_decay)
-        digest = hashlib.sha256(params.flat.flat.numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(params.flat.flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         seen.append((rnd, id(params), digest))
 
     monkeypatch.setattr(many, "apply_round", recording)
     return seen
 
 
-@pytest.mark.parametrize("per_round", [3, 2], ids=["all-sampled", "two-of-three"])
-def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatch, per_round):
+NO_MASTER = dict(dtype="bfloat16", zo_master="none", weight_decay=0.1)
+
+
+@pytest.mark.parametrize(
+    "per_round,extra", [(3, {}), (2, {}), (2, NO_MASTER)], ids=["all-sampled", "two-of-three", "bf16-no-master"]
+)
+def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatch, per_round, extra):
+    """Stochastically rounded updates and decay (no float32 master) included: each client draws the
+    same rounding from the round's seeds."""
     seen = _digests(monkeypatch)
-    cfg = cfg_for(tmp_path, clients=3, clients_per_round=per_round, steps=5)
+    cfg = cfg_for(tmp_path, clients=3, clients_per_round=per_round, steps=5, **extra)
     summary = run(cfg)
     assert summary["clients_identical"]
     by_round: dict[int, set] = {}

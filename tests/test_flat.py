@@ -107,6 +107,28 @@ def test_low_precision_model_keeps_fp32_master():
     assert torch.isfinite(logits(model, torch.bfloat16)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_without_a_master_the_buffer_keeps_the_models_dtype(dtype):
+    model = gpt2(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = FlatParams(model.parameters(), master=False)
+    assert flat.flat.dtype == dtype and flat.flat.element_size() == 2
+    assert all(p.dtype == dtype for p in model.parameters())
+    for p in model.parameters():
+        assert p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    noise.add_(flat.flat, [1], [1e-2])  # the parameters see a write into the buffer
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_without_a_master_mixed_dtypes_are_refused():
+    with pytest.raises(ValueError, match="one dtype; got bfloat16, float32"):
+        FlatParams(
+            [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], master=False
+        )
+
+
 def test_shared_storage_through_two_parameters_is_one_weight():
     a = torch.nn.Linear(4, 4)
     b = torch.nn.Linear(4, 4)

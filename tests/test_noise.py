@@ -501,3 +501,78 @@ def test_terms_checked_once_give_the_functions_bits():
         terms.add_(torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="out of range"):
         noise.checked_rows([9], 9)
+
+
+# --- stochastic rounding (weights without a float32 master) -----------------------------------------
+
+
+def _bf16_stochastic_by_bits(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """bfloat16 is float32 with its low 16 bits cut: the neighbour toward zero is x's bits with them
+    cleared, the one away from zero one bfloat16 ulp further, taken with probability low16 / 2^16."""
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    low = (bits & 0xFFFF).double() / 65536
+    toward = bits & 0xFFFF0000
+    chosen = torch.where(u.double() < low, toward + 0x10000, toward)
+    chosen = torch.where(chosen >= 1 << 31, chosen - (1 << 32), chosen).to(torch.int32)
+    return chosen.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def _f16_stochastic_by_numpy(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """float16: the two neighbours from numpy's nextafter, the probability in float64."""
+    xs = x.numpy().astype(np.float64)
+    nearest = xs.astype(np.float16)
+    toward = np.where(np.abs(nearest.astype(np.float64)) > np.abs(xs), np.nextafter(nearest, np.float16(0)), nearest)
+    away = np.nextafter(toward, np.copysign(np.float16(np.inf), xs).astype(np.float16))
+    p = np.abs(xs - toward.astype(np.float64)) / np.abs(away.astype(np.float64) - toward.astype(np.float64))
+    return torch.from_numpy(np.where(u.numpy() < p, away, toward))
+
+
+def test_uniform_is_the_gaussians_cdf_and_uniform():
+    u = noise.uniform_(torch.empty(200_000), 11, offset=5)
+    expected = stats.norm.cdf(noise.gaussian(200_000, 11, offset=5).double().numpy())
+    np.testing.assert_allclose(u.double().numpy(), expected, rtol=0, atol=1e-6)
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    with pytest.raises(TypeError, match="float32"):
+        noise.uniform_(torch.empty(3, dtype=torch.bfloat16), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_stochastic_against_its_neighbours_by_other_means(dtype):
+    """Each value goes to the neighbour the bits (bfloat16) or numpy's nextafter (float16) say, for
+    the same u, on both signs, on values of dtype itself, zeros, subnormals and large values."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000) * 0.02, torch.randn(5000) * 300, torch.randn(100) * 1e-6,
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5 + 2**-12])])  # fmt: skip
+    x = torch.cat([x, x.to(dtype).float()])  # values of dtype come back as they are
+    u = noise.uniform_(torch.empty_like(x), 3)
+    got = noise.round_stochastic(x, dtype, u)
+    expected = _bf16_stochastic_by_bits(x, u) if dtype == torch.bfloat16 else _f16_stochastic_by_numpy(x, u)
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    half = x.numel() // 2
+    assert torch.equal(got[half:], x[half:].to(dtype))
+    assert (got[:half].float() != x[:half].to(dtype).float()).any()  # not round-to-nearest
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_stochastic_is_unbiased(dtype):
+    """A value a tenth of an ulp above 1 rounds up a tenth of the time: the mean is the value, where
+    round-to-nearest would give 1."""
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    x = torch.full((400_000,), 1.0 + 0.1 * ulp)
+    got = noise.round_stochastic(x, dtype, noise.uniform_(torch.empty_like(x), 9)).double()
+    assert set(got.unique().tolist()) == {1.0, 1.0 + ulp}
+    assert abs(got.mean().item() - (1.0 + 0.1 * ulp)) < 0.003 * ulp
+    assert abs(noise.round_stochastic(-x, dtype, noise.uniform_(torch.empty_like(x), 9)).double().mean().item()
+               + (1.0 + 0.1 * ulp)) < 0.003 * ulp  # fmt: skip
+
+
+def test_round_stochastic_special_values_and_errors():
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30, -1e30])
+    got = noise.round_stochastic(x, torch.float16, torch.full((5,), 0.5))
+    assert got[0] == float("inf") and got[1] == float("-inf") and torch.isnan(got[2])
+    assert got[3] == 65504 and got[4] == -65504  # finite past the largest: the largest
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        noise.round_stochastic(x, torch.float32, x)
+    with pytest.raises(ValueError, match="one shape"):
+        noise.round_stochastic(x, torch.bfloat16, x[:2])

@@ -161,6 +161,7 @@ CLIENT_ALONE = {
     "central": dict(zo_estimator="central", q=4, client_lr=1e-2),
     "forward": dict(zo_estimator="forward", q=4, client_lr=5e-3),
     "cut-grad-client-lora": dict(zo_estimator="cut-grad", q=8, client_lr=3e-2, client_lora_r=8, server_lora_r=0),
+    "cut-grad-bf16-no-master": dict(zo_estimator="cut-grad", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"),
 }
 
 
@@ -180,7 +181,7 @@ def test_zo_client_alone_lowers_the_loss(tmp_path, overrides):
     assert gain > 0.15, gain
 
 
-@pytest.mark.parametrize("name", ["cut-grad-rows", "central"])
+@pytest.mark.parametrize("name", ["cut-grad-rows", "central", "cut-grad-bf16-no-master"])
 def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch, name):
     """The check above, with the sign of the ZO update flipped in zo.final_pass: the loss rises."""
     final_pass = zo.final_pass
@@ -373,6 +374,15 @@ def test_streaming_equals_synchronous(tmp_path):
         {"zo_probes": "scratch", "q": 2},
         {"zo_probes": "scratch", "zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2, "client_micro_batch": 3},
         {"zo_probes": "scratch", "lora_r": 2, "client_lr": 1e-3},
+        {"dtype": "bfloat16", "zo_master": "none", "q": 2, "weight_decay": 0.1},
+        {
+            "dtype": "float16",
+            "zo_master": "none",
+            "zo_estimator": "cut-grad",
+            "q": 3,
+            "client_lr": 1e-2,
+            "optimizer": "sgd",
+        },
     ],
     ids=[
         "server-grad-probe",
@@ -384,6 +394,8 @@ def test_streaming_equals_synchronous(tmp_path):
         "scratch",
         "scratch-cut-grad-micro",
         "scratch-lora",
+        "bf16-no-master",
+        "fp16-no-master-cut-grad",
     ],  # fmt: skip
 )
 def test_variants_run_and_replay(tmp_path, overrides):
@@ -456,7 +468,12 @@ def test_replay_is_bit_identical(tmp_path):
     _assert_replays(cfg, tmp_path / "run")
 
 
-RESUMED = {"hosl": {}, "fo": {"method": "fo"}, "hosl-cut-grad": {"zo_estimator": "cut-grad", "q": 3}}
+RESUMED = {
+    "hosl": {},
+    "fo": {"method": "fo"},
+    "hosl-cut-grad": {"zo_estimator": "cut-grad", "q": 3},
+    "hosl-bf16-no-master": {"dtype": "bfloat16", "zo_master": "none", "weight_decay": 0.1},
+}
 
 
 @pytest.mark.parametrize("overrides", list(RESUMED.values()), ids=list(RESUMED))
@@ -642,6 +659,12 @@ BAD = [
     (["--method", "fo", "--server-batch-probes"], "--server-batch-probes true is not used by --method fo"),
     (["--zo-estimator", "cut-grad", "--server-batch-probes"], "needs --zo-estimator central or forward (cut-grad"),
     (["--zo-estimator", "central", "--server-batch-probes", "--sync-probes"], "--sync-probes would wait forever"),
+    (["--zo-master", "none"], "--zo-master none keeps bfloat16 or float16 weights without a master: it needs --dtype"),
+    (
+        ["--dtype", "bfloat16", "--zo-master", "none", "--zo-probes", "inplace"],
+        "--zo-master none needs --zo-probes scratch",
+    ),
+    (["--method", "fo", "--dtype", "bfloat16", "--zo-master", "none"], "--zo-master none is not used by --method fo"),
 ]
 
 

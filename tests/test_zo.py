@@ -315,3 +315,89 @@ def test_in_place_probes_leave_a_residue_that_depends_on_the_seed_and_scratch_pr
     w = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
     assert not torch.equal(backs[0], backs[1]) and not torch.equal(backs[0], w)
     assert torch.equal(backs[2], w) and torch.equal(backs[3], w)
+
+
+# --- weights without a float32 master ----------------------------------------------------------------
+
+
+def _low_named(dtype):
+    return [(n, torch.nn.Parameter(p.detach().to(dtype))) for n, p in _named()]
+
+
+def _rounded_reference(w0, terms, seed, dtype, offset=0):
+    """w0 plus the terms' noise in float32 (the noise primitive, tested on its own), then rounded
+    stochastically by other means: the neighbours toward and away from zero from torch.nextafter,
+    the one away taken where the seeded stream's uniform is below the distance, in float64."""
+    x = w0.float()
+    noise.add_(x, *terms, offset=offset)
+    nearest, xs = x.to(dtype), x.double()
+    zero, inf = torch.zeros_like(nearest), torch.full_like(nearest, float("inf")).copysign(x.to(dtype))
+    toward = torch.where(nearest.double().abs() > xs.abs(), torch.nextafter(nearest, zero), nearest)
+    away = torch.nextafter(toward, inf)
+    p = (xs - toward.double()).abs() / (away.double() - toward.double()).abs()
+    u = torch.special.ndtr(noise.gaussian(x.numel(), seed, offset=offset)).double()
+    return torch.where(u < p, away, toward)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q", [1, 3])
+def test_without_a_master_end_step_is_the_stochastically_rounded_update(dtype, q):
+    """end_step on a low-precision buffer: w0 - lr/Q sum_q g_q z_q in float32, each element rounded
+    to one of its two neighbours as the seeded uniform says, bit for bit; the update is ~0.1 per
+    element, so a flipped sign or a lost 1/Q fail by far."""
+    params = zo.ZOParams(_low_named(dtype), probes="scratch", master=False)
+    assert params.flat.flat.dtype == dtype
+    w0 = params.flat.flat.clone()
+    seeds, grads, lr = zo.step_seeds(5, 3, q), [1.5, -0.7, 2.0][:q], 0.2
+    params.end_step(seeds, 1e-3, "cut-grad", lr, 0.0, grads)
+    scales = [0.0 - lr * g / q for g in grads]
+    expected = _rounded_reference(w0, (seeds, scales), zo._round_seed("add", seeds, scales), dtype)
+    assert torch.equal(params.flat.flat.view(torch.int16), expected.view(torch.int16))
+    assert (params.flat.flat.double() - w0.double()).abs().max() > 0.05
+
+
+def test_without_a_master_rows_get_the_dense_bits_and_decay_is_rounded_too():
+    """With rows, the table's chosen rows get what the dense rounded pass gives them and the other
+    rows keep theirs; decay is its own rounded pass, seeded by the step's seeds."""
+    dense = zo.ZOParams(_low_named(torch.bfloat16), offset=13, probes="scratch", master=False)
+    sparse = zo.ZOParams(
+        _low_named(torch.bfloat16), offset=13, row_sparse=["embed.weight"], probes="scratch", master=False
+    )
+    before = sparse.flat.flat.clone()
+    seeds = zo.step_seeds(2, 0, 2)
+    rows = torch.tensor([9, 2, 2, 0])
+    for p in (dense, sparse):
+        p.add_(seeds, [0.3, -0.1], rows=[rows] if p is sparse else None)
+    table, dense_t, before_t = (t[35:].view(11, 7) for t in (sparse.flat.flat, dense.flat.flat, before))
+    touched = torch.zeros(11, dtype=torch.bool)
+    touched[rows] = True
+    assert torch.equal(sparse.flat.flat[:35], dense.flat.flat[:35])
+    assert torch.equal(table[touched], dense_t[touched]) and torch.equal(table[~touched], before_t[~touched])
+    # Decay: 1 - 1e-3 is below half a bfloat16 ulp of these weights' scale; rounded to nearest it
+    # would change nothing, rounded stochastically it shrinks the decayed tensors on average.
+    w = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+    decayed = zo.ZOParams([("w", w)], probes="scratch", master=False)
+    for step in range(200):
+        decayed.decay_(1 - 1e-3, key=zo.step_seeds(0, step, 1))
+    assert abs(decayed.flat.flat.double().mean().item() - (1 - 1e-3) ** 200) < 0.01
+    with pytest.raises(ValueError, match="needs the step's seeds"):
+        decayed.decay_(0.5)
+
+
+def test_without_a_master_updates_below_an_ulp_move_the_weights_on_average():
+    """An update a tenth of an ulp per element: rounded to nearest it vanishes; rounded
+    stochastically its projection on z is the update's, to a few percent."""
+    w = torch.nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16))
+    params = zo.ZOParams([("w", w)], probes="scratch", master=False)
+    scale = 0.1 * 2.0**-8  # a tenth of the ulp below 1 (2^-8) and a twentieth of the one above
+    params.add_([7], [scale])
+    z = noise.gaussian(200_000, 7).double()
+    moved = params.flat.flat.double() - 1.0
+    assert (moved != 0).float().mean() > 0.02
+    assert abs((moved * z).sum().item() / (z * z).sum().item() / scale - 1) < 0.05
+
+
+def test_without_a_master_the_probes_must_be_scratch_ones():
+    with pytest.raises(ValueError, match="need scratch probes"):
+        zo.ZOParams(_low_named(torch.bfloat16), master=False)
+    assert zo.ZOParams(_low_named(torch.float32), master=False).native is False  # float32: its own master
