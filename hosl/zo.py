@@ -472,10 +472,12 @@ def finite(values) -> bool:
 
 
 # mu's sane range, relative to the RMS of the weights it perturbs (see check_mu): the floor is per
-# dtype of the weights the probe writes (weights without a float32 master are perturbed in their own).
+# dtype of the weights the probe writes (weights without a float32 master are perturbed in their own):
+# in float32 well above an ulp, in bfloat16 and float16 half an ulp of the RMS, below which a probe
+# rounds most weights back to themselves.
 MU_MAX_RATIO = 1.0
 MU_MIN_RATIO = 2.0**-20
-MU_MIN_RATIOS = {torch.float32: MU_MIN_RATIO, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+MU_MIN_RATIOS = {torch.float32: MU_MIN_RATIO, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def check_mu(params: ZOParams, mu: float, side: str = "client") -> None:
