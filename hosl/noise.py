@@ -23,10 +23,11 @@ Backends, all bit-identical:
 
 Stochastic rounding, for weights kept in bfloat16 or float16 without a float32 master (hosl.zo):
 
-    uniform_(u, seed, offset=o):  u[i] = Phi(z(seed, o + i)), uniform on [0, 1]
+    uniform_(u, seed, offset=o):  u[i] = exp(-(z(seed, 2j)^2 + z(seed, 2j+1)^2) / 2), j = o + i:
+        uniform on (0, 1]
     round_stochastic(x, dtype, u): each float32 x[i] to one of the two values of dtype around it,
-        away from zero where u[i] < |x[i] - t| / |a - t| (t, a: the neighbours toward and away from
-        zero), so that E[result] = x[i] for uniform u.
+        away from zero where u[i] > 1 - |x[i] - t| / |a - t| (t, a: the neighbours toward and away
+        from zero), so that E[result] = x[i] for uniform u.
 
 backend=None picks "triton" for CUDA tensors and "cpp" for CPU tensors, falling back to "torch"
 when those cannot run; the environment variable HOSL_NOISE_BACKEND forces one backend for every call
@@ -348,38 +349,46 @@ class Terms:
 
 
 def uniform_(u: torch.Tensor, seed: int, *, offset: int = 0, backend: str | None = None) -> torch.Tensor:
-    """In place on a contiguous float32 u: u[i] = Phi(z(seed, offset + i)), the standard normal's CDF
-    of the seeded Gaussian, so uniform on [0, 1] and fixed by the seed and the position. Returns u."""
-    if u.dtype != torch.float32:
-        raise TypeError(f"u must be float32; got {u.dtype}")
-    add_(u.zero_(), [seed], [1.0], offset=offset, backend=backend)
-    return torch.special.ndtr(u, out=u)
-
-
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    """In place on a contiguous float32 u: u[i] = exp(-(z(seed, 2j)^2 + z(seed, 2j + 1)^2) / 2) with
+    j = offset + i, fixed by the seed and the position. For two independent standard normals,
+    z1^2 + z2^2 is exponential with mean 2, so u is uniform on (0, 1]. Returns u."""
+    if u.dtype != torch.float32 or not u.is_contiguous():
+        raise TypeError(f"u must be a contiguous float32 tensor; got {u.dtype}")
+    n = u.numel()
+    pair = torch.zeros(2 * n, dtype=torch.float32, device=u.device)
+    add_(pair, [seed], [1.0], offset=_check_offset(2 * offset, 2 * n), backend=backend)
+    pair.mul_(pair)
+    torch.add(pair[0::2], pair[1::2], out=u.view(n))
+    return u.mul_(-0.5).exp_()
 
 
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:
     """float32 x rounded into dtype (bfloat16 or float16) stochastically, a new tensor: each element
     becomes t, its neighbour in dtype toward zero, or a, the one away from zero, taking a where
-    u < |x - t| / |a - t|. For u uniform on [0, 1) that is unbiased: E[result] = x. Values of dtype
-    come back unchanged, NaN stays NaN, infinities stay; a finite x past dtype's largest finite
-    value rounds to that value.
+    u > 1 - |x - t| / |a - t|. For u uniform on (0, 1] that is unbiased: E[result] = x. Values of
+    dtype come back unchanged, NaN stays NaN, infinities stay.
 
-    Both neighbours come from the bits: dtype is sign and magnitude, so one step of the integer
-    view moves one ulp toward zero (-1) or away from it (+1) on either side of zero."""
-    if dtype not in _BITS:
+    bfloat16 is float32 with the low 16 bits cut, so there the rule is integer arithmetic on x's
+    bits: adding ceil(2^16 u) - 1 carries into bit 16 exactly when it says a (sign and magnitude: the
+    addition grows the magnitude on either side of zero); a finite x that carries past the largest
+    finite value becomes inf with that probability. For float16 the neighbours come from the rounded
+    bits: one step of the integer view is one ulp toward zero (-1) or away from it (+1); a finite x
+    past float16's largest finite value rounds to it."""
+    if dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"stochastic rounding is into bfloat16 or float16; got {dtype}")
     if x.dtype != torch.float32 or u.dtype != torch.float32 or x.shape != u.shape:
         raise ValueError(f"x and u must be float32 tensors of one shape; got {x.dtype}, {u.dtype}")
+    if dtype == torch.bfloat16:
+        carry = (u * 65536).ceil_().sub_(1).clamp_(0, 65535).to(torch.int32)
+        return (x.contiguous().view(torch.int32) + carry).bitwise_right_shift_(16).to(torch.int16).view(dtype)
     nearest = x.to(dtype)
-    bits = nearest.view(_BITS[dtype])
+    bits = nearest.view(torch.int16)
     toward = torch.where(nearest.float().abs() > x.abs(), bits - 1, bits)
     away = (toward + 1).view(dtype)
     toward = toward.view(dtype)
     low = toward.float()
     p = (x - low).abs_().div_((away.float() - low).abs_())
-    return torch.where(u < p, away, toward)
+    return torch.where(u > 1 - p, away, toward)
 
 
 def checked_rows(rows, num_rows: int) -> torch.Tensor:

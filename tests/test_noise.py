@@ -508,11 +508,11 @@ def test_terms_checked_once_give_the_functions_bits():
 
 def _bf16_stochastic_by_bits(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """bfloat16 is float32 with its low 16 bits cut: the neighbour toward zero is x's bits with them
-    cleared, the one away from zero one bfloat16 ulp further, taken with probability low16 / 2^16."""
+    cleared, the one away from zero one bfloat16 ulp further, taken where u > 1 - low16 / 2^16."""
     bits = x.view(torch.int32).long() & 0xFFFFFFFF
     low = (bits & 0xFFFF).double() / 65536
     toward = bits & 0xFFFF0000
-    chosen = torch.where(u.double() < low, toward + 0x10000, toward)
+    chosen = torch.where(u.double() > 1 - low, toward + 0x10000, toward)
     chosen = torch.where(chosen >= 1 << 31, chosen - (1 << 32), chosen).to(torch.int32)
     return chosen.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
 
@@ -524,14 +524,18 @@ def _f16_stochastic_by_numpy(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     toward = np.where(np.abs(nearest.astype(np.float64)) > np.abs(xs), np.nextafter(nearest, np.float16(0)), nearest)
     away = np.nextafter(toward, np.copysign(np.float16(np.inf), xs).astype(np.float16))
     p = np.abs(xs - toward.astype(np.float64)) / np.abs(away.astype(np.float64) - toward.astype(np.float64))
-    return torch.from_numpy(np.where(u.numpy() < p, away, toward))
+    return torch.from_numpy(np.where(u.numpy() > 1 - p, away, toward))
 
 
-def test_uniform_is_the_gaussians_cdf_and_uniform():
+def test_uniform_is_two_gaussians_radius_and_uniform():
+    """u = exp(-(z1^2 + z2^2) / 2) from the pair of normals at positions 2j and 2j + 1, computed here
+    in float64; uniform by the KS test, and the same whatever the chunking."""
     u = noise.uniform_(torch.empty(200_000), 11, offset=5)
-    expected = stats.norm.cdf(noise.gaussian(200_000, 11, offset=5).double().numpy())
-    np.testing.assert_allclose(u.double().numpy(), expected, rtol=0, atol=1e-6)
+    z = noise.gaussian(400_000, 11, offset=10).double().numpy()
+    expected = np.exp(-(z[0::2] ** 2 + z[1::2] ** 2) / 2)
+    np.testing.assert_allclose(u.double().numpy(), expected, rtol=1e-6, atol=0)
     assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert torch.equal(noise.uniform_(torch.empty(1000), 11, offset=105), u[100:1100])
     with pytest.raises(TypeError, match="float32"):
         noise.uniform_(torch.empty(3, dtype=torch.bfloat16), 1)
 
@@ -571,7 +575,9 @@ def test_round_stochastic_special_values_and_errors():
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30, -1e30])
     got = noise.round_stochastic(x, torch.float16, torch.full((5,), 0.5))
     assert got[0] == float("inf") and got[1] == float("-inf") and torch.isnan(got[2])
-    assert got[3] == 65504 and got[4] == -65504  # finite past the largest: the largest
+    assert got[3] == 65504 and got[4] == -65504  # float16: finite past the largest rounds to the largest
+    got = noise.round_stochastic(x, torch.bfloat16, torch.full((5,), 0.5))
+    assert got[0] == float("inf") and got[1] == float("-inf") and torch.isnan(got[2])
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         noise.round_stochastic(x, torch.float32, x)
     with pytest.raises(ValueError, match="one shape"):

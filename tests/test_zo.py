@@ -327,7 +327,7 @@ def _low_named(dtype):
 def _rounded_reference(w0, terms, seed, dtype, offset=0):
     """w0 plus the terms' noise in float32 (the noise primitive, tested on its own), then rounded
     stochastically by other means: the neighbours toward and away from zero from torch.nextafter,
-    the one away taken where the seeded stream's uniform is below the distance, in float64."""
+    the one away taken where the seeded stream's uniform is above 1 - the distance, in float64."""
     x = w0.float()
     noise.add_(x, *terms, offset=offset)
     nearest, xs = x.to(dtype), x.double()
@@ -335,8 +335,8 @@ def _rounded_reference(w0, terms, seed, dtype, offset=0):
     toward = torch.where(nearest.double().abs() > xs.abs(), torch.nextafter(nearest, zero), nearest)
     away = torch.nextafter(toward, inf)
     p = (xs - toward.double()).abs() / (away.double() - toward.double()).abs()
-    u = torch.special.ndtr(noise.gaussian(x.numel(), seed, offset=offset)).double()
-    return torch.where(u < p, away, toward)
+    u = noise.uniform_(torch.empty_like(x), seed, offset=offset).double()  # tested on its own
+    return torch.where(u > 1 - p, away, toward)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
