@@ -61,6 +61,8 @@ def smollm2_variants(client_lr: str) -> dict[str, list[str]]:
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
         "hosl-cut-grad-q8-all": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--zo-embedding", "all"],
         # bfloat16 weights: the ZO client's in a float32 master (the default), or in bfloat16 alone
+        "frozen-client-bf16": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1",
+                               "--dtype", "bfloat16"],
         "hosl-cut-grad-q8-bf16": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--dtype", "bfloat16"],
         "hosl-cut-grad-q8-bf16-no-master": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--dtype", "bfloat16",
                                             "--zo-master", "none"],
