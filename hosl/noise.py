@@ -355,8 +355,7 @@ def uniform_(u: torch.Tensor, seed: int, *, offset: int = 0, backend: str | None
     if u.dtype != torch.float32 or not u.is_contiguous():
         raise TypeError(f"u must be a contiguous float32 tensor; got {u.dtype}")
     n = u.numel()
-    pair = torch.zeros(2 * n, dtype=torch.float32, device=u.device)
-    add_(pair, [seed], [1.0], offset=_check_offset(2 * offset, 2 * n), backend=backend)
+    pair = gaussian(2 * n, seed, offset=2 * offset, device=u.device, backend=backend)
     pair.mul_(pair)
     torch.add(pair[0::2], pair[1::2], out=u.view(n))
     return u.mul_(-0.5).exp_()
