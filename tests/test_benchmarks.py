@@ -132,6 +132,17 @@ BAD_FLAGS = [
 ]
 
 
+def test_bench_master_quick(tmp_path):
+    """Every variant is timed at every Q, against the float32 master's time of the same Q."""
+    run("bench_master.py", "--quick", "--n", 4096, "--repeats", 1, "--out", tmp_path)
+    rows = records(tmp_path / "bench_master_quick.jsonl")
+    assert {(r["q"], r["variant"]) for r in rows} == {
+        (q, v) for q in (1, 8) for v in ("float32 master", "bfloat16, no master", "float16, no master")
+    }
+    assert all(r["seconds"] > 0 and r["weights"] == 4096 for r in rows)
+    assert all(r["over_master"] == 1.0 for r in rows if r["variant"] == "float32 master")
+
+
 @pytest.mark.parametrize("script,flags,message", BAD_FLAGS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_FLAGS])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, script, flags, message):
     out = subprocess.run(
