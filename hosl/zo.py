@@ -232,24 +232,38 @@ class ZOParams:
 
     def add_(self, seeds: Sequence[int], scales: Sequence[float], rows: Sequence | None = None) -> None:
         """One noise pass. rows: one entry per row-sparse table, an index tensor or None (that table
-        dense); rows=None: dense everywhere."""
+        dense); rows=None: dense everywhere. Without a float32 master each span is summed in float32
+        and rounded stochastically instead (one rounding seed for the whole pass)."""
         seeds, scales, buf = list(seeds), list(scales), self.flat.flat
         if self.native:
-            self._rounded(noise.Terms(seeds, scales), 1.0, _round_seed("add", seeds, scales), rows)
-            return
+            terms, seed = noise.Terms(seeds, scales), _round_seed("add", seeds, scales)
+
+            def dense(lo, hi):
+                self._rounded_dense(lo, hi, terms, 1.0, seed)
+
+            def sparse(start, n, width, picked):
+                self._rounded_rows(start, n, width, noise.checked_rows(picked, n), terms, seed)
+        else:
+
+            def dense(lo, hi):
+                noise.add_(buf[lo:hi], seeds, scales, offset=self.offset + lo)
+
+            def sparse(start, n, width, picked):
+                table = buf[start : start + n * width].view(n, width)
+                noise.add_rows_(table, picked, seeds, scales, offset=self.offset + start)
+
         if rows is None or not self.tables:
-            noise.add_(buf, seeds, scales, offset=self.offset)
+            dense(0, self.numel)
             return
         if len(rows) != len(self.tables):
             raise ValueError(f"got rows for {len(rows)} tables; this buffer has {len(self.tables)}")
         for lo, hi in self._dense:
-            noise.add_(buf[lo:hi], seeds, scales, offset=self.offset + lo)
+            dense(lo, hi)
         for (start, n, width), picked in zip(self.tables, rows):
-            table = buf[start : start + n * width]
             if picked is None:
-                noise.add_(table, seeds, scales, offset=self.offset + start)
+                dense(start, start + n * width)
             else:
-                noise.add_rows_(table.view(n, width), picked, seeds, scales, offset=self.offset + start)
+                sparse(start, n, width, picked)
 
     def decay_(self, factor: float, key: Sequence[int] = ()) -> None:
         """The decayed tensors times factor. key: the seeds of the step (or round) it ends, which
@@ -281,21 +295,6 @@ class ZOParams:
             self.add_(*terms, rows=rows)
 
     # -- weights without a float32 master ----------------------------------------------------------------
-    def _rounded(self, terms: noise.Terms, factor: float, seed: int, rows) -> None:
-        """add_'s pass on a low-precision buffer: in float32, rounded stochastically under `seed`."""
-        if rows is None or not self.tables:
-            self._rounded_dense(0, self.numel, terms, factor, seed)
-            return
-        if len(rows) != len(self.tables):
-            raise ValueError(f"got rows for {len(rows)} tables; this buffer has {len(self.tables)}")
-        for lo, hi in self._dense:
-            self._rounded_dense(lo, hi, terms, factor, seed)
-        for (start, n, width), picked in zip(self.tables, rows):
-            if picked is None:
-                self._rounded_dense(start, start + n * width, terms, factor, seed)
-            else:
-                self._rounded_rows(start, n, width, noise.checked_rows(picked, n), terms, seed)
-
     def _rounded_dense(self, lo: int, hi: int, terms, factor: float, seed: int) -> None:
         buf = self.flat.flat
         for a in range(lo, hi, _ROUND_CHUNK):
