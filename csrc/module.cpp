@@ -195,6 +195,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian", &gaussian, py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"),
         py::arg("num_threads"), "Writes z(seed, offset + i) for i < n into n float32 elements at out_ptr.");
   m.attr("MAX_TERMS") = kMaxTerms;
+  m.def("noise_isas", &hosl::noise::noise_isas,
+        "The instruction-set copies of the CPU noise kernel this CPU runs, widest first (same bits in each).");
+  m.def("noise_isa", &hosl::noise::noise_isa, "The copy of the CPU noise kernel in use.");
+  m.def("set_noise_isa", &hosl::noise::set_noise_isa, py::arg("name"),
+        "Use another copy of the CPU noise kernel (one of noise_isas()).");
 
   m.def("crc32c", &crc32c, py::arg("ptr"), py::arg("nbytes"), py::arg("crc") = 0, py::arg("portable") = false,
         "CRC-32C of nbytes at ptr, continuing from crc (0 to start); portable=True forces the table code.");

@@ -5,6 +5,7 @@
 #include "noise.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -21,21 +22,11 @@ namespace {
 
 constexpr int kTile = 64;                   // Philox counters per tile: 256 normals, 1 KiB of floats
 constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more than it saves
-static_assert(kTile % 8 == 0, "philox_tile_avx2 takes counters 8 at a time");
-
-// x86-64: an AVX2 copy beside the baseline one, picked at load time by the CPU (GCC/Clang function
-// multiversioning). AVX2 doubles the lanes of the Box-Muller float math (Philox has its own AVX2
-// path below); the operations and their order are the same (no FMA: -ffp-contract=off), so the
-// bits are too.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
-#define HOSL_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define HOSL_TARGET_CLONES
-#endif
+static_assert(kTile % 16 == 0, "philox_tile_avx512 takes counters 16 at a time");
 
 // The Philox words of counters [counter0, counter0 + kTile), word w of counter counter0 + i in cw[i].
 // Portable C++; the compiler vectorises it, but it widens the 32x32->64-bit products through lane
-// shuffles, so x86-64 CPUs with AVX2 run philox_tile_avx2 instead.
+// shuffles, so x86-64 CPUs with AVX2 or AVX-512 run philox_tile_avx2 or philox_tile_avx512.
 void philox_tile(uint64_t seed, uint64_t counter0, uint32_t* __restrict c0, uint32_t* __restrict c1,
                  uint32_t* __restrict c2, uint32_t* __restrict c3) {
   for (int i = 0; i < kTile; ++i) {
@@ -111,32 +102,135 @@ __attribute__((target("avx2"))) void philox_tile_avx2(uint64_t seed, uint64_t co
   }
 }
 
-bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+// GCC 12 warns inside its own AVX-512 headers: the shift intrinsics start from an undefined vector
+// on purpose (_mm512_undefined_epi32), which it reads as an uninitialised variable.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// mulhilo8 on 16 lanes.
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i m, __m512i a, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
+
+// philox_tile_avx2 on 16 counters at a time; AVX-512 has the unsigned compare the wrap needs.
+__attribute__((target("avx512f"))) void philox_tile_avx512(uint64_t seed, uint64_t counter0, uint32_t* c0o,
+                                                           uint32_t* c1o, uint32_t* c2o, uint32_t* c3o) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int i = 0; i < kTile; i += 16) {
+    const uint64_t base = counter0 + static_cast<uint64_t>(i);
+    const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+    __m512i c0 = _mm512_add_epi32(base_lo, lane);
+    const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c0, base_lo);
+    const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+    __m512i c1 = _mm512_mask_add_epi32(base_hi, wrapped, base_hi, one);
+    __m512i c2 = _mm512_setzero_si512();
+    __m512i c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed);
+    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(m0, c0, &hi0, &lo0);
+      mulhilo16(m1, c2, &hi1, &lo1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    _mm512_storeu_si512(c0o + i, c0);
+    _mm512_storeu_si512(c1o + i, c1);
+    _mm512_storeu_si512(c2o + i, c2);
+    _mm512_storeu_si512(c3o + i, c3);
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
-// The 4 * kTile normals of counters [counter0, counter0 + kTile), interleaved: z[4 * i + lane].
-HOSL_TARGET_CLONES void normals_tile(uint64_t seed, uint64_t counter0, float* __restrict z) {
-  alignas(32) uint32_t c0[kTile], c1[kTile], c2[kTile], c3[kTile];
+// One tile: z[j] = z(seed, 4 * counter0 + j) for its 4 * kTile positions, then acc[j] = z[j], or
+// acc[j] += scale * z[j] when accumulating, for j in [skip, skip + count). The body is inlined
+// into one copy per instruction set (below), so that its Box-Muller and accumulation loops
+// vectorise to that set's width. The operations and their order are the same in every copy (no
+// FMA: -ffp-contract=off), and so are the bits.
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+template <Isa kIsa>
+__attribute__((always_inline)) inline void tile_body(uint64_t seed, uint64_t counter0, float scale,
+                                                     float* __restrict acc, int skip, int count, bool accumulate) {
+  alignas(64) uint32_t c0[kTile], c1[kTile], c2[kTile], c3[kTile];
 #ifdef HOSL_X86_AVX2
-  if (have_avx2())
+  if constexpr (kIsa == Isa::kAvx512)
+    philox_tile_avx512(seed, counter0, c0, c1, c2, c3);
+  else if constexpr (kIsa == Isa::kAvx2)
     philox_tile_avx2(seed, counter0, c0, c1, c2, c3);
   else
 #endif
     philox_tile(seed, counter0, c0, c1, c2, c3);
-  float z0[kTile], z1[kTile], z2[kTile], z3[kTile];
+  alignas(64) float z0[kTile], z1[kTile], z2[kTile], z3[kTile];
   for (int i = 0; i < kTile; ++i) {
     box_muller(c0[i], c1[i], &z0[i], &z1[i]);
     box_muller(c2[i], c3[i], &z2[i], &z3[i]);
   }
+  alignas(64) float z[4 * kTile];
   for (int i = 0; i < kTile; ++i) {
     z[4 * i + 0] = z0[i];
     z[4 * i + 1] = z1[i];
     z[4 * i + 2] = z2[i];
     z[4 * i + 3] = z3[i];
   }
+  if (accumulate) {
+    for (int j = skip; j < skip + count; ++j) acc[j] = acc[j] + scale * z[j];
+  } else {
+    for (int j = skip; j < skip + count; ++j) acc[j] = z[j];
+  }
+}
+
+using TileFn = void (*)(uint64_t, uint64_t, float, float*, int, int, bool);
+
+void tile_base(uint64_t seed, uint64_t counter0, float scale, float* acc, int skip, int count, bool accumulate) {
+  tile_body<Isa::kBase>(seed, counter0, scale, acc, skip, count, accumulate);
+}
+
+#ifdef HOSL_X86_AVX2
+__attribute__((target("avx2"))) void tile_avx2(uint64_t seed, uint64_t counter0, float scale, float* acc, int skip,
+                                               int count, bool accumulate) {
+  tile_body<Isa::kAvx2>(seed, counter0, scale, acc, skip, count, accumulate);
+}
+
+__attribute__((target("avx512f"))) void tile_avx512(uint64_t seed, uint64_t counter0, float scale, float* acc,
+                                                    int skip, int count, bool accumulate) {
+  tile_body<Isa::kAvx512>(seed, counter0, scale, acc, skip, count, accumulate);
+}
+#endif
+
+struct Copy {
+  const char* name;
+  TileFn fn;
+};
+
+// The copies this CPU runs, widest first.
+std::vector<Copy> runnable_copies() {
+  std::vector<Copy> copies;
+#ifdef HOSL_X86_AVX2
+  if (__builtin_cpu_supports("avx512f")) copies.push_back({"avx512", tile_avx512});
+  if (__builtin_cpu_supports("avx2")) copies.push_back({"avx2", tile_avx2});
+#endif
+  copies.push_back({"base", tile_base});
+  return copies;
+}
+
+// The copy in use: the widest, unless set_noise_isa chose another (tests and benchmarks do).
+std::atomic<int> g_copy{0};
+
+Copy current_copy() {
+  static const std::vector<Copy> copies = runnable_copies();
+  return copies[static_cast<size_t>(g_copy.load(std::memory_order_relaxed))];
 }
 
 inline float load_as_float(const void* x, int64_t i, DType dtype) {
@@ -166,8 +260,8 @@ inline void store_tile(void* x, int64_t first, const float* acc, int count) {
 template <DType kDType>
 void add_noise_range(void* x, int64_t begin, int64_t end, const uint64_t* seeds, const float* scales, int num_terms,
                      uint64_t offset, bool accumulate) {
-  alignas(64) float z[4 * kTile];
   alignas(64) float acc[4 * kTile];
+  const TileFn tile = current_copy().fn;
   const uint64_t first_pos = offset + static_cast<uint64_t>(begin);
   const uint64_t end_pos = offset + static_cast<uint64_t>(end);
   for (uint64_t counter = first_pos / 4; 4 * counter < end_pos; counter += kTile) {
@@ -180,13 +274,9 @@ void add_noise_range(void* x, int64_t begin, int64_t end, const uint64_t* seeds,
     const int64_t first = static_cast<int64_t>(lo - offset);
     if (accumulate) {
       for (int j = 0; j < count; ++j) acc[skip + j] = load_as_float(x, first + j, kDType);
-      for (int k = 0; k < num_terms; ++k) {
-        normals_tile(seeds[k], counter, z);
-        const float c = scales[k];
-        for (int j = skip; j < skip + count; ++j) acc[j] = acc[j] + c * z[j];
-      }
+      for (int k = 0; k < num_terms; ++k) tile(seeds[k], counter, scales[k], acc, skip, count, true);
     } else {
-      normals_tile(seeds[0], counter, acc);
+      tile(seeds[0], counter, 1.0f, acc, skip, count, false);
     }
     store_tile<kDType>(x, first, acc + skip, count);
   }
@@ -291,6 +381,27 @@ void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_giv
       break;
   }
   throw std::invalid_argument("hosl._C: unknown dtype code");
+}
+
+std::vector<std::string> noise_isas() {
+  std::vector<std::string> names;
+  for (const Copy& c : runnable_copies()) names.emplace_back(c.name);
+  return names;
+}
+
+std::string noise_isa() { return current_copy().name; }
+
+void set_noise_isa(const std::string& name) {
+  const std::vector<Copy> copies = runnable_copies();
+  for (size_t i = 0; i < copies.size(); ++i) {
+    if (name == copies[i].name) {
+      g_copy.store(static_cast<int>(i), std::memory_order_relaxed);
+      return;
+    }
+  }
+  std::string names;
+  for (const Copy& c : copies) names += std::string(names.empty() ? "" : ", ") + c.name;
+  throw std::invalid_argument("hosl._C: this CPU runs the noise copies " + names + ", not " + name);
 }
 
 }  // namespace noise

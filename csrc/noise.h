@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "dtype.h"
 
@@ -178,6 +180,13 @@ void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const flo
 // Splits the list over num_threads threads; the result does not depend on the split.
 void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_given, DType dtype, const uint64_t* seeds,
                     const float* scales, int num_terms, uint64_t offset, int num_threads);
+
+// The CPU kernel comes in copies for instruction sets (x86-64: avx512, avx2, base), with the same
+// bits. noise_isas: the copies this CPU runs, widest first; noise_isa: the one in use (the widest
+// unless set); set_noise_isa: use another (throws std::invalid_argument for one the CPU lacks).
+std::vector<std::string> noise_isas();
+std::string noise_isa();
+void set_noise_isa(const std::string& name);
 
 }  // namespace noise
 }  // namespace hosl

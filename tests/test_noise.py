@@ -147,6 +147,42 @@ def test_multidimensional_x_is_viewed_flat():
     assert_bits_equal(x.view(-1), noise.gaussian(105, 4, offset=2))
 
 
+def _noise_isas() -> list[str]:
+    return _ext._C.noise_isas() if _ext._C is not None else ["base"]  # without it, the test skips
+
+
+@pytest.mark.parametrize("isa", _noise_isas())
+def test_every_instruction_set_copy_gives_the_references_bits(isa):
+    """The C++ kernel has a copy per instruction set (avx512, avx2, base on x86-64) and uses the
+    widest this CPU runs: each copy it runs, against the torch reference, for z, for add_ in every
+    dtype with several terms, across a counter word boundary, and for rows."""
+    _C = _ext.require("this test")
+    before = _C.noise_isa()
+    _C.set_noise_isa(isa)
+    try:
+        assert _C.noise_isa() == isa
+        for offset in (3, 4 * (2**32 - 37)):
+            n = (1 << 16) + 5
+            assert_bits_equal(
+                noise.gaussian(n, 2**62 + 1, offset=offset, backend="cpp"),
+                noise.gaussian(n, 2**62 + 1, offset=offset, backend="torch"),
+            )
+        for dtype in DTYPES.values():
+            x = (torch.randn(20_011, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+            a = noise.add_(x.clone(), [7, 2**40, 9], [0.5, -1e-3, 2.0], offset=11, backend="cpp")
+            b = noise.add_(x.clone(), [7, 2**40, 9], [0.5, -1e-3, 2.0], offset=11, backend="torch")
+            assert_bits_equal(a, b)
+            table = make_table(50, 33, dtype, seed=6)
+            rows = [49, 3, 4, 4, 20]
+            a = noise.add_rows_(table.clone(), rows, [4], [0.25], offset=7, backend="cpp")
+            b = noise.add_rows_(table.clone(), rows, [4], [0.25], offset=7, backend="torch")
+            assert_bits_equal(a.view(-1), b.view(-1))
+    finally:
+        _C.set_noise_isa(before)
+    with pytest.raises(ValueError, match="not sse9"):
+        _C.set_noise_isa("sse9")
+
+
 # ---------------------------------------------------------------------- independence of the split
 
 
