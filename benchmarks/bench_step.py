@@ -84,6 +84,7 @@ def config(spec):
     return TrainConfig(
         method=spec["method"], split_layer=spec["k"], batch_size=spec["batch"], max_length=spec["seq"],
         sync_probes=spec["sync"], optimizer="adamw", timeout=600.0, **{rate: 1e-5 for rate in method.rates},
+        client_threads=spec["threads"][0], server_threads=spec["threads"][1],
         **(zo_side if ZO in method.orders else {}),
         **({"server_batch_probes": True} if spec.get("stacked") else {}),
     )  # fmt: skip
@@ -138,7 +139,7 @@ def worker(spec: dict) -> None:
     from hosl.session import local_session
     from hosl.transport import dist_link
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # each side sets its own (--threads) when it starts
     client_model, server_model = build(spec)
     cfg = config(spec)
     if spec["role"] == "local":  # the trainer's own wiring: the link sized by the step plan
@@ -204,6 +205,10 @@ def main(argv=None):
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, nargs=2, default=[1, 1], metavar=("CLIENT", "SERVER"),
+        help="torch threads of the client and of the server (1 1: a core a side, as two machines would have)",
+    )  # fmt: skip
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -217,6 +222,7 @@ def main(argv=None):
         seq=given(args.seq, 32 if quick else 64),
         steps=given(args.steps, 3 if quick else 5),
         warmup=args.warmup,
+        threads=args.threads,
     )
     qs = given(args.qs, [1, 4] if quick else [1, 4, 16])
     for name in ("batch", "seq", "steps"):
@@ -225,9 +231,12 @@ def main(argv=None):
     layers = MODELS[args.model]["sizes"].get("num_hidden_layers", 12)  # OPTConfig's default: 12
     if not 0 <= spec_base["k"] <= layers:
         parser.error(f"--split-layer must be in [0, {layers}] for {args.model}, got {spec_base['k']}")
+    if min(args.threads) < 1:
+        parser.error(f"--threads must be >= 1 for each side, got {args.threads[0]} {args.threads[1]}")
     if args.warmup < 0 or any(q < 1 for q in qs):
         parser.error(f"--warmup must be >= 0 and every Q >= 1, got {args.warmup} and {qs}")
     suffix = "_quick" if quick else ("" if args.model == "small" else f"_{args.model}")
+    suffix += "" if args.threads == [1, 1] else f"_threads{args.threads[0]}-{args.threads[1]}"
     rec = Recorder(args.out / f"bench_step{suffix}.jsonl", environment())
     import torch
 
@@ -241,8 +250,9 @@ def main(argv=None):
         else:
             out = run_workers(__file__, spec, ["server", "client"])[1]
         fields = dict(
-            spec, variant=variant, transport=transport, probes="sync" if sync else "streaming", threads_per_process=1
-        )
+            spec, variant=variant, transport=transport, probes="sync" if sync else "streaming",
+            client_threads=spec["threads"][0], server_threads=spec["threads"][1],
+        )  # fmt: skip
         records.append(rec.add(torch.device("cpu"), bench="step", **fields, **out))
         log(
             f"{variant:16s} Q={q:<2d} {transport:5s} {'sync' if sync else 'stream':6s} wall {out['wall_s']:.3f} s "
@@ -251,7 +261,8 @@ def main(argv=None):
 
     s = spec_base
     print(
-        f"\nOPT {args.model} cut at {s['k']}, batch {s['batch']} x {s['seq']}, one thread per process, {cpu_name()}; "
+        f"\nOPT {args.model} cut at {s['k']}, batch {s['batch']} x {s['seq']}, torch threads {s['threads'][0]} "
+        f"(client) and {s['threads'][1]} (server), {cpu_name()}; "
         f"median of {s['steps']} steps\n"
     )
     fo = {r["transport"]: r["wall_s"] for r in records if r["variant"] == "fo"}

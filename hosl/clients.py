@@ -47,7 +47,7 @@ import torch
 from hosl import zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
-from hosl.roles import SplitClient, SplitServer, StepStats
+from hosl.roles import SplitClient, SplitServer, StepStats, use_threads
 from hosl.split import ClientModel, ServerModel
 from hosl.transport import Link, LinkError, PeerError
 
@@ -391,6 +391,7 @@ class RoundServer:
     def serve(self) -> None:
         """HELLO from every client, then the lead's frames and the rounds until the lead's stop. A
         failure is sent to every client before it propagates."""
+        use_threads(self.cfg.server_threads)
         try:
             for i in range(len(self.links)):
                 self.server.link = self.links[i]

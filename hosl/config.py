@@ -274,6 +274,19 @@ class TrainConfig:
             "dist: a file holding the shared secret both sides prove they hold (hosl.auth); else $HOSL_AUTH_TOKEN"
         ),
     )
+    threads: int = field(
+        default=0,
+        metadata=_help(
+            "torch threads each side computes with, set in the thread it runs on "
+            "(0: torch's own count, which torchrun makes 1 per process)"
+        ),
+    )
+    client_threads: int | None = field(
+        default=None, metadata=_help("the client's torch threads (0: torch's own count)", default_text="--threads")
+    )
+    server_threads: int | None = field(
+        default=None, metadata=_help("the server's torch threads (0: torch's own count)", default_text="--threads")
+    )
     timeout: float = field(default=300.0, metadata=_help("seconds to wait for the peer before failing"))
     sync_probes: bool = field(
         default=False,
@@ -293,6 +306,9 @@ class TrainConfig:
         for name in ("client_lora_r", "server_lora_r"):
             if getattr(self, name) is None:
                 setattr(self, name, self.lora_r)
+        for name in ("client_threads", "server_threads"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.threads)
         self.check()
 
     def check(self) -> None:
@@ -318,6 +334,9 @@ class TrainConfig:
             "lora_r",
             "client_lora_r",
             "server_lora_r",
+            "threads",
+            "client_threads",
+            "server_threads",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -409,6 +428,8 @@ class TrainConfig:
             "client_lr": "client_lr" not in method.rates,
             "server_lr": "server_lr" not in method.rates,
             "compression": not method.split,
+            "client_threads": not method.split,
+            "server_threads": not method.split,
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
             "server_batch_probes": not method.hybrid or self.zo_estimator in LOCAL_ESTIMATORS,
@@ -444,6 +465,8 @@ class TrainConfig:
         """What a field becomes when it is not given, for this config's method."""
         if name == "clients_per_round":
             return self.clients
+        if name in ("client_threads", "server_threads"):
+            return self.threads
         if name == "zo_probes":
             return "scratch" if self.clients > 1 or self.zo_master == "none" else "inplace"
         by_method = METHOD_DEFAULTS[self.method]
@@ -572,7 +595,8 @@ SECTIONS = {
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
                      "on_client_loss", "min_clients"],
-    "transport and device": ["transport", "compression", "device", "auth_token_file", "timeout", "sync_probes"],
+    "transport and device": ["transport", "compression", "device", "auth_token_file", "threads", "client_threads",
+                             "server_threads", "timeout", "sync_probes"],
 }  # fmt: skip
 
 _EXAMPLES = """examples:

@@ -68,6 +68,17 @@ def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -
     return rows * cfg.max_length * (hidden_size * 4 + 32) + (1 << 20)
 
 
+def use_threads(n: int) -> None:
+    """Sets the torch thread count of the calling thread to n (0: leaves it). torch's OpenMP builds
+    keep the count per thread, so the two sides of a local run, each on its own thread, keep their
+    own; each side calls this where it starts (SplitClient.hello, SplitServer.serve). A thread takes
+    the process-wide count of the moment on its first torch call, which would undo a count set
+    before it: the get below makes that first call happen first."""
+    if n:
+        torch.get_num_threads()
+        torch.set_num_threads(n)
+
+
 @dataclass
 class StepStats:
     loss: float  # the clean loss when there is one, else the mean of the probe losses
@@ -123,6 +134,7 @@ class SplitClient:
 
     # -- protocol ------------------------------------------------------------------------------
     def hello(self) -> None:
+        use_threads(self.cfg.client_threads)
         numel = self.zo.numel if self.zo is not None else 0
         meta = {"protocol": PROTOCOL, "config": self.cfg.hash(), "plan": self.plan.describe(), "client_numel": numel}
         self.link.send(Frame(Kind.HELLO, meta=meta))
@@ -337,6 +349,7 @@ class SplitServer:
 
     def serve(self) -> None:
         """Answer frames until CONTROL stop. A failure here is sent to the client before it propagates."""
+        use_threads(self.cfg.server_threads)
         with self.link:
             while True:
                 frame = self.link.recv()

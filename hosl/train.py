@@ -35,7 +35,7 @@ from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, build, build_tokenizer, check_model_name, num_blocks
 from hosl.optim import DivergedError, SkipCounter, lr_factor
 from hosl.plan import method_of
-from hosl.roles import FullModel, SplitClient, SplitServer
+from hosl.roles import FullModel, SplitClient, SplitServer, use_threads
 from hosl.scoring import accuracy, rank_classify
 from hosl.session import local_session
 from hosl.split import SplitError, split_model, split_summary
@@ -416,6 +416,7 @@ def _run_local(cfg: TrainConfig, run_dir: Path, point, device) -> dict:
     torch.manual_seed(cfg.seed)
     if not method_of(cfg.method).split:
         trainer = FullModel(cfg, model, cfg.split_layer)
+        use_threads(cfg.threads)
         result = train(cfg, trainer, tokenizer, train_examples, eval_examples, run_dir, resume=point)
         checkpoint.save_final(run_dir, trainer)
         summary = _summary(cfg, result, {"params": sum(p.numel() for p in model.parameters())}, device)

@@ -316,6 +316,42 @@ def test_fo_split_equals_fo_full(tmp_path):
     assert a["bytes_down"] > 0 and b["bytes_up"] == 0
 
 
+@pytest.mark.parametrize("method", ["hosl", "fo-full"])
+def test_each_side_computes_with_its_threads(tmp_path, monkeypatch, method):
+    """--client-threads and --server-threads: a local run's two sides are two threads of one process,
+    and each computes with its own torch thread count; an unsplit model with --threads."""
+    import threading
+
+    from hosl.roles import FullModel, SplitClient
+    from hosl.split import ServerModel
+
+    seen: dict[str, set[int]] = {"client": set(), "server": set()}
+
+    def count(side, fn):
+        def counted(self, *args, **kwargs):
+            if side != "server" or threading.current_thread().name == "hosl-server":
+                seen[side].add(torch.get_num_threads())
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(SplitClient, "train_step", count("client", SplitClient.train_step))
+    monkeypatch.setattr(ServerModel, "forward", count("server", ServerModel.forward))
+    monkeypatch.setattr(FullModel, "train_step", count("client", FullModel.train_step))
+    before = torch.get_num_threads()
+    try:
+        if method == "hosl":
+            run(cfg_for(tmp_path, "split", steps=2, client_threads=3, server_threads=1))
+            assert seen == {"client": {3}, "server": {1}}
+        else:
+            run(cfg_for(tmp_path, "full", method="fo-full", steps=2, threads=3, server_lr=0.05))
+            assert seen == {"client": {3}, "server": set()}
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--server-threads 2 is not used by --method fo-full"):
+        TrainConfig(method="fo-full", server_threads=2)
+
+
 @pytest.mark.parametrize("probes", ["inplace", "scratch"])
 def test_zo_split_equals_zo_full(tmp_path, probes):
     """MeZO over the split (server noise continuing at the client's offset) equals MeZO on the model,
