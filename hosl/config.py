@@ -502,9 +502,10 @@ class TrainConfig:
 
 
 # May differ between a run and its resumption, and between the two sides of a dist run: where it is
-# written, how long it runs and how often it evaluates, logs and saves, how long it waits, where it
-# computes. None of these changes the method; the device changes only the forward's rounding (the
-# ZO noise is the same bits everywhere), so bit-identical resumption holds on the same device.
+# written, how long it runs and how often it evaluates, logs and saves, how long it waits, where and
+# on how many threads it computes. None of these changes the method; the device and the thread count
+# change only the rounding of the forward's reductions (the ZO noise is the same bits everywhere), so
+# bit-identical resumption holds on the same device with the same threads.
 RUN_ONLY = frozenset(
     {
         "steps",
@@ -517,6 +518,9 @@ RUN_ONLY = frozenset(
         "timeout",
         "transport",
         "device",
+        "threads",
+        "client_threads",
+        "server_threads",
         "report_to",
     }  # fmt: skip
 )
