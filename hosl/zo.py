@@ -202,6 +202,7 @@ class ZOParams:
         self.offset = offset
         self.probes = probes
         self._scratch: _ScratchProbes | None = None
+        self._rows_seen: list[tuple[object, int, torch.Tensor]] = []  # (given, table rows, checked)
         by_id = {id(p): n for n, p in named_params}
         self._decay = [(start, p.numel()) for p, start in zip(self.flat.params, self.flat.offsets) if decayed(p)]
         unknown = sorted(set(row_sparse) - set(self.names))
@@ -242,15 +243,16 @@ class ZOParams:
                 self._rounded_dense(lo, hi, terms, 1.0, seed)
 
             def sparse(start, n, width, picked):
-                self._rounded_rows(start, n, width, noise.checked_rows(picked, n), terms, seed)
+                self._rounded_rows(start, n, width, self._checked_rows(picked, n), terms, seed)
         else:
+            terms = noise.Terms(seeds, scales)  # checked once for the pass's spans and tables
 
             def dense(lo, hi):
-                noise.add_(buf[lo:hi], seeds, scales, offset=self.offset + lo)
+                terms.add_(buf[lo:hi], offset=self.offset + lo)
 
             def sparse(start, n, width, picked):
                 table = buf[start : start + n * width].view(n, width)
-                noise.add_rows_(table, picked, seeds, scales, offset=self.offset + start)
+                terms.add_rows_(table, self._checked_rows(picked, n), offset=self.offset + start)
 
         if rows is None or not self.tables:
             dense(0, self.numel)
@@ -264,6 +266,16 @@ class ZOParams:
                 dense(start, start + n * width)
             else:
                 sparse(start, n, width, picked)
+
+    def _checked_rows(self, picked, n: int) -> torch.Tensor:
+        """noise.checked_rows(picked, n), kept for the passes of a step: they all get the same row
+        tensors (a tensor given here must not change while it is in use)."""
+        for given, size, checked in self._rows_seen:
+            if given is picked and size == n:
+                return checked
+        checked = noise.checked_rows(picked, n)
+        self._rows_seen = [*self._rows_seen, (picked, n, checked)][-max(len(self.tables), 1) :]
+        return checked
 
     def decay_(self, factor: float, key: Sequence[int] = ()) -> None:
         """The decayed tensors times factor. key: the seeds of the step (or round) it ends, which

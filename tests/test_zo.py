@@ -81,6 +81,20 @@ def test_row_sparse_pass_is_the_dense_pass_on_those_rows():
     assert not torch.equal(table[touched], before_t[touched])
 
 
+def test_passes_with_other_row_tensors_get_their_own_rows():
+    """ZOParams keeps the checked rows of the tensors a step's passes share: passes given other
+    tensors (the next step's, then the first's again) each touch exactly their own rows."""
+    named = _named()
+    params = zo.ZOParams(named, row_sparse=["embed.weight"])
+    table = params.flat.flat[35:].view(11, 7)
+    for rows in (torch.tensor([9, 2]), torch.tensor([4]), torch.tensor([9, 2]), torch.tensor([0, 10])):
+        before = table.clone()
+        want = noise.add_rows_(table.clone(), rows, [3], [0.5], offset=35)
+        params.add_([3], [0.5], rows=[rows])
+        assert torch.equal(table, want), rows
+        assert torch.equal(table[rows] != before[rows], torch.ones(len(rows), 7, dtype=torch.bool))
+
+
 def test_row_sparse_end_step_is_the_update_on_those_rows():
     """The whole step with rows: touched rows and the dense part as the dense update, untouched rows
     only decayed, bit for bit."""
