@@ -125,7 +125,10 @@ STEP_PLAN = StepPlan.of(TrainConfig(method="hosl", zo_estimator="central", q=1, 
 
 
 class _Buffer:
-    """A tensor with ZOParams' pass interface, through one noise backend."""
+    """A tensor with ZOParams' pass interface, through one noise backend; its probes are written
+    into it (in place), as the step plan's passes assume of such a buffer."""
+
+    probes = "inplace"
 
     def __init__(self, x, backend):
         self.x, self.backend = x, backend

@@ -48,6 +48,19 @@ def test_bench_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_noise_quick(tmp_path):
+    """Every case of the CPU run, the ZO step through the step plan among them (it walks the plan's
+    passes over a plain buffer, which must say where its probes are written)."""
+    run("bench_noise.py", "--quick", "--device", "cpu", "--repeats", 1, "--out", tmp_path)
+    rows = records(tmp_path / "bench_noise_quick_cpu.jsonl")
+    got = {(r["bench"], r["case"], r["method"]) for r in rows}
+    for case in ("flat-1M", "flat-4M", "opt-small-client"):
+        assert {("pass", case, "hosl-cpp"), ("pass", case, "mezo")} <= got
+    assert {("zo_step", "opt-small-client", "hosl-cpp"), ("zo_step_rows", "rows", "hosl-cpp")} <= got
+    assert all(r["median_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_step_quick(tmp_path):
     stdout = run("bench_step.py", "--quick", "--qs", 1, "--steps", 1, "--out", tmp_path)
     assert "streaming against synchronous" in stdout
