@@ -303,12 +303,9 @@ class TrainConfig:
             self.clients_per_round = self.clients
         if self.zo_probes is None:
             self.zo_probes = self._default("zo_probes")
-        for name in ("client_lora_r", "server_lora_r"):
+        for name, both in PER_SIDE.items():
             if getattr(self, name) is None:
-                setattr(self, name, self.lora_r)
-        for name in ("client_threads", "server_threads"):
-            if getattr(self, name) is None:
-                setattr(self, name, self.threads)
+                setattr(self, name, getattr(self, both))
         self.check()
 
     def check(self) -> None:
@@ -465,8 +462,8 @@ class TrainConfig:
         """What a field becomes when it is not given, for this config's method."""
         if name == "clients_per_round":
             return self.clients
-        if name in ("client_threads", "server_threads"):
-            return self.threads
+        if name in PER_SIDE:
+            return getattr(self, PER_SIDE[name])
         if name == "zo_probes":
             return "scratch" if self.clients > 1 or self.zo_master == "none" else "inplace"
         by_method = METHOD_DEFAULTS[self.method]
@@ -500,6 +497,14 @@ class TrainConfig:
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
+
+# A side's own setting and the flag that sets both sides, its default.
+PER_SIDE = {
+    "client_lora_r": "lora_r",
+    "server_lora_r": "lora_r",
+    "client_threads": "threads",
+    "server_threads": "threads",
+}
 
 # May differ between a run and its resumption, and between the two sides of a dist run: where it is
 # written, how long it runs and how often it evaluates, logs and saves, how long it waits, where and

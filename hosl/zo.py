@@ -236,8 +236,9 @@ class ZOParams:
         dense); rows=None: dense everywhere. Without a float32 master each span is summed in float32
         and rounded stochastically instead (one rounding seed for the whole pass)."""
         seeds, scales, buf = list(seeds), list(scales), self.flat.flat
+        terms = noise.Terms(seeds, scales)  # checked once for the pass's spans and tables
         if self.native:
-            terms, seed = noise.Terms(seeds, scales), _round_seed("add", seeds, scales)
+            seed = _round_seed("add", seeds, scales)
 
             def dense(lo, hi):
                 self._rounded_dense(lo, hi, terms, 1.0, seed)
@@ -245,7 +246,6 @@ class ZOParams:
             def sparse(start, n, width, picked):
                 self._rounded_rows(start, n, width, self._checked_rows(picked, n), terms, seed)
         else:
-            terms = noise.Terms(seeds, scales)  # checked once for the pass's spans and tables
 
             def dense(lo, hi):
                 terms.add_(buf[lo:hi], offset=self.offset + lo)
