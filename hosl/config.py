@@ -149,6 +149,13 @@ class TrainConfig:
             "they have all arrived, not one forward each (the same losses to float tolerance)"
         ),
     )
+    server_micro_batch: int = field(
+        default=0,
+        metadata=_help(
+            "the server runs each forward, and its backward, over slices of this many rows (the gradients summed "
+            "over the slices), so it holds one slice's activations instead of the batch's (0: the whole batch)"
+        ),
+    )
     server_grad: str = field(
         default="clean",
         metadata=_help(
@@ -328,6 +335,7 @@ class TrainConfig:
             "max_skipped",
             "split_layer",
             "client_micro_batch",
+            "server_micro_batch",
             "lora_r",
             "client_lora_r",
             "server_lora_r",
@@ -429,6 +437,7 @@ class TrainConfig:
             "server_threads": not method.split,
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
+            "server_micro_batch": not method.split,
             "server_batch_probes": not method.hybrid or self.zo_estimator in LOCAL_ESTIMATORS,
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
@@ -594,7 +603,8 @@ SECTIONS = {
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
     "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
-                                "client_micro_batch", "server_batch_probes", "server_grad"],
+                                "client_micro_batch", "server_batch_probes", "server_micro_batch",
+                                "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",

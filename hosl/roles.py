@@ -379,13 +379,6 @@ class SplitServer:
             zo.check_mu(self.zo, self.cfg.mu, "server")
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
-    def _forward(self, hidden: torch.Tensor, batch: Frame):
-        """The server's blocks, and the head only where the labels are (the loss and the scores read
-        nothing else)."""
-        h = Activation(hidden, batch.tensors["attention_mask"].to(self.device))
-        with compute_precision(self.cfg, self.device):
-            return self.model(h, labels=batch.tensors["labels"].to(self.device), labelled_only=True)
-
     def _recv_act(self, step: int, key: tuple[int, int] = (0, 0)) -> Frame:
         frame = self.link.recv()
         if frame.kind != Kind.ACT or frame.step != step or (frame.probe, frame.sign) != key:
@@ -424,18 +417,9 @@ class SplitServer:
                 waiting.append(frame.tensors["hidden"])
                 compute += time.perf_counter() - t
                 continue
-            hidden = frame.tensors["hidden"].to(self.device)
-            if forward.answer == GRAD:
-                hidden.requires_grad_(True)
-            with torch.set_grad_enabled(forward.server_grad):
-                loss = self._forward(hidden, batch).loss
-                if forward.server_grad:
-                    loss.backward()
-            loss = loss.detach().float()
+            loss, grad = self._loss(frame.tensors["hidden"], batch, forward.server_grad, forward.answer == GRAD)
             losses[forward.key] = _scalar(loss)
-            tensors = {"loss": loss}
-            if forward.answer == GRAD:
-                tensors["grad"] = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+            tensors = {"loss": loss} if grad is None else {"loss": loss, "grad": grad}
             compute += time.perf_counter() - t
             meta = {"server_s": compute} if i == len(uploads) - 1 else {}
             # The answer goes out before the update, so the client's next work overlaps it.
@@ -479,32 +463,90 @@ class SplitServer:
         self.steps_done = step + 1
         self._update_s = time.perf_counter() - t
 
+    def _slices(self, rows: int) -> list[slice]:
+        """The row slices of a forward over `rows` rows: --server-micro-batch rows each (one: all)."""
+        m = self.cfg.server_micro_batch or rows
+        return [slice(lo, lo + m) for lo in range(0, rows, m)]
+
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+        """The server's blocks over some rows, and the head only where the labels are (the loss and
+        the scores read nothing else)."""
+        with compute_precision(self.cfg, self.device):
+            return self.model(Activation(hidden, mask), labels=labels, labelled_only=True)
+
+    def _loss(self, hidden: torch.Tensor, batch: Frame, train: bool, want_grad: bool):
+        """An upload's mean next-token loss over its labelled tokens (float32), and dL/dh where
+        want_grad (else None); with train, the backward accumulates the parameters' gradients.
+        With --server-micro-batch M the rows run M at a time, each slice's loss weighted by its
+        share of the labelled tokens, so the server holds one slice's saved activations; the loss
+        and the gradients are the whole batch's to float tolerance (a slice without labelled
+        tokens adds nothing and is skipped)."""
+        hidden = hidden.to(self.device)
+        labels = batch.tensors["labels"].to(self.device)
+        counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
+        slices = self._slices(len(hidden))
+        if len(slices) == 1 or sum(counts) == 0:
+            slices, shares = [slice(None)], [1.0]
+        else:
+            shares = [sum(counts[s]) / sum(counts) for s in slices]
+        mask = batch.tensors["attention_mask"].to(self.device)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        grad = None
+        for rows, share in zip(slices, shares):
+            if share == 0:
+                continue
+            part = hidden[rows].detach().requires_grad_(train and want_grad)
+            with torch.set_grad_enabled(train):
+                loss = self._forward(part, mask[rows], labels[rows]).loss
+                if share != 1.0:
+                    loss = loss * share
+                if train:
+                    loss.backward()
+            total += loss.detach().float()
+            if train and want_grad and rows == slice(None):
+                grad = part.grad
+            elif train and want_grad:
+                grad = torch.zeros_like(hidden) if grad is None else grad
+                grad[rows] = part.grad
+        if want_grad and grad is None:
+            grad = torch.zeros_like(hidden)
+        return total, grad
+
     @torch.no_grad()
     def _stacked_losses(self, hiddens: list[torch.Tensor], batch: Frame) -> list[torch.Tensor]:
-        """The losses of several uploads of one batch from one forward over their stacked rows: each
-        upload's mean next-token loss over its labelled tokens, as its own forward gives it (to float
-        tolerance: the kernels see more rows)."""
+        """The losses of several uploads of one batch from one forward over their stacked rows (or
+        --server-micro-batch rows of them at a time): each upload's mean next-token loss over its
+        labelled tokens, as its own forward gives it (to float tolerance: the kernels see other
+        numbers of rows)."""
         n, labels = len(hiddens), batch.tensors["labels"].to(self.device)
-        rows = len(labels)
-        mask = batch.tensors["attention_mask"].to(self.device).repeat(n, 1)
         stacked_labels = labels.repeat(n, 1)
-        h = Activation(torch.cat(hiddens).to(self.device), mask)
-        with compute_precision(self.cfg, self.device):
-            logits = self.model(h, labels=stacked_labels, labelled_only=True).logits
-        targets = stacked_labels[:, labelled_positions(labels) + 1]
-        ce = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-        ).view(n, rows * targets.shape[1])
-        counts = (targets != -100).view(n, -1).sum(dim=1)
-        return list((ce.sum(dim=1) / counts).float().unbind())
+        mask = batch.tensors["attention_mask"].to(self.device).repeat(n, 1)
+        hidden = torch.cat(hiddens).to(self.device)
+        sums = []
+        for rows in self._slices(len(hidden)):
+            part_labels = stacked_labels[rows]
+            targets = part_labels[:, labelled_positions(part_labels) + 1]
+            if targets.numel() == 0:
+                sums.append(torch.zeros(len(part_labels), dtype=torch.float32, device=self.device))
+                continue
+            logits = self._forward(hidden[rows], mask[rows], part_labels).logits
+            ce = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+            )
+            sums.append(ce.view(targets.shape).sum(dim=1))
+        counts = (labels[:, 1:] != -100).sum()
+        return list((torch.cat(sums).view(n, len(labels)).sum(dim=1) / counts).float().unbind())
 
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:
-        frame = self._recv_act(batch.step)
-        logits = self._forward(frame.tensors["hidden"].to(self.device), batch).logits
+        hidden = self._recv_act(batch.step).tensors["hidden"].to(self.device)
         labels = batch.tensors["labels"].to(self.device)
-        scores = target_scores(logits.float(), labels[:, labelled_positions(labels) + 1])
-        self.link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": scores}))
+        mask = batch.tensors["attention_mask"].to(self.device)
+        scores = []
+        for rows in self._slices(len(hidden)):
+            logits = self._forward(hidden[rows], mask[rows], labels[rows]).logits
+            scores.append(target_scores(logits.float(), labels[rows][:, labelled_positions(labels[rows]) + 1]))
+        self.link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": torch.cat(scores)}))
 
     def _control(self, frame: Frame) -> bool:
         """stop; save, commit and load a checkpoint of a step; final weights. The server keeps its

@@ -48,6 +48,24 @@ def test_bench_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_server_memory_quick(tmp_path):
+    """Each row's server holds the same weights, gradients and AdamW state; a micro-batched row's
+    backward saves a slice's activations, not the batch's."""
+    stdout = run("bench_server_memory.py", "--quick", "--ks", 1, "--out", tmp_path, "--work", tmp_path)
+    assert "| 16 | 1 | hosl-stacked-micro |" in stdout
+    got = {r["method"]: r for r in records(tmp_path / "bench_server_memory_quick.jsonl")}
+    assert set(got) == {"fo", "fo-micro", "hosl", "hosl-micro", "hosl-stacked", "hosl-stacked-micro"}
+    for r in got.values():
+        a = r["accounted"]
+        assert a["gradients"] == a["weights"] > 0  # every server weight trains
+        assert 2 * a["gradients"] <= a["optimizer_state"] <= 2 * a["gradients"] + 4096
+    for method in ("fo", "hosl", "hosl-stacked"):
+        whole, micro = got[method]["accounted"], got[f"{method}-micro"]["accounted"]
+        assert got[f"{method}-micro"]["server_micro_batch"] == 4
+        assert 0 < micro["saved_activations"] < whole["saved_activations"] / 2  # 4 rows of 16
+
+
+@pytest.mark.slow
 def test_bench_noise_quick(tmp_path):
     """Every case of the CPU run, the ZO step through the step plan among them (it walks the plan's
     passes over a plain buffer, which must say where its probes are written)."""

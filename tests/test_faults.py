@@ -61,15 +61,13 @@ def test_a_huge_server_rate_stops_with_one_line(tmp_path, capsys):
 
 def _nan_at(monkeypatch, steps):
     """The server's loss is nan at the given steps (as a diverged server's would be)."""
-    real = roles.SplitServer._forward
+    real = roles.SplitServer._loss
 
-    def forward(self, hidden, batch):
-        out = real(self, hidden, batch)
-        if batch.step in steps and not batch.meta.get("eval"):
-            out.loss = out.loss * float("nan")
-        return out
+    def loss(self, hidden, batch, train, want_grad):
+        value, grad = real(self, hidden, batch, train, want_grad)
+        return (value * float("nan") if batch.step in steps else value), grad
 
-    monkeypatch.setattr(roles.SplitServer, "_forward", forward)
+    monkeypatch.setattr(roles.SplitServer, "_loss", loss)
 
 
 @pytest.mark.parametrize("estimator", ["central", "cut-grad"])

@@ -563,8 +563,8 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
     forward = roles.SplitServer._forward
     calls = {"n": 0}
 
-    def poisoned(self, hidden, batch):
-        out = forward(self, hidden, batch)
+    def poisoned(self, hidden, mask, labels):
+        out = forward(self, hidden, mask, labels)
         calls["n"] += 1
         if calls["n"] == 4:  # inside step 1 (3 uploads a step; evaluation comes after the last step)
             out.loss = out.loss * float("nan")
@@ -692,6 +692,8 @@ BAD = [
     (["--momentum", "0.9"], "--momentum 0.9 needs --optimizer sgd (--optimizer adamw has no momentum)"),
     (["--method", "fo", "--client-micro-batch", "4"], "--client-micro-batch 4 is not used by --method fo"),
     (["--client-micro-batch", "-1"], "--client-micro-batch must be >= 0, got -1"),
+    (["--method", "fo-full", "--server-micro-batch", "4"], "--server-micro-batch 4 is not used by --method fo-full"),
+    (["--server-micro-batch", "-1"], "--server-micro-batch must be >= 0, got -1"),
     (["--method", "fo", "--server-batch-probes"], "--server-batch-probes true is not used by --method fo"),
     (["--zo-estimator", "cut-grad", "--server-batch-probes"], "needs --zo-estimator central or forward (cut-grad"),
     (["--zo-estimator", "central", "--server-batch-probes", "--sync-probes"], "--sync-probes would wait forever"),
@@ -998,3 +1000,63 @@ def test_the_servers_stacked_probe_forward_gives_each_uploads_loss(tmp_path):
     run(cfg_for(tmp_path, "each", q=3))
     run(cfg_for(tmp_path, "stacked", q=3, server_batch_probes=True))
     assert losses(tmp_path / "stacked") == pytest.approx(losses(tmp_path / "each"), rel=1e-5)
+
+
+class _OneAct:
+    """A link that hands the server one ACT frame and keeps what it sends back."""
+
+    max_frame_bytes = 0
+
+    def __init__(self, hidden):
+        from hosl.boundary import Frame, Kind
+
+        self.act, self.sent = Frame(Kind.ACT, tensors={"hidden": hidden}), []
+
+    def recv(self):
+        return self.act
+
+    def send(self, frame):
+        self.sent.append(frame)
+
+
+def test_a_micro_batched_server_gives_the_whole_batchs_loss_and_gradients(tmp_path):
+    """--server-micro-batch M: the server's forward and backward over slices of M rows give the
+    whole batch's loss, dL/dh and parameter gradients (to float tolerance), with slices of unequal
+    sizes and a slice without labelled tokens; so do its stacked probe forward and its scores, and
+    a run with it follows the same losses (hosl and fo)."""
+    from hosl.boundary import Frame, Kind
+    from hosl.roles import SplitServer
+
+    cfg = cfg_for(tmp_path)
+    client, server_model, batch = _sides_and_batch(cfg)
+    labels = batch["labels"].clone()
+    labels[-1] = -100  # the last row has no labelled token: its slice (M = 1) is skipped, its dL/dh is 0
+    frame = Frame(Kind.BATCH, tensors={"labels": labels, "attention_mask": batch["attention_mask"]})
+    with torch.no_grad():
+        h = client(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden
+    hiddens = [h + 0.01 * i * torch.randn_like(h) for i in range(3)]
+    params = [p for p in server_model.parameters() if p.requires_grad]
+
+    def step(micro):
+        server = SplitServer(dataclasses.replace(cfg, server_micro_batch=micro), server_model, _NoLink())
+        for p in params:
+            p.grad = None
+        loss, grad = server._loss(h, frame, train=True, want_grad=True)
+        stacked = server._stacked_losses(hiddens, frame)
+        server.link = _OneAct(h)
+        server._evaluate(Frame(Kind.BATCH, tensors={**frame.tensors, "labels": batch["labels"]}))
+        return loss, grad, [p.grad.clone() for p in params], stacked, server.link.sent[0].tensors["scores"]
+
+    whole = step(0)
+    assert len(h) == 8 and whole[1][-1].abs().max() == 0 and whole[1][0].abs().max() > 0
+    for micro in (1, 3, 5):  # 3 and 5: slices of unequal sizes, weighted by their labelled tokens
+        got = step(micro)
+        assert float(got[0]) == pytest.approx(float(whole[0]), rel=1e-6), micro
+        for a, b in zip([got[1], *got[2]], [whole[1], *whole[2]]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), micro
+        assert [float(x) for x in got[3]] == pytest.approx([float(x) for x in whole[3]], rel=1e-6), micro
+        assert torch.allclose(got[4], whole[4], rtol=1e-5), micro
+    for method in ("hosl", "fo"):
+        run(cfg_for(tmp_path, f"{method}-whole", method=method))
+        run(cfg_for(tmp_path, f"{method}-micro", method=method, server_micro_batch=3))
+        assert losses(tmp_path / f"{method}-micro") == pytest.approx(losses(tmp_path / f"{method}-whole"), rel=1e-5)
