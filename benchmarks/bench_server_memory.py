@@ -140,8 +140,10 @@ def main(argv=None):
     batches = args.batches or ([16] if args.quick else [64])
     ks = args.ks or setting["ks"]
     micro = args.micro_batch if args.micro_batch is not None else 4 if args.quick else 8
-    if micro < 0 or args.steps < 1:
-        parser.error(f"--server-micro-batch must be >= 0 and --steps >= 1, got {micro} and {args.steps}")
+    if micro < 0:
+        parser.error(f"--server-micro-batch must be >= 0, got {micro}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     import torch
 
     work = Path(args.work or REPO / "runs" / "bench_memory")

@@ -85,7 +85,7 @@ def config(spec):
         method=spec["method"], split_layer=spec["k"], batch_size=spec["batch"], max_length=spec["seq"],
         sync_probes=spec["sync"], optimizer="adamw", timeout=600.0, **{rate: 1e-5 for rate in method.rates},
         client_threads=spec["threads"][0], server_threads=spec["threads"][1],
-        **(zo_side if ZO in method.orders else {}),
+        server_micro_batch=spec.get("server_micro_batch", 0), **(zo_side if ZO in method.orders else {}),
         **({"server_batch_probes": True} if spec.get("stacked") else {}),
     )  # fmt: skip
 
@@ -209,6 +209,10 @@ def main(argv=None):
         "--threads", type=int, nargs=2, default=[1, 1], metavar=("CLIENT", "SERVER"),
         help="torch threads of the client and of the server (1 1: a core a side, as two machines would have)",
     )  # fmt: skip
+    parser.add_argument(
+        "--server-micro-batch", type=int, default=0, metavar="M",
+        help="the server's forwards and backward over slices of M rows (0: the whole batch)",
+    )  # fmt: skip
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -223,6 +227,7 @@ def main(argv=None):
         steps=given(args.steps, 3 if quick else 5),
         warmup=args.warmup,
         threads=args.threads,
+        server_micro_batch=args.server_micro_batch,
     )
     qs = given(args.qs, [1, 4] if quick else [1, 4, 16])
     for name in ("batch", "seq", "steps"):
@@ -233,10 +238,13 @@ def main(argv=None):
         parser.error(f"--split-layer must be in [0, {layers}] for {args.model}, got {spec_base['k']}")
     if min(args.threads) < 1:
         parser.error(f"--threads must be >= 1 for each side, got {args.threads[0]} {args.threads[1]}")
+    if args.server_micro_batch < 0:
+        parser.error(f"--server-micro-batch must be >= 0, got {args.server_micro_batch}")
     if args.warmup < 0 or any(q < 1 for q in qs):
         parser.error(f"--warmup must be >= 0 and every Q >= 1, got {args.warmup} and {qs}")
     suffix = "_quick" if quick else ("" if args.model == "small" else f"_{args.model}")
     suffix += "" if args.threads == [1, 1] else f"_threads{args.threads[0]}-{args.threads[1]}"
+    suffix += f"_server_micro{args.server_micro_batch}" if args.server_micro_batch else ""
     rec = Recorder(args.out / f"bench_step{suffix}.jsonl", environment())
     import torch
 
@@ -263,7 +271,8 @@ def main(argv=None):
     print(
         f"\nOPT {args.model} cut at {s['k']}, batch {s['batch']} x {s['seq']}, torch threads {s['threads'][0]} "
         f"(client) and {s['threads'][1]} (server), {cpu_name()}; "
-        f"median of {s['steps']} steps\n"
+        + (f"the server in slices of {s['server_micro_batch']} rows; " if s["server_micro_batch"] else "")
+        + f"median of {s['steps']} steps\n"
     )
     fo = {r["transport"]: r["wall_s"] for r in records if r["variant"] == "fo"}
     header = ["variant", "Q", "probes", "transport", "step (s)", "/ fo", "client (s)", "link (s)", "server (s)",
