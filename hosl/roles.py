@@ -483,9 +483,9 @@ class SplitServer:
         tokens adds nothing and is skipped)."""
         hidden = hidden.to(self.device)
         labels = batch.tensors["labels"].to(self.device)
-        counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
         slices = self._slices(len(hidden))
-        if len(slices) == 1 or sum(counts) == 0:
+        counts = (labels[:, 1:] != -100).sum(dim=1).tolist() if len(slices) > 1 else []
+        if sum(counts) == 0:  # one slice (or no labelled token): the whole batch's forward
             slices, shares = [slice(None)], [1.0]
         else:
             shares = [sum(counts[s]) / sum(counts) for s in slices]
