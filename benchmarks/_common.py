@@ -96,12 +96,13 @@ def device_name(device):
 class Recorder:
     """Builds the records, writes each as one JSON line as soon as it is measured, keeps them for the table."""
 
-    def __init__(self, path, env):
+    def __init__(self, path, env, keep=()):
+        """Starts `path` afresh with the records of `keep` (a resumed run's, measured before)."""
         self.path = path
         self.env = env
-        self.records = []
+        self.records = list(keep)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        path.write_text("".join(json.dumps(rec) + "\n" for rec in self.records))
 
     def add(self, device, **fields):
         rec = {

@@ -33,7 +33,8 @@ allocator slack) is reported as the rest.
     python benchmarks/bench_server_memory.py           # about 30 minutes on 2 cores
 
 Writes benchmarks/results/bench_server_memory.jsonl (--quick: bench_server_memory_quick.jsonl), one
-record per (method, split_layer, batch_size) as it is measured; prints the table.
+record per (method, split_layer, batch_size) as it is measured; prints the table. --resume keeps
+the file's records of the same setting (model, sequence, steps, slices) and measures only the rest.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main(argv=None):
         help="the -micro rows' slices (8; --quick: 4; 0: the whole-batch rows only)",
     )  # fmt: skip
     parser.add_argument("--work", default=None, help="where the random checkpoint goes (runs/bench_memory)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already recorded; measure the rest")
     parser.add_argument("--report", metavar="JSONL", help="print the table of saved records; measure nothing")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,11 +151,21 @@ def main(argv=None):
     work = Path(args.work or REPO / "runs" / "bench_memory")
     name = "opt_quick" if args.quick else "opt-125m"
     checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
-    rec = Recorder(args.out / f"bench_server_memory{'_quick' if args.quick else ''}.jsonl", environment())
+    path = args.out / f"bench_server_memory{'_quick' if args.quick else ''}.jsonl"
     seq = setting["seq"]
+    kept = []
+    if args.resume and path.exists():  # a whole-batch row is the same for every M
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        kept = [r for r in records if (r["model"], r["seq_len"], r["steps"]) == (name, seq, args.steps)]
+        kept = [r for r in kept if r["server_micro_batch"] in (0, micro)]
+    done = {(r["method"], r["split_layer"], r["batch_size"]) for r in kept}
+    rec = Recorder(path, environment(), keep=kept)
     for batch in batches:
         for k in ks:
             for method in rows_for(micro):
+                if (method, k, batch) in done:
+                    log(f"batch {batch} k {k} {method:18s} recorded before: kept")
+                    continue
                 start = time.perf_counter()
                 spec = dict(method=method, k=k, batch=batch, seq=seq, checkpoint=str(checkpoint), steps=args.steps,
                             micro_batch=micro)  # fmt: skip

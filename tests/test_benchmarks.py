@@ -64,6 +64,18 @@ def test_bench_server_memory_quick(tmp_path):
         assert got[f"{method}-micro"]["server_micro_batch"] == 4
         assert 0 < micro["saved_activations"] < whole["saved_activations"] / 2  # 4 rows of 16
 
+    # --resume keeps the rows of the same setting and measures nothing twice; a row of other slices goes
+    path = tmp_path / "bench_server_memory_quick.jsonl"
+    before = path.read_text()
+    other = dict(got["fo-micro"], server_micro_batch=2, measured_bytes=1)
+    path.write_text(before + json.dumps(other) + "\n")
+    args = ["--quick", "--ks", "1", "--out", str(tmp_path), "--work", str(tmp_path), "--resume"]
+    script = str(BENCH / "bench_server_memory.py")
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("recorded before: kept") == 6 and "| 16 | 1 | hosl-stacked-micro |" in out.stdout
+    assert path.read_text() == before
+
 
 @pytest.mark.slow
 def test_bench_noise_quick(tmp_path):
