@@ -16,10 +16,11 @@ with the cut-gradient estimator (cut-grad: one upload, dL/dh down, the probes on
 with row-sparse embedding noise (--zo-embedding rows, the default); hosl central with dense noise
 (all), for the noise share; hosl central with --server-batch-probes (central-stacked: the server's
 probe forwards as one stacked batch); zo. Q in {1, 4, 16} (fo has no probes: Q = 1 only), both transports,
-and for hosl central and zo streaming probes (the default: the client sends all of a step's
-activations without waiting) against --sync-probes (the client waits for each loss before its next
-probe); cut-grad's probes never wait for the server. --warmup steps are run, then --steps steps
-are timed one by one; the records hold the median.
+and for hosl central, hosl cut-grad and zo streaming probes (the default: the client sends all of a
+step's activations without waiting; cut-grad runs its first probe pair while the server computes
+dL/dh) against --sync-probes (the client waits for each loss before its next probe; cut-grad waits
+for dL/dh before its probes). --warmup steps are run, then --steps steps are timed one by one; the
+records hold the median.
 
 Per step (from hosl.roles.StepStats): wall, client compute (the client's forwards, backward, noise
 and update), server compute (as the server reports it), link = wall - client - server (clamped at 0;
@@ -166,7 +167,7 @@ def worker(spec: dict) -> None:
 VARIANTS = {
     "fo": ("fo", "central", "all", "one", [False]),
     "hosl-central": ("hosl", "central", "rows", "all", [False, True]),
-    "hosl-cut-grad": ("hosl", "cut-grad", "rows", "all", [False]),
+    "hosl-cut-grad": ("hosl", "cut-grad", "rows", "all", [False, True]),
     "hosl-central-all": ("hosl", "central", "all", "one", [False]),
     "hosl-central-stacked": ("hosl", "central", "rows", "all", [False]),  # --server-batch-probes
     "zo": ("zo", "central", "all", "all", [False, True]),

@@ -297,7 +297,10 @@ class TrainConfig:
     timeout: float = field(default=300.0, metadata=_help("seconds to wait for the peer before failing"))
     sync_probes: bool = field(
         default=False,
-        metadata=_help("make the client wait for each probe's loss before the next (for benchmarks; same math)"),
+        metadata=_help(
+            "make the client wait for each probe's loss before the next, and cut-grad for dL/dh before its "
+            "probes (for benchmarks; the same bits)"
+        ),
     )
 
     def __post_init__(self):

@@ -15,7 +15,8 @@ are at the same server weights: the paper's math, in a cheaper order.
 
 Streaming: the client sends every upload of a step without waiting, and reads the losses when it
 needs them for its update. The server answers in order; the result equals the synchronous loop's
-(`sync_probes` makes the client wait for each loss, for comparison).
+(`sync_probes` makes the client wait for each loss, for comparison). cut-grad uploads once and
+runs its first probe pair while the server computes dL/dh, which it reads only to project that pair.
 
 A non-finite loss anywhere in a step skips both sides' updates for that step (the client still
 undoes its probes); both sides see the same losses, so they agree without another message.
@@ -207,7 +208,9 @@ class SplitClient:
 
     def _zo_step(self, step: int, batch, report: bool = False) -> StepStats:
         """The plan's forwards: each upload is sent without waiting (streaming) and its answer read
-        when the update needs it; a local probe pair (cut-grad) is projected on the server's dL/dh."""
+        when the update needs it; a local probe pair (cut-grad) is projected on the server's dL/dh,
+        which is read after the first pair (that pair runs while the server computes it), or before
+        the probes with --sync-probes. The same bits either way."""
         cfg, plan = self.cfg, self.plan
         start = time.perf_counter()
         client_s = 0.0
@@ -230,13 +233,21 @@ class SplitClient:
                 client_s += time.perf_counter() - t
                 self._upload(step, plan.clean, hidden)
                 del hidden  # sent: the next forward runs without it
-                if plan.clean.answer == GRAD:  # the probes need dL/dh: wait for it
+                if plan.clean.answer != GRAD:
+                    pending.append(plan.clean)
+                elif cfg.sync_probes:  # the probes' projections need dL/dh: wait for it first
                     clean, grad_h, server_meta = self._answer(step, plan.clean)
                     grad_h = grad_h.to(self.device, torch.float32)
-                else:
-                    pending.append(plan.clean)
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
+
+            def await_grad_h():  # cut-grad's dL/dh, read once the first probe pair is done
+                nonlocal clean, grad_h, server_meta, client_s, t
+                client_s += time.perf_counter() - t
+                clean, grad_h, server_meta = self._answer(step, plan.clean)
+                grad_h = grad_h.to(self.device, torch.float32)
+                t = time.perf_counter()
+
             t = time.perf_counter()
             for forward in plan.probes(self.zo, step, rows, self.client_id):
                 hidden = self._forward(batch)
@@ -250,8 +261,13 @@ class SplitClient:
                 elif forward.sign > 0:
                     h_plus = hidden
                 else:
-                    grads.append(zo.cut_grad_projection(grad_h, h_plus, hidden, cfg.mu))
-                    h_plus = None
+                    # The first pair runs while the server computes dL/dh; its difference waits for it.
+                    diff = zo.cut_grad_difference(h_plus, hidden)
+                    hidden = h_plus = None
+                    if grad_h is None:
+                        await_grad_h()
+                    grads.append(zo.cut_grad_dot(grad_h, diff, cfg.mu))
+                    del diff
                 del hidden
             client_s += time.perf_counter() - t
             grad_h = None

@@ -149,11 +149,19 @@ def conclude_step(
 
 
 def cut_grad_projection(grad_h: torch.Tensor, h_plus: torch.Tensor, h_minus: torch.Tensor, mu: float) -> float:
-    """cut-grad's g_q = < dL/dh, (h+ - h-) / (2 mu) >. The difference is taken elementwise first: h+
-    and h- agree in most of their bits, and subtracting two dot products would cancel them away.
-    A float32 h_plus is consumed: it is overwritten with the difference, so no third activation is
-    allocated."""
-    diff = h_plus.sub_(h_minus) if h_plus.dtype == torch.float32 else h_plus.float() - h_minus.float()
+    """cut-grad's g_q = < dL/dh, (h+ - h-) / (2 mu) >: cut_grad_dot of cut_grad_difference."""
+    return cut_grad_dot(grad_h, cut_grad_difference(h_plus, h_minus), mu)
+
+
+def cut_grad_difference(h_plus: torch.Tensor, h_minus: torch.Tensor) -> torch.Tensor:
+    """h+ - h-, elementwise and in float32: h+ and h- agree in most of their bits, and subtracting two
+    dot products would cancel them away. A float32 h_plus is consumed: it is overwritten with the
+    difference, so no third activation is allocated. The client forms it before dL/dh arrives."""
+    return h_plus.sub_(h_minus) if h_plus.dtype == torch.float32 else h_plus.float() - h_minus.float()
+
+
+def cut_grad_dot(grad_h: torch.Tensor, diff: torch.Tensor, mu: float) -> float:
+    """< dL/dh, diff / (2 mu) > for diff = h+ - h- (cut_grad_difference)."""
     return float(torch.dot(grad_h.reshape(-1).float(), diff.reshape(-1))) / (2 * mu)
 
 

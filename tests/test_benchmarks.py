@@ -95,8 +95,8 @@ def test_bench_step_quick(tmp_path):
     stdout = run("bench_step.py", "--quick", "--qs", 1, "--steps", 1, "--out", tmp_path)
     assert "streaming against synchronous" in stdout
     rows = records(tmp_path / "bench_step_quick.jsonl")
-    # 2 transports each; hosl-central and zo also x streaming and sync
-    assert len(rows) == 16
+    # 2 transports each; hosl-central, hosl-cut-grad and zo also x streaming and sync
+    assert len(rows) == 18
 
     def one(variant, transport, probes="streaming"):
         (r,) = [r for r in rows if (r["variant"], r["transport"], r["probes"]) == (variant, transport, probes)]
@@ -107,7 +107,8 @@ def test_bench_step_quick(tmp_path):
         local, dist = one(variant, "local"), one(variant, "dist")
         assert dist["bytes_up"] - local["bytes_up"] == 8 * (1 + uploads)
         assert dist["bytes_down"] - local["bytes_down"] == 8 * uploads
-    assert one("hosl-central", "local", "sync")["bytes_up"] == one("hosl-central", "local")["bytes_up"]
+    for variant in ("hosl-central", "hosl-cut-grad"):
+        assert one(variant, "dist", "sync")["bytes_up"] == one(variant, "dist")["bytes_up"]
     for key in ("bytes_up", "bytes_down"):  # the stacked server forward sends the same frames
         assert one("hosl-central-stacked", "dist")[key] == one("hosl-central", "dist")[key]
     assert one("fo", "local")["bytes_down"] > one("hosl-central", "local")["bytes_down"] * 100  # dL/dh, losses

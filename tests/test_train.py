@@ -391,11 +391,39 @@ def test_hosl_with_frozen_client_is_fo_on_the_server(tmp_path):
         torch.testing.assert_close(trained[name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_streaming_equals_synchronous(tmp_path):
-    run(cfg_for(tmp_path, "stream", q=3))
-    run(cfg_for(tmp_path, "sync", q=3, sync_probes=True))
+@pytest.mark.parametrize("estimator", ["central", "cut-grad"])
+def test_streaming_equals_synchronous(tmp_path, estimator):
+    extra = {"zo_estimator": estimator, "client_lr": 1e-2} if estimator == "cut-grad" else {}
+    run(cfg_for(tmp_path, "stream", q=3, **extra))
+    run(cfg_for(tmp_path, "sync", q=3, sync_probes=True, **extra))
     a, b = weights(tmp_path / "stream"), weights(tmp_path / "sync")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "stream") == losses(tmp_path / "sync")
+
+
+@pytest.mark.parametrize("sync, forwards_before", [(False, 3), (True, 1)])
+def test_cut_grad_runs_its_first_probe_pair_while_the_server_works(tmp_path, monkeypatch, sync, forwards_before):
+    """cut-grad reads dL/dh after its clean forward and first probe pair (those overlap the server's
+    forward and backward); --sync-probes reads it right after the clean forward."""
+    from hosl.roles import SplitClient
+
+    forwards, seen = [0], []
+    real_forward, real_answer = SplitClient._forward, SplitClient._answer
+
+    def counting_forward(self, batch):
+        forwards[0] += 1
+        return real_forward(self, batch)
+
+    def recording_answer(self, step, forward):
+        if forward.key == (0, 0):
+            seen.append(forwards[0])
+        return real_answer(self, step, forward)
+
+    monkeypatch.setattr(SplitClient, "_forward", counting_forward)
+    monkeypatch.setattr(SplitClient, "_answer", recording_answer)
+    cfg = cfg_for(tmp_path, zo_estimator="cut-grad", q=2, client_lr=1e-2, steps=2, sync_probes=sync)
+    run(cfg)
+    assert seen == [forwards_before, 1 + 2 * 2 + forwards_before]  # each step: 1 + 2Q forwards
 
 
 @pytest.mark.parametrize(
