@@ -225,6 +225,10 @@ class SplitClient:
                 forward = pending.pop(0)
                 losses[forward.key], _, server_meta = self._answer(step, forward)
 
+        def read_grad_h():  # cut-grad's answer to the clean upload: (loss, dL/dh in float32, meta)
+            loss, grad, meta = self._answer(step, plan.clean)
+            return loss, grad.to(self.device, torch.float32), meta
+
         self._send_batch(step, batch)
         with torch.no_grad():
             if plan.clean is not None:
@@ -236,18 +240,9 @@ class SplitClient:
                 if plan.clean.answer != GRAD:
                     pending.append(plan.clean)
                 elif cfg.sync_probes:  # the probes' projections need dL/dh: wait for it first
-                    clean, grad_h, server_meta = self._answer(step, plan.clean)
-                    grad_h = grad_h.to(self.device, torch.float32)
+                    clean, grad_h, server_meta = read_grad_h()
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
-
-            def await_grad_h():  # cut-grad's dL/dh, read once the first probe pair is done
-                nonlocal clean, grad_h, server_meta, client_s, t
-                client_s += time.perf_counter() - t
-                clean, grad_h, server_meta = self._answer(step, plan.clean)
-                grad_h = grad_h.to(self.device, torch.float32)
-                t = time.perf_counter()
-
             t = time.perf_counter()
             for forward in plan.probes(self.zo, step, rows, self.client_id):
                 hidden = self._forward(batch)
@@ -264,8 +259,10 @@ class SplitClient:
                     # The first pair runs while the server computes dL/dh; its difference waits for it.
                     diff = zo.cut_grad_difference(h_plus, hidden)
                     hidden = h_plus = None
-                    if grad_h is None:
-                        await_grad_h()
+                    if grad_h is None:  # the wait is not client compute
+                        client_s += time.perf_counter() - t
+                        clean, grad_h, server_meta = read_grad_h()
+                        t = time.perf_counter()
                     grads.append(zo.cut_grad_dot(grad_h, diff, cfg.mu))
                     del diff
                 del hidden
