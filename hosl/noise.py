@@ -61,12 +61,16 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _triton_kernels():
-    """hosl.kernels and whether it was compiled for the interpreter, or BackendUnavailableError."""
+    """hosl.kernels.noise and whether it was compiled for the interpreter, or BackendUnavailableError.
+
+    kernels/ has no __init__.py: it installs as the namespace portion hosl.kernels, so that in the
+    repository root the folder cannot shadow the unrelated PyPI package `kernels`, which
+    transformers imports."""
     try:
-        from hosl import kernels
+        from hosl.kernels import noise as kernels
     except ImportError as exc:
         raise BackendUnavailableError(f"the triton backend needs Triton, which did not import ({exc})") from exc
-    interpreted = type(kernels.noise._noise_kernel).__name__ == "InterpretedFunction"
+    interpreted = type(kernels._noise_kernel).__name__ == "InterpretedFunction"
     return kernels, interpreted
 
 

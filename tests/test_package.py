@@ -1,5 +1,6 @@
 """The installed package: `python -m hosl` reports a loaded extension, hosl._C and hosl.kernels
-import from the repo root and from elsewhere, and no top-level `kernels` module is installed."""
+import from the repo root and from elsewhere, no top-level `kernels` module is installed, and the
+commands a user runs in the clone's root (train, replay, export) work there."""
 
 import os
 import subprocess
@@ -28,10 +29,9 @@ def test_environment_report(where, tmp_path):
 @pytest.mark.parametrize("where", ["repo-root", "elsewhere"])
 def test_submodules_import(where, tmp_path):
     code = (
-        "import importlib.util, hosl._C, hosl.noise;"
-        "spec = importlib.util.find_spec('hosl.kernels');"
-        "assert spec is not None and spec.origin.endswith('__init__.py'), spec;"
-        "print(hosl.__file__)"
+        "import hosl._C, hosl.noise, hosl.kernels.noise as k;"
+        "assert callable(k.add_noise_), k;"
+        "print(hosl.__file__, k.__file__)"
     )
     result = run_python(["-c", code], cwd=REPO if where == "repo-root" else tmp_path)
     assert result.returncode == 0, result.stderr
@@ -42,11 +42,42 @@ def test_no_top_level_kernels_module_installed(tmp_path):
     by hosl. Asked of the interpreter from an empty directory, so it holds for a wheel and for an
     editable install alike, and never sees the checkout's kernels/ folder through the working directory."""
     code = (
-        "import importlib.util, pathlib, hosl.kernels;"
+        "import importlib.util, pathlib, hosl.kernels.noise;"
         "spec = importlib.util.find_spec('kernels');"
-        "ours = pathlib.Path(hosl.kernels.__file__).resolve().parent;"
+        "ours = pathlib.Path(hosl.kernels.noise.__file__).resolve().parent;"
         "print('top-level:', None if spec is None else spec.origin);"
-        "assert spec is None or pathlib.Path(spec.origin).resolve().parent != ours, spec.origin"
+        "assert spec is None or spec.origin is None or pathlib.Path(spec.origin).resolve().parent != ours, spec.origin"
     )
     result = run_python(["-c", code], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_root_folder_shadows_no_installed_package():
+    """In the repository root the checkout comes first on sys.path; its kernels/ folder must not
+    hide the PyPI package `kernels` (transformers imports it) nor any other installed package."""
+    code = (
+        "import importlib.util, pathlib, sys;"
+        "spec = importlib.util.find_spec('kernels');"
+        f"root = pathlib.Path({str(REPO)!r}).resolve();"
+        "origin = None if spec is None or spec.origin is None else pathlib.Path(spec.origin).resolve();"
+        "print('kernels:', origin);"
+        "assert origin is None or root not in origin.parents, origin;"
+        "import transformers.activations"
+    )
+    result = run_python(["-c", code], cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_train_replay_export_from_the_repo_root(tmp_path):
+    """What a user runs in the clone: `python -m hosl.train`, then replay and export of its run."""
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    train = run_python(
+        ["-m", "hosl.train", "--steps", "2", "--eval-examples", "8", "--out", str(run)], cwd=REPO
+    )
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert (run / "summary.json").is_file()
+    replay = run_python(["-m", "hosl.replay", str(run)], cwd=REPO)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    export = run_python(["-m", "hosl.export", str(run), str(hf)], cwd=REPO)
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert (hf / "config.json").is_file()
