@@ -71,9 +71,7 @@ def test_the_root_folder_shadows_no_installed_package():
 def test_train_replay_export_from_the_repo_root(tmp_path):
     """What a user runs in the clone: `python -m hosl.train`, then replay and export of its run."""
     run, hf = tmp_path / "run", tmp_path / "hf"
-    train = run_python(
-        ["-m", "hosl.train", "--steps", "2", "--eval-examples", "8", "--out", str(run)], cwd=REPO
-    )
+    train = run_python(["-m", "hosl.train", "--steps", "2", "--eval-examples", "8", "--out", str(run)], cwd=REPO)
     assert train.returncode == 0, train.stdout + train.stderr
     assert (run / "summary.json").is_file()
     replay = run_python(["-m", "hosl.replay", str(run)], cwd=REPO)
