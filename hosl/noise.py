@@ -50,10 +50,6 @@ MAX_TERMS = 64
 SEED_LIMIT = 1 << 63
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 3, torch.bfloat16: 4}  # csrc/dtype.h: the wire's numbering
 _ENV = "HOSL_NOISE_BACKEND"
-# Philox counters per Triton program. Under the interpreter each program costs a Python-level
-# trip through the kernel, so programs are made large.
-_TRITON_BLOCK_GPU = 256
-_TRITON_BLOCK_INTERPRETER = 1 << 16
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,15 +66,7 @@ def _triton_kernels():
         from hosl.kernels import noise as kernels
     except ImportError as exc:
         raise BackendUnavailableError(f"the triton backend needs Triton, which did not import ({exc})") from exc
-    interpreted = type(kernels._noise_kernel).__name__ == "InterpretedFunction"
-    return kernels, interpreted
-
-
-def _triton_launch(seed_list: list[int], device: torch.device):
-    """(kernels, seeds as an int64 tensor on device, Philox counters per program) for a Triton call."""
-    kernels, interpreted = _triton_kernels()
-    seeds_t = torch.tensor(seed_list, dtype=torch.int64, device=device)
-    return kernels, seeds_t, _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
+    return kernels, kernels.INTERPRETED
 
 
 def _why_not(backend: str, device: torch.device) -> str | None:
@@ -244,9 +232,9 @@ def _launch(x: torch.Tensor, seed_list: list[int], scale_t: torch.Tensor, offset
             torch.get_num_threads(),
         )
     elif name == "triton":
-        kernels, seeds_t, block = _triton_launch(seed_list, x.device)
-        with torch.no_grad():
-            kernels.add_noise_(x, seeds_t, scale_t.to(x.device), offset, block)
+        kernels, _ = _triton_kernels()
+        with torch.no_grad():  # seeds and scales travel as kernel arguments: no host-device copy
+            kernels.add_noise_(x, seed_list, scale_t.tolist(), offset)
     else:
         with torch.no_grad():
             _reference.add_(x, seed_list, scale_t, offset)
@@ -311,9 +299,9 @@ def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str) -> to
             torch.get_num_threads(),
         )
     elif name == "triton":
-        kernels, seeds_t, block = _triton_launch(seed_list, table.device)
+        kernels, _ = _triton_kernels()
         with torch.no_grad():
-            kernels.add_noise_rows_(table, row_t.to(table.device), seeds_t, scale_t.to(table.device), offset, block)
+            kernels.add_noise_rows_(table, row_t, seed_list, scale_t.tolist(), offset)
     else:
         with torch.no_grad():
             _reference.add_rows_(table, row_t.tolist(), seed_list, scale_t, offset)
@@ -418,7 +406,6 @@ def gaussian(
     if name == "cpp":
         _ext._C.gaussian(out.data_ptr(), n, seed, offset, torch.get_num_threads())
     else:
-        kernels, interpreted = _triton_kernels()
-        block = _TRITON_BLOCK_INTERPRETER if interpreted else _TRITON_BLOCK_GPU
-        kernels.gaussian_(out, torch.tensor([seed], dtype=torch.int64, device=device), offset, block)
+        kernels, _ = _triton_kernels()
+        kernels.gaussian_(out, seed, offset)
     return out

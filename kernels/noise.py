@@ -1,20 +1,41 @@
-# Fused seeded-noise kernel: x[i] += sum_k scale_k * z(seed_k, offset + i), in place, with z
-# regenerated from the seed inside the kernel and never stored.
+# Fused seeded-noise kernels: x[i] += sum_k scale_k * z(seed_k, offset + i), in place, with z
+# regenerated from the seed inside the kernel and never stored. Installed as hosl.kernels.noise;
+# hosl.noise checks the arguments and calls add_noise_, add_noise_rows_ and gaussian_ below.
+# Importing this module imports Triton, which runs kernels on a CPU only through its interpreter
+# (TRITON_INTERPRET=1 in the environment before Triton is first imported).
 #
-# Design: each program owns BLOCK consecutive Philox counters, i.e. the 4 * BLOCK consecutive noise
-# positions [4 * c, 4 * c + 4 * BLOCK), which map onto one contiguous, coalesced slice of x. One
-# Philox4x32-10 call per counter feeds all four lanes (tl.randn uses two of the four words). The
-# terms loop runs inside the kernel, so restoring one probe and applying the next, or restoring and
-# updating with Q probes, is one read and one write of x however many terms there are.
-# _noise_rows_kernel does the same on chosen rows of an embedding table: a 2-D grid (row, block of
-# the row's counters), each element at the position it has in the dense layout.
+# Layout. Noise position p is lane p % 4 of Philox counter p // 4, and one Philox4x32-10 call gives
+# a counter's four lanes. A program works on a 2-D tile [BLOCK, 4 * VEC]: row r holds VEC whole
+# consecutive counters, i.e. 4 * VEC consecutive elements of x, so each thread's elements are
+# contiguous and x moves in 128-bit vectors (VEC = 1 for float32, 2 for the 16-bit types). The
+# normals are computed per counter ([BLOCK] vectors) and placed into the tile by lane with selects
+# on the tile's own column index, so z is born in the layout x is loaded in: no layout conversion,
+# no shared memory, no barrier.
+#
+# Alignment. The body of a pass is its whole groups of VEC counters, addressed from `body`, a view
+# of x starting at the first whole counter (x's first position rounded up to a multiple of 4), so
+# the compiler sees offsets that are multiples of 4 * VEC elements and masks that are constant over
+# a row. One extra program, the edge, does the at most 3 positions before the first whole counter
+# and the at most 4 * VEC - 1 after the last whole group, element by element. A pass is one launch.
+#
+# Terms. Passes of one or two terms (16 of the 17 passes of a Q = 8 step) take their seeds and
+# scales as scalar arguments (NUM_TERMS = 1 or 2: two compilations); longer ones (NUM_TERMS = 0)
+# read (seed words, scale bits) triples from a small device tensor that the launcher stages
+# without blocking the host. A seed travels as two 32-bit words, so its argument type never
+# depends on its value.
 #
 # Numerics: the same steps as hosl/reference.py and csrc/noise.h, op for op, so the backends agree
 # bit for bit. That needs: launches with enable_fp_fusion=False (no FMA contraction); div_rn and
 # sqrt_rn (Triton's plain float32 `/` and sqrt are approximate on NVIDIA GPUs); and bfloat16
-# rounding by hand (the interpreter truncates float32 -> bfloat16 casts).
+# rounding by hand (the interpreter truncates float32 -> bfloat16 casts). The results do not depend
+# on BLOCK, VEC or num_warps, so tuning them changes no bit.
+import functools
+import struct
+
+import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from hosl import reference as ref
 
@@ -41,8 +62,6 @@ _C4: tl.constexpr = tl.constexpr(ref.C4)
 _C5: tl.constexpr = tl.constexpr(ref.C5)
 _ANGLE_STEP: tl.constexpr = tl.constexpr(ref.ANGLE_STEP)
 _TWO_POW_MINUS_24: tl.constexpr = tl.constexpr(ref.TWO_POW_MINUS_24)
-
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 @triton.jit
@@ -88,7 +107,7 @@ def _box_muller(a, b):
     y = (b >> 8).to(tl.int32)
     qq = (y + (1 << 21)) >> 22
     rem = y - (qq << 22)
-    q = qq & 3
+    q = (qq & 3).to(tl.uint32)
     a1 = rem.to(tl.float32) * _ANGLE_STEP
     a2 = a1 * a1
     ps = _S3 + a2 * _S4
@@ -100,29 +119,38 @@ def _box_muller(a, b):
     pc = _C2 + a2 * pc
     pc = _C1 + a2 * pc
     cs = a2 * pc + 1.0
-    cos_t = tl.where(q == 0, cs, tl.where(q == 1, _neg(sn), tl.where(q == 2, _neg(cs), sn)))
-    sin_t = tl.where(q == 0, sn, tl.where(q == 1, cs, tl.where(q == 2, _neg(sn), _neg(cs))))
+    # Rotate by the quadrant in bits, as csrc/noise.h does: odd quadrants swap cos and sin; cos is
+    # negated in quadrants 1 and 2, sin in 2 and 3. A negation flips the sign bit, as C++'s and
+    # torch's unary minus do (Triton's `-x` is `0 - x`, which gives +0 for x = +0).
+    swap = 0 - (q & 1)
+    cs_bits = cs.to(tl.uint32, bitcast=True)
+    sn_bits = sn.to(tl.uint32, bitcast=True)
+    neg_cos = ((q ^ (q >> 1)) & 1) << 31
+    neg_sin = (q >> 1) << 31
+    cos_t = (((cs_bits & ~swap) | (sn_bits & swap)) ^ neg_cos).to(tl.float32, bitcast=True)
+    sin_t = (((sn_bits & ~swap) | (cs_bits & swap)) ^ neg_sin).to(tl.float32, bitcast=True)
     return radius * cos_t, radius * sin_t
 
 
 @triton.jit
-def _neg(x):
-    # The sign bit flipped, as C++'s and torch's unary minus do. Triton compiles `-x` as `0 - x`,
-    # which gives +0 for x = +0 (sn is +0 when rem is 0), so the GPU's z had +0 where theirs had -0.
-    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+def _normals_by_lane(k0, k1, counter, lane):
+    """z at lane `lane` ([1, L] ints in [0, 4)) of each counter ([R] int64): an [R, L] tile in the
+    layout of `lane`'s rows, each lane's normal picked by a select (no join, no reshape)."""
+    x0, x1, x2, x3 = _philox((counter & 0xFFFFFFFF).to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
 
 
 @triton.jit
-def _normals(seed, c_lo, c_hi, BLOCK: tl.constexpr):
-    """The 4 * BLOCK normals of BLOCK counters, in position order (counter-major, lane-minor)."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    x0, x1, x2, x3 = _philox(c_lo, c_hi, k0, k1)
-    z0, z1 = _box_muller(x0, x1)
-    z2, z3 = _box_muller(x2, x3)
-    # join stacks on a new last axis: join(join(z0, z2), join(z1, z3))[i, m, j] is lane 2 m + j,
-    # so the row-major flattening is 4 i + lane, position order.
-    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [4 * BLOCK])
+def _normals(k0, k1, counter, col, VEC: tl.constexpr):
+    """z of a [R, 4 * VEC] tile whose row r holds counters counter[r] + [0, VEC), col = [0, 4 * VEC)."""
+    lane = col % 4
+    counter = counter[:, None]
+    z = _normals_by_lane(k0, k1, counter, lane)
+    for v in tl.static_range(1, VEC):
+        z = tl.where(col // 4 == v, _normals_by_lane(k0, k1, counter + v, lane), z)
+    return z
 
 
 @triton.jit
@@ -135,146 +163,325 @@ def _round_to_bf16(acc):
     return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["n", "offset", "counter0", "num_terms"])
+@triton.jit
+def _seed_words(lo, hi):
+    """A seed's two 32-bit words, passed as signed 32-bit ints, as Philox's uint32 key."""
+    return lo.to(tl.uint32, bitcast=True), hi.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _apply(
+    ptrs,
+    mask,
+    counter,
+    col,
+    a_lo,
+    a_hi,
+    a_scale,
+    b_lo,
+    b_hi,
+    b_scale,
+    terms_ptr,
+    num_terms,
+    NUM_TERMS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """The one accumulate-and-store of every kernel: *ptrs += sum_k scale_k * z(seed_k, .) in
+    float32, in the order of the terms, rounded once into the pointer's dtype. With ACCUMULATE
+    false, *ptrs = z of the first term (its scale unused)."""
+    if ACCUMULATE:
+        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if NUM_TERMS == 0:
+            for k in range(num_terms):
+                k0, k1 = _seed_words(tl.load(terms_ptr + 3 * k), tl.load(terms_ptr + 3 * k + 1))
+                scale = tl.load(terms_ptr + 3 * k + 2).to(tl.float32, bitcast=True)
+                acc = acc + scale * _normals(k0, k1, counter, col, VEC)
+        else:
+            k0, k1 = _seed_words(a_lo, a_hi)
+            acc = acc + a_scale * _normals(k0, k1, counter, col, VEC)
+            if NUM_TERMS == 2:
+                k0, k1 = _seed_words(b_lo, b_hi)
+                acc = acc + b_scale * _normals(k0, k1, counter, col, VEC)
+    else:
+        k0, k1 = _seed_words(a_lo, a_hi)
+        acc = _normals(k0, k1, counter, col, VEC)
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        tl.store(ptrs, _round_to_bf16(acc), mask=mask)
+    elif ptrs.dtype.element_ty == tl.float16:
+        tl.store(ptrs, acc.to(tl.float16), mask=mask)  # round to nearest even on every target
+    else:
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _counter_base(lo, hi):
+    """An int64 from its two 32-bit words passed as signed 32-bit ints."""
+    return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
+
+
+_SCALARS = ["c_lo", "c_hi", "a_lo", "a_hi", "b_lo", "b_hi", "num_terms", "size_class"]
+
+
+@triton.jit(do_not_specialize=["n", "head", "before", "groups", "tail", *_SCALARS])
 def _noise_kernel(
     x_ptr,
+    body_ptr,
     n,
-    offset,
-    counter0,
-    seeds_ptr,
-    scales_ptr,
+    head,
+    before,
+    groups,
+    tail,
+    c_lo,
+    c_hi,
+    a_lo,
+    a_hi,
+    a_scale,
+    b_lo,
+    b_hi,
+    b_scale,
+    terms_ptr,
     num_terms,
+    size_class,
+    NUM_TERMS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    DTYPE: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    counter = counter0.to(tl.int64) + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (counter >> 32).to(tl.uint32)
-    # The program's positions 4 * counter[0] + [0, 4 * BLOCK) are one contiguous slice of x.
-    first = (counter0.to(tl.int64) + pid * BLOCK) * 4 - offset.to(tl.int64)
-    idx = first + tl.arange(0, 4 * BLOCK).to(tl.int64)
-    mask = (idx >= 0) & (idx < n)
-    if ACCUMULATE:
-        acc = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        for k in range(num_terms):
-            seed = tl.load(seeds_ptr + k)
-            scale = tl.load(scales_ptr + k)
-            acc = acc + scale * _normals(seed, c_lo, c_hi, BLOCK)
+    # x holds positions [p0, p0 + n). The body, x[head:], starts on counter `base`, the first whole
+    # counter (ceil(p0 / 4)) or, for VEC = 2, the next one where that puts the body on a 16-byte
+    # boundary. Body programs own BLOCK groups of VEC counters each; the last program (when the
+    # launcher adds it) is the edge: the `before` (0 to 2) counters before base that x touches
+    # and the `tail` (0 to 2) counters after the last whole group, whole or partial. size_class is
+    # the tuning key.
+    base = _counter_base(c_lo, c_hi)
+    pid = tl.program_id(0)
+    if pid < tl.cdiv(groups, BLOCK):
+        group = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        col = tl.arange(0, 4 * VEC)[None, :]
+        ptrs = body_ptr + (group * (4 * VEC))[:, None] + col
+        mask = tl.broadcast_to((group < groups)[:, None], [BLOCK, 4 * VEC])
+        counter = base + group * VEC
+        _apply(
+            ptrs, mask, counter, col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+            NUM_TERMS, ACCUMULATE, VEC,
+        )  # fmt: skip
     else:
-        acc = _normals(tl.load(seeds_ptr), c_lo, c_hi, BLOCK)
-    if DTYPE == 1:
-        tl.store(x_ptr + idx, _round_to_bf16(acc), mask=mask)
-    elif DTYPE == 2:
-        tl.store(x_ptr + idx, acc.to(tl.float16), mask=mask)  # round to nearest even on every target
-    else:
-        tl.store(x_ptr + idx, acc, mask=mask)
+        # Slots 0, 1: the counters base - 2, base - 1 (the head's: `before` of them are x's);
+        # slots 2, 3: the `tail` counters after the last whole group. (The names differ from the
+        # body's: Triton needs a name bound in both branches to keep its type.)
+        slot = tl.arange(0, 4).to(tl.int64)
+        e_counter = tl.where(slot < 2, base - 2 + slot, base + groups.to(tl.int64) * VEC + slot - 2)
+        e_used = tl.where(slot < 2, slot + before >= 2, slot - 2 < tail)  # tensor compares: bool when interpreted too
+        e_col = tl.arange(0, 4)[None, :]
+        e_idx = ((e_counter - base) * 4 + head)[:, None] + e_col
+        e_mask = e_used[:, None] & (e_idx >= 0) & (e_idx < n)
+        _apply(
+            x_ptr + e_idx, e_mask, e_counter, e_col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+            NUM_TERMS, ACCUMULATE, 1,
+        )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["width", "offset", "num_terms"])
+@triton.jit(do_not_specialize=["width", "row_groups", "offset", *_SCALARS])
 def _noise_rows_kernel(
     x_ptr,
     rows_ptr,
     width,
+    row_groups,
     offset,
-    seeds_ptr,
-    scales_ptr,
+    c_lo,
+    c_hi,
+    a_lo,
+    a_hi,
+    a_scale,
+    b_lo,
+    b_hi,
+    b_scale,
+    terms_ptr,
     num_terms,
-    DTYPE: tl.constexpr,
+    size_class,
+    NUM_TERMS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Program (i, b) owns counters [c0 + b * BLOCK, c0 + (b + 1) * BLOCK) of table row rows[i], where
-    # c0 = (offset + r * width) // 4: the counters of the row's positions in the dense layout. A row
-    # need not start on a counter, so its first and last counters are shared with the rows beside
-    # it; the mask keeps the row's own elements, which makes each element's value exactly the one
-    # _noise_kernel gives it.
+    # Program (i, b) works on table row r = rows[i], at the positions the row has in the dense
+    # layout, so each element gets exactly the value _noise_kernel gives it. ALIGNED (the offset
+    # and the width multiples of 4 * VEC, as for the embedding tables of real models): the row is
+    # row_groups whole groups of VEC counters, c_lo/c_hi the table's first counter, and the
+    # program takes groups [b * BLOCK, (b + 1) * BLOCK) as the dense body does. Otherwise a row
+    # need not start on a counter and shares its first and last counters with the rows beside it:
+    # the program covers counters [(offset + r * width) // 4 + b * BLOCK, ...) with VEC = 1 and
+    # the mask keeps the row's own elements.
     row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    width = width.to(tl.int64)
-    offset = offset.to(tl.int64)
-    start = row * width
-    block0 = (offset + start) // 4 + tl.program_id(1).to(tl.int64) * BLOCK
-    counter = block0 + tl.arange(0, BLOCK).to(tl.int64)
-    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (counter >> 32).to(tl.uint32)
-    idx = block0 * 4 - offset + tl.arange(0, 4 * BLOCK).to(tl.int64)
-    mask = (idx >= start) & (idx < start + width)
-    acc = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    for k in range(num_terms):
-        seed = tl.load(seeds_ptr + k)
-        scale = tl.load(scales_ptr + k)
-        acc = acc + scale * _normals(seed, c_lo, c_hi, BLOCK)
-    if DTYPE == 1:
-        tl.store(x_ptr + idx, _round_to_bf16(acc), mask=mask)
-    elif DTYPE == 2:
-        tl.store(x_ptr + idx, acc.to(tl.float16), mask=mask)
+    block = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if ALIGNED:
+        group = row * row_groups + block
+        col = tl.arange(0, 4 * VEC)[None, :]
+        ptrs = x_ptr + (group * (4 * VEC))[:, None] + col
+        mask = tl.broadcast_to((block < row_groups)[:, None], [BLOCK, 4 * VEC])
+        counter = _counter_base(c_lo, c_hi) + group * VEC
+        _apply(
+            ptrs, mask, counter, col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+            NUM_TERMS, True, VEC,
+        )  # fmt: skip
     else:
-        tl.store(x_ptr + idx, acc, mask=mask)
+        start = row * width.to(tl.int64)
+        u_counter = (offset.to(tl.int64) + start) // 4 + block
+        u_col = tl.arange(0, 4)[None, :]
+        u_idx = (u_counter * 4 - offset.to(tl.int64))[:, None] + u_col
+        u_mask = (u_idx >= start) & (u_idx < start + width)
+        _apply(
+            x_ptr + u_idx, u_mask, u_counter, u_col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+            NUM_TERMS, True, 1,
+        )  # fmt: skip
 
 
-def _launch(x, seeds, scales, offset, accumulate, block):
+# Tile rows per program (BLOCK) and warps, tuned per kernel, dtype, number of terms and size class
+# on the device where the kernel first runs: the noise contract makes z independent of them, so
+# any choice gives the same bits. The candidates put 2 to 16 counters on each thread. Under the
+# interpreter each program is a Python-level trip through the kernel, so it runs one large BLOCK.
+CONFIGS = [
+    triton.Config({"BLOCK": 128}, num_warps=4),
+    triton.Config({"BLOCK": 256}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=8),
+    triton.Config({"BLOCK": 1024}, num_warps=8),
+]
+INTERPRETER_BLOCK = 1 << 14
+# Smallest rows program: a narrow row still gets 16 tile rows, so tensor shapes stay ordinary.
+_MIN_ROW_BLOCK = 16
+
+INTERPRETED = type(_noise_kernel).__name__ == "InterpretedFunction"
+
+
+def _fitting(configs, named_args, **kwargs):
+    """The candidates whose BLOCK the pass's work fills, at least the smallest: a smaller pass is
+    one program whatever the BLOCK, and a single candidate is taken without timing."""
+    work = named_args["groups"] if "groups" in named_args else named_args["row_groups"]
+    return [c for c in configs if c.kwargs["BLOCK"] <= work] or configs[:1]
+
+
+def tuned(kernel, do_bench=None):
+    """`kernel` under Triton's autotuner over CONFIGS, keyed by size class, number of terms and
+    dtype. The kernels write in place, so the tuner restores x after each trial (restore_value) and
+    the call that tunes still adds its noise once. do_bench: the tuner's timer (default Triton's,
+    with short warm-up and repetition: a training run meets a few dozen keys)."""
+    if do_bench is None:
+        do_bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+    return triton.autotune(
+        CONFIGS,
+        key=["size_class", "NUM_TERMS"],
+        prune_configs_by={"early_config_prune": _fitting},
+        restore_value=["x_ptr"],
+        do_bench=do_bench,
+    )(kernel)
+
+
+KERNELS = {"dense": _noise_kernel, "rows": _noise_rows_kernel}
+# The tuned launchers, by kernel; empty under the interpreter, which runs INTERPRETER_BLOCK.
+_TUNED = {} if INTERPRETED else {name: tuned(kernel) for name, kernel in KERNELS.items()}
+
+
+def _i32(word):
+    """A 32-bit word as the signed int Triton passes as i32 (the kernel bitcasts it back)."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _words(value):
+    return _i32(value & 0xFFFFFFFF), _i32(value >> 32)
+
+
+def _f32_bits(value):
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _terms(seeds, scales, device):
+    """The kernels' term arguments (a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms, num_terms) and
+    their NUM_TERMS. seeds: ints in [0, 2**63); scales: Python floats holding float32 values. One or
+    two terms go as scalars; more as (lo, hi, scale bits) int32 triples in one device tensor,
+    copied from pinned memory without blocking the host on CUDA."""
+    count = len(seeds)
+    if count <= 2:
+        b_seed, b_scale = (seeds[1], scales[1]) if count == 2 else (0, 0.0)
+        return (*_words(seeds[0]), scales[0], *_words(b_seed), b_scale, None, count), count
+    triples = [w for s, c in zip(seeds, scales) for w in (*_words(s), _f32_bits(c))]
+    return (0, 0, 0.0, 0, 0, 0.0, stage(torch.tensor(triples, dtype=torch.int32), device), count), 0
+
+
+def stage(host, device):
+    """A small CPU tensor on `device`: on CUDA through pinned memory and a non-blocking copy, which
+    the stream orders before the launch that reads it and which does not wait for the device
+    (torch's pinned-memory cache keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _vec(dtype):
+    """Counters per tile row: 4 * VEC elements make one 128-bit vector."""
+    return 1 if dtype == torch.float32 else 2
+
+
+def _launch(x, seeds, scales, offset, accumulate):
     n = x.numel()
     if n == 0:
         return x
-    counter0 = offset // 4
-    num_counters = (offset + n - 1) // 4 - counter0 + 1
-    grid = (triton.cdiv(num_counters, block),)
-    _noise_kernel[grid](
-        x,
-        n,
-        offset,
-        counter0,
-        seeds,
-        scales,
-        seeds.numel(),
-        ACCUMULATE=accumulate,
-        DTYPE=DTYPE_CODES[str(x.dtype).removeprefix("torch.")],
-        BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    vec = _vec(x.dtype)
+    first, end = offset // 4, (offset + n + 3) // 4  # the counters x touches: [first, end)
+    base = (offset + 3) // 4  # the first whole counter
+    if (x.data_ptr() + (4 * base - offset) * x.element_size()) % 16 == 8 and base < (offset + n) // 4:
+        base += 1  # a 16-bit body one counter (8 bytes) off a 16-byte boundary starts on the next
+    head = 4 * base - offset  # the body's first element in x
+    groups = max(0, (offset + n) // 4 - base) // vec
+    before, tail = base - first, max(0, end - (base + groups * vec))
+    edge = int(before > 0 or tail > 0)
+    flat = x.view(-1)
+    body = flat[min(head, n) :]
+    terms, num_terms = _terms(seeds, scales, x.device)
+    args = (flat, body, n, head, before, groups, tail, *_words(base), *terms, n.bit_length())
+    consts = dict(NUM_TERMS=num_terms, ACCUMULATE=accumulate, VEC=vec, enable_fp_fusion=False)
+    if "dense" in _TUNED:
+        _TUNED["dense"][lambda meta: (triton.cdiv(groups, meta["BLOCK"]) + edge,)](*args, **consts)
+    else:
+        grid = (triton.cdiv(groups, INTERPRETER_BLOCK) + edge,)
+        _noise_kernel[grid](*args, **consts, BLOCK=INTERPRETER_BLOCK)
     return x
 
 
-def add_noise_(x, seeds, scales, offset, block):
-    """x (contiguous, float32/bfloat16/float16) += sum_k scales[k] * z(seeds[k], offset + i).
-    seeds: int64 tensor, scales: float32 tensor, both on x's device; checked by hosl.noise."""
-    return _launch(x, seeds, scales, offset, True, block)
+def add_noise_(x, seeds, scales, offset):
+    """x (contiguous, float32/bfloat16/float16) += sum_k scales[k] * z(seeds[k], offset + i), x
+    viewed flat. seeds: ints in [0, 2**63); scales: floats holding float32 values; checked by
+    hosl.noise."""
+    return _launch(x, seeds, scales, offset, True)
 
 
-def gaussian_(out, seed, offset, block):
-    """Fills float32 out with z(seed[0], offset + i); seed: a one-element int64 tensor."""
-    return _launch(out, seed, seed, offset, False, block)
+def gaussian_(out, seed, offset):
+    """Fills float32 out with z(seed, offset + i)."""
+    return _launch(out, [seed], [1.0], offset, False)
 
 
-# Smallest program of the rows kernel: a narrow row (width < 4 * 16) still gets 16 counters, so
-# tensor shapes stay ordinary ones (the dense kernel never runs below 256); the waste is a few
-# dozen normals per row.
-_MIN_ROW_BLOCK = 16
-
-
-def add_noise_rows_(table, rows, seeds, scales, offset, block):
+def add_noise_rows_(table, rows, seeds, scales, offset):
     """For each r in rows and j < width: table[r, j] += sum_k scales[k] * z(seeds[k], offset + r * width + j).
-    table: contiguous (num_rows, width), float32/bfloat16/float16; rows: sorted, distinct, valid int64
-    row indices, a tensor on table's device; seeds, scales as for add_noise_; checked by hosl.noise.
-    block: the most counters per program."""
+    table: contiguous (num_rows, width), float32/bfloat16/float16; rows: sorted, distinct, valid row
+    indices as an int64 CPU tensor; seeds, scales as for add_noise_; checked by hosl.noise."""
     width = table.shape[1]
     if rows.numel() == 0 or width == 0:
         return table
-    # A row's positions [p, p + width) touch at most (width + 2) // 4 + 1 counters (p % 4 == 3 is
-    # the worst case); programs beyond a row's own last counter store nothing.
-    row_counters = (width + 2) // 4 + 1
-    block = min(block, max(_MIN_ROW_BLOCK, triton.next_power_of_2(row_counters)))
-    grid = (rows.numel(), triton.cdiv(row_counters, block))
-    _noise_rows_kernel[grid](
-        table,
-        rows,
-        width,
-        offset,
-        seeds,
-        scales,
-        seeds.numel(),
-        DTYPE=DTYPE_CODES[str(table.dtype).removeprefix("torch.")],
-        BLOCK=block,
-        enable_fp_fusion=False,
-    )
+    rows = stage(rows, table.device)
+    vec = _vec(table.dtype)
+    aligned = offset % (4 * vec) == 0 and width % (4 * vec) == 0
+    # Unaligned, a row's positions [p, p + width) touch at most (width + 2) // 4 + 1 counters
+    # (p % 4 == 3 is the worst case); programs beyond a row's own last counter store nothing.
+    row_groups = width // (4 * vec) if aligned else (width + 2) // 4 + 1
+    terms, num_terms = _terms(seeds, scales, table.device)
+    size_class = (rows.numel() * width).bit_length()
+    args = (table, rows, width, row_groups, offset, *_words(offset // 4), *terms, size_class)
+    consts = dict(NUM_TERMS=num_terms, ALIGNED=aligned, VEC=vec if aligned else 1, enable_fp_fusion=False)
+    if "rows" in _TUNED:
+        grid = lambda meta: (rows.numel(), triton.cdiv(row_groups, meta["BLOCK"]))  # noqa: E731
+        _TUNED["rows"][grid](*args, **consts)
+    else:
+        block = min(INTERPRETER_BLOCK, max(_MIN_ROW_BLOCK, triton.next_power_of_2(row_groups)))
+        _noise_rows_kernel[(rows.numel(), triton.cdiv(row_groups, block))](*args, **consts, BLOCK=block)
     return table

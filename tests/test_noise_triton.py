@@ -60,17 +60,30 @@ def test_add_triton_bit_identical(device, dtype, terms):
     assert_bits_equal(got.cpu(), want)
 
 
+def positions_per_program(device, dtype):
+    """The most noise positions one program of the dense kernel covers on `device`: 4 * VEC per
+    tile row, BLOCK rows (the interpreter's, or the largest tuning candidate on a GPU)."""
+    kernels, _ = noise._triton_kernels()
+    block = kernels.INTERPRETER_BLOCK if device == "cpu" else max(c.kwargs["BLOCK"] for c in kernels.CONFIGS)
+    return 4 * kernels._vec(dtype) * block
+
+
 @pytest.mark.parametrize("device", tiers)
-def test_block_edges_and_small_shapes(device):
-    block = noise._TRITON_BLOCK_GPU if device == "cuda" else noise._TRITON_BLOCK_INTERPRETER
-    edge = 4 * block  # positions per program
-    for n, offset in [(0, 0), (1, 0), (3, 1), (4097, 3), (edge - 1, 0), (edge + 1, 0), (edge + 1, 3), (2 * edge, 2)]:
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_block_edges_and_small_shapes(device, dtype):
+    # Each case has a partial counter before the first whole one (offset % 4), whole groups of
+    # counters, and leftover counters after them, in every combination the edge program sees.
+    edge = positions_per_program(device, dtype)
+    cases = [(0, 0), (1, 0), (3, 1), (2, 1), (5, 3), (7, 1), (8, 0), (9, 2), (12, 4), (15, 1), (4097, 3)]
+    cases += [(edge - 1, 0), (edge, 0), (edge + 1, 0), (edge + 1, 3), (edge + 5, 2), (2 * edge, 2), (2 * edge + 8, 0)]
+    for n, offset in cases:
         want = noise.gaussian(n, 5, offset=offset, backend="torch")
         assert_bits_equal(noise.gaussian(n, 5, offset=offset, device=device, backend="triton").cpu(), want)
-        x = torch.linspace(-1, 1, n, dtype=torch.bfloat16)
-        want = noise.add_(x.clone(), [8, 9], [0.5, -0.5], offset=offset, backend="torch")
-        got = noise.add_(x.clone().to(device), [8, 9], [0.5, -0.5], offset=offset, backend="triton")
-        assert_bits_equal(got.cpu(), want)
+        x = torch.linspace(-1, 1, n).to(dtype)
+        for seeds, scales in [([8], [0.5]), ([8, 9], [0.5, -0.5]), ([8, 9, 10], [0.5, -0.5, 0.25])]:
+            want = noise.add_(x.clone(), seeds, scales, offset=offset, backend="torch")
+            got = noise.add_(x.clone().to(device), seeds, scales, offset=offset, backend="triton")
+            assert_bits_equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("device", tiers)
@@ -131,15 +144,18 @@ def test_add_rows_triton_on_a_view_into_a_flat_buffer(device):
 
 @pytest.mark.parametrize("device", tiers)
 def test_add_rows_triton_row_spans_programs(device):
-    # Rows wider than one program's 4 * block positions, so the grid's second axis has 2 programs.
-    # At offset 3, row 2 starts at a position = 3 (mod 4) and touches block + 2 counters, row 1
-    # touches block + 1: its second program reaches past the row and must store nothing there.
-    block = noise._TRITON_BLOCK_GPU if device == "cuda" else noise._TRITON_BLOCK_INTERPRETER
-    width = 4 * block + 2
-    table = make_table(3, width, torch.float16, seed=6)
-    want = dense_on_rows(table, [2, 1], [8, 9], [0.5, -0.5], 3)
-    got = noise.add_rows_(table.clone().to(device), [2, 1], [8, 9], [0.5, -0.5], offset=3, backend="triton")
-    assert_bits_equal(got.cpu().view(-1), want.view(-1))
+    # Rows wider than one program, so the grid's second axis has 2 programs. Unaligned (width 4 *
+    # block + 2, offset 3): row 2 starts at a position = 3 (mod 4) and touches block + 2 counters,
+    # row 1 touches block + 1: its second program reaches past the row and must store nothing
+    # there. Aligned (width and offset multiples of 8): whole groups of counters, the second
+    # program partly past the row's last group.
+    kernels, _ = noise._triton_kernels()
+    block = kernels.INTERPRETER_BLOCK if device == "cpu" else max(c.kwargs["BLOCK"] for c in kernels.CONFIGS)
+    for width, offset in [(4 * block + 2, 3), (8 * block + 24, 16)]:
+        table = make_table(3, width, torch.float16, seed=6)
+        want = dense_on_rows(table, [2, 1], [8, 9], [0.5, -0.5], offset)
+        got = noise.add_rows_(table.clone().to(device), [2, 1], [8, 9], [0.5, -0.5], offset=offset, backend="triton")
+        assert_bits_equal(got.cpu().view(-1), want.view(-1))
 
 
 @pytest.mark.interpreter
@@ -163,3 +179,60 @@ def test_reference_philox_matches_tl_randint4x():
         randint4x_kernel[(triton.cdiv(n, 1024),)](out, seed, n, BLOCK=1024)
         words = torch.stack(reference.philox(torch.arange(n), seed), dim=1).reshape(-1)
         assert torch.equal(out.long() & 0xFFFFFFFF, words)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_tuned_launch_adds_the_noise_once(monkeypatch, dtype):
+    """The autotuned path a GPU takes, run through the interpreter with a CPU timer: every
+    candidate BLOCK and num_warps is tried on the same x, and the tuner must restore x after each
+    trial, so the call still adds its noise exactly once, with the bits of the reference."""
+    kernels, _ = noise._triton_kernels()
+    trials = []
+
+    def one_run(kernel_call, quantiles):
+        trials.append(1)
+        kernel_call()
+        return [1.0 + len(trials)] * len(quantiles)  # the first candidate wins
+
+    monkeypatch.setattr(kernels, "_TUNED", {name: kernels.tuned(k, one_run) for name, k in kernels.KERNELS.items()})
+    x = (torch.randn(1024 * 4 * kernels._vec(dtype) + 7, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    for seeds, scales in [([4], [0.5]), ([4, 5], [0.5, -0.25]), ([4, 5, 6, 7, 8], [0.5, -0.25, 0.125, 1.0, -1.0])]:
+        trials.clear()
+        want = noise.add_(x.clone(), seeds, scales, offset=3, backend="torch")
+        got = noise.add_(x.clone(), seeds, scales, offset=3, backend="triton")
+        assert len(trials) == len(kernels.CONFIGS)
+        assert_bits_equal(got, want)
+    table = make_table(3, 1024 * 4 * kernels._vec(dtype), dtype, seed=2)  # every candidate's BLOCK fits a row
+    trials.clear()
+    want = dense_on_rows(table, [2, 1], [8, 9, 10], [0.5, -0.5, 0.25], 16)
+    got = noise.add_rows_(table.clone(), [2, 1], [8, 9, 10], [0.5, -0.5, 0.25], offset=16, backend="triton")
+    assert len(trials) == len(kernels.CONFIGS)
+    assert_bits_equal(got.view(-1), want.view(-1))
+
+
+@pytest.mark.gpu
+def test_passes_do_not_synchronise_the_host():
+    """A step's noise passes on CUDA, once tuned, queue their work and return: torch's sync debug
+    mode raises on any copy or wait that blocks the host (the old launcher copied the seeds and
+    scales to the device from pageable memory on every pass)."""
+    x = torch.randn(1 << 20, device="cuda")
+    table = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16)
+    many = list(range(1, 10))
+
+    def passes():
+        noise.add_(x, [1], [1e-3])
+        noise.add_(x, [1, 2], [-2e-3, 1e-3])
+        noise.add_(x, many, [1e-4] * 9)
+        noise.add_rows_(table, [3, 7, 900], [1], [1e-3])
+        noise.add_rows_(table, [3, 7, 900], many, [1e-4] * 9)
+        noise.Terms([5], [1e-3]).add_(x, offset=7)
+
+    passes()  # tunes: the tuner times its candidates and waits for the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        passes()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
