@@ -381,6 +381,11 @@ class TrainConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.task == "synthetic" and self.data_dir is not None:
+            raise ValueError(
+                f"--data-dir {self.data_dir} is not read by --task synthetic (the built-in task): name the task "
+                "its files hold (--task sst2, rte, cb, boolq, wsc or wic)"
+            )
         if self.zo_estimator in LOCAL_ESTIMATORS and not method_of(self.method).hybrid:
             hybrid = " or ".join(n for n, m in METHODS.items() if m.hybrid)
             raise ValueError(

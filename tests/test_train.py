@@ -700,6 +700,7 @@ BAD = [
     (["--client-lr", "-1"], "--client-lr must be a finite number >= 0"),
     (["--q", "two"], "expected int, got 'two'"),
     (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent"),
+    (["--data-dir", "/tmp"], "--data-dir /tmp is not read by --task synthetic (the built-in task): name the task"),
     (["--config", "/nonexistent.json"], "cannot read --config"),
     (["--resume", "/nonexistent"], "--resume /nonexistent"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
