@@ -379,10 +379,16 @@ def _start_run_dir(cfg: TrainConfig):
     run_dir = _run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--out {run_dir} exists and is not empty; choose another or --resume it")
+    _CREATED[run_dir] = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
     return cfg, run_dir, None
+
+
+# The folders a new run's directory made, deepest first, by run directory: a run that fails before
+# its first step removes them again (when empty), so that it leaves no runs/ behind either.
+_CREATED: dict[Path, list[Path]] = {}
 
 
 @contextlib.contextmanager
@@ -396,8 +402,9 @@ def _unless_started(run_dir: Path, point):
         if point is None and not (metrics.exists() and metrics.stat().st_size):
             for name in ("config.json", "metrics.jsonl", "zo_log.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only when empty
+            for folder in _CREATED.get(run_dir, [run_dir]):  # runs/ too, when this run made it
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
         raise
 
 

@@ -755,6 +755,18 @@ def test_bad_input_from_the_shell():
     assert out.returncode == 2 and out.stderr.strip() == "error: --q must be in [1, 64], got 0"
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_runs_folder(capsys):
+    """Without --out a run goes to runs/<method>-<task>-<time> in the working directory; failing
+    before its first step (here: no such data), it takes back the runs/ folder it made."""
+    assert not Path("runs").exists()
+    assert main(["--task", "sst2", "--data-dir", "/nonexistent"]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
+    assert not Path("runs").exists(), list(Path("runs").rglob("*"))
+    Path("runs").mkdir()  # one that was there before stays
+    assert main(["--task", "sst2", "--data-dir", "/nonexistent"]) == 2
+    assert Path("runs").is_dir() and not any(Path("runs").iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
