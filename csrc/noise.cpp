@@ -1,15 +1,17 @@
 // CPU driver for the noise primitive: tiles of Philox counters, written so that GCC and Clang
 // vectorise the inner loops (no calls, no data-dependent branches, structure-of-arrays tiles),
-// split over std::threads. Threads own disjoint ranges of x and every element is computed from
-// (seed, position) alone, so the thread count never changes a bit of the result.
+// split over the calling thread and the workers of a persistent pool (pool.h). Threads own disjoint
+// ranges of x and every element is computed from (seed, position) alone, so the thread count never
+// changes a bit of the result.
 #include "noise.h"
 
 #include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
+
+#include "pool.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
 #define HOSL_X86_AVX2 1
@@ -295,16 +297,13 @@ void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* s
   const int64_t quantum = 4 * kTile;
   const int64_t per_thread = (n + threads - 1) / threads;
   const int64_t chunk = (per_thread + quantum - 1) / quantum * quantum;
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
+  int ranges = 1;  // range t is [t * chunk, (t + 1) * chunk) clipped to n; the empty ones are dropped
+  while (ranges < threads && ranges * chunk < n) ++ranges;
+  pool::parallel_for(ranges, [&](int t) {
     const int64_t begin = std::min(n, t * chunk);
     const int64_t end = std::min(n, begin + chunk);
-    if (begin >= end) break;
-    pool.emplace_back(add_noise_range<kDType>, x, begin, end, seeds, scales, num_terms, offset, accumulate);
-  }
-  add_noise_range<kDType>(x, 0, std::min(n, chunk), seeds, scales, num_terms, offset, accumulate);
-  for (auto& th : pool) th.join();
+    add_noise_range<kDType>(x, begin, end, seeds, scales, num_terms, offset, accumulate);
+  });
 }
 
 // Entries [begin, end) of the sorted row list. A run of consecutive table rows is one contiguous
@@ -330,16 +329,13 @@ void add_noise_rows_threads(void* x, int64_t width, const int64_t* rows, int64_t
   const int64_t most = std::min(num_given, std::max<int64_t>(1, num_given * width / kMinPerThread));
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), most));
   const int64_t per_thread = (num_given + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
+  int slices = 1;  // slice t is entries [t * per_thread, (t + 1) * per_thread) clipped; the empty ones dropped
+  while (slices < threads && slices * per_thread < num_given) ++slices;
+  pool::parallel_for(slices, [&](int t) {
     const int64_t begin = std::min(num_given, t * per_thread);
     const int64_t end = std::min(num_given, begin + per_thread);
-    if (begin >= end) break;
-    pool.emplace_back(add_noise_row_list<kDType>, x, width, rows, begin, end, seeds, scales, num_terms, offset);
-  }
-  add_noise_row_list<kDType>(x, width, rows, 0, std::min(num_given, per_thread), seeds, scales, num_terms, offset);
-  for (auto& th : pool) th.join();
+    add_noise_row_list<kDType>(x, width, rows, begin, end, seeds, scales, num_terms, offset);
+  });
 }
 
 }  // namespace

@@ -1,6 +1,14 @@
 """hosl.noise on the CPU: the cpp backend bit for bit against the torch reference, the reference
 against an independent numpy Philox and float64 Box-Muller, the law of z, and input checks."""
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +216,125 @@ def test_cpp_independent_of_thread_count():
     for out, x in results[1:]:
         assert_bits_equal(out, results[0][0])
         assert_bits_equal(x, results[0][1])
+
+
+# The C++ kernel runs its threads from a persistent pool (csrc/pool.cpp). POOL_N elements make 2
+# ranges at 2 threads and 3 at 3 (a thread takes at least kMinPerThread = 2**15, csrc/noise.cpp).
+POOL_N = 3 * (1 << 15) + 5
+
+
+def _pool_add(_C, x: torch.Tensor, seed: int, threads: int) -> torch.Tensor:
+    y = x.clone()
+    _C.add_noise(y.data_ptr(), y.numel(), CODE[y.dtype], [seed, seed + 1], [0.5, -0.25], 3, threads)
+    return y
+
+
+def test_cpp_pool_call_after_call_and_from_two_threads_at_once():
+    """Hundreds of consecutive calls at 2 and 3 threads, each checked as soon as it returns (a call
+    must not return before every range is written), give the 1-thread bits; so do calls from two
+    Python threads at once (the GIL is released inside), each on tensors of its own."""
+    _C = _ext.require("this test")
+    xs = {dtype: torch.linspace(-1, 1, POOL_N, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    seeds = range(400)
+    # torch's own ops (clone, compare) on one thread, per calling thread: the kernel's thread count is
+    # its argument, and torch's OpenMP threads waiting beside the pool's can slow a 2-core machine a lot.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = {(dtype, s): _pool_add(_C, x, s, 1) for dtype, x in xs.items() for s in seeds}
+        for s in seeds:
+            assert_bits_equal(_pool_add(_C, xs[torch.float32], s, 2 + s % 2), want[torch.float32, s])
+    finally:
+        torch.set_num_threads(torch_threads)
+
+    start = threading.Barrier(2)
+    got = {}
+
+    def caller(dtype, threads):
+        torch.set_num_threads(1)
+        start.wait()
+        got[dtype] = [_pool_add(_C, xs[dtype], s, threads) for s in seeds[:200]]
+
+    callers = [threading.Thread(target=caller, args=(d, t), daemon=True) for d, t in zip(xs, (2, 3))]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=120)  # daemon: a hang fails the test instead of hanging it
+        assert not t.is_alive(), "a call from a Python thread never returned"
+    for dtype in xs:
+        assert len(got[dtype]) == 200
+        for s, y in zip(seeds, got[dtype]):
+            assert_bits_equal(y, want[dtype, s])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_cpp_pool_in_a_forked_child():
+    """A child forked after the pool ran, while another thread is inside a call (so the pool's lock
+    may be held and its workers busy), gets a pool of its own: its 2-thread call gives the bits of a
+    1-thread call in the parent, it exits instead of waiting on the parent's threads, and (where
+    /proc shows it) it has started a worker of its own rather than counting on the parent's."""
+    _C = _ext.require("this test")
+    x = torch.linspace(-1, 1, POOL_N)
+    want = _pool_add(_C, x, 5, 1).numpy().tobytes()
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            _pool_add(_C, x, 6, 2)
+
+    hammer = threading.Thread(target=busy, daemon=True)
+    hammer.start()
+    try:
+        for _ in range(10):
+            y = x.clone()
+            pid = os.fork()
+            if pid == 0:  # the child never returns into pytest; numpy compares (no torch threads here)
+                status = 2
+                try:
+                    _C.add_noise(y.data_ptr(), POOL_N, CODE[torch.float32], [5, 6], [0.5, -0.25], 3, 2)
+                    status = 0 if y.numpy().tobytes() == want else 1
+                    if status == 0 and os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) < 2:
+                        status = 3
+                finally:
+                    os._exit(status)
+            deadline = time.monotonic() + 60
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if done[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child's 2-thread call did not return within 60 s")
+            code = os.waitstatus_to_exitcode(done[1])
+            why = {1: "its 2-thread call gave other bits", 3: "it started no worker: its pool is the parent's"}
+            assert code == 0, f"the forked child exited with {code}: {why.get(code, 'it failed')}"
+    finally:
+        stop.set()
+        hammer.join(timeout=60)
+    assert not hammer.is_alive()
+
+
+def test_cpp_pool_lets_the_process_exit():
+    """After 2- and 3-thread calls from two threads, the interpreter exits with status 0: the pool's
+    workers are stopped and joined at exit, not waited on forever."""
+    code = textwrap.dedent(
+        f"""
+        import threading
+        import torch
+        from hosl import noise
+        def calls(threads):
+            torch.set_num_threads(threads)
+            x = torch.zeros({POOL_N})
+            for _ in range(50):
+                noise.add_(x, [1], [1.0], backend="cpp")
+        other = threading.Thread(target=calls, args=(3,))
+        other.start()
+        calls(2)
+        other.join()
+        print("done")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
 
 
 # ------------------------------------------------------------------------------------- the z law
@@ -618,3 +745,41 @@ def test_round_stochastic_special_values_and_errors():
         noise.round_stochastic(x, torch.float32, x)
     with pytest.raises(ValueError, match="one shape"):
         noise.round_stochastic(x, torch.bfloat16, x[:2])
+
+
+# ------------------------------------------------------------------ the Triton launcher's structure
+
+
+class _Recorder:
+    """Stands in for a tuned Triton kernel: records each launch's grid and arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("terms", [1, 2, 9])
+def test_triton_pass_is_one_launch_and_stages_only_long_term_lists(monkeypatch, terms):
+    """Without running a kernel: every pass is one launch whatever its size and offset (the edges
+    ride in the same grid), seeds and scales of one- and two-term passes travel as scalar
+    arguments (nothing is copied to the device, so nothing can block the host there), and only
+    longer lists are staged, once per pass."""
+    kernels, _ = noise._triton_kernels()
+    recorder, staged = _Recorder(), []
+    monkeypatch.setattr(kernels, "_TUNED", {"dense": recorder, "rows": recorder})
+    monkeypatch.setattr(kernels, "stage", lambda host, device: staged.append(host) or host)
+    seeds, scales = list(range(1, terms + 1)), [0.5] * terms
+    for n, offset in [(1, 0), (3, 1), (4096, 0), (100_003, 5), (16, 3)]:
+        kernels.add_noise_(torch.zeros(n), seeds, scales, offset)
+    kernels.add_noise_rows_(torch.zeros(10, 64), torch.tensor([1, 4]), seeds, scales, 0)
+    assert len(recorder.launches) == 6
+    assert len(staged) == (0 if terms <= 2 else 6) + 1  # + the rows list
+    for (_, args, kwargs), name in zip(recorder.launches, ["dense"] * 5 + ["rows"]):
+        assert kwargs["NUM_TERMS"] == (terms if terms <= 2 else 0)
+        terms_arg = args[kernels.KERNELS[name].arg_names.index("terms_ptr")]
+        if terms <= 2:
+            assert terms_arg is None
+        else:
+            assert terms_arg.dtype == torch.int32 and terms_arg.numel() == 3 * terms
