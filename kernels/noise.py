@@ -13,10 +13,13 @@
 # no shared memory, no barrier.
 #
 # Alignment. The body of a pass is its whole groups of VEC counters, addressed from `body`, a view
-# of x starting at the first whole counter (x's first position rounded up to a multiple of 4), so
-# the compiler sees offsets that are multiples of 4 * VEC elements and masks that are constant over
-# a row. One extra program, the edge, does the at most 3 positions before the first whole counter
-# and the at most 4 * VEC - 1 after the last whole group, element by element. A pass is one launch.
+# of x starting on a whole counter (and, for VEC = 2, on a 16-byte boundary where the memory
+# allows), so the compiler sees offsets that are multiples of 4 * VEC elements and masks that are
+# constant over a row. One extra program, the edge, does the at most 2 counters before the body and
+# the at most 2 after its last whole group, element by element. A pass is one launch. The rows
+# kernel does the same on tables whose rows are whole groups (offset and width multiples of
+# 4 * VEC, as real embedding tables are); other tables go lane by lane (_apply_by_lane), in scalar
+# accesses, still with no layout conversion.
 #
 # Terms. Passes of one or two terms (16 of the 17 passes of a Q = 8 step) take their seeds and
 # scales as scalar arguments (NUM_TERMS = 1 or 2: two compilations); longer ones (NUM_TERMS = 0)
@@ -164,9 +167,30 @@ def _round_to_bf16(acc):
 
 
 @triton.jit
-def _seed_words(lo, hi):
-    """A seed's two 32-bit words, passed as signed 32-bit ints, as Philox's uint32 key."""
-    return lo.to(tl.uint32, bitcast=True), hi.to(tl.uint32, bitcast=True)
+def _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS: tl.constexpr):
+    """Term k's Philox key (the seed's two 32-bit words, passed as signed 32-bit ints) and scale:
+    from the scalar arguments (NUM_TERMS 1 or 2, k a compile-time index) or from the staged
+    (lo, hi, scale bits) triples (NUM_TERMS 0)."""
+    if NUM_TERMS == 0:
+        lo = tl.load(terms_ptr + 3 * k)
+        hi = tl.load(terms_ptr + 3 * k + 1)
+        scale = tl.load(terms_ptr + 3 * k + 2).to(tl.float32, bitcast=True)
+    elif k == 0:
+        lo, hi, scale = a_lo, a_hi, a_scale
+    else:
+        lo, hi, scale = b_lo, b_hi, b_scale
+    return lo.to(tl.uint32, bitcast=True), hi.to(tl.uint32, bitcast=True), scale
+
+
+@triton.jit
+def _store(ptrs, acc, mask):
+    """float32 acc rounded once (to nearest even) into the pointer's dtype and stored."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        tl.store(ptrs, _round_to_bf16(acc), mask=mask)
+    elif ptrs.dtype.element_ty == tl.float16:
+        tl.store(ptrs, acc.to(tl.float16), mask=mask)  # round to nearest even on every target
+    else:
+        tl.store(ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -187,31 +211,62 @@ def _apply(
     ACCUMULATE: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """The one accumulate-and-store of every kernel: *ptrs += sum_k scale_k * z(seed_k, .) in
-    float32, in the order of the terms, rounded once into the pointer's dtype. With ACCUMULATE
-    false, *ptrs = z of the first term (its scale unused)."""
+    """The accumulate-and-store of a tile: *ptrs += sum_k scale_k * z(seed_k, .) in float32, in
+    the order of the terms, rounded once into the pointer's dtype. With ACCUMULATE false, *ptrs =
+    z of the first term (its scale unused)."""
     if ACCUMULATE:
         acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if NUM_TERMS == 0:
             for k in range(num_terms):
-                k0, k1 = _seed_words(tl.load(terms_ptr + 3 * k), tl.load(terms_ptr + 3 * k + 1))
-                scale = tl.load(terms_ptr + 3 * k + 2).to(tl.float32, bitcast=True)
+                k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
                 acc = acc + scale * _normals(k0, k1, counter, col, VEC)
         else:
-            k0, k1 = _seed_words(a_lo, a_hi)
-            acc = acc + a_scale * _normals(k0, k1, counter, col, VEC)
-            if NUM_TERMS == 2:
-                k0, k1 = _seed_words(b_lo, b_hi)
-                acc = acc + b_scale * _normals(k0, k1, counter, col, VEC)
+            for k in tl.static_range(NUM_TERMS):
+                k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+                acc = acc + scale * _normals(k0, k1, counter, col, VEC)
     else:
-        k0, k1 = _seed_words(a_lo, a_hi)
+        k0, k1, _ = _term(0, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
         acc = _normals(k0, k1, counter, col, VEC)
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        tl.store(ptrs, _round_to_bf16(acc), mask=mask)
-    elif ptrs.dtype.element_ty == tl.float16:
-        tl.store(ptrs, acc.to(tl.float16), mask=mask)  # round to nearest even on every target
+    _store(ptrs, acc, mask)
+
+
+@triton.jit
+def _add_by_lane(acc0, acc1, acc2, acc3, k0, k1, scale, counter):
+    x0, x1, x2, x3 = _philox((counter & 0xFFFFFFFF).to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    return acc0 + scale * z0, acc1 + scale * z1, acc2 + scale * z2, acc3 + scale * z3
+
+
+@triton.jit
+def _apply_by_lane(
+    ptr, first, lo, hi, counter, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+    NUM_TERMS: tl.constexpr,
+):  # fmt: skip
+    """_apply for elements whose alignment the compiler cannot know: lane l of each counter in a
+    vector of its own (ptr + l, element first + l, stride 4 between counters), so the loads, the
+    normals and the stores share one 1-D layout; a tile of such rows would be loaded in a
+    coalescing layout and converted once per term. Adds to the elements with index in [lo, hi)."""
+    m0 = (first >= lo) & (first < hi)
+    m1 = (first + 1 >= lo) & (first + 1 < hi)
+    m2 = (first + 2 >= lo) & (first + 2 < hi)
+    m3 = (first + 3 >= lo) & (first + 3 < hi)
+    acc0 = tl.load(ptr, mask=m0, other=0.0).to(tl.float32)
+    acc1 = tl.load(ptr + 1, mask=m1, other=0.0).to(tl.float32)
+    acc2 = tl.load(ptr + 2, mask=m2, other=0.0).to(tl.float32)
+    acc3 = tl.load(ptr + 3, mask=m3, other=0.0).to(tl.float32)
+    if NUM_TERMS == 0:
+        for k in range(num_terms):
+            k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+            acc0, acc1, acc2, acc3 = _add_by_lane(acc0, acc1, acc2, acc3, k0, k1, scale, counter)
     else:
-        tl.store(ptrs, acc, mask=mask)
+        for k in tl.static_range(NUM_TERMS):
+            k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+            acc0, acc1, acc2, acc3 = _add_by_lane(acc0, acc1, acc2, acc3, k0, k1, scale, counter)
+    _store(ptr, acc0, m0)
+    _store(ptr + 1, acc1, m1)
+    _store(ptr + 2, acc2, m2)
+    _store(ptr + 3, acc3, m3)
 
 
 @triton.jit
@@ -311,8 +366,8 @@ def _noise_rows_kernel(
     # row_groups whole groups of VEC counters, c_lo/c_hi the table's first counter, and the
     # program takes groups [b * BLOCK, (b + 1) * BLOCK) as the dense body does. Otherwise a row
     # need not start on a counter and shares its first and last counters with the rows beside it:
-    # the program covers counters [(offset + r * width) // 4 + b * BLOCK, ...) with VEC = 1 and
-    # the mask keeps the row's own elements.
+    # the program covers counters [(offset + r * width) // 4 + b * BLOCK, ...) lane by lane
+    # (_apply_by_lane) and keeps to the row's own elements.
     row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
     block = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     if ALIGNED:
@@ -328,12 +383,10 @@ def _noise_rows_kernel(
     else:
         start = row * width.to(tl.int64)
         u_counter = (offset.to(tl.int64) + start) // 4 + block
-        u_col = tl.arange(0, 4)[None, :]
-        u_idx = (u_counter * 4 - offset.to(tl.int64))[:, None] + u_col
-        u_mask = (u_idx >= start) & (u_idx < start + width)
-        _apply(
-            x_ptr + u_idx, u_mask, u_counter, u_col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
-            NUM_TERMS, True, 1,
+        u_first = u_counter * 4 - offset.to(tl.int64)
+        _apply_by_lane(
+            x_ptr + u_first, u_first, start, start + width, u_counter, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale,
+            terms_ptr, num_terms, NUM_TERMS,
         )  # fmt: skip
 
 
