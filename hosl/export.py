@@ -9,8 +9,9 @@ its newest checkpoint; either is verified against its manifest first (hosl.check
 A head tied to the input embedding is copied for the server when the model is cut, and the two
 train apart: the export then holds both, untied (config.tie_word_embeddings = False), the embedding
 as the client trained it and the head as the server did. A model read from a GGUF file is written as
-float32 safetensors. A built-in model's word-level tokenizer is not a transformers tokenizer: its
-vocabulary is written as vocab.json (word -> id), which AutoTokenizer does not load.
+float32 safetensors. A built-in model's word-level tokenizer is written as a transformers one
+(tokenizer.json, on the tokenizers library's WordLevel model), which AutoTokenizer loads and which
+encodes every text as the run did.
 
 A LoRA run exports either way. With --merge, each adapter is merged into the weight it adapts
 (W + (alpha/r) BA) and the model is written without peft. Without it, as a PEFT adapter directory
@@ -22,7 +23,6 @@ adapters on both sides (a side without them trains its base weights); else use -
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -156,10 +156,7 @@ def _build_base(cfg: TrainConfig):
 
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:
-    if hasattr(tokenizer, "hf"):
-        tokenizer.hf.save_pretrained(out_dir)
-    else:
-        (out_dir / "vocab.json").write_text(json.dumps(tokenizer.vocab(), indent=1) + "\n")
+    (tokenizer.hf if hasattr(tokenizer, "hf") else tokenizer.to_hf()).save_pretrained(out_dir)
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,27 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self._ids.get(w, self.unk_token_id) for w in self.words(text)]
 
+    def to_hf(self):
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (on the `tokenizers`
+        library's WordLevel model), which save_pretrained writes as tokenizer.json and
+        AutoTokenizer loads: lower-cased, split into words and punctuation marks as `words` splits,
+        unknown entries to <unk>, and <bos> first when special tokens are added, as hosl's batching
+        puts it."""
+        from tokenizers import Regex, models, normalizers, pre_tokenizers, processors
+        from tokenizers import Tokenizer as Backend
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Backend(models.WordLevel(self.vocab(), unk_token="<unk>"))
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_WORD.pattern), behavior="isolated")]
+        )
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", self.bos_token_id)]
+        )
+        names = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), self._SPECIALS))
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
+
     @classmethod
     def for_task(cls, task: str = "synthetic") -> WordTokenizer:
         """The vocabulary of every word the synthetic task's sentences, prompt and answers use."""

@@ -16,6 +16,7 @@ from hosl.export import export, main
 from hosl.models import build
 from hosl.split import split_model
 from hosl.tasks import load_run_data
+from hosl.tokenizers import WordTokenizer
 
 
 def _pair_logits(run_dir: Path, cfg: TrainConfig, ids, mask):
@@ -55,7 +56,13 @@ def test_export_computes_what_the_split_pair_computed(tmp_path, model):
     if model == "builtin:tiny-opt":  # trained apart: the export keeps both
         assert not exported.config.tie_word_embeddings
         assert not torch.equal(exported.get_output_embeddings().weight, exported.get_input_embeddings().weight)
-    assert (tmp_path / "hf" / "vocab.json").exists()
+    # The built-in word-level tokenizer loads with AutoTokenizer and encodes as the run did.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    words = WordTokenizer.for_task()
+    texts = [e.context + e.candidates[e.label] for e in load_run_data(cfg)[0][:20]] + ["Unheard-of words, GREAT!"]
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == [words.bos_token_id, *words.encode(text)], text
+    assert words.unk_token_id in tokenizer(texts[-1])["input_ids"]
 
 
 def test_export_of_an_unfinished_run_takes_its_newest_checkpoint(tmp_path):
