@@ -716,6 +716,14 @@ def _print_summary(summary: dict, run_dir: str) -> None:
         print(f"  {k:<{width}}  {fmt(summary.get(k))}")
 
 
+def _quiet_rank() -> bool:
+    """A rank other than 0 of a torchrun job on one machine: its ranks parse the same flags and read
+    the same files, so they find the same error, and rank 0 alone says it (once, not once a rank).
+    Across machines each rank says its own."""
+    env = os.environ
+    return env.get("RANK", "0") != "0" and env.get("LOCAL_WORLD_SIZE", "1") == env.get("WORLD_SIZE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("HOSL_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
@@ -723,6 +731,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = _resolve_resume(argv)
+    except (UsageError, ValueError) as exc:
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        if not _quiet_rank():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         summary = run_dist(cfg) if cfg.transport == "dist" else run(cfg)
     except (UsageError, TaskError, ModelError, SplitError, ValueError) as exc:
         if os.environ.get("HOSL_DEBUG"):

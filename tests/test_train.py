@@ -755,6 +755,23 @@ def test_bad_input_from_the_shell():
     assert out.returncode == 2 and out.stderr.strip() == "error: --q must be in [1, 64], got 0"
 
 
+def test_a_bad_flag_under_torchrun_on_one_machine_is_said_once(monkeypatch, capsys):
+    """torchrun starts every rank with the same flags: rank 0 says the error, the others only exit 2
+    (before, the line came once a rank, inside torchrun's report). Ranks on other machines speak."""
+    argv = ["--transport", "dist"]  # no --out: refused by every rank alike
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        said[rank] = capsys.readouterr().err
+    assert "--transport dist needs --out" in said["0"] and said["1"] == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines: each rank says its own
+    assert main(argv) == 2
+    assert "--transport dist needs --out" in capsys.readouterr().err
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_runs_folder(capsys):
     """Without --out a run goes to runs/<method>-<task>-<time> in the working directory; failing
     before its first step (here: no such data), it takes back the runs/ folder it made."""
