@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -67,6 +69,29 @@ def check_model_name(name: str) -> None:
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") >= 2
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"--model {name}: no such directory")
+
+
+def check_hub_reachable(name: str, gguf_file: str | None = None) -> None:
+    """ModelError at once for a --model that is neither built in, a local directory nor in the local
+    Hugging Face cache when the hub's host does not resolve (no network), instead of the hub
+    client's minute of retries that ends in a message about repo ids."""
+    if name.startswith("builtin:") or Path(name).expanduser().is_dir():
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # transformers looks in the cache alone, and says so
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, gguf_file or "config.json"), str):
+        return
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise ModelError(
+            f"--model {name}: no such local directory, not in the Hugging Face cache, and the hub ({host}) "
+            f"cannot be reached to download it ({exc.strerror or exc})"
+        ) from None
 
 
 def num_blocks(name: str, gguf_file: str | None = None) -> int | None:

@@ -32,7 +32,7 @@ import torch
 from hosl import checkpoint
 from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
-from hosl.models import ModelError, build, build_tokenizer, check_model_name, num_blocks
+from hosl.models import ModelError, build, build_tokenizer, check_hub_reachable, check_model_name, num_blocks
 from hosl.optim import DivergedError, SkipCounter, lr_factor
 from hosl.plan import method_of
 from hosl.roles import FullModel, SplitClient, SplitServer, use_threads
@@ -354,6 +354,7 @@ def _start_run_dir(cfg: TrainConfig):
     """(cfg, run directory, the checkpoint to resume from or None). A resumed run's checkpoint is
     verified here, before anything is built or written; a new run's directory must be empty."""
     check_model_name(cfg.model)
+    check_hub_reachable(cfg.model, cfg.gguf_file)
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--report-to tensorboard needs the tensorboard package: pip install 'hosl[tensorboard]'")
     n = num_blocks(cfg.model, cfg.gguf_file)  # from the config where it can be read: before a slow build

@@ -772,6 +772,24 @@ def test_a_bad_flag_under_torchrun_on_one_machine_is_said_once(monkeypatch, caps
     assert "--transport dist needs --out" in capsys.readouterr().err
 
 
+def test_a_model_name_that_is_no_folder_and_no_reachable_hub_id_fails_at_once(tmp_path):
+    """`--model mymodel` (a folder name without ./) with no hub to ask: one line saying so, within
+    seconds (the hub client used to retry for about a minute), and nothing left in --out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf-home"))  # .invalid never resolves
+    out = subprocess.run(
+        [sys.executable, "-m", "hosl.train", "--model", "mymodel", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(
+        "error: --model mymodel: no such local directory, not in the Hugging Face cache, and the hub (hub.invalid) "
+        "cannot be reached to download it ("
+    ), lines
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_runs_folder(capsys):
     """Without --out a run goes to runs/<method>-<task>-<time> in the working directory; failing
     before its first step (here: no such data), it takes back the runs/ folder it made."""
