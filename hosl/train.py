@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hosl import checkpoint
+from hosl.auth import ENV as AUTH_ENV
 from hosl.auth import AuthError, read_secret
 from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, build, build_tokenizer, check_hub_reachable, check_model_name, num_blocks
@@ -583,6 +584,12 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         secret = read_secret(cfg.auth_token_file)
     except AuthError as exc:
         raise UsageError(str(exc)) from None
+    if secret is None:
+        print(
+            f"warning: no --auth-token-file or ${AUTH_ENV}: the peers of this run are not authenticated, and "
+            "anyone who reaches its port can join it (see the README's Safe on a network)",
+            file=sys.stderr,
+        )
     if _rounds(cfg):
         return _dist_rounds(cfg, secret)
     link = dist_link(timeout=cfg.timeout, compression=cfg.compression, secret=secret)

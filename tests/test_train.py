@@ -672,6 +672,9 @@ def _assert_dist_equals_local(tmp_path, flags):
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    # Without a token each side warns once that its peers are not authenticated; with one, neither does.
+    token = any(f.startswith("--auth-token-file") for f in flags)
+    assert out.stderr.count("the peers of this run are not authenticated") == (0 if token else 2), out.stderr
     assert losses(tmp_path / "dist") == losses(tmp_path / "local")
     a, b = weights(tmp_path / "local"), weights(tmp_path / "dist")
     assert all(torch.equal(a[k], b[k]) for k in a)
