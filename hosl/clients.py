@@ -473,6 +473,7 @@ class RoundServer:
             for p in self._params:
                 p.grad = summed.get(id(p))
             self.server._update(rnd, {}, finite, share=len(reports))
+        self.server.steps_done = rnd + 1  # a round no report reached is a step of the run too
         self.log.append(round_frame(rnd, reports, not (finite and reports), self.server.plan.q, self.left[before:]))
         last = rnd + 1 == self.cfg.steps
         sampled = {0, *(i for i, _ in reports)}

@@ -355,6 +355,10 @@ class SplitServer:
         else:
             self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
         self.steps_done = 0
+        self._hello_seen = False
+        self._trained = False  # any step answered: a checkpoint can no longer be loaded
+        self._saved_step: int | None = None  # the step of the last CONTROL save
+        self._final_sent = False
         self.skipped = 0
         self._skips = SkipCounter(cfg.max_skipped, "server")
         self._update_s = 0.0  # reported with the next step: the update runs after a step's answers
@@ -366,6 +370,9 @@ class SplitServer:
         with self.link:
             while True:
                 frame = self.link.recv()
+                if (frame.kind == Kind.HELLO) == self._hello_seen:  # HELLO first, and once
+                    said = "a second HELLO" if self._hello_seen else f"{frame.kind.name} before HELLO"
+                    raise LinkError(f"the client sent {said}: refused, the session is closed")
                 if frame.kind == Kind.HELLO:
                     self._hello(frame)
                 elif frame.kind == Kind.BATCH:
@@ -386,6 +393,7 @@ class SplitServer:
             raise LinkError("the client's config differs from the server's (same flags on both sides?)")
         if frame.meta.get("plan") != self.plan.describe():
             raise LinkError("the client plans another step than this server (another hosl version on one side?)")
+        self._hello_seen = True
         if self.optimizer is None and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
             self.zo = zo_params_of(self.model, self.cfg, self._zo_params, offset=int(frame.meta["client_numel"]))
@@ -405,6 +413,9 @@ class SplitServer:
         """Each upload of the plan in order: the forward (with the gradient where the plan takes
         it), the answer; then this side's update. A ZO server applies the plan's noise pass before
         each probe's forward, as the client did to its own weights."""
+        if batch.step != self.steps_done:
+            raise LinkError(f"the client sent step {batch.step}'s BATCH; this server is at step {self.steps_done}")
+        self._trained = True
         losses = self._answer_step(batch)
         self._update(batch.step, losses, zo.finite(losses.values()))
 
@@ -563,13 +574,24 @@ class SplitServer:
 
     def _control(self, frame: Frame) -> bool:
         """stop; save, commit and load a checkpoint of a step; final weights. The server keeps its
-        files in its own run directory (hosl.checkpoint): a frame names a step, never a path."""
+        files in its own run directory (hosl.checkpoint): a frame names a step, never a path. Each
+        operation is bounded by where the run is: a save of the step the run has reached, once; a
+        commit of that save that keeps it; a load before any step is trained; the final weights
+        once, after the last step (LinkError otherwise)."""
         op, meta = frame.meta.get("op"), frame.meta
         if op == "stop":
             return False
         reply: dict = {"op": op}
-        if op == "save":
+        if op in ("save", "commit"):
             step, _ = checkpoint.check_server_request(meta, op)
+            if step != self.steps_done or (op == "save") == (self._saved_step == step):
+                did = "saved" if op == "save" else "not saved"
+                raise LinkError(
+                    f"CONTROL {op} of step {step} refused: this server is at step {self.steps_done}"
+                    + (f" and has {did} it" if step == self.steps_done else "")
+                )
+        if op == "save":
+            self._saved_step = step
             directory = checkpoint.tmp_dir(self._state_dir(), step)
             directory.mkdir(parents=True, exist_ok=True)  # the client's, when the two share a run directory
             reply["files"] = checkpoint.save_server(self, directory)
@@ -578,12 +600,16 @@ class SplitServer:
             keep = meta.get("keep")
             if not (isinstance(keep, list) and len(keep) <= 1 << 16 and all(type(s) is int for s in keep)):
                 raise ValueError("CONTROL commit: keep must be a list of steps")
+            if step not in keep:
+                raise LinkError(f"CONTROL commit of step {step} refused: it would delete the checkpoint it commits")
             tmp = checkpoint.tmp_dir(self._state_dir(), step)
             if tmp.exists():  # not renamed by the client: this run directory is the server's own
                 checkpoint.commit(tmp, checkpoint.step_dir(self._state_dir(), step))
             checkpoint.prune(self._state_dir(), keep)
         elif op == "load":
             step, files = checkpoint.check_server_request(meta, op)
+            if self._trained:
+                raise LinkError(f"CONTROL load of step {step} refused: this server has trained since it started")
             directory = checkpoint.step_dir(self._state_dir(), step)
             if not directory.exists():  # killed between the client's rename and the server's
                 directory = checkpoint.tmp_dir(self._state_dir(), step)
@@ -593,7 +619,14 @@ class SplitServer:
                 raise checkpoint.CheckpointError(f"CONTROL load: the client's manifest lists no {unlisted[0]}")
             checkpoint.verify(directory, {"files": files})
             checkpoint.load_server_state(self, directory)
+            self.steps_done = step
         elif op == "final":
+            if self._final_sent or self.steps_done != self.cfg.steps:
+                raise LinkError(
+                    f"CONTROL final refused: this server is at step {self.steps_done} of {self.cfg.steps}"
+                    + (" and has written its final weights" if self._final_sent else "")
+                )
+            self._final_sent = True
             path = self._state_dir() / "server.safetensors"
             checkpoint.save_weights(self.model, path)
             reply["files"] = {path.name: checkpoint.sha256_file(path)}

@@ -204,6 +204,7 @@ def _server(tmp_path):
 
 def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
     server = _server(tmp_path)
+    server.steps_done = 3  # as if three steps had run
     elsewhere = tmp_path / "elsewhere"
     server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 3, "dir": str(elsewhere)}))
     assert not elsewhere.exists()  # the old protocol's path is ignored
@@ -223,6 +224,71 @@ def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="server.safetensors: its SHA-256 differs"):
         server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": wrong}))
     server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": digests}))  # the .tmp, verified
+
+
+class _Script(_Capture):
+    """A link whose peer sends `frames` in order, then nothing."""
+
+    def __init__(self, frames):
+        super().__init__()
+        self.frames = list(frames)
+
+    def recv(self):
+        return self.frames.pop(0)
+
+    def fail(self, message):
+        self.sent.append(Frame(Kind.ERROR, meta={"message": message}))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("op", ["final", "stop", "save", "commit"])
+def test_no_frame_reaches_the_server_before_hello(tmp_path, op):
+    """A stranger who reaches an unauthenticated server's port and sends CONTROL frames first: the
+    session closes with one line and nothing is written (it used to write untrained final weights,
+    delete checkpoints, save copies, or stop the server with exit status 0)."""
+    server = _server(tmp_path)
+    server.link = _Script([Frame(Kind.CONTROL, meta={"op": op, "step": 0, "keep": []})])
+    with pytest.raises(transport.LinkError, match="the client sent CONTROL before HELLO"):
+        server.serve()
+    assert not (tmp_path / "srv").exists()
+
+
+def test_control_operations_are_bounded_by_the_run(tmp_path):
+    """One save per step the run has reached, a commit that keeps it, the final weights once after
+    the last step, a load only before training: anything else is refused and changes no file."""
+    server = _server(tmp_path)
+    steps = server.cfg.steps
+    refused = [
+        ({"op": "save", "step": 1}, "CONTROL save of step 1 refused: this server is at step 0"),
+        ({"op": "commit", "step": 0, "keep": [0]}, "CONTROL commit of step 0 refused: .* has not saved it"),
+        ({"op": "final"}, f"CONTROL final refused: this server is at step 0 of {steps}"),
+    ]
+    for meta, message in refused:
+        with pytest.raises(transport.LinkError, match=message):
+            server._control(Frame(Kind.CONTROL, meta=meta))
+    assert not (tmp_path / "srv").exists()
+    server.steps_done = 2
+    server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}))
+    with pytest.raises(transport.LinkError, match="CONTROL save of step 2 refused: .* has saved it"):
+        server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}))  # a disk filler, once
+    with pytest.raises(transport.LinkError, match="would delete the checkpoint it commits"):
+        server._control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": []}))
+    assert (tmp_path / "srv" / "checkpoint-2.tmp" / "server.safetensors").is_file()
+    server._control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": [2]}))
+    assert (tmp_path / "srv" / "checkpoint-2" / "server.safetensors").is_file()
+    server._trained = True
+    with pytest.raises(transport.LinkError, match="CONTROL load of step 2 refused"):
+        server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 2, "files": {}}))
+    server.steps_done = steps
+    server._control(Frame(Kind.CONTROL, meta={"op": "final"}))
+    assert (tmp_path / "srv" / "server.safetensors").is_file()
+    with pytest.raises(transport.LinkError, match="has written its final weights"):
+        server._control(Frame(Kind.CONTROL, meta={"op": "final"}))
 
 
 # -- real kills ------------------------------------------------------------------------------------------
