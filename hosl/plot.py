@@ -5,6 +5,7 @@ the step, from its metrics.jsonl, as one PNG (default RUN_DIR/metrics.png). Need
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / "metrics.png"
     x = [r["step"] + 1 for r in steps]
     fig, (loss_ax, acc_ax, time_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    loss_ax.plot(x, [r["loss"] for r in steps], lw=1)
+    loss_ax.plot(x, [math.nan if r["loss"] is None else r["loss"] for r in steps], lw=1)  # null: non-finite
     loss_ax.set_ylabel("training loss")
     acc_ax.plot([r["step"] + 1 for r in evals], [r["eval_accuracy"] for r in evals], "o-")
     acc_ax.set_ylabel("eval accuracy")

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -128,6 +129,23 @@ def _run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.method}-{cfg.task}-{stamp}"
 
 
+def strict_json(record) -> str:
+    """A JSON line any parser reads: a non-finite float (a diverged loss or projected gradient)
+    becomes null, where json.dumps would write the bare NaN or Infinity that strict parsers refuse.
+    A step with one is a skipped step, whose values nothing replays."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(record), allow_nan=False)
+
+
 class _Writer:
     """metrics.jsonl (appending), the progress bar, and with --report-to tensorboard the same numbers
     as scalars (train/<key>, eval/accuracy) in RUN_DIR/tensorboard. A resumed run purges the events
@@ -148,7 +166,7 @@ class _Writer:
             self.bar = None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(strict_json(record) + "\n")
         self.file.flush()
         if self.board is not None:
             for key, value in record.items():
@@ -259,7 +277,7 @@ def train(
                     record["rows"] = stats.rows
                 if stats.clients is not None:  # a round of many clients: grads and rows per client
                     record["clients"] = stats.clients
-                zo_log.write(json.dumps(record) + "\n")
+                zo_log.write(strict_json(record) + "\n")
                 zo_log.flush()  # a killed run's log covers every step it finished
             skips(stats.skipped, step)  # after the log line: the log covers the step that stops the run
             writer.tick(stats.loss)

@@ -605,6 +605,13 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
     log = read_log(tmp_path / "run" / "zo_log.jsonl")
     assert [r["skipped"] for r in log] == [False, True, False]
     _assert_replays(cfg, tmp_path / "run")  # the skipped step still undid its probes
+    bare = []  # strict JSON: no bare NaN or Infinity for a parser to refuse
+    for name in ("zo_log.jsonl", "metrics.jsonl"):
+        for line in (tmp_path / "run" / name).read_text().splitlines():
+            json.loads(line, parse_constant=bare.append)
+    assert bare == []
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics if m.get("step") == 1 and "loss" in m] == [None]  # the NaN loss, as null
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------
