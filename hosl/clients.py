@@ -222,6 +222,8 @@ def apply_round(params: zo.ZOParams, plan, rnd: int, entries, lr: float, weight_
         params.update_(plan.seeds(rnd, client), plan.mu, plan.estimator, lr, grads, rows, share=len(entries))
     if weight_decay:
         params.decay_(1.0 - lr * weight_decay, key=plan.seeds(rnd, 0))
+    if entries:
+        params.check_finite()
 
 
 # -- the two roles -------------------------------------------------------------------------------------

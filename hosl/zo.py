@@ -307,6 +307,21 @@ class ZOParams:
         self.update_(seeds, mu, estimator, lr, grads, rows, share, restore=self.probes == "inplace")
         if grads is not None and weight_decay:
             self.decay_(1.0 - lr * weight_decay, key=seeds)
+        if grads is not None:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """DivergedError when a weight is not finite after an update of finite projected gradients:
+        the rate is too large for them, and the run stops before the step is logged or saved (an
+        update cannot be undone exactly). One read of the buffer."""
+        from hosl.optim import DivergedError, all_finite  # hosl.optim imports the config, which imports this
+
+        if not all_finite([self.flat.flat]):
+            bad = int((~self.flat.flat.isfinite()).sum())
+            raise DivergedError(
+                f"{bad} zeroth-order weights became non-finite in an update of finite projected gradients: the "
+                "rate is too large for them; start again with a lower rate"
+            )
 
     def update_(self, seeds, mu, estimator, lr, grads, rows=None, share: int = 1, restore: bool = False) -> None:
         """The update pass alone (with the restore of an in-place last probe when `restore`)."""

@@ -614,6 +614,23 @@ def test_non_finite_loss_skips_the_step_on_both_sides(tmp_path, monkeypatch):
     assert [m["loss"] for m in metrics if m.get("step") == 1 and "loss" in m] == [None]  # the NaN loss, as null
 
 
+@pytest.mark.parametrize("extra", [[], ["--clients", "2", "--zo-probes", "scratch"]], ids=["one client", "two"])
+def test_a_zo_update_that_leaves_non_finite_weights_stops_the_run(tmp_path, capsys, extra):
+    """A client rate so large that the update overflows (finite g, so the step is not skipped): the
+    run stops with one line at that step, exit status 1, and no file holds a non-finite weight (the
+    weights, with inf in them, used to be checkpointed and written as the final ones, exit 0)."""
+    out = tmp_path / "r"
+    argv = ["--client-lr", "1e38", "--max-skipped", "0", "--steps", "4", "--out", str(out), *extra]
+    argv += [] if extra else ["--save-every", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "zeroth-order weights became non-finite" in err[-1] and "Traceback" not in "\n".join(err), err
+    files = sorted(out.rglob("*.safetensors"))
+    assert not (out / "client.safetensors").exists()
+    for path in files:
+        assert all(t.isfinite().all() for t in load_file(path).values()), path
+
+
 # --- on a GPU -------------------------------------------------------------------------------------------
 
 
