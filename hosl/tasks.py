@@ -183,6 +183,15 @@ def _example(task: str, record: dict, where: str) -> Example:
         missing = [f for f in ("span1_text", "span2_text") if not isinstance(spans, dict) or f not in spans]
     if missing:
         raise TaskError(f"{where}: a {task} record needs field(s) {', '.join(missing)} (is this {task} data?)")
+    texts = [(f, record[f]) for f in spec.fields]
+    if task == "wsc":
+        spans = record.get("target", record)
+        texts += [(f, spans[f]) for f in ("span1_text", "span2_text")]
+    for name, value in texts:
+        if not isinstance(value, str):
+            raise TaskError(f"{where}: {task} field {name} must be a string, got {_json_type(value)}")
+        if "\0" in value:
+            raise TaskError(f"{where}: {task} field {name} holds a NUL byte")
     try:
         label = spec.label(record["label"])
     except KeyError:
@@ -190,6 +199,11 @@ def _example(task: str, record: dict, where: str) -> Example:
     # MeZO strips spaces around the prompt and, with no demonstrations, any leading whitespace.
     context = spec.template(record).strip(" ").lstrip()
     return Example(context, spec.candidates, label)
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)  # fmt: skip
 
 
 # --- Loading --------------------------------------------------------------------------------------------
@@ -205,43 +219,48 @@ def _task_dir(task: str, data_dir: Path) -> Path:
     return sub if sub.is_dir() else data_dir
 
 
+def _text_lines(path: Path):
+    """The file's lines as text, line endings kept; TaskError naming the exact line (and byte in it)
+    of bytes that are not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                where = f"byte {exc.start + 1} of the line"
+                raise TaskError(f"{path}:{number}: not UTF-8 ({where}: {exc.reason})") from None
+
+
 def _read_tsv(path: Path) -> list[tuple[dict, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        # QUOTE_NONE: SST-2 sentences contain quote characters that are text, not CSV quoting.
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        out, line = [], 1
-        try:
-            header = next(rows, None)
-            if header != ["sentence", "label"]:
-                raise TaskError(f"{path}: expected the header sentence<TAB>label, got {header!r}")
-            for line, row in enumerate(rows, start=2):
-                if len(row) != 2:
-                    raise TaskError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
-                out.append(({"sentence": row[0], "label": row[1]}, f"{path}:{line}"))
-        except csv.Error as exc:  # a field over the csv module's size limit, a NUL byte
-            raise TaskError(f"{path}:{rows.line_num}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise TaskError(f"{path}: not UTF-8 (after line {line}: {exc.reason})") from None
+    # QUOTE_NONE: SST-2 sentences contain quote characters that are text, not CSV quoting.
+    rows = csv.reader(_text_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    out = []
+    try:
+        header = next(rows, None)
+        if header != ["sentence", "label"]:
+            raise TaskError(f"{path}: expected the header sentence<TAB>label, got {header!r}")
+        for line, row in enumerate(rows, start=2):
+            if len(row) != 2:
+                raise TaskError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
+            out.append(({"sentence": row[0], "label": row[1]}, f"{path}:{line}"))
+    except csv.Error as exc:  # a field over the csv module's size limit, a NUL byte
+        raise TaskError(f"{path}:{rows.line_num}: {exc}") from None
     return out
 
 
 def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    out, line = [], 0
-    with open(path, encoding="utf-8") as f:
+    out = []
+    for line, text in enumerate(_text_lines(path), start=1):
+        if not text.strip():
+            continue
         try:
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except (json.JSONDecodeError, RecursionError) as exc:
-                    msg = getattr(exc, "msg", "nested too deeply")
-                    raise TaskError(f"{path}:{line}: not valid JSON ({msg})") from None
-                if not isinstance(record, dict):
-                    raise TaskError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
-                out.append((record, f"{path}:{line}"))
-        except UnicodeDecodeError as exc:
-            raise TaskError(f"{path}: not UTF-8 (after line {line}: {exc.reason})") from None
+            record = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = getattr(exc, "msg", "nested too deeply")
+            raise TaskError(f"{path}:{line}: not valid JSON ({msg})") from None
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+        out.append((record, f"{path}:{line}"))
     return out
 
 

@@ -227,6 +227,27 @@ def test_bad_data_dirs(tmp_path):
     _one_line_error(r"sst2 label '2' is not a sst2 label", task="sst2", split="eval", data_dir=tmp_path)
 
 
+def test_bad_bytes_and_field_types_name_their_line(tmp_path):
+    """Bytes that are not UTF-8 are reported at their own line (they used to be "after line 1" for
+    line 9); a NUL byte in a field, a null or a number where a text goes are refused."""
+    good = "".join(f"sentence {i}\t{i % 2}\n" for i in range(2, 9)).encode()
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_bytes(b"sentence\tlabel\n" + good + b"caf\xe9 au lait\t1\n")
+    _one_line_error(r"dev.tsv:9: not UTF-8 \(byte 4 of the line", task="sst2", split="eval", data_dir=tmp_path)
+    lines = [json.dumps(dict(HAND[2][2])).encode() + b"\n"] * 3
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "val.jsonl").write_bytes(b"".join(lines) + b'{"premise": "\xff"}\n')
+    _one_line_error(r"val.jsonl:4: not UTF-8 \(byte 14 of the line", task="rte", split="eval", data_dir=tmp_path)
+    for value, said in [(None, "null"), (3, "a number"), (["a"], "a list")]:
+        _write(tmp_path / "rte", "train.jsonl", [HAND[2][2], dict(HAND[2][2], premise=value)])
+        _one_line_error(rf"train.jsonl:2: rte field premise must be a string, got {said}", task="rte", split="train",
+                        data_dir=tmp_path)  # fmt: skip
+    _write(tmp_path / "rte", "train.jsonl", [dict(HAND[2][2], hypothesis="a\0b")])
+    _one_line_error(r"train.jsonl:1: rte field hypothesis holds a NUL", task="rte", split="train", data_dir=tmp_path)
+    (tmp_path / "sst2" / "dev.tsv").write_bytes(b"sentence\tlabel\nfine\t1\nbad\x00 one\t0\n")
+    _one_line_error(r"dev.tsv:3: .*NUL", task="sst2", split="eval", data_dir=tmp_path)
+
+
 def test_hub_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     _one_line_error("datasets package is not installed; pass --data-dir", task="sst2", split="train")
