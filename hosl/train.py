@@ -392,6 +392,8 @@ def _start_run_dir(cfg: TrainConfig):
             raise UsageError(f"--resume {run_dir}: no checkpoint there (was the run started with --save-every?)")
         if cfg.steps < point.step:
             raise UsageError(f"--resume {run_dir}: --steps {cfg.steps} is fewer than the {point.step} it has done")
+        for name in ("metrics.jsonl", "zo_log.jsonl"):
+            _kept_lines(run_dir / name, point.step)  # a bad line is refused before anything is written
         tmp = saved.with_name("config.json.tmp")  # the config says what the run now is (--steps, ...)
         tmp.write_text(dataclasses.replace(cfg, resume=None).to_json() + "\n")
         tmp.replace(saved)

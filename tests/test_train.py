@@ -1029,6 +1029,21 @@ def test_report_to_tensorboard_writes_what_metrics_jsonl_holds_and_a_resume_purg
     assert "train/client_s" in board.Tags()["scalars"]
 
 
+@pytest.mark.parametrize("log", ["metrics.jsonl", "zo_log.jsonl"])
+def test_a_resume_refused_for_a_bad_log_line_changes_no_file(tmp_path, capsys, log):
+    """A bad line in a log the resume would rewrite is refused with its file and line before any file
+    is written (config.json used to be rewritten first, with the new --steps)."""
+    run(cfg_for(tmp_path, steps=2, save_every=2))
+    path = tmp_path / "run" / log
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert main(["--resume", str(tmp_path / "run"), "--steps", "4"]) == 2
+    assert f"{log}:1: not a JSON line" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
     import importlib.util
 
