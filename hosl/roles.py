@@ -61,6 +61,9 @@ def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: 
     return params
 
 
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def frame_bytes_limit(cfg: TrainConfig, hidden_size: int, candidates: int = 4) -> int:
     """The largest frame a session of cfg can legitimately send, with margin: an evaluation batch's
     activation (every candidate row of eval_batch_size examples) in float32. The local link's slots
@@ -400,14 +403,46 @@ class SplitServer:
             zo.check_mu(self.zo, self.cfg.mu, "server")
         self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
-    def _recv_act(self, step: int, key: tuple[int, int] = (0, 0)) -> Frame:
+    def _recv_act(self, batch: Frame, key: tuple[int, int] = (0, 0)) -> Frame:
+        """The next frame, which must be the ACT of `batch`'s step and probe `key`, holding one
+        activation of the batch's rows and tokens: LinkError otherwise."""
+        step = batch.step
         frame = self.link.recv()
         if frame.kind != Kind.ACT or frame.step != step or (frame.probe, frame.sign) != key:
             raise LinkError(
                 f"expected the ACT of step {step} probe {key}, got {frame.kind.name} of step {frame.step} "
                 f"probe {(frame.probe, frame.sign)}"
             )
+        hidden = frame.tensors.get("hidden")
+        want = (*batch.tensors["labels"].shape, self.model.hidden_size)
+        if set(frame.tensors) != {"hidden"} or hidden.dtype not in _ACTIVATION_DTYPES or tuple(hidden.shape) != want:
+            got = {n: f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" for n, t in frame.tensors.items()}
+            raise LinkError(f"the ACT of step {step} probe {key} must hold hidden, a float {want}; got {got}")
         return frame
+
+    def _check_batch(self, batch: Frame) -> None:
+        """LinkError unless the BATCH holds what the forwards read: labels, int64 (rows, tokens) with
+        each value -100 (no loss) or a token of the vocabulary, and an attention mask of 0s and 1s
+        of the same shape."""
+        t, where = batch.tensors, f"the BATCH of step {batch.step}"
+        labels, mask = t.get("labels"), t.get("attention_mask")
+        if set(t) != {"labels", "attention_mask"}:
+            raise LinkError(f"{where} must hold labels and attention_mask, got {sorted(t)}")
+        if labels.dtype != torch.int64 or labels.dim() != 2 or 0 in labels.shape:
+            raise LinkError(f"{where}: labels must be int64 (rows, tokens), got {labels.dtype} {tuple(labels.shape)}")
+        if mask.shape != labels.shape or mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise LinkError(f"{where}: attention_mask must be integers shaped as labels {tuple(labels.shape)}, got "
+                            f"{mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+        vocab = self._vocab_size()
+        if bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
+            raise LinkError(f"{where}: a label is neither -100 nor a token id below {vocab}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise LinkError(f"{where}: attention_mask holds a value other than 0 and 1")
+
+    def _vocab_size(self) -> int:
+        if not hasattr(self, "_vocab"):
+            self._vocab = self.model.lm.get_output_embeddings().weight.shape[0]
+        return self._vocab
 
     def _train_step(self, batch: Frame) -> None:
         """Each upload of the plan in order: the forward (with the gradient where the plan takes
@@ -422,6 +457,7 @@ class SplitServer:
     def _answer_step(self, batch: Frame) -> dict[tuple[int, int], float]:
         """A step's uploads, answered; the gradient accumulated where the plan takes it. Returns
         the losses by (probe, sign)."""
+        self._check_batch(batch)
         cfg, plan, step = self.cfg, self.plan, batch.step
         compute = self._update_s  # the previous step's update ran after its answers went out
         uploads = plan.uploads
@@ -433,7 +469,7 @@ class SplitServer:
         stacked = [f for f in uploads if cfg.server_batch_probes and not f.server_grad]
         waiting: list[torch.Tensor] = []
         for i, forward in enumerate(uploads):
-            frame = self._recv_act(step, forward.key)
+            frame = self._recv_act(batch, forward.key)
             t = time.perf_counter()
             if forward.sign != 0:
                 next(probes)  # the noise pass of this probe (a no-op without ZO weights)
@@ -563,7 +599,8 @@ class SplitServer:
 
     @torch.no_grad()
     def _evaluate(self, batch: Frame) -> None:
-        hidden = self._recv_act(batch.step).tensors["hidden"].to(self.device)
+        self._check_batch(batch)
+        hidden = self._recv_act(batch).tensors["hidden"].to(self.device)
         labels = batch.tensors["labels"].to(self.device)
         mask = batch.tensors["attention_mask"].to(self.device)
         scores = []
