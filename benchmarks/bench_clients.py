@@ -52,8 +52,19 @@ def _run(flags: list[str], transport: str, clients: int, out: Path, timeout: flo
     base = [*flags, "--clients", str(clients), "--out", str(out), "--log-every", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS="1") if transport == "dist" else dict(os.environ)
     if transport == "dist":
-        cmd = ["torchrun", "--nproc-per-node", str(clients + 1), "--master-port", str(free_port()), "-m", "hosl.train",
-               *base, "--transport", "dist"]  # fmt: skip
+        cmd = [
+            "torchrun",
+            "--nproc-per-node",
+            str(clients + 1),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "hosl.train",
+            *base,
+            "--transport",
+            "dist",
+            "--insecure",
+        ]  # fmt: skip  (loopback)
     else:
         cmd = [sys.executable, "-m", "hosl.train", *base]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -2,6 +2,7 @@
 a MAC on every frame after it, checked before the frame is decoded.
 
     secret = read_secret(path)           # --auth-token-file, else $HOSL_AUTH_TOKEN; None: no auth
+    python -m hosl.token FILE            # a new secret (32 random bytes, as hex) in FILE, mode 0600
 
 The handshake (hosl.transport's dist link runs it before any frame):
 
@@ -43,10 +44,22 @@ class AuthError(ValueError):
     """A secret that cannot be read, or a peer that failed to prove it holds the secret."""
 
 
+# A recorded handshake lets anyone guess the secret offline, fast (an HMAC a guess): a short one
+# falls. 16 bytes is the least accepted; `python -m hosl.token` writes 32 random ones.
+MIN_SECRET_BYTES = 16
+TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    """A fresh secret: TOKEN_BYTES random bytes from the OS, as hex."""
+    return secrets.token_hex(TOKEN_BYTES)
+
+
 def read_secret(path: str | None) -> bytes | None:
     """The shared secret: the contents of `path` (surrounding whitespace removed), else the
     environment variable HOSL_AUTH_TOKEN; None when neither is given. Never a command-line value,
-    which any user of the machine can read in `ps`."""
+    which any user of the machine can read in `ps`. AuthError for a secret shorter than
+    MIN_SECRET_BYTES."""
     if path:
         try:
             text = Path(path).read_bytes().strip()
@@ -54,9 +67,18 @@ def read_secret(path: str | None) -> bytes | None:
             raise AuthError(f"cannot read --auth-token-file {path}: {exc.strerror}") from None
         if not text:
             raise AuthError(f"--auth-token-file {path} is empty")
-        return text
-    value = os.environ.get(ENV, "").strip()
-    return value.encode() if value else None
+        where = f"--auth-token-file {path}"
+    else:
+        text = os.environ.get(ENV, "").strip().encode()
+        if not text:
+            return None
+        where = f"${ENV}"
+    if len(text) < MIN_SECRET_BYTES:
+        raise AuthError(
+            f"{where} holds a secret of {len(text)} bytes, fewer than {MIN_SECRET_BYTES}: a recorded handshake "
+            "would let it be guessed offline; make one with python -m hosl.token FILE"
+        )
+    return text
 
 
 def hello(role: str) -> tuple[bytes, bytes]:

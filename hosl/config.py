@@ -281,6 +281,12 @@ class TrainConfig:
             "dist: a file holding the shared secret both sides prove they hold (hosl.auth); else $HOSL_AUTH_TOKEN"
         ),
     )
+    insecure: bool = field(
+        default=False,
+        metadata=_help(
+            "dist: run without a shared secret (any peer that reaches the port may join); refused otherwise"
+        ),
+    )
     threads: int = field(
         default=0,
         metadata=_help(
@@ -539,6 +545,7 @@ RUN_ONLY = frozenset(
         "resume",
         "timeout",
         "transport",
+        "insecure",
         "device",
         "threads",
         "client_threads",
@@ -622,8 +629,8 @@ SECTIONS = {
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
                      "on_client_loss", "min_clients"],
-    "transport and device": ["transport", "compression", "device", "auth_token_file", "threads", "client_threads",
-                             "server_threads", "timeout", "sync_probes"],
+    "transport and device": ["transport", "compression", "device", "auth_token_file", "insecure", "threads",
+                             "client_threads", "server_threads", "timeout", "sync_probes"],
 }  # fmt: skip
 
 _EXAMPLES = """examples:

@@ -37,7 +37,7 @@ def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -
         if not all_finite(params):
             raise DivergedError(
                 f"the {side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
-                "large for them); resume from the last checkpoint with a lower rate"
+                "large for them); start the run again with a lower rate (a resumed run keeps its rate)"
             )
     optimizer.zero_grad(set_to_none=True)
     return skipped
@@ -54,7 +54,7 @@ class SkipCounter:
         if self.limit and self.run >= self.limit:
             raise DivergedError(
                 f"the {self.side} skipped {self.run} steps in a row up to step {step} (non-finite losses or "
-                "gradients); resume from the last checkpoint with a lower rate or --mu"
+                "gradients); start the run again with a lower rate or --mu (a resumed run keeps both)"
             )
 
 

@@ -604,10 +604,16 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         secret = read_secret(cfg.auth_token_file)
     except AuthError as exc:
         raise UsageError(str(exc)) from None
+    if secret is None and not cfg.insecure:
+        raise UsageError(
+            f"--transport dist needs a shared secret, or anyone who reaches the port can join the run: give both "
+            f"sides --auth-token-file FILE (make one with python -m hosl.token FILE) or ${AUTH_ENV}, or --insecure "
+            "on a network you trust"
+        )
     if secret is None:
         print(
-            f"warning: no --auth-token-file or ${AUTH_ENV}: the peers of this run are not authenticated, and "
-            "anyone who reaches its port can join it (see the README's Safe on a network)",
+            f"warning: --insecure: no --auth-token-file or ${AUTH_ENV}, so the peers of this run are not "
+            "authenticated, and anyone who reaches its port can join it (see the README's Safe on a network)",
             file=sys.stderr,
         )
     if _rounds(cfg):

@@ -376,7 +376,7 @@ def test_three_clients_over_dist_equal_three_clients_in_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     token = tmp_path / "token"
-    token.write_text("a shared secret\n")
+    token.write_text("a shared secret, long enough\n")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, **overrides}.items()]
     port = free_port()
     out = subprocess.run(
@@ -409,7 +409,7 @@ def test_a_client_process_killed_mid_run_is_dropped_and_the_run_ends_normally(tm
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
                    LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
         log = open(tmp_path / f"rank{rank}.log", "w")
-        cmd = [sys.executable, "-m", "hosl.train", *flags, "--transport=dist", "--out", str(out)]
+        cmd = [sys.executable, "-m", "hosl.train", *flags, "--transport=dist", "--insecure", "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         metrics, start = out / "metrics.jsonl", time.time()

@@ -670,7 +670,7 @@ def test_cuda_resume_continues_the_run(tmp_path):
 def test_dist_equals_local(tmp_path):
     local = cfg_for(tmp_path, "local", q=2)
     run(local)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--q=2"]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--q=2", "--insecure"]
     _assert_dist_equals_local(tmp_path, flags)
 
 
@@ -680,7 +680,7 @@ def test_dist_equals_local_with_cut_grad(tmp_path):
     overrides = {"zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2}
     run(cfg_for(tmp_path, "local", **overrides))
     token = tmp_path / "token"
-    token.write_text("a shared secret\n")
+    token.write_text("a shared secret, long enough\n")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, **overrides}.items()]
     _assert_dist_equals_local(tmp_path, [*flags, f"--auth-token-file={token}", "--save-every=3"])
     names = sorted(p.name for p in (tmp_path / "dist" / "checkpoint-6").iterdir())
@@ -696,7 +696,7 @@ def _assert_dist_equals_local(tmp_path, flags):
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    # Without a token each side warns once that its peers are not authenticated; with one, neither does.
+    # --insecure (no token): each side warns once that its peers are not authenticated; with one, neither does.
     token = any(f.startswith("--auth-token-file") for f in flags)
     assert out.stderr.count("the peers of this run are not authenticated") == (0 if token else 2), out.stderr
     assert losses(tmp_path / "dist") == losses(tmp_path / "local")
@@ -735,6 +735,7 @@ BAD = [
     (["--zo-estimator", "cut-grad", "--server-grad", "probe"], "--server-grad probe has none to use"),
     (["--zo-embedding", "some"], "--zo-embedding must be one of rows, all"),
     (["--transport", "dist", "--auth-token-file", "/nonexistent"], "cannot read --auth-token-file /nonexistent"),
+    (["--transport", "dist"], "--transport dist needs a shared secret, or anyone who reaches the port can join"),
     (["--max-skipped", "-1"], "--max-skipped must be >= 0"),
     (["--mu", "-1e-3"], "--mu must be a finite number > 0, got -0.001"),
     (["--step", "5"], "unrecognized arguments: --step 5 (see --help)"),
@@ -890,7 +891,7 @@ def test_dist_loads_each_side_from_a_checkpoint_directory(tmp_path):
     _save_hf_model(tmp_path / "model")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()] + ["--model", str(tmp_path / "model")]
     assert main([*flags, "--out", str(tmp_path / "local")]) == 0
-    _assert_dist_equals_local(tmp_path, flags)
+    _assert_dist_equals_local(tmp_path, [*flags, "--insecure"])
 
 
 def test_each_evaluation_prints_one_dense_line(tmp_path, capsys):

@@ -3,6 +3,7 @@ directly; byte counts; timeouts, a peer that fails, dies or goes silent ends in 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from hosl.boundary import Frame, Kind, encode_frame
 from hosl.split import split_model
 from hosl.transport import LinkError, LinkTimeout, PeerError, dist_link, local_links
 
+SECRET, GUESS = "s3cret, 16 or more bytes", "a guess, 16 or more bytes"  # hosl.auth refuses shorter ones
 EXCHANGE = Path(__file__).parent / "_exchange.py"
 
 
@@ -181,7 +183,7 @@ def _server_error(procs):
 
 
 def test_dist_with_a_shared_secret_matches_direct():
-    procs = _start_pair("exchange", 60, secrets=("s3cret", "s3cret"))
+    procs = _start_pair("exchange", 60, secrets=(SECRET, SECRET))
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -195,11 +197,11 @@ def test_dist_with_a_shared_secret_matches_direct():
 
 
 AUTH_FAILURES = {
-    "no secret on the client": (("s3cret", None), "exchange", "the client did not authenticate"),
-    "another secret": (("s3cret", "guess"), "exchange", "the client failed authentication: it does not hold"),
-    "no secret on the server": ((None, "s3cret"), "exchange", "the client authenticates with a shared secret and"),
-    "a tampered frame": (("s3cret", "s3cret"), "rogue-tamper", "frame 1 from the client failed its MAC check"),
-    "a replayed frame": (("s3cret", "s3cret"), "rogue-replay", "frame 2 from the client failed its MAC check"),
+    "no secret on the client": ((SECRET, None), "exchange", "the client did not authenticate"),
+    "another secret": ((SECRET, GUESS), "exchange", "the client failed authentication: it does not hold"),
+    "no secret on the server": ((None, SECRET), "exchange", "the client authenticates with a shared secret and"),
+    "a tampered frame": ((SECRET, SECRET), "rogue-tamper", "frame 1 from the client failed its MAC check"),
+    "a replayed frame": ((SECRET, SECRET), "rogue-replay", "frame 2 from the client failed its MAC check"),
 }
 
 
@@ -208,6 +210,34 @@ def test_a_peer_without_the_secret_or_with_forged_frames_is_refused(case):
     secrets, mode, message = AUTH_FAILURES[case]
     last = _server_error(_start_pair(mode, 20, secrets))
     assert message in last, last
+
+
+def test_a_short_secret_is_refused_and_hosl_token_makes_a_strong_one(tmp_path, monkeypatch, capsys):
+    """A secret of fewer than 16 bytes falls to offline guessing from one recorded handshake: it is
+    refused from a file and from the environment. `python -m hosl.token FILE` writes 32 random bytes
+    as hex, readable by the owner only, and never overwrites a file."""
+    from hosl import auth
+    from hosl import token as token_cli
+
+    weak = tmp_path / "weak"
+    weak.write_text("s3cret\n")
+    with pytest.raises(auth.AuthError, match=f"--auth-token-file {weak} holds a secret of 6 bytes, fewer than 16"):
+        auth.read_secret(str(weak))
+    monkeypatch.setenv(auth.ENV, "hunter2")
+    with pytest.raises(auth.AuthError, match=r"\$HOSL_AUTH_TOKEN holds a secret of 7 bytes.*python -m hosl.token"):
+        auth.read_secret(None)
+    path = tmp_path / "token"
+    assert token_cli.main([str(path)]) == 0
+    text = path.read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", text) and path.stat().st_mode & 0o777 == 0o600
+    assert auth.read_secret(str(path)) == text.encode()
+    assert token_cli.main([str(path)]) == 2 and path.read_text().strip() == text  # never overwritten
+    assert "exists" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert token_cli.main([str(other)]) == 0 and other.read_text() != path.read_text()  # fresh each time
+    capsys.readouterr()
+    assert token_cli.main(["-"]) == 0 and re.fullmatch(r"[0-9a-f]{64}", capsys.readouterr().out.strip())
+    assert token_cli.main([]) == 2 and token_cli.main(["--help"]) == 2
 
 
 def test_dist_link_needs_its_environment(monkeypatch):
