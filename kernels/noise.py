@@ -8,9 +8,9 @@
 # a counter's four lanes. A program works on a 2-D tile [BLOCK, 4 * VEC]: row r holds VEC whole
 # consecutive counters, i.e. 4 * VEC consecutive elements of x, so each thread's elements are
 # contiguous and x moves in 128-bit vectors (VEC = 1 for float32, 2 for the 16-bit types). The
-# normals are computed per counter ([BLOCK] vectors) and placed into the tile by lane with selects
-# on the tile's own column index, so z is born in the layout x is loaded in: no layout conversion,
-# no shared memory, no barrier.
+# normals are computed per counter (a [BLOCK, 1] column of the tile) and placed into the tile by
+# lane with selects on the tile's own column index, so z is born in the layout x is loaded in: no
+# layout conversion, no shared memory, no barrier.
 #
 # Alignment. The body of a pass is its whole groups of VEC counters, addressed from `body`, a view
 # of x starting on a whole counter (and, for VEC = 2, on a 16-byte boundary where the memory
@@ -137,8 +137,9 @@ def _box_muller(a, b):
 
 @triton.jit
 def _normals_by_lane(k0, k1, counter, lane):
-    """z at lane `lane` ([1, L] ints in [0, 4)) of each counter ([R] int64): an [R, L] tile in the
-    layout of `lane`'s rows, each lane's normal picked by a select (no join, no reshape)."""
+    """z at lane `lane` ([1, L] ints in [0, 4)) of each counter ([R, 1] int64): an [R, L] tile, each
+    lane's normal picked by a select, so the tile has the layout of the columns it is computed in
+    (no join, no reshape)."""
     x0, x1, x2, x3 = _philox((counter & 0xFFFFFFFF).to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
