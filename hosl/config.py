@@ -511,6 +511,9 @@ class TrainConfig:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         # A config saved before --zo-embedding existed ran dense noise: resuming it must go on so.
         data.setdefault("zo_embedding", "all")
+        for f in dataclasses.fields(cls):
+            if f.name in data and not _json_fits(data[f.name], f.type):
+                raise ValueError(f"{f.name} must be {_TYPE_WORDS.get(f.type, f.type)}, got {data[f.name]!r}")
         return cls(**data)
 
     def identity(self) -> dict:
@@ -519,6 +522,28 @@ class TrainConfig:
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "str | None": "a string or null", "int | None": "an integer or null",
+               "float | None": "a number or null"}  # fmt: skip
+
+
+def _json_fits(value, annotation: str) -> bool:
+    """Whether a JSON value can be a field of this (string) annotation: ints are not booleans,
+    a float field takes ints too."""
+    kinds = {k.strip() for k in str(annotation).split("|")}
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in kinds
+    if isinstance(value, str):
+        return "str" in kinds
+    return False
 
 
 # A side's own setting and the flag that sets both sides, its default.

@@ -223,6 +223,8 @@ def _kept_lines(path: Path, step: int) -> list[str] | None:
             raise checkpoint.CheckpointError(f"{path}:{number}: not a JSON line") from None
         if not isinstance(record, dict):
             raise checkpoint.CheckpointError(f"{path}:{number}: not a JSON object")
+        if "step" in record and (isinstance(record["step"], bool) or not isinstance(record["step"], int)):
+            raise checkpoint.CheckpointError(f"{path}:{number}: step must be an integer, got {record['step']!r}")
         if record.get("step", -1) < step:
             keep.append(line)
     return keep

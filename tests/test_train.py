@@ -1030,17 +1030,30 @@ def test_report_to_tensorboard_writes_what_metrics_jsonl_holds_and_a_resume_purg
     assert "train/client_s" in board.Tags()["scalars"]
 
 
-@pytest.mark.parametrize("log", ["metrics.jsonl", "zo_log.jsonl"])
-def test_a_resume_refused_for_a_bad_log_line_changes_no_file(tmp_path, capsys, log):
-    """A bad line in a log the resume would rewrite is refused with its file and line before any file
-    is written (config.json used to be rewritten first, with the new --steps)."""
+@pytest.mark.parametrize(
+    "file,edit,message",
+    [
+        ("metrics.jsonl", lambda r: "{not json", "metrics.jsonl:1: not a JSON line"),
+        ("zo_log.jsonl", lambda r: "{not json", "zo_log.jsonl:1: not a JSON line"),
+        ("zo_log.jsonl", lambda r: json.dumps({**r, "step": "a"}), "zo_log.jsonl:1: step must be an integer, got 'a'"),
+        ("config.json", lambda r: json.dumps({**r, "steps": "x"}), "config.json: steps must be an integer, got 'x'"),
+        ("config.json", lambda r: json.dumps({**r, "mu": True}), "config.json: mu must be a number, got True"),
+    ],
+    ids=["metrics line", "zo_log line", "zo_log step", "config steps", "config mu"],
+)
+def test_a_resume_refused_for_a_bad_line_or_field_changes_no_file(tmp_path, capsys, file, edit, message):
+    """A bad line or a field of the wrong type in a file the resume reads is refused with one line
+    naming the file (and line) before any file is written (config.json used to be rewritten first,
+    with the new --steps; a step or a steps of text gave a traceback or a riddle)."""
     run(cfg_for(tmp_path, steps=2, save_every=2))
-    path = tmp_path / "run" / log
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    path = tmp_path / "run" / file
+    lines = path.read_text().splitlines() if file != "config.json" else [path.read_text()]
+    path.write_text("\n".join([edit(json.loads(lines[0])), *lines[1:]]) + "\n")
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
     assert main(["--resume", str(tmp_path / "run"), "--steps", "4"]) == 2
-    assert f"{log}:1: not a JSON line" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
 
