@@ -194,6 +194,14 @@ def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
     Reads only: nothing in the run directory changes."""
     run_dir = Path(run_dir)
     found = complete(run_dir)
+    renamed = sorted(
+        (int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _NAME.fullmatch(p.name)) and p.is_dir()
+    )
+    if renamed and (not found or renamed[-1][0] > found[-1][0]):  # a checkpoint is renamed after its manifest
+        raise CheckpointError(
+            f"{renamed[-1][1]} has no {MANIFEST} (removed?), so it cannot be verified: put it back, or remove "
+            f"{renamed[-1][1].name} to resume from an older checkpoint"
+        )
     if not found:
         return None
     step, path = found[-1]

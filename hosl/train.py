@@ -391,6 +391,12 @@ def _start_run_dir(cfg: TrainConfig):
                     f"--resume {run_dir}: its checkpoint/ was written by an older hosl, without a manifest to "
                     "verify it; resume it with that version"
                 )
+            cut = sorted(p.name for p in run_dir.glob("checkpoint-*.tmp"))
+            if cut:
+                raise UsageError(
+                    f"--resume {run_dir}: no complete checkpoint, only {cut[-1]}, a save cut short; nothing to "
+                    "resume: start the run again (remove the directory or choose another --out)"
+                )
             raise UsageError(f"--resume {run_dir}: no checkpoint there (was the run started with --save-every?)")
         if cfg.steps < point.step:
             raise UsageError(f"--resume {run_dir}: --steps {cfg.steps} is fewer than the {point.step} it has done")

@@ -1058,6 +1058,23 @@ def test_a_resume_refused_for_a_bad_line_or_field_changes_no_file(tmp_path, caps
     assert after == before
 
 
+def test_a_checkpoint_without_its_manifest_or_only_a_cut_save_is_named(tmp_path, capsys):
+    """The newest checkpoint's manifest removed: refused, naming it (the run used to resume from an
+    older checkpoint without a word, or say it had none). A first save cut short leaves only its
+    .tmp: the refusal says so and what to do. Nothing changes in either run directory."""
+    run(cfg_for(tmp_path, steps=4, save_every=2, save_total_limit=2))
+    (tmp_path / "run" / "checkpoint-4" / "manifest.json").unlink()
+    run(cfg_for(tmp_path, "cut", steps=2, save_every=2))
+    (tmp_path / "cut" / "checkpoint-2").rename(tmp_path / "cut" / "checkpoint-2.tmp")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "run"), "--steps", "6"]) == 2
+    assert "checkpoint-4 has no manifest.json (removed?), so it cannot be verified" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "cut"), "--steps", "4"]) == 2
+    assert "no complete checkpoint, only checkpoint-2.tmp, a save cut short" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
     import importlib.util
 
