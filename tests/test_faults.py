@@ -120,7 +120,7 @@ def _sst2(tmp_path, train_lines, dev="sentence\tlabel\nfine\t1\nbad\t0\n"):
 GOOD_TSV = "sentence\tlabel\n" + "".join(f"a fine film {i}\t{i % 2}\n" for i in range(16))
 BAD_DATA = {
     "a line over the csv field limit": (GOOD_TSV + "x" * 200_000 + "\t1\n", "train.tsv:18: field larger than"),
-    "not UTF-8": (GOOD_TSV.encode() + b"caf\xe9\t1\n", "train.tsv: not UTF-8"),
+    "not UTF-8": (GOOD_TSV.encode() + b"caf\xe9\t1\n", "train.tsv:18: not UTF-8 (byte 4 of the line"),
     "a full-width digit label": (GOOD_TSV + "a film\t\uff11\n", "train.tsv:18: sst2 label"),
     "a superscript digit label": (GOOD_TSV + "a film\t\u00b2\n", "train.tsv:18: sst2 label"),
 }
@@ -143,7 +143,7 @@ def test_bad_json_files_name_the_file(tmp_path, capsys):
     (d / "train.jsonl").write_bytes(b'{"premise": "a", "hypothesis": "b", "label": "entailment"}\n{"premise": \xff}\n')
     (d / "val.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n')
     assert main([*TINY, "--task", "rte", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")]) == 2
-    assert f"{d / 'train.jsonl'}: not UTF-8" in _last_line(capsys)[-1]
+    assert f"{d / 'train.jsonl'}:2: not UTF-8 (byte 13 of the line" in _last_line(capsys)[-1]
     bad = tmp_path / "c.json"
     bad.write_text('{"q": 2,')
     assert main(["--config", str(bad), "--out", str(tmp_path / "r")]) == 2
