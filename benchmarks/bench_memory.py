@@ -197,15 +197,16 @@ def stub_server(spec):
     import transformers
 
     class StubServer(torch.nn.Module):
-        def __init__(self, hidden_size: int):
+        def __init__(self, hidden_size: int, vocab_size: int):
             super().__init__()
-            self.hidden_size = hidden_size
+            self.hidden_size, self.vocab_size = hidden_size, vocab_size  # what SplitServer reads of a server model
             self.scale = torch.nn.Parameter(torch.ones(()))
 
         def forward(self, h, labels=None, labelled_only=False):
             return types.SimpleNamespace(loss=h.hidden.float().mean() * self.scale, logits=None)
 
-    return StubServer(transformers.AutoConfig.from_pretrained(spec["checkpoint"]).hidden_size)
+    config = transformers.AutoConfig.from_pretrained(spec["checkpoint"])
+    return StubServer(config.hidden_size, config.vocab_size)
 
 
 class Peak:

@@ -441,7 +441,7 @@ class SplitServer:
 
     def _vocab_size(self) -> int:
         if not hasattr(self, "_vocab"):
-            self._vocab = self.model.lm.get_output_embeddings().weight.shape[0]
+            self._vocab = self.model.vocab_size  # the server model's interface: hidden_size, vocab_size, forward
         return self._vocab
 
     def _train_step(self, batch: Frame) -> None:

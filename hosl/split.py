@@ -247,6 +247,11 @@ class ServerModel(nn.Module):
         self.source = source
         self._incoming: torch.Tensor | None = None
 
+    @property
+    def vocab_size(self) -> int:
+        """The head's rows: the token ids a label may name."""
+        return self.lm.get_output_embeddings().weight.shape[0]
+
     def forward(self, h: Activation, labels: torch.Tensor | None = None, *, labelled_only: bool = False, **kwargs):
         """The model's output for activation h. With labelled_only (which needs labels), the head runs
         only at the positions whose logits predict a labelled token (labelled_positions): .logits is
