@@ -484,7 +484,7 @@ def _launch(x, seeds, scales, offset, accumulate):
     vec = _vec(x.dtype)
     first, end = offset // 4, (offset + n + 3) // 4  # the counters x touches: [first, end)
     base = (offset + 3) // 4  # the first whole counter
-    if (x.data_ptr() + (4 * base - offset) * x.element_size()) % 16 == 8 and base < (offset + n) // 4:
+    if vec > 1 and (x.data_ptr() + (4 * base - offset) * x.element_size()) % 16 == 8 and base < (offset + n) // 4:
         base += 1  # a 16-bit body one counter (8 bytes) off a 16-byte boundary starts on the next
     head = 4 * base - offset  # the body's first element in x
     groups = max(0, (offset + n) // 4 - base) // vec
