@@ -436,6 +436,8 @@ def _unless_started(run_dir: Path, point):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty
         raise
+    finally:
+        _CREATED.pop(run_dir, None)
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _links import ScriptedLink
 from test_train import FAST, cfg_for, losses, weights
 
 from hosl import checkpoint, transport
@@ -184,22 +185,12 @@ def test_replay_refuses_an_edited_log(tmp_path, capsys):
 # -- the server decides where its state lives --------------------------------------------------------
 
 
-class _Capture:
-    max_frame_bytes = 0
-
-    def __init__(self):
-        self.sent = []
-
-    def send(self, frame):
-        self.sent.append(frame)
-
-
 def _server(tmp_path):
     cfg = cfg_for(tmp_path, "srv")
     examples = load_run_data(cfg)[0]
     _, model = build(cfg, examples)
     _, server_model = split_model(model, cfg.split_layer)
-    return SplitServer(cfg, server_model, _Capture(), tmp_path / "srv")
+    return SplitServer(cfg, server_model, ScriptedLink(), tmp_path / "srv")
 
 
 def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
@@ -226,33 +217,13 @@ def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
     server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": digests}))  # the .tmp, verified
 
 
-class _Script(_Capture):
-    """A link whose peer sends `frames` in order, then nothing."""
-
-    def __init__(self, frames):
-        super().__init__()
-        self.frames = list(frames)
-
-    def recv(self):
-        return self.frames.pop(0)
-
-    def fail(self, message):
-        self.sent.append(Frame(Kind.ERROR, meta={"message": message}))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("op", ["final", "stop", "save", "commit"])
 def test_no_frame_reaches_the_server_before_hello(tmp_path, op):
     """A stranger who reaches an unauthenticated server's port and sends CONTROL frames first: the
     session closes with one line and nothing is written (it used to write untrained final weights,
     delete checkpoints, save copies, or stop the server with exit status 0)."""
     server = _server(tmp_path)
-    server.link = _Script([Frame(Kind.CONTROL, meta={"op": op, "step": 0, "keep": []})])
+    server.link = ScriptedLink([Frame(Kind.CONTROL, meta={"op": op, "step": 0, "keep": []})])
     with pytest.raises(transport.LinkError, match="the client sent CONTROL before HELLO"):
         server.serve()
     assert not (tmp_path / "srv").exists()

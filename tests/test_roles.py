@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from _links import ScriptedLink
 from test_train import cfg_for
 
 from hosl.boundary import Frame, Kind
@@ -17,23 +18,6 @@ from hosl.roles import SplitServer
 from hosl.split import split_model
 from hosl.tasks import encode_for_training, load_run_data
 from hosl.transport import LinkError
-
-
-class _Script:
-    """A link whose peer sends `frames` in order; what the server sends is kept."""
-
-    max_frame_bytes = 0
-
-    def __init__(self, frames=()):
-        self.frames, self.sent = list(frames), []
-
-    def recv(self):
-        if not self.frames:
-            raise LinkError("the script has no more frames")
-        return self.frames.pop(0)
-
-    def send(self, frame):
-        self.sent.append(frame)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +31,7 @@ def session(tmp_path_factory):
     batch = encode_for_training(tokenizer, examples[: cfg.batch_size], cfg.max_length)
     with torch.no_grad():
         hidden = client(batch["input_ids"], batch["attention_mask"]).hidden
-    server = SplitServer(cfg, server_model, _Script(), None)
+    server = SplitServer(cfg, server_model, ScriptedLink(), None)
     return server, {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}, hidden.float()
 
 
@@ -114,7 +98,7 @@ def _fuzz(session, frames: int, seed: int):
         batch, acts = _frames(server, {k: v.clone() for k, v in tensors.items()}, hidden)
         name = _mutate(rng, server, batch, acts)
         seen.add(name)
-        server.link = _Script(acts)
+        server.link = ScriptedLink(acts)
         before = _weights(server)
         sent += 1 + len(acts)
         cases += 1
@@ -144,7 +128,7 @@ def test_a_consistent_step_is_answered(session):
     """The control: the same frames, unchanged, are a step the server answers and takes."""
     server, tensors, hidden = session
     batch, acts = _frames(server, {k: v.clone() for k, v in tensors.items()}, hidden)
-    server.link = _Script(acts)
+    server.link = ScriptedLink(acts)
     before, step = _weights(server), server.steps_done
     server._train_step(batch)
     assert server.steps_done == step + 1 and not torch.equal(_weights(server), before)
