@@ -1,4 +1,4 @@
-"""The ZO update with and without a float32 master: ZOParams.update_ on one buffer of n weights.
+"""The ZO update with and without a float32 master: the update pass (estimators.end_terms) on one buffer of n weights.
 
 A float32 master takes one noise pass (hosl.noise.add_ with Q terms). A bfloat16 or float16
 buffer without a master (--zo-master none) takes, a chunk at a time, the float32 copy, the same
@@ -20,8 +20,9 @@ import time
 import torch
 from _common import Recorder, bench_parser, cpu_name, environment, given, print_table
 
-from hosl import zo
+from hosl import estimators, zo
 
+CUT_GRAD = estimators.ESTIMATORS["cut-grad"]
 DTYPES = {"float32 master": None, "bfloat16, no master": torch.bfloat16, "float16, no master": torch.float16}
 
 
@@ -30,7 +31,7 @@ def timed_update(params: zo.ZOParams, seeds, grads, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        params.update_(seeds, 1e-3, "cut-grad", 6e-5, grads)
+        params.add_(*estimators.end_terms(seeds, 1e-3, CUT_GRAD, 6e-5, grads, restore=False))
         if i:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -46,11 +47,11 @@ def main(argv=None):
     if n < 1 or args.repeats < 1 or any(q < 1 or q > 64 for q in args.qs):
         parser.error("--n and --repeats must be >= 1 and each --qs in [1, 64]")
     env, device = environment(), torch.device("cpu")
-    print(f"bench_master: ZOParams.update_ on {n:,} weights; CPU {cpu_name()}, {env['threads']} torch threads")
+    print(f"bench_master: the update pass on {n:,} weights; CPU {cpu_name()}, {env['threads']} torch threads")
     rec = Recorder(args.out / ("bench_master_quick.jsonl" if args.quick else "bench_master.jsonl"), env)
     rows = []
     for q in args.qs:
-        seeds, grads = zo.step_seeds(0, 1, q), [0.1 * (i + 1) for i in range(q)]
+        seeds, grads = estimators.step_seeds(0, 1, q), [0.1 * (i + 1) for i in range(q)]
         base = None
         for name, dtype in DTYPES.items():
             torch.manual_seed(0)

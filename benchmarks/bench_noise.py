@@ -15,8 +15,8 @@ What is measured (bench field of each record):
 * zo_step: the noise cost of one whole ZO-SGD step with Q=1 probe on the client, forward passes left
   out. MeZO: 4 regenerating passes (+mu, -2mu, +mu to restore, -lr*g to update). hosl: 3 add_ calls
   (+mu, -2mu, then mu - lr*g: the restore and the update merged into one pass).
-* zo_step_rows: the same ZO step (Q=1) through the library's own schedule (hosl.zo.schedule and
-  ZOParams.end_step) on the OPT client, with the token embedding dense (all) and row-sparse (rows:
+* zo_step_rows: the same ZO step (Q=1) through the library's own schedule (StepPlan.probes and
+  StepPlan.end) on the OPT client, with the token embedding dense (all) and row-sparse (rows:
   the distinct ids of a batch of --rows-tokens uniformly random tokens, about as many rows as a
   batch of 16 x 64 real tokens touches at most), the rest of the client dense in both.
 * copy (CUDA only): dst.copy_(src) on a large buffer, the device's copy bandwidth; the GPU rows report
@@ -78,7 +78,7 @@ from _common import (
 )
 
 import hosl
-from hosl import noise, zo
+from hosl import estimators, noise, zo
 from hosl.config import TrainConfig
 from hosl.plan import StepPlan
 
@@ -143,7 +143,7 @@ def hosl_step_(x, step, backend):
     buffer = _Buffer(x, backend)
     for _ in STEP_PLAN.probes(buffer, step):
         pass
-    buffer.add_(*zo.final_pass(STEP_PLAN.seeds(step), MU, STEP_PLAN.estimator, LR_G / 0.37, [0.37]))
+    buffer.add_(*estimators.end_terms(STEP_PLAN.seeds(step), MU, STEP_PLAN.estimator, LR_G / 0.37, [0.37]))
 
 
 def mezo_accounted_bytes(tensors):
@@ -321,7 +321,7 @@ def measure_rows(rec, device, params, tokens, repeats):
         def step(buffer=buffer, picked=picked):
             for _ in STEP_PLAN.probes(buffer, 0, picked):
                 pass
-            STEP_PLAN.end(buffer, 0, [LR_G / 1e-3], 1e-3, 0.0, picked)
+            STEP_PLAN.end(buffer, 0, [(0, [LR_G / 1e-3], picked)], 1e-3, 0.0)
 
         log(f"  {device.type} zo_step_rows {embedding} ...")
         median_s, min_s = time_cpu(step, repeats) if device.type == "cpu" else time_cuda(step)

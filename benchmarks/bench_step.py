@@ -12,10 +12,12 @@ client and server each have one core, as two machines would:
 * local: one process, the server in a thread, hosl's in-process transport (two FrameQueues);
 * dist: two processes on this machine joined by hosl's dist transport (gloo over loopback).
 Variants (--variants; all by default): fo; hosl with the loss-difference estimator (central) and
-with the cut-gradient estimator (cut-grad: one upload, dL/dh down, the probes on the client), both
-with row-sparse embedding noise (--zo-embedding rows, the default); hosl central with dense noise
-(all), for the noise share; hosl central with --server-batch-probes (central-stacked: the server's
-probe forwards as one stacked batch); zo. Q in {1, 4, 16} (fo has no probes: Q = 1 only), both transports,
+with the cut-gradient estimators (cut-grad: one upload, dL/dh down, the 2Q probe forwards on the
+client; cut-grad-one-sided: Q probe forwards, each differenced with the clean one; cut-grad-jvp: Q
+forward-mode passes at w), all with row-sparse embedding noise (--zo-embedding rows, the default);
+hosl central with dense noise (all), for the noise share; hosl central with --server-batch-probes
+(central-stacked: the server's probe forwards as one stacked batch); zo. Q in {1, 4, 16} (fo has no
+probes: Q = 1 only), both transports (--transports),
 and for hosl central, hosl cut-grad and zo streaming probes (the default: the client sends all of a
 step's activations without waiting; cut-grad runs its first probe pair while the server computes
 dL/dh) against --sync-probes (the client waits for each loss before its next probe; cut-grad waits
@@ -168,18 +170,20 @@ VARIANTS = {
     "fo": ("fo", "central", "all", "one", [False]),
     "hosl-central": ("hosl", "central", "rows", "all", [False, True]),
     "hosl-cut-grad": ("hosl", "cut-grad", "rows", "all", [False, True]),
+    "hosl-cut-grad-one-sided": ("hosl", "cut-grad-one-sided", "rows", "all", [False]),
+    "hosl-cut-grad-jvp": ("hosl", "cut-grad-jvp", "rows", "all", [False]),
     "hosl-central-all": ("hosl", "central", "all", "one", [False]),
     "hosl-central-stacked": ("hosl", "central", "rows", "all", [False]),  # --server-batch-probes
     "zo": ("zo", "central", "all", "all", [False, True]),
 }
 
 
-def grid(qs, variants):
+def grid(qs, variants, transports=("local", "dist")):
     for name in variants:
         method, estimator, embedding, which_q, syncs = VARIANTS[name]
         for q in qs[:1] if which_q == "one" else qs:
             for sync in syncs:
-                for transport in ("local", "dist"):
+                for transport in transports:
                     yield (
                         name,
                         dict(
@@ -203,6 +207,9 @@ def main(argv=None):
     parser.add_argument("--qs", type=int, nargs="+", default=None, help="probe counts (1 4 16; --quick: 1 4)")
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to time (default: all)"
+    )
+    parser.add_argument(
+        "--transports", nargs="+", default=["local", "dist"], choices=["local", "dist"], help="(default: both)"
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -250,7 +257,7 @@ def main(argv=None):
     import torch
 
     records = []
-    for variant, settings, transport in grid(qs, args.variants):
+    for variant, settings, transport in grid(qs, args.variants, args.transports):
         spec = dict(spec_base, **settings)
         q, sync = spec["q"], spec["sync"]
         start = time.perf_counter()

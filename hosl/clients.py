@@ -47,6 +47,7 @@ import torch
 from hosl import zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
+from hosl.estimators import finite
 from hosl.roles import SplitClient, SplitServer, StepStats, use_threads
 from hosl.split import ClientModel, ServerModel
 from hosl.transport import Link, LinkError, PeerError
@@ -215,17 +216,6 @@ def round_entries(frame: Frame, clients: int, q: int) -> list[tuple[int, list[fl
     return [(int(c), g, r) for c, g, r in zip(ids.tolist(), grads.tolist(), rows)]
 
 
-def apply_round(params: zo.ZOParams, plan, rnd: int, entries, lr: float, weight_decay: float) -> None:
-    """The round's update on a client's weights: one pass per sampled client, in client order, with
-    its seeds and g scaled by 1 / (K Q), on its rows; then weight decay once."""
-    for client, grads, rows in entries:
-        params.update_(plan.seeds(rnd, client), plan.mu, plan.estimator, lr, grads, rows, share=len(entries))
-    if weight_decay:
-        params.decay_(1.0 - lr * weight_decay, key=plan.seeds(rnd, 0))
-    if entries:
-        params.check_finite()
-
-
 # -- the two roles -------------------------------------------------------------------------------------
 
 
@@ -317,7 +307,7 @@ class RoundClient:
         t = time.perf_counter()
         with torch.no_grad():
             if not skipped:
-                apply_round(self.zo, self.plan, rnd, entries, self.lr(rnd), self.cfg.weight_decay)
+                self.plan.end(self.zo, rnd, entries, self.lr(rnd), self.cfg.weight_decay)
         self.applied += 1
         for client, at, why in frame.meta.get("left", []):
             self.left.append([client, at, why])
@@ -448,7 +438,7 @@ class RoundServer:
 
     def _round(self, rnd: int) -> None:
         reports: list[tuple[int, Frame]] = []
-        finite, summed = True, {}
+        ok, summed = True, {}
         before = len(self.left)
         for i in self.schedule.sampled(rnd):
             if i not in self.live:
@@ -462,7 +452,7 @@ class RoundServer:
                 self._drop(i, rnd, exc)
                 continue
             values = [*report.tensors["grads"].tolist(), *report.tensors["loss"].tolist()]
-            finite = finite and zo.finite(losses.values()) and zo.finite(values)
+            ok = ok and finite(losses.values()) and finite(values)
             for p in self._params:  # the round's sum, client by client in order
                 if p.grad is not None:
                     if id(p) in summed:
@@ -474,9 +464,9 @@ class RoundServer:
         if reports:
             for p in self._params:
                 p.grad = summed.get(id(p))
-            self.server._update(rnd, {}, finite, share=len(reports))
+            self.server._update(rnd, {}, ok, share=len(reports))
         self.server.steps_done = rnd + 1  # a round no report reached is a step of the run too
-        self.log.append(round_frame(rnd, reports, not (finite and reports), self.server.plan.q, self.left[before:]))
+        self.log.append(round_frame(rnd, reports, not (ok and reports), self.server.plan.q, self.left[before:]))
         last = rnd + 1 == self.cfg.steps
         sampled = {0, *(i for i, _ in reports)}
         for i in sorted(self.live):

@@ -20,22 +20,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hosl.plan import FO, LOCAL_ESTIMATORS, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (re-exported)
-
-# What an unset --zo-estimator, --q and --client-lr become, by method. hosl's ZO client probes on
-# its own (cut-grad), so 8 probes cost it 16 client forwards and no server work, and ZO-SGD needs a
-# rate about 100x the first-order one; a loss-difference estimator pays a server forward per probe
-# and gets one probe. The embedded default run's client alone (--server-lr 0) reaches 0.95 with
-# hosl's defaults and 0.52 with the central, Q = 1, 1e-4 defaults they replace (3 seeds each;
-# benchmarks/bench_client.py, README: "Does the client learn?").
-METHOD_DEFAULTS = {
-    "hosl": {"zo_estimator": "cut-grad", "client_lr": 1e-2},
-    "fo": {"zo_estimator": "central", "client_lr": 1e-4},
-    "zo": {"zo_estimator": "central", "client_lr": 1e-4},
-    "fo-full": {"zo_estimator": "central", "client_lr": 1e-4},
-    "zo-full": {"zo_estimator": "central", "client_lr": 1e-4},
-}
-Q_DEFAULTS = {"cut-grad": 8, "central": 1, "forward": 1}
+from hosl.estimators import ESTIMATORS, estimator_of
+from hosl.plan import FO, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (re-exported)
+from hosl.zo import INPLACE, PROBE_WRITES, SCRATCH
 
 
 def _help(text: str, **extra) -> dict:
@@ -96,16 +83,17 @@ class TrainConfig:
     # -- the zeroth-order client -------------------------------------------------------------------------
     q: int | None = field(
         default=None,
-        metadata=_help("ZO probes per step (1 to 64)", default_text="8 for cut-grad, 1 for central and forward"),
+        metadata=_help(
+            "ZO probes per step (1 to 64)", default_text="8 for the cut-grad estimators, 1 for central and forward"
+        ),
     )
     mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
     zo_estimator: str | None = field(
         default=None,
         metadata=_help(
-            "central: (L(w+mu z) - L(w-mu z)) / 2mu, 2Q uploads; forward: (L(w+mu z) - L(w)) / mu, Q+1; "
-            "cut-grad (hosl): <dL/dh, (h(w+mu z) - h(w-mu z)) / 2mu> from the server's dL/dh at the clean h, "
-            "1 upload and the probes on the client alone",
-            choices=("central", "forward", "cut-grad"),
+            "; ".join(f"{e.name}: {e.blurb}" for e in ESTIMATORS.values())
+            + " (the cut-grad estimators need hosl: dL/dh is the server's gradient at the clean h)",
+            choices=tuple(ESTIMATORS),
             default_text="cut-grad for hosl, central for zo and zo-full",
         ),
     )
@@ -122,7 +110,7 @@ class TrainConfig:
             "inplace: a probe writes w + mu z into the weights and the next pass undoes it (float32 rounding "
             "stays behind); scratch: each module's weights are perturbed in a scratch copy just before it runs "
             "and copied back, so the weights stay w exactly (what many clients need)",
-            choices=("inplace", "scratch"),
+            choices=PROBE_WRITES,
             default_text="inplace for one client, scratch for --clients > 1 or --zo-master none",
         ),
     )
@@ -310,11 +298,12 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for name, value in METHOD_DEFAULTS.get(self.method, {}).items():  # an unknown method: check() names it
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        method = METHODS.get(self.method)  # an unknown method: check() names it
+        for name in ("zo_estimator", "client_lr"):
+            if method is not None and getattr(self, name) is None:
+                setattr(self, name, getattr(method, name))
         if self.q is None:
-            self.q = Q_DEFAULTS.get(self.zo_estimator, 1)
+            self.q = ESTIMATORS[self.zo_estimator].q if self.zo_estimator in ESTIMATORS else 1
         if self.clients_per_round is None:
             self.clients_per_round = self.clients
         if self.zo_probes is None:
@@ -392,18 +381,20 @@ class TrainConfig:
                 f"--data-dir {self.data_dir} is not read by --task synthetic (the built-in task): name the task "
                 "its files hold (--task sst2, rte, cb, boolq, wsc or wic)"
             )
-        if self.zo_estimator in LOCAL_ESTIMATORS and not method_of(self.method).hybrid:
+        if estimator_of(self.zo_estimator).local and not method_of(self.method).hybrid:
             hybrid = " or ".join(n for n, m in METHODS.items() if m.hybrid)
             raise ValueError(
                 f"--zo-estimator {self.zo_estimator} needs --method {hybrid} (a first-order server), got {self.method}"
             )
-        if self.zo_estimator == "cut-grad" and self.server_grad != "clean":
-            raise ValueError("--zo-estimator cut-grad uploads no probes: --server-grad probe has none to use")
+        if estimator_of(self.zo_estimator).local and self.server_grad != "clean":
+            raise ValueError(
+                f"--zo-estimator {self.zo_estimator} uploads no probes: --server-grad probe has none to use"
+            )
         self._check_used()
         if self.zo_master == "none" and self.dtype == "float32":
             raise ValueError("--zo-master none keeps bfloat16 or float16 weights without a master: it needs --dtype "
                              "bfloat16 or float16 (float32 weights are their own master)")  # fmt: skip
-        if self.zo_master == "none" and self.zo_probes != "scratch":
+        if self.zo_master == "none" and self.zo_probes != SCRATCH:
             raise ValueError(
                 "--zo-master none needs --zo-probes scratch: an in-place +mu / -mu does not undo in low precision"
             )
@@ -422,7 +413,7 @@ class TrainConfig:
         if not method.hybrid:
             hybrid = " or ".join(n for n, m in METHODS.items() if m.hybrid)
             raise ValueError(f"{what} needs --method {hybrid} (ZO clients kept in sync by seeds), got {self.method}")
-        if self.zo_probes != "scratch":
+        if self.zo_probes != SCRATCH:
             raise ValueError(
                 f"{what} needs --zo-probes scratch: in-place probes leave each client its own rounding residue"
             )
@@ -452,7 +443,7 @@ class TrainConfig:
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
             "server_micro_batch": not method.split,
-            "server_batch_probes": not method.hybrid or self.zo_estimator in LOCAL_ESTIMATORS,
+            "server_batch_probes": not method.hybrid or estimator_of(self.zo_estimator).local,
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
             "alpha": self.clients == 1 or self.partition != "dirichlet",
@@ -488,12 +479,12 @@ class TrainConfig:
         if name in PER_SIDE:
             return getattr(self, PER_SIDE[name])
         if name == "zo_probes":
-            return "scratch" if self.clients > 1 or self.zo_master == "none" else "inplace"
-        by_method = METHOD_DEFAULTS[self.method]
-        if name in by_method:
-            return by_method[name]
+            return SCRATCH if self.clients > 1 or self.zo_master == "none" else INPLACE
+        method = METHODS[self.method]
+        if name in ("zo_estimator", "client_lr"):
+            return getattr(method, name)
         if name == "q":
-            return Q_DEFAULTS[by_method["zo_estimator"]]
+            return ESTIMATORS[method.zo_estimator].q
 
         return next(f.default for f in dataclasses.fields(self) if f.name == name)
 

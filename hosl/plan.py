@@ -16,6 +16,7 @@ step's probes.
           --server-grad probe: no clean forward; the server's gradient on (0, +1)        2Q
           forward: clean (server gradient), then (q, +1)                                 1 + Q
           cut-grad: clean (server gradient, GRAD); the 2Q probes stay on the client      1
+          cut-grad-one-sided, cut-grad-jvp: the same; Q probes stay on the client        1
     zo    central: (q, +1), (q, -1); forward: clean, then (q, +1); the server's ZO side
           applies the same passes to its own weights                                     2Q or 1 + Q
     fo    one forward with autograd kept; the server answers GRAD                        1
@@ -26,10 +27,16 @@ on the whole model, with nothing crossing a cut.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hosl import zo
+from hosl import estimators
+from hosl.estimators import CLEAN, Estimator, estimator_of
+
+if TYPE_CHECKING:
+    from hosl.zo import ZOParams
 
 ZO, FO = "zo", "fo"
 
@@ -49,6 +56,9 @@ class Method:
     client: Update  # the unsplit model's update for the full methods
     server: Update | None  # None: not split
     blurb: str
+    # What an unset --zo-estimator and --client-lr become (an unset --q: the estimator's own Q).
+    zo_estimator: str = "central"
+    client_lr: float = 1e-4
 
     @property
     def orders(self) -> set[str]:
@@ -64,10 +74,23 @@ class Method:
         return self.split and self.client.order == ZO and self.server.order == FO
 
 
+# hosl's defaults: its ZO client probes on its own (cut-grad), so 8 probes cost it 16 client forwards
+# and no server work, and ZO-SGD needs a rate about 100x the first-order one; a loss-difference
+# estimator pays a server forward per probe and gets one probe. The embedded default run's client
+# alone (--server-lr 0) reaches 0.95 with hosl's defaults and 0.52 with the central, Q = 1, 1e-4
+# defaults they replace (3 seeds each; benchmarks/bench_client.py, README: "Does the client learn?").
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("hosl", True, Update(ZO, "client_lr"), Update(FO, "server_lr"), "ZO client, FO server (the paper)"),
+        Method(
+            "hosl",
+            True,
+            Update(ZO, "client_lr"),
+            Update(FO, "server_lr"),
+            "ZO client, FO server (the paper)",
+            zo_estimator="cut-grad",
+            client_lr=1e-2,
+        ),
         Method("fo", True, Update(FO, "client_lr"), Update(FO, "server_lr"), "FO on both sides (split learning)"),
         Method("zo", True, Update(ZO, "client_lr"), Update(ZO, "client_lr"), "ZO on both sides, shared seeds"),
         Method("fo-full", False, Update(FO, "server_lr"), None, "the unsplit model, first order"),
@@ -84,10 +107,6 @@ def method_of(name: str) -> Method:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {name!r}") from None
 
 
-# The estimators: what a probe pair measures, and whether the client pairs its probes itself (from
-# activations and the server's dL/dh at the cut) or the losses come back over the link.
-ESTIMATORS = zo.ESTIMATORS
-LOCAL_ESTIMATORS = ("cut-grad",)  # needs a hybrid method: the server's gradient at the cut
 LOSS = "loss"
 GRAD = "grad"
 
@@ -110,7 +129,7 @@ class Forward:
 @dataclass(frozen=True)
 class StepPlan:
     method: Method
-    estimator: str | None  # None: no ZO side
+    estimator: Estimator | None  # None: no ZO side
     q: int
     mu: float
     seed: int
@@ -122,17 +141,15 @@ class StepPlan:
         if ZO not in method.orders:
             fo = Forward(0, 0, upload=method.split, server_grad=method.split, answer=GRAD if method.split else None)
             return cls(method, None, cfg.q, cfg.mu, cfg.seed, (fo,))
-        hybrid, split, est = method.hybrid, method.split, cfg.zo_estimator
-        local = est in LOCAL_ESTIMATORS
-        clean_grad = hybrid and (local or cfg.server_grad == "clean")
+        hybrid, split, est = method.hybrid, method.split, estimator_of(cfg.zo_estimator)
+        clean_grad = hybrid and (est.local or cfg.server_grad == "clean")
         forwards: list[Forward] = []
-        if local or est == "forward" or clean_grad:
-            forwards.append(Forward(0, 0, split, clean_grad, (GRAD if local else LOSS) if split else None))
-        signs = (+1, -1) if zo.pass_kind(est) == "central" else (+1,)
+        if est.needs_clean or clean_grad:
+            forwards.append(Forward(*CLEAN, split, clean_grad, (GRAD if est.local else LOSS) if split else None))
         for p in range(cfg.q):
-            for sign in signs:
+            for sign in est.signs:
                 grad = hybrid and not clean_grad and (p, sign) == (0, +1)  # --server-grad probe
-                up = split and not local
+                up = split and not est.local
                 forwards.append(Forward(p, sign, up, grad, LOSS if up else None))
         return cls(method, est, cfg.q, cfg.mu, cfg.seed, tuple(forwards))
 
@@ -147,11 +164,6 @@ class StepPlan:
         return tuple(f for f in self.forwards if f.upload)
 
     @property
-    def local_probes(self) -> bool:
-        """The client pairs its probes from activations (cut-grad): they never cross the cut."""
-        return self.estimator in LOCAL_ESTIMATORS
-
-    @property
     def answers_with_grad(self) -> bool:
         """Whether some answer of a step is a GRAD frame (its slot holds an activation's size)."""
         return any(f.answer == GRAD for f in self.forwards)
@@ -163,37 +175,63 @@ class StepPlan:
     # -- the ZO side of a step ---------------------------------------------------------------------
     def seeds(self, step: int, client: int = 0) -> list[int]:
         """The noise seeds of a step's probes; each client of a many-client run (hosl.clients) has its own."""
-        return zo.step_seeds(self.seed, step, self.q, client)
+        return estimators.step_seeds(self.seed, step, self.q, client)
 
     def probes(
-        self, params: zo.ZOParams | None, step: int, rows: Sequence | None = None, client: int = 0
+        self, params: ZOParams | None, step: int, rows: Sequence | None = None, client: int = 0
     ) -> Iterator[Forward]:
         """The step's probe forwards in order, each yielded after its noise pass has been applied to
         `params` (None: a side that follows the plan without ZO weights, such as an FO server). After
         the last one the weights sit at its probe point; `end` restores them and updates. With
         scratch probes (zo.PROBE_WRITES) each forward is yielded inside the probe's context and the
-        weights stay w; run the generator to its end (a for loop does) to leave the last one."""
+        weights stay w; an exact estimator's forwards are yielded inside the probe's tangent context
+        (ZOParams.tangent), the weights untouched. Run the generator to its end (a for loop does) to
+        leave the last one."""
         seeds = self.seeds(step, client)
-        passes = zo.schedule(seeds, self.mu, self.estimator)
+        passes = estimators.schedule(seeds, self.mu, self.estimator)
         for forward, noise_pass in zip((f for f in self.forwards if f.sign != 0), passes, strict=True):
             if (noise_pass.probe, noise_pass.sign) != forward.key:
                 raise AssertionError(f"the plan and the noise schedule disagree at {forward.key}")
-            if params is not None and params.probes == "scratch":
+            if params is None:
+                yield forward
+            elif self.estimator.exact:
+                with params.tangent(seeds[forward.probe]):
+                    yield forward
+            elif not params.in_place:
                 with params.perturbed(seeds[forward.probe], forward.sign * self.mu, rows):
                     yield forward
-                continue
-            if params is not None:
+            else:
                 params.add_(noise_pass.seeds, noise_pass.scales, rows=rows)
-            yield forward
+                yield forward
 
-    def end(self, params: zo.ZOParams, step: int, grads, lr: float, weight_decay: float, rows=None, extra=()) -> bool:
-        """The step's last pass on `params`: restore the last probe (in place) and apply the update
-        from the projected gradients; skipped (restore only) when any g or any value in `extra` is
-        not finite. Returns whether it was skipped."""
-        seeds = self.seeds(step)
-        return zo.conclude_with(params, seeds, grads, self.mu, self.estimator, lr, weight_decay, rows, extra)
+    def grads(self, losses: dict[tuple[int, int], float]) -> list[float]:
+        """The projected gradients of a loss-difference estimator from the step's losses by key."""
+        return self.estimator.from_losses(losses, self.q, self.mu)
 
-    def end_from_losses(self, params, step: int, losses: dict, clean, lr: float, weight_decay: float, rows=None):
-        """`end` with the projected gradients of a loss-difference estimator: (grads, skipped)."""
-        seeds = self.seeds(step)
-        return zo.conclude_step(params, seeds, losses, clean, self.mu, self.estimator, lr, weight_decay, rows)
+    def end(self, params: ZOParams, step: int, updates, lr: float, weight_decay: float, extra=()) -> bool:
+        """The one way a ZO step (or a round of many clients, hosl.clients) ends on `params`.
+
+        updates: (client, g or None, rows) for each client whose probes make up the update (one for a
+        one-client step), each applied as one pass scaled by 1 / (clients * Q) on its rows; the pass
+        of an in-place client also undoes its last probe. The step is skipped (the probes still
+        undone, no update and no decay) when any g or any value in `extra` is not finite, or a g is
+        None. Then weight decay once, keyed by the step's client-0 seeds, and the finite check.
+        Returns whether the step was skipped."""
+        updates = list(updates)
+        values = [v for _, g, _ in updates for v in (g if g is not None else [math.nan])]
+        skipped = not estimators.finite([*values, *extra])
+        restore = params.in_place and not self.estimator.exact
+        if restore and len(updates) != 1:
+            raise ValueError("in-place probes end one client's step at a time")
+        for client, grads, rows in updates:
+            seeds = self.seeds(step, client)
+            terms = estimators.end_terms(
+                seeds, self.mu, self.estimator, lr, None if skipped else grads, restore, share=len(updates)
+            )
+            if terms[0]:
+                params.add_(*terms, rows=rows)
+        if not skipped:
+            if weight_decay:
+                params.decay_(1.0 - lr * weight_decay, key=self.seeds(step))
+            params.check_finite()
+        return skipped

@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hosl import checkpoint, zo
-from hosl.clients import apply_round
 from hosl.config import TrainConfig
 from hosl.plan import ZO, StepPlan, method_of
 
@@ -55,14 +54,14 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
                     (c, g, None if r is None else zo.decode_rows(r))
                     for c, g, r in zip(record["clients"], record["grads"], per_client)
                 ]
-                apply_round(params, plan, step, entries, record["lr"], cfg.weight_decay)
+                plan.end(params, step, entries, record["lr"], cfg.weight_decay)
             continue
         rows = zo.decode_rows(record["rows"]) if "rows" in record else None
-        if params.probes == "inplace":  # scratch probes left no trace in the weights: the update alone
+        if params.in_place:  # scratch probes left no trace in the weights: the update alone
             for _ in plan.probes(params, step, rows):
                 pass  # each probe's noise pass, applied by the plan; replay needs no forward
         grads = None if record["skipped"] else record["grads"]
-        params.end_step(plan.seeds(step), cfg.mu, cfg.zo_estimator, record["lr"], cfg.weight_decay, grads, rows=rows)
+        plan.end(params, step, [(0, grads, rows)], record["lr"], cfg.weight_decay)
 
 
 def replay_run(run_dir: str | Path):
@@ -99,7 +98,7 @@ def verify_run(run_dir: Path) -> None:
 def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:
     """The client's ZO buffer as the trainer builds it: its trainable parameters, in order, its
     embedding tables row-sparse under --zo-embedding rows."""
-    from hosl.roles import zo_params_of
+    from hosl.zo import zo_params_of
 
     return zo_params_of(client, cfg)
 

@@ -31,34 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from hosl import checkpoint, zo
 from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
+from hosl.estimators import CLEAN, finite
 from hosl.models import compute_precision
 from hosl.optim import SkipCounter, fo_update, lr_factor, make_optimizer
 from hosl.plan import FO, GRAD, ZO, StepPlan
-from hosl.rows import LookupRecorder, embedding_tables, input_embedding, step_rows
+from hosl.rows import LookupRecorder, input_embedding, step_rows
 from hosl.scoring import target_scores
 from hosl.split import Activation, ClientModel, ServerModel, labelled_forward, labelled_positions, split_model
 from hosl.transport import Link, LinkError
+from hosl.zo import zo_params_of
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 2  # 2: HELLO carries the step plan; evaluation scores in their own frame kind
-
-
-def zo_params_of(model: torch.nn.Module, cfg: TrainConfig, params=None, offset: int = 0) -> zo.ZOParams:
-    """The ZO buffer of a model side: its trainable parameters in order (or `params`, named), with
-    its embedding tables row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
-    tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
-    row_sparse = [n for n, _ in named if n in tables]
-    master = cfg.zo_master != "none"
-    params = zo.ZOParams(named, offset=offset, row_sparse=row_sparse, probes=cfg.zo_probes, master=master)
-    if cfg.zo_probes == "scratch":
-        params.attach(model)
-    return params
 
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -211,85 +201,110 @@ class SplitClient:
 
     def _zo_step(self, step: int, batch, report: bool = False) -> StepStats:
         """The plan's forwards: each upload is sent without waiting (streaming) and its answer read
-        when the update needs it; a local probe pair (cut-grad) is projected on the server's dL/dh,
-        which is read after the first pair (that pair runs while the server computes it), or before
-        the probes with --sync-probes. The same bits either way."""
-        cfg, plan = self.cfg, self.plan
+        when the update needs it. A local estimator (the cut-grad family) keeps its probe forwards
+        on the client and projects each probe's direction on the server's dL/dh, which it reads
+        when the first direction is ready (that probe runs while the server computes it), or
+        before the probes with --sync-probes. The same bits either way."""
+        cfg, plan, est = self.cfg, self.plan, self.plan.estimator
         start = time.perf_counter()
-        client_s = 0.0
+        self._client_s = 0.0
         losses: dict[tuple[int, int], float] = {}
-        server_meta: dict = {}
-        pending: list = []
-        clean, grad_h, grads, h_plus = None, None, [], None
-
-        def drain():
-            nonlocal server_meta
-            while pending:
-                forward = pending.pop(0)
-                losses[forward.key], _, server_meta = self._answer(step, forward)
-
-        def read_grad_h():  # cut-grad's answer to the clean upload: (loss, dL/dh in float32, meta)
-            loss, grad, meta = self._answer(step, plan.clean)
-            return loss, grad.to(self.device, torch.float32), meta
+        pending: list = []  # uploads whose answers are not read yet
+        kept: dict[tuple[int, int], torch.Tensor] = {}  # a local estimator's activations, by key
+        self._server_meta, self._grad_h, grads = {}, None, []
 
         self._send_batch(step, batch)
         with torch.no_grad():
             if plan.clean is not None:
                 t = time.perf_counter()
                 hidden, rows = self._clean_forward(batch)
-                client_s += time.perf_counter() - t
+                self._client_s += time.perf_counter() - t
                 self._upload(step, plan.clean, hidden)
-                del hidden  # sent: the next forward runs without it
+                if est.local and est.base == 0 and not est.exact:
+                    kept[CLEAN] = hidden  # the one-sided difference subtracts it from every probe
+                del hidden  # sent: the next forward runs without it (unless kept)
                 if plan.clean.answer != GRAD:
                     pending.append(plan.clean)
                 elif cfg.sync_probes:  # the probes' projections need dL/dh: wait for it first
-                    clean, grad_h, server_meta = read_grad_h()
+                    self._read_grad_h(step)
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
             for forward in plan.probes(self.zo, step, rows, self.client_id):
-                hidden = self._forward(batch)
+                if est.exact:
+                    kept[forward.key] = self._tangent_forward(batch)
+                else:
+                    kept[forward.key] = self._forward(batch)
                 if forward.upload:
-                    client_s += time.perf_counter() - t
-                    self._upload(step, forward, hidden)
+                    self._client_s += time.perf_counter() - t
+                    self._upload(step, forward, kept.pop(forward.key))
                     pending.append(forward)
                     if cfg.sync_probes:
-                        drain()
+                        self._drain(step, pending, losses)
                     t = time.perf_counter()
-                elif forward.sign > 0:
-                    h_plus = hidden
-                else:
-                    # The first pair runs while the server computes dL/dh; its difference waits for it.
-                    diff = zo.cut_grad_difference(h_plus, hidden)
-                    hidden = h_plus = None
-                    if grad_h is None:  # the wait is not client compute
-                        client_s += time.perf_counter() - t
-                        clean, grad_h, server_meta = read_grad_h()
-                        t = time.perf_counter()
-                    grads.append(zo.cut_grad_dot(grad_h, diff, cfg.mu))
-                    del diff
-                del hidden
-            client_s += time.perf_counter() - t
-            grad_h = None
-            drain()
+                    continue
+                direction = est.difference(kept, forward.probe)
+                if direction is None:
+                    continue
+                if self._grad_h is None:  # the wait for dL/dh is not client compute
+                    self._client_s += time.perf_counter() - t
+                    self._read_grad_h(step)
+                    t = time.perf_counter()
+                grads.append(est.project(self._grad_h, direction, cfg.mu))
+                del direction
+            self._client_s += time.perf_counter() - t
+            kept.clear()
+            self._drain(step, pending, losses)
             t = time.perf_counter()
-            if plan.local_probes:
-                extra = [clean]
+            if est.local:
+                clean, extra = self._clean_loss, [self._clean_loss]
             else:
-                clean = losses.pop((0, 0), None)
-                grads = zo.projected_gradients(losses, plan.q, cfg.mu, plan.estimator, clean)
+                clean = losses.pop(CLEAN, None)
                 extra = [*losses.values(), *(() if clean is None else (clean,))]
+                grads = plan.grads(losses if clean is None else {**losses, CLEAN: clean})
+            self._grad_h = None
             loss = clean if clean is not None else sum(losses.values()) / len(losses)
             if report:
                 self._report(step, grads, rows, loss)
-                skipped = not zo.finite([*grads, *extra])
+                skipped = not finite([*grads, *extra])
             else:
-                skipped = plan.end(self.zo, step, grads, self.lr(step), cfg.weight_decay, rows, extra)
-            client_s += time.perf_counter() - t
+                skipped = plan.end(self.zo, step, [(0, grads, rows)], self.lr(step), cfg.weight_decay, extra)
+            self._client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
-        server_s = float(server_meta.get("server_s", 0.0))
+        server_s = float(self._server_meta.get("server_s", 0.0))
         encoded = zo.encode_rows(rows) if rows is not None else None
+        client_s = self._client_s
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
+
+    def _drain(self, step: int, pending: list, losses: dict) -> None:
+        """Read the answers of the uploads sent so far, into `losses` by key."""
+        while pending:
+            forward = pending.pop(0)
+            losses[forward.key], _, self._server_meta = self._answer(step, forward)
+
+    def _read_grad_h(self, step: int) -> None:
+        """A local estimator's answer to the clean upload: its loss, and dL/dh in float32."""
+        self._clean_loss, grad, self._server_meta = self._answer(step, self.plan.clean)
+        self._grad_h = grad.to(self.device, torch.float32)
+
+    def _tangent_forward(self, batch) -> torch.Tensor:
+        """J_w h . z of the current tangent (the plan's probe context): the activation's tangent from
+        a forward-mode pass at w, --client-micro-batch rows at a time."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        m = self.cfg.client_micro_batch or len(ids)
+        tangent = None
+        with compute_precision(self.cfg, self.device):
+            for lo in range(0, len(ids), m):
+                with zo.forward_mode():
+                    out = self.model(input_ids=ids[lo : lo + m], attention_mask=mask[lo : lo + m]).hidden
+                    part = fwAD.unpack_dual(out).tangent
+                if part is None:
+                    raise RuntimeError("the tangent forward's activation carries no tangent")
+                if tangent is None:
+                    tangent = part.new_empty((len(ids), *part.shape[1:]))
+                tangent[lo : lo + m] = part
+                del out, part
+        return tangent
 
     def _report(self, step: int, grads, rows, loss: float) -> None:
         """REPORT: this client's g (float64, exact) and the rows its tables used (hosl.clients)."""
@@ -452,7 +467,7 @@ class SplitServer:
             raise LinkError(f"the client sent step {batch.step}'s BATCH; this server is at step {self.steps_done}")
         self._trained = True
         losses = self._answer_step(batch)
-        self._update(batch.step, losses, zo.finite(losses.values()))
+        self._update(batch.step, losses, finite(losses.values()))
 
     def _answer_step(self, batch: Frame) -> dict[tuple[int, int], float]:
         """A step's uploads, answered; the gradient accumulated where the plan takes it. Returns
@@ -508,9 +523,8 @@ class SplitServer:
         t = time.perf_counter()
         lr = self.rate * lr_factor(cfg, step)
         if self.zo is not None:
-            losses = dict(losses)
-            clean = losses.pop((0, 0), None)
-            _, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay)
+            extra = list(losses.values())
+            skipped = plan.end(self.zo, step, [(0, plan.grads(losses), None)], lr, cfg.weight_decay, extra)
         else:
             if share > 1:
                 for group in self.optimizer.param_groups:
@@ -738,7 +752,9 @@ class FullModel:
             rows = step_rows(self.zo, batch, recorder, self.token_table)
             for forward in plan.probes(self.zo, step, rows):
                 losses[forward.key] = float(self._loss(batch))
-            grads, skipped = plan.end_from_losses(self.zo, step, losses, clean, lr, cfg.weight_decay, rows)
+            grads = plan.grads(losses if clean is None else {**losses, CLEAN: clean})
+            extra = [*losses.values(), *(() if clean is None else (clean,))]
+            skipped = plan.end(self.zo, step, [(0, grads, rows)], lr, cfg.weight_decay, extra)
         loss = clean if clean is not None else sum(losses.values()) / len(losses)
         encoded = zo.encode_rows(rows) if rows is not None else None
         return StepStats(loss, time.perf_counter() - start, 0.0, 0.0, skipped, grads, encoded)

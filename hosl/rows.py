@@ -14,10 +14,13 @@ The rows go into the replay log, so replay never needs to know how they were fou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.overrides import TorchFunctionMode
 
-from hosl import zo
+if TYPE_CHECKING:
+    from hosl import zo
 
 
 def embedding_tables(model: torch.nn.Module) -> list[str]:

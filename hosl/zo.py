@@ -1,28 +1,12 @@
-"""Zeroth-order (ZO) steps over a flat parameter buffer: the seeds, the perturb/restore schedule and
-the update, all as hosl.noise.add_ passes, so the noise is regenerated and never stored.
+"""The parameter buffer of a zeroth-order side: ZOParams, one flat buffer at a place in the noise
+stream, to which the passes of hosl.estimators are applied with hosl.noise.add_, so the noise is
+regenerated and never stored; zo_params_of builds a model side's.
 
-One ZO-SGD step with Q probes z_1..z_Q (each a seed; z is the seeded Gaussian of hosl.noise):
-
-    central:   g_q = (L(w + mu z_q) - L(w - mu z_q)) / (2 mu)
-    forward:   g_q = (L(w + mu z_q) - L(w)) / mu            (L(w) is the clean forward)
-    cut-grad:  g_q = < dL/dh, (h(w + mu z_q) - h(w - mu z_q)) / (2 mu) >
-               h is the client's output at the cut and dL/dh the server's gradient there at the clean
-               h (its backward yields it): the directional derivative of the linearised loss, formed
-               by the client from its own forwards, with no server round trip per probe.
-    update:             w <- (w - lr * (1/Q) * sum_q g_q z_q) * (1 - lr * weight_decay on decayed tensors)
-
-Passes (each one hosl.noise.add_ over the buffer), central and cut-grad: +mu z_1; flip to -mu z_1; restore
-z_1 and apply +mu z_2 in one pass; ... ; flip z_Q; then restore z_Q and the update in one pass with
-Q terms: 2Q+1 passes a step. forward: Q+1 passes. DESIGN.md counts 2Q: that needs the update folded
-into the next step's first +mu, which would leave the weights perturbed between steps (for
-evaluation, checkpoints and replay) to save one pass in 2Q+1; hosl keeps steps self-contained.
-
-The schedule is a pure function of (seeds, mu, estimator), and the update of (seeds, mu, lr,
-weight decay, the g_q); replaying the same passes from the same initial weights gives the same
-bits (hosl.replay). The +mu/-mu round trip is not exact in float32, and replay repeats it too.
 Scratch probes (PROBE_WRITES, _ScratchProbes) write no probe into the weights: each module's
 weights are perturbed in a scratch copy of them while it runs, the weights stay w, a step's end is
-the update alone, and replay is one pass per step.
+the update alone, and replay is one pass per step. Tangents (ZOParams.tangent, _Tangents) give the
+exact estimator its direction the same way: each module's parameters become dual tensors whose
+tangent, z at their own noise positions, is generated just before the module runs and dropped after.
 
 Row-sparse tables: a step's loss reads only the rows of an embedding table that its batch's tokens
 index, so ZOParams can perturb and update just those rows (hosl.noise.add_rows_), each element
@@ -43,134 +27,38 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from hosl import noise
+from hosl.estimators import estimator_of
 from hosl.flat import FlatParams
+from hosl.rows import embedding_tables
 
-ESTIMATORS = ("central", "forward", "cut-grad")
 # Where a probe's perturbation is written: into the weights that persist (and undone by the next
 # pass), or into a scratch copy of each module's weights just before the module runs.
-PROBE_WRITES = ("inplace", "scratch")
-# The noise passes each estimator runs: cut-grad probes +mu and -mu as central does.
-_PASSES = {"central": "central", "forward": "forward", "cut-grad": "central"}
+INPLACE, SCRATCH = "inplace", "scratch"
+PROBE_WRITES = (INPLACE, SCRATCH)
 
 
-def probe_seed(run_seed: int, step: int, probe: int, client: int = 0) -> int:
-    """The noise seed of probe `probe` at step `step` (of client `client` in a many-client run): a
-    63-bit hash, the same on every machine. Client 0's seeds are a one-client run's."""
-    key = f"hosl:{run_seed}:{step}:{probe}" + (f":{client}" if client else "")
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def step_seeds(run_seed: int, step: int, q: int, client: int = 0) -> list[int]:
-    return [probe_seed(run_seed, step, p, client) for p in range(q)]
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One forward of the schedule: the pass to apply before it, and which probe and sign it is."""
-
-    seeds: tuple[int, ...]
-    scales: tuple[float, ...]
-    probe: int
-    sign: int  # +1: w + mu z, -1: w - mu z
-
-
-def schedule(seeds: Sequence[int], mu: float, estimator: str) -> Iterator[Probe]:
-    """The perturbation passes of one step, one per probe forward, in order."""
-    estimator = pass_kind(estimator)
-    for q, s in enumerate(seeds):
-        if q == 0:
-            yield Probe((s,), (mu,), q, +1)
-        elif estimator == "central":  # at w - mu z_{q-1}: restore it and go to w + mu z_q in one pass
-            yield Probe((seeds[q - 1], s), (mu, mu), q, +1)
-        else:  # at w + mu z_{q-1}
-            yield Probe((seeds[q - 1], s), (-mu, mu), q, +1)
-        if estimator == "central":
-            yield Probe((s,), (-2 * mu,), q, -1)
-
-
-def pass_kind(estimator: str) -> str:
-    """The noise passes an estimator runs: central (+mu and -mu per probe) or forward (+mu)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    return _PASSES[estimator]
-
-
-def projected_gradients(
-    losses: dict[tuple[int, int], float], q: int, mu: float, estimator: str, clean: float | None = None
-) -> list[float]:
-    """g_q from the losses of the schedule's forwards (keyed by (probe, sign)) and, for the forward
-    estimator, the clean loss. (cut-grad forms its g_q from activations: cut_grad_projection.)"""
-    if estimator == "cut-grad":
-        raise ValueError("cut-grad's projected gradients come from activations, not losses")
-    if estimator == "central":
-        return [(losses[(p, +1)] - losses[(p, -1)]) / (2 * mu) for p in range(q)]
-    if clean is None:
-        raise ValueError("the forward estimator needs the clean loss")
-    return [(losses[(p, +1)] - clean) / mu for p in range(q)]
-
-
-def final_pass(
-    seeds: Sequence[int],
-    mu: float,
-    estimator: str,
-    lr: float,
-    grads: Sequence[float] | None,
-    restore: bool = True,
-    share: int = 1,
-) -> tuple[list[int], list[float]]:
-    """The pass that ends a step: undo the last perturbation (unless `restore` is False: scratch
-    probes leave nothing to undo) and, unless grads is None (a skipped step), apply
-    -lr/(share Q) * g_q z_q for every probe (share: the clients whose probes make up one update,
-    hosl.clients). Terms of the same seed are merged."""
-    terms: dict[int, float] = {}
-    if restore:
-        terms[seeds[-1]] = mu if pass_kind(estimator) == "central" else -mu
-    if grads is not None:
-        for s, g in zip(seeds, grads):
-            terms[s] = terms.get(s, 0.0) - lr * g / (len(seeds) * share)
-    return list(terms), list(terms.values())
-
-
-def conclude_step(
-    params, seeds, losses, clean, mu, estimator, lr, weight_decay, rows=None
-) -> tuple[list[float], bool]:
-    """End a step from its losses: the projected gradients, whether the step is skipped (any loss or
-    g not finite: the probes are still undone), and the final pass on `params`."""
-    grads = projected_gradients(losses, len(seeds), mu, estimator, clean)
-    extra = [*losses.values(), *(() if clean is None else (clean,))]
-    return grads, conclude_with(params, seeds, grads, mu, estimator, lr, weight_decay, rows, extra)
-
-
-def cut_grad_projection(grad_h: torch.Tensor, h_plus: torch.Tensor, h_minus: torch.Tensor, mu: float) -> float:
-    """cut-grad's g_q = < dL/dh, (h+ - h-) / (2 mu) >: cut_grad_dot of cut_grad_difference."""
-    return cut_grad_dot(grad_h, cut_grad_difference(h_plus, h_minus), mu)
-
-
-def cut_grad_difference(h_plus: torch.Tensor, h_minus: torch.Tensor) -> torch.Tensor:
-    """h+ - h-, elementwise and in float32: h+ and h- agree in most of their bits, and subtracting two
-    dot products would cancel them away. A float32 h_plus is consumed: it is overwritten with the
-    difference, so no third activation is allocated. The client forms it before dL/dh arrives."""
-    return h_plus.sub_(h_minus) if h_plus.dtype == torch.float32 else h_plus.float() - h_minus.float()
-
-
-def cut_grad_dot(grad_h: torch.Tensor, diff: torch.Tensor, mu: float) -> float:
-    """< dL/dh, diff / (2 mu) > for diff = h+ - h- (cut_grad_difference)."""
-    return float(torch.dot(grad_h.reshape(-1).float(), diff.reshape(-1))) / (2 * mu)
-
-
-def conclude_with(params, seeds, grads, mu, estimator, lr, weight_decay, rows=None, extra=()) -> bool:
-    """End a step from its projected gradients: skipped when any g (or any value in `extra`) is not
-    finite, the probes still undone; returns whether it was skipped."""
-    skipped = not finite([*grads, *extra])
-    params.end_step(seeds, mu, estimator, lr, weight_decay, None if skipped else grads, rows=rows)
-    return skipped
+def zo_params_of(model: torch.nn.Module, cfg, params=None, offset: int = 0) -> ZOParams:
+    """The ZO buffer of a model side: its trainable parameters in order (or `params`, named), with
+    its embedding tables row-sparse under --zo-embedding rows. hosl.replay builds the same one."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if params is None else params
+    tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
+    row_sparse = [n for n, _ in named if n in tables]
+    master = cfg.zo_master != "none"
+    params = ZOParams(named, offset=offset, row_sparse=row_sparse, probes=cfg.zo_probes, master=master)
+    if cfg.zo_probes == SCRATCH:
+        params.attach(model)
+    if estimator_of(cfg.zo_estimator).exact:
+        params.attach_tangents(model)
+    return params
 
 
 def decayed(param: torch.Tensor) -> bool:
@@ -193,7 +81,7 @@ class ZOParams:
         named_params: Sequence[tuple[str, torch.nn.Parameter]],
         offset: int = 0,
         row_sparse: Sequence[str] = (),
-        probes: str = "inplace",
+        probes: str = INPLACE,
         master: bool = True,
     ):
         if probes not in PROBE_WRITES:
@@ -202,7 +90,7 @@ class ZOParams:
         self.flat = FlatParams([p for _, p in named_params], master=master)
         # Weights in bfloat16 or float16 with no float32 master: written by stochastic rounding.
         self.native = self.flat.flat.dtype != torch.float32
-        if self.native and probes != "scratch":
+        if self.native and probes != SCRATCH:
             raise ValueError(
                 f"{str(self.flat.flat.dtype).removeprefix('torch.')} weights without a float32 master need "
                 "scratch probes: an in-place +mu / -mu would not give the weights back in low precision"
@@ -210,6 +98,7 @@ class ZOParams:
         self.offset = offset
         self.probes = probes
         self._scratch: _ScratchProbes | None = None
+        self._tangents: _Tangents | None = None
         self._rows_seen: list[tuple[object, int, torch.Tensor]] = []  # (given, table rows, checked)
         by_id = {id(p): n for n, p in named_params}
         self._decay = [(start, p.numel()) for p, start in zip(self.flat.params, self.flat.offsets) if decayed(p)]
@@ -234,6 +123,11 @@ class ZOParams:
             at = start + rows * width
         if at < self.numel:
             self._dense.append((at, self.numel))
+
+    @property
+    def in_place(self) -> bool:
+        """Whether a probe is written into the weights that persist (and undone by the next pass)."""
+        return self.probes == INPLACE
 
     @property
     def numel(self) -> int:
@@ -301,15 +195,6 @@ class ZOParams:
         for start, n in self._decay:
             buf[start : start + n].mul_(factor)
 
-    def end_step(self, seeds, mu, estimator, lr, weight_decay, grads, rows=None, share: int = 1) -> None:
-        """The final pass, then weight decay (skipped steps get neither update nor decay). Decay is
-        dense: it adds no noise, and decays every row as a first-order optimiser's would."""
-        self.update_(seeds, mu, estimator, lr, grads, rows, share, restore=self.probes == "inplace")
-        if grads is not None and weight_decay:
-            self.decay_(1.0 - lr * weight_decay, key=seeds)
-        if grads is not None:
-            self.check_finite()
-
     def check_finite(self) -> None:
         """DivergedError when a weight is not finite after an update of finite projected gradients:
         the rate is too large for them, and the run stops before the step is logged or saved (an
@@ -322,12 +207,6 @@ class ZOParams:
                 f"{bad} zeroth-order weights became non-finite in an update of finite projected gradients: the "
                 "rate is too large for them; start again with a lower rate"
             )
-
-    def update_(self, seeds, mu, estimator, lr, grads, rows=None, share: int = 1, restore: bool = False) -> None:
-        """The update pass alone (with the restore of an in-place last probe when `restore`)."""
-        terms = final_pass(seeds, mu, estimator, lr, grads, restore=restore, share=share)
-        if terms[0]:
-            self.add_(*terms, rows=rows)
 
     # -- weights without a float32 master ----------------------------------------------------------------
     def _rounded_dense(self, lo: int, hi: int, terms, factor: float, seed: int) -> None:
@@ -361,7 +240,7 @@ class ZOParams:
     # -- scratch probes ------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
         """Scratch probes on `model`, whose parameters this buffer holds: see _ScratchProbes."""
-        if self.probes != "scratch":
+        if self.probes != SCRATCH:
             raise ValueError("attach is for a buffer built with probes='scratch'")
         self._scratch = _ScratchProbes(self, model)
 
@@ -372,6 +251,21 @@ class ZOParams:
         if self._scratch is None:
             raise RuntimeError("scratch probes need the model attached (ZOParams.attach)")
         with self._scratch.probe(seed, scale, rows):
+            yield
+
+    # -- tangents (the exact estimator) --------------------------------------------------------------
+    def attach_tangents(self, model: torch.nn.Module) -> None:
+        """Tangents on `model`, whose parameters this buffer holds: see _Tangents."""
+        self._tangents = _Tangents(self, model)
+
+    @contextlib.contextmanager
+    def tangent(self, seed: int) -> Iterator[None]:
+        """Within the context, a forward of the attached model run under forward_mode() is a
+        forward-mode pass at w with tangent z(seed) on every parameter of the buffer: its output is
+        a dual tensor whose tangent is J_w h . z (torch.autograd.forward_ad.unpack_dual)."""
+        if self._tangents is None:
+            raise RuntimeError("tangents need the model attached (ZOParams.attach_tangents)")
+        with self._tangents.along(seed):
             yield
 
 
@@ -475,6 +369,108 @@ class _ScratchProbes:
                 view.index_copy_(0, picked.to(view.device), old)
 
 
+_DUAL_LEVEL = threading.Lock()
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """Where a tangent forward runs: a forward-AD dual level, with attention as SDPA's math form,
+    which has a forward-mode formula (_MathAttention). torch's dual level is one per process: the
+    tangent forwards of clients sharing a process (a local many-client run) take turns, each
+    holding it for one forward only."""
+    with _DUAL_LEVEL, fwAD.dual_level(), _MathAttention():
+        yield
+
+
+class _MathAttention(TorchFunctionMode):
+    """F.scaled_dot_product_attention as aten's math form, in this thread only: the fused kernels
+    have no forward-mode formula (pytorch #128971), and torch's sdpa_kernel switch is process-wide,
+    so it would change the other side's attention in a local run too (and its bits)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        mask, query = kwargs.pop("attn_mask", None), kwargs.pop("query")
+        if mask is not None and mask.dtype == torch.bool:  # SDPA's dispatch does this before the math form
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+        return torch.ops.aten._scaled_dot_product_attention_math(query, attn_mask=mask, **kwargs)[0]
+
+
+class _Tangents:
+    """Forward-mode tangents that are never stored whole. During a tangent forward, each module that
+    owns parameters of the buffer gets them as dual tensors just before it runs: the primal is the
+    parameter itself, the tangent z(seed) at the parameter's own noise positions (the z a probe or
+    the update applies there), generated then in the parameter's dtype; after the module runs the
+    parameters are put back and the tangent is dropped. The memory is one module's tangent at a
+    time. On a row-sparse table the tangent is dense: the rows a batch does not look up add nothing
+    to J h z, so its g is the rows' own."""
+
+    def __init__(self, params: ZOParams, model: torch.nn.Module):
+        self.params = params
+        buf = params.flat.flat
+        base, size = buf.data_ptr(), buf.element_size()
+        covered: set[int] = set()
+        self.owners: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
+        for module in model.modules():
+            own = []
+            for name, p in module._parameters.items():
+                if p is None or p.numel() == 0 or not base <= p.data_ptr() < base + buf.numel() * size:
+                    continue
+                start = (p.data_ptr() - base) // size
+                own.append((name, start))
+                covered.add(start)
+            if own:
+                index = len(self.owners)
+                self.owners.append((module, own))
+                module.register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
+                module.register_forward_hook(lambda _m, _a, _o, i=index: self._leave(i))
+        missing = [
+            tuple(p.shape) for p, s in zip(params.flat.params, params.flat.offsets) if p.numel() and s not in covered
+        ]
+        if missing:
+            raise ValueError(f"tangents: no module of the model holds the ZO parameter of shape {missing[0]}")
+        self.seed: int | None = None
+        self.saved: dict[int, list[list[torch.nn.Parameter]]] = {}
+
+    @contextlib.contextmanager
+    def along(self, seed: int):
+        if self.seed is not None:
+            raise RuntimeError("a tangent forward is already active")
+        self.seed = seed
+        try:
+            yield
+        finally:
+            for i, stack in self.saved.items():  # a forward that raised inside a module
+                while stack:
+                    self._put_back(i, stack.pop())
+            self.seed = None
+
+    def _enter(self, i: int) -> None:
+        if self.seed is None:
+            return
+        module, own = self.owners[i]
+        saved = []
+        for name, start in own:
+            p = module._parameters[name]
+            z = noise.gaussian(p.numel(), self.seed, offset=self.params.offset + start, device=p.device)
+            saved.append(p)
+            module._parameters[name] = fwAD.make_dual(p, z.view(p.shape).to(p.dtype))
+        self.saved.setdefault(i, []).append(saved)
+
+    def _leave(self, i: int) -> None:
+        if self.seed is None:
+            return
+        self._put_back(i, self.saved[i].pop())
+
+    def _put_back(self, i: int, saved: list[torch.nn.Parameter]) -> None:
+        module, own = self.owners[i]
+        for (name, _), p in zip(own, saved):
+            module._parameters[name] = p
+
+
 # Elements per float32 chunk of a stochastically rounded pass: its transient memory is a few of them.
 _ROUND_CHUNK = 1 << 18
 
@@ -499,10 +495,6 @@ def encode_rows(rows: Sequence) -> list[list[int] | None]:
 
 def decode_rows(encoded: Sequence) -> list[torch.Tensor | None]:
     return [None if gaps is None else torch.tensor(gaps, dtype=torch.int64).cumsum(0) for gaps in encoded]
-
-
-def finite(values) -> bool:
-    return all(math.isfinite(v) for v in values)
 
 
 # mu's sane range, relative to the RMS of the weights it perturbs (see check_mu): the floor is per

@@ -18,11 +18,12 @@ from _procs import free_port
 from safetensors.torch import load_file
 
 from hosl import clients as many
+from hosl import estimators, zo
 from hosl import train as trainer
-from hosl import zo
 from hosl.config import TrainConfig
 from hosl.models import build
 from hosl.optim import make_optimizer
+from hosl.plan import StepPlan
 from hosl.replay import client_zo_params, read_log, replay
 from hosl.rows import LookupRecorder, embedding_tables, step_rows
 from hosl.split import Activation, split_model
@@ -61,14 +62,15 @@ def test_one_client_through_the_rounds_is_the_one_client_run(tmp_path, monkeypat
 def _digests(monkeypatch):
     """Records a digest of each client's weights after each round's update."""
     seen: list[tuple[int, int, str]] = []
-    apply = many.apply_round
+    end = StepPlan.end
 
-    def recording(params, plan, rnd, entries, lr, weight_decay):
-        apply(params, plan, rnd, entries, lr, weight_decay)
+    def recording(plan, params, rnd, entries, lr, weight_decay, extra=()):
+        skipped = end(plan, params, rnd, entries, lr, weight_decay, extra)
         digest = hashlib.sha256(params.flat.flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         seen.append((rnd, id(params), digest))
+        return skipped
 
-    monkeypatch.setattr(many, "apply_round", recording)
+    monkeypatch.setattr(StepPlan, "end", recording)
     return seen
 
 
@@ -76,7 +78,15 @@ NO_MASTER = dict(dtype="bfloat16", zo_master="none", weight_decay=0.1)
 
 
 @pytest.mark.parametrize(
-    "per_round,extra", [(3, {}), (2, {}), (2, NO_MASTER)], ids=["all-sampled", "two-of-three", "bf16-no-master"]
+    "per_round,extra",
+    [
+        (3, {}),
+        (2, {}),
+        (2, NO_MASTER),
+        (2, {"zo_estimator": "cut-grad-one-sided"}),
+        (2, {"zo_estimator": "cut-grad-jvp"}),
+    ],
+    ids=["all-sampled", "two-of-three", "bf16-no-master", "one-sided", "jvp"],
 )
 def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatch, per_round, extra):
     """Stochastically rounded updates and decay (no float32 master) included: each client draws the
@@ -126,7 +136,7 @@ def _reference(cfg: TrainConfig):
             server(Activation(h, mask), labels=batch["labels"], labelled_only=True).loss.backward()
             grad_h, grads = h.grad, []
             for q in range(cfg.q):
-                seed = zo.probe_seed(cfg.seed, rnd, q, i)
+                seed = estimators.probe_seed(cfg.seed, rnd, q, i)
                 with torch.no_grad():
                     with params.perturbed(seed, cfg.mu, rows):
                         plus = client(input_ids=ids, attention_mask=mask).hidden
@@ -141,7 +151,7 @@ def _reference(cfg: TrainConfig):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for i, grads, rows in entries:
-            seeds = [zo.probe_seed(cfg.seed, rnd, q, i) for q in range(cfg.q)]
+            seeds = [estimators.probe_seed(cfg.seed, rnd, q, i) for q in range(cfg.q)]
             params.add_(seeds, [0.0 - cfg.client_lr * g / (cfg.q * k) for g in grads], rows=rows)
     return dict(client.named_parameters()), dict(server.named_parameters())
 

@@ -10,6 +10,7 @@ import torch
 
 from hosl import noise, zo
 from hosl.config import TrainConfig
+from hosl.estimators import ESTIMATORS
 from hosl.plan import GRAD, LOSS, METHODS, StepPlan
 
 HOSL = Path(__file__).resolve().parents[1] / "hosl"
@@ -26,6 +27,8 @@ TABLE = [
     (dict(method="hosl", zo_estimator="forward", q=3), 1 + 3, (0, 0), {LOSS}),
     (dict(method="hosl", zo_estimator="forward", q=3, server_grad="probe"), 1 + 3, (0, 1), {LOSS}),
     (dict(method="hosl", zo_estimator="cut-grad", q=3), 1, (0, 0), {GRAD}),
+    (dict(method="hosl", zo_estimator="cut-grad-one-sided", q=3), 1, (0, 0), {GRAD}),
+    (dict(method="hosl", zo_estimator="cut-grad-jvp", q=3), 1, (0, 0), {GRAD}),
     (dict(method="zo", zo_estimator="central", q=3), 2 * 3, None, {LOSS}),
     (dict(method="zo", zo_estimator="forward", q=3), 1 + 3, None, {LOSS}),
     (dict(method="fo"), 1, (0, 0), {GRAD}),
@@ -48,14 +51,18 @@ def test_probe_forwards_follow_the_schedule_order():
     assert [f.key for f in central.forwards] == [(0, 0), (0, 1), (0, -1), (1, 1), (1, -1)]
     cut = plan(method="hosl", zo_estimator="cut-grad", q=2)
     assert [f.key for f in cut.forwards] == [(0, 0), (0, 1), (0, -1), (1, 1), (1, -1)]
-    assert [f.upload for f in cut.forwards] == [True, False, False, False, False] and cut.local_probes
+    assert [f.upload for f in cut.forwards] == [True, False, False, False, False] and cut.estimator.local
     assert plan(method="zo", zo_estimator="central", q=2).clean is None
+    for name in ("cut-grad-one-sided", "cut-grad-jvp"):
+        one = plan(method="hosl", zo_estimator=name, q=2)
+        assert [f.key for f in one.forwards] == [(0, 0), (0, 1), (1, 1)], name
+        assert [f.upload for f in one.forwards] == [True, False, False]
 
 
-@pytest.mark.parametrize("estimator", ["central", "forward", "cut-grad"])
+@pytest.mark.parametrize("estimator", ["central", "forward", "cut-grad", "cut-grad-one-sided"])
 def test_the_walk_applies_the_passes_written_out_by_hand(estimator):
     """After each yielded probe the weights are w + sign mu z_probe (one rounding per pass), with the
-    passes as the zo module's docstring states them, written here without zo.schedule."""
+    passes as the estimators module's docstring states them, written here without its schedule."""
     cfg = TrainConfig(method="hosl", zo_estimator=estimator, q=3, mu=1e-2)
     p = StepPlan.of(cfg)
     w = torch.randn(1000, generator=torch.Generator().manual_seed(1))
@@ -69,7 +76,7 @@ def test_the_walk_applies_the_passes_written_out_by_hand(estimator):
             terms = [(s, -2 * mu)]
         elif previous is None:
             terms = [(s, mu)]
-        elif estimator == "forward":
+        elif estimator in ("forward", "cut-grad-one-sided"):
             terms = [(previous, -mu), (s, mu)]
         else:
             terms = [(previous, mu), (s, mu)]
@@ -109,6 +116,21 @@ def test_no_method_name_is_compared_outside_the_table():
         f"{path.name}:{n}: {line.strip()}"
         for path in sorted(HOSL.glob("*.py"))
         if path.name != "plan.py"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if compared.search(line)
+    ]
+    assert not found, found
+
+
+def test_no_estimator_or_probe_mode_name_is_compared_outside_its_table():
+    """The estimators are data (hosl.estimators.ESTIMATORS): no code elsewhere branches on a name of
+    one, nor on a probe mode other than through ZOParams.probes."""
+    names = "|".join(re.escape(f'"{n}"') for n in ESTIMATORS)
+    compared = re.compile(rf"(==|!=|\bin\b)\s*\(?({names})|({names})\s*(==|!=)|\bestimator\s*(==|!=)")
+    found = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(HOSL.glob("*.py"))
+        if path.name != "estimators.py"
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if compared.search(line)
     ]

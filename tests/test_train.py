@@ -14,7 +14,7 @@ import torch
 from _procs import free_port
 from safetensors.torch import load_file
 
-from hosl import noise, zo
+from hosl import estimators, noise, zo
 from hosl.config import TrainConfig, parse_config
 from hosl.models import build
 from hosl.replay import client_zo_params, read_log, replay
@@ -66,7 +66,7 @@ def test_projected_gradient_equals_independent_finite_difference(tmp_path):
     model, batches = _model_and_batch(cfg)
     client, _ = split_model(model, cfg.split_layer)
     params = list(client.parameters())
-    z = noise.gaussian(sum(p.numel() for p in params), seed=zo.probe_seed(cfg.seed, 0, 0))
+    z = noise.gaussian(sum(p.numel() for p in params), seed=estimators.probe_seed(cfg.seed, 0, 0))
     batch = batches(0)
 
     def loss_at(sign):
@@ -102,9 +102,9 @@ def test_expected_update_follows_the_true_gradient():
     mu, estimate = 1e-3, torch.zeros_like(true)
     with torch.no_grad():
         for probe in range(400):
-            seed = zo.probe_seed(1, 0, probe)
+            seed = estimators.probe_seed(1, 0, probe)
             lp, lm = None, None
-            for step in zo.schedule([seed], mu, "central"):
+            for step in estimators.schedule([seed], mu, estimators.ESTIMATORS["central"]):
                 params.add_(step.seeds, step.scales)
                 if step.sign > 0:
                     lp = loss().item()
@@ -121,13 +121,14 @@ def test_schedule_and_final_pass_undo_the_probes():
     buf = torch.nn.Parameter(torch.randn(10_000))
     params = zo.ZOParams([("w", buf)])
     before = params.flat.flat.clone()
-    seeds = zo.step_seeds(3, 0, 4)
-    for estimator in ("central", "forward"):
-        for probe in zo.schedule(seeds, 1e-3, estimator):
+    seeds = estimators.step_seeds(3, 0, 4)
+    for name in ("central", "forward", "cut-grad-one-sided"):
+        estimator = estimators.ESTIMATORS[name]
+        for probe in estimators.schedule(seeds, 1e-3, estimator):
             params.add_(probe.seeds, probe.scales)
-        params.end_step(seeds, 1e-3, estimator, 0.0, 0.0, [1.0] * 4)
+        params.add_(*estimators.end_terms(seeds, 1e-3, estimator, 0.0, [1.0] * 4))
         torch.testing.assert_close(params.flat.flat, before, rtol=0, atol=1e-6)
-    assert zo.probe_seed(0, 1, 2) != zo.probe_seed(0, 2, 1) and zo.probe_seed(0, 1, 2) < 2**63
+    assert estimators.probe_seed(0, 1, 2) != estimators.probe_seed(0, 2, 1) and estimators.probe_seed(0, 1, 2) < 2**63
 
 
 # --- the ZO client learns -------------------------------------------------------------------------------
@@ -162,6 +163,11 @@ CLIENT_ALONE = {
     "forward": dict(zo_estimator="forward", q=4, client_lr=5e-3),
     "cut-grad-client-lora": dict(zo_estimator="cut-grad", q=8, client_lr=3e-2, client_lora_r=8, server_lora_r=0),
     "cut-grad-bf16-no-master": dict(zo_estimator="cut-grad", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"),
+    "cut-grad-one-sided": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2),
+    "cut-grad-jvp": dict(zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2),
+    "cut-grad-jvp-bf16-no-master": dict(
+        zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"
+    ),
 }
 
 
@@ -181,23 +187,28 @@ def test_zo_client_alone_lowers_the_loss(tmp_path, overrides):
     assert gain > 0.15, gain
 
 
-@pytest.mark.parametrize("name", ["cut-grad-rows", "central", "cut-grad-bf16-no-master"])
+@pytest.mark.parametrize(
+    "name", ["cut-grad-rows", "central", "cut-grad-bf16-no-master", "cut-grad-one-sided", "cut-grad-jvp"]
+)
 def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch, name):
-    """The check above, with the sign of the ZO update flipped in zo.final_pass: the loss rises."""
-    final_pass = zo.final_pass
+    """The check above, with the sign of the ZO update flipped in estimators.end_terms: the loss rises."""
+    end_terms = estimators.end_terms
 
-    def flipped(seeds, mu, estimator, lr, grads, **kw):
-        return final_pass(seeds, mu, estimator, lr, None if grads is None else [-g for g in grads], **kw)
+    def flipped(seeds, mu, estimator, lr, grads, *args, **kw):
+        return end_terms(seeds, mu, estimator, lr, None if grads is None else [-g for g in grads], *args, **kw)
 
-    monkeypatch.setattr(zo, "final_pass", flipped)
+    monkeypatch.setattr(estimators, "end_terms", flipped)
     gain = _client_alone_gain(tmp_path, CLIENT_ALONE[name])
     assert gain < 0.0, gain
 
 
-def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path):
-    """cut-grad's g (from the server's dL/dh and the client's own probes) equals the loss difference
-    (L(w + mu z) - L(w - mu z)) / 2mu of the unsplit model, computed here from scratch, to first order."""
-    cfg = cfg_for(tmp_path, steps=1, zo_estimator="cut-grad", q=3, mu=1e-3, zo_embedding="all")
+@pytest.mark.parametrize("estimator", ["cut-grad", "cut-grad-one-sided", "cut-grad-jvp"])
+def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path, estimator):
+    """A cut-grad estimator's g (from the server's dL/dh and the client's own forwards) equals the
+    loss difference of the unsplit model, computed here from scratch, to first order: central,
+    (L(w + mu z) - L(w - mu z)) / 2mu, for cut-grad and for the JVP's exact derivative; one-sided,
+    (L(w + mu z) - L(w)) / mu, for cut-grad-one-sided."""
+    cfg = cfg_for(tmp_path, steps=1, zo_estimator=estimator, q=3, mu=1e-3, zo_embedding="all")
     run(cfg)
     g_run = read_log(tmp_path / "run" / "zo_log.jsonl")[0]["grads"]
 
@@ -206,7 +217,7 @@ def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path):
     params = list(client.parameters())
     batch = batches(0)
     for probe, g in enumerate(g_run):
-        z = noise.gaussian(sum(p.numel() for p in params), seed=zo.probe_seed(cfg.seed, 0, probe))
+        z = noise.gaussian(sum(p.numel() for p in params), seed=estimators.probe_seed(cfg.seed, 0, probe))
 
         def loss_at(sign, z=z):
             with torch.no_grad():
@@ -219,7 +230,10 @@ def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path):
                     p.copy_(s)
             return value
 
-        g_ref = (loss_at(+1) - loss_at(-1)) / (2 * cfg.mu)
+        if estimator == "cut-grad-one-sided":
+            g_ref = (loss_at(+1) - loss_at(0)) / cfg.mu
+        else:
+            g_ref = (loss_at(+1) - loss_at(-1)) / (2 * cfg.mu)
         assert abs(g - g_ref) <= 0.05 * abs(g_ref) + 0.02, (g_run, probe, g_ref)
     assert max(abs(g) for g in g_run) > 0.2
 
@@ -391,9 +405,9 @@ def test_hosl_with_frozen_client_is_fo_on_the_server(tmp_path):
         torch.testing.assert_close(trained[name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("estimator", ["central", "cut-grad"])
+@pytest.mark.parametrize("estimator", ["central", "cut-grad", "cut-grad-one-sided", "cut-grad-jvp"])
 def test_streaming_equals_synchronous(tmp_path, estimator):
-    extra = {"zo_estimator": estimator, "client_lr": 1e-2} if estimator == "cut-grad" else {}
+    extra = {"zo_estimator": estimator, "client_lr": 1e-2} if estimator.startswith("cut-grad") else {}
     run(cfg_for(tmp_path, "stream", q=3, **extra))
     run(cfg_for(tmp_path, "sync", q=3, sync_probes=True, **extra))
     a, b = weights(tmp_path / "stream"), weights(tmp_path / "sync")
@@ -526,8 +540,9 @@ def test_lora_per_side(tmp_path, client_r, server_r):
     _assert_replays(cfg, tmp_path / "run")
 
 
-def test_replay_is_bit_identical(tmp_path):
-    cfg = cfg_for(tmp_path, q=2, steps=8)
+@pytest.mark.parametrize("estimator", ["cut-grad", "cut-grad-one-sided", "cut-grad-jvp"])
+def test_replay_is_bit_identical(tmp_path, estimator):
+    cfg = cfg_for(tmp_path, q=2, steps=8, zo_estimator=estimator)
     run(cfg)
     _assert_replays(cfg, tmp_path / "run")
 
@@ -536,6 +551,8 @@ RESUMED = {
     "hosl": {},
     "fo": {"method": "fo"},
     "hosl-cut-grad": {"zo_estimator": "cut-grad", "q": 3},
+    "hosl-cut-grad-one-sided": {"zo_estimator": "cut-grad-one-sided", "q": 3},
+    "hosl-cut-grad-jvp": {"zo_estimator": "cut-grad-jvp", "q": 3},
     "hosl-bf16-no-master": {"dtype": "bfloat16", "zo_master": "none", "weight_decay": 0.1},
 }
 

@@ -2,10 +2,19 @@
 hosl.noise.gaussian, row-sparse passes against dense ones restricted to the rows, and cut-grad's
 projection against the loss difference it linearises."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from hosl import noise, zo
+from hosl import estimators, noise, zo
+from hosl.plan import StepPlan
+
+
+def _plan(estimator="central", q=2, mu=1e-3, seed=5):
+    """The step plan of a hosl run with this estimator: its seeds, probe passes and end."""
+    cfg = SimpleNamespace(method="hosl", q=q, mu=mu, seed=seed, zo_estimator=estimator, server_grad="clean")
+    return StepPlan.of(cfg)
 
 
 def _named():
@@ -28,22 +37,25 @@ def _expected_update(w0, seeds, grads, lr, weight_decay, decayed_spans, offset=0
     return w
 
 
-@pytest.mark.parametrize("estimator", ["central", "forward", "cut-grad"])
+@pytest.mark.parametrize("estimator", sorted(estimators.ESTIMATORS))
 @pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5], ids=["no-decay", "decay"])
-def test_end_step_is_the_zo_sgd_update(estimator, q, weight_decay):
-    """The schedule's passes and end_step leave w - lr/Q sum_q g_q z_q (decayed on matrices), to
+def test_step_end_is_the_zo_sgd_update(estimator, q, weight_decay):
+    """The plan's probe passes and its end leave w - lr/Q sum_q g_q z_q (decayed on matrices), to
     float32 rounding; the update is ~0.1 per element, so a flipped sign, a lost 1/Q or decay on the
     bias fail by far."""
     named = _named()
     params = zo.ZOParams(named)
+    if estimators.ESTIMATORS[estimator].exact:
+        params.attach_tangents(torch.nn.ParameterDict({n.replace(".", "_"): p for n, p in named}))
     w0 = params.flat.flat.clone()
-    seeds = zo.step_seeds(5, 3, q)
+    plan = _plan(estimator, q)
+    seeds = plan.seeds(3)
     grads = [1.5, -0.7, 2.0][:q]
-    lr, mu = 0.2, 1e-3
-    for probe in zo.schedule(seeds, mu, estimator):
-        params.add_(probe.seeds, probe.scales)
-    params.end_step(seeds, mu, estimator, lr, weight_decay, grads)
+    lr = 0.2
+    for _ in plan.probes(params, 3):
+        pass
+    plan.end(params, 3, [(0, grads, None)], lr, weight_decay)
     # Decay on proj.weight (0:30) and embed.weight (35:112), not on proj.bias (30:35).
     expected = _expected_update(w0, seeds, grads, lr, weight_decay, [(0, 30), (35, 112)])
     torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=2e-5)
@@ -53,10 +65,10 @@ def test_end_step_is_the_zo_sgd_update(estimator, q, weight_decay):
 def test_a_skipped_step_only_undoes_its_probes():
     params = zo.ZOParams(_named())
     w0 = params.flat.flat.clone()
-    seeds = zo.step_seeds(1, 0, 2)
-    for probe in zo.schedule(seeds, 1e-3, "central"):
-        params.add_(probe.seeds, probe.scales)
-    params.end_step(seeds, 1e-3, "central", 0.2, 0.5, None)
+    plan = _plan("central", 2)
+    for _ in plan.probes(params, 0):
+        pass
+    assert plan.end(params, 0, [(0, None, None)], 0.2, 0.5)
     torch.testing.assert_close(params.flat.flat, w0, rtol=0, atol=1e-6)
 
 
@@ -95,16 +107,17 @@ def test_passes_with_other_row_tensors_get_their_own_rows():
         assert torch.equal(table[rows] != before[rows], torch.ones(len(rows), 7, dtype=torch.bool))
 
 
-def test_row_sparse_end_step_is_the_update_on_those_rows():
+def test_row_sparse_step_end_is_the_update_on_those_rows():
     """The whole step with rows: touched rows and the dense part as the dense update, untouched rows
     only decayed, bit for bit."""
     params = zo.ZOParams(_named(), row_sparse=["embed.weight"])
     w0 = params.flat.flat.clone()
-    seeds, grads, lr = zo.step_seeds(2, 1, 2), [1.0, -2.0], 0.1
+    plan = _plan("central", 2, seed=2)
+    seeds, grads, lr = plan.seeds(1), [1.0, -2.0], 0.1
     rows = [torch.tensor([4, 1])]
-    for probe in zo.schedule(seeds, 1e-3, "central"):
-        params.add_(probe.seeds, probe.scales, rows=rows)
-    params.end_step(seeds, 1e-3, "central", lr, 0.5, grads, rows=rows)
+    for _ in plan.probes(params, 1, rows):
+        pass
+    plan.end(params, 1, [(0, grads, rows)], lr, 0.5)
     expected = _expected_update(w0, seeds, grads, lr, 0.5, [(0, 30), (35, 112)])
     got = params.flat.flat.double()
     torch.testing.assert_close(got[:35], expected[:35], rtol=0, atol=2e-5)
@@ -174,18 +187,18 @@ def test_cut_grad_projection_is_the_loss_difference_to_first_order():
     loss_of(h).backward()
     grad_h = h.grad.detach()
     mu = 1e-3
-    seeds = zo.step_seeds(0, 0, 4)
-    cut, central = [], []
-    h_plus = None
+    plan = _plan("cut-grad", 4, mu, seed=0)
+    cut, central, kept = [], [], {}
     with torch.no_grad():
-        for probe in zo.schedule(seeds, mu, "cut-grad"):
-            params.add_(probe.seeds, probe.scales)
-            out = first(x)
-            if probe.sign > 0:
-                h_plus = out
-            else:
-                central.append((loss_of(h_plus).item() - loss_of(out).item()) / (2 * mu))
-                cut.append(zo.cut_grad_projection(grad_h, h_plus, out, mu))
+        for forward in plan.probes(params, 0):
+            kept[forward.key] = first(x)
+            if forward.sign < 0:
+                central.append(
+                    (loss_of(kept[(forward.probe, 1)]).item() - loss_of(kept[forward.key]).item()) / (2 * mu)
+                )
+            direction = plan.estimator.difference(kept, forward.probe)
+            if direction is not None:
+                cut.append(plan.estimator.project(grad_h, direction, mu))
     for a, b in zip(cut, central):
         assert abs(a - b) <= 0.02 * abs(b) + 2e-3, (cut, central)
     assert max(abs(b) for b in central) > 0.05
@@ -231,7 +244,7 @@ def test_a_scratch_probe_sees_the_perturbed_weights_and_leaves_w_exactly(family)
     ref_client, ref = _client_of(family, probes="inplace")
     rows = [torch.unique(ids)] + [None] * (len(params.tables) - 1)
     w0 = params.flat.flat.clone()
-    seed, mu = zo.probe_seed(3, 1, 0), 1e-3
+    seed, mu = estimators.probe_seed(3, 1, 0), 1e-3
     for scale in (mu, -mu):
         with params.perturbed(seed, scale, rows):
             probe = _hidden(client, ids, mask)
@@ -302,7 +315,7 @@ def test_a_scratch_step_is_the_update_alone(estimator):
         m(torch.ones(2, 5))
         assert torch.equal(params.flat.flat, w0)
     grads = [0.5, -1.5]
-    params.end_step(plan.seeds(7), cfg.mu, estimator, 0.1, 0.0, grads)
+    plan.end(params, 7, [(0, grads, None)], 0.1, 0.0)
     expected = _expected_update(w0, plan.seeds(7), grads, 0.1, 0.0, [])
     torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=1e-7)
 
@@ -355,15 +368,16 @@ def _rounded_reference(w0, terms, seed, dtype, offset=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q", [1, 3])
-def test_without_a_master_end_step_is_the_stochastically_rounded_update(dtype, q):
-    """end_step on a low-precision buffer: w0 - lr/Q sum_q g_q z_q in float32, each element rounded
+def test_without_a_master_the_step_end_is_the_stochastically_rounded_update(dtype, q):
+    """A step's end on a low-precision buffer: w0 - lr/Q sum_q g_q z_q in float32, each element rounded
     to one of its two neighbours as the seeded uniform says, bit for bit; the update is ~0.1 per
     element, so a flipped sign or a lost 1/Q fail by far."""
     params = zo.ZOParams(_low_named(dtype), probes="scratch", master=False)
     assert params.flat.flat.dtype == dtype
     w0 = params.flat.flat.clone()
-    seeds, grads, lr = zo.step_seeds(5, 3, q), [1.5, -0.7, 2.0][:q], 0.2
-    params.end_step(seeds, 1e-3, "cut-grad", lr, 0.0, grads)
+    plan = _plan("cut-grad", q)
+    seeds, grads, lr = plan.seeds(3), [1.5, -0.7, 2.0][:q], 0.2
+    plan.end(params, 3, [(0, grads, None)], lr, 0.0)
     scales = [0.0 - lr * g / q for g in grads]
     expected = _rounded_reference(w0, (seeds, scales), zo._round_seed("add", seeds, scales), dtype)
     assert torch.equal(params.flat.flat.view(torch.int16), expected.view(torch.int16))
@@ -378,7 +392,7 @@ def test_without_a_master_rows_get_the_dense_bits_and_decay_is_rounded_too():
         _low_named(torch.bfloat16), offset=13, row_sparse=["embed.weight"], probes="scratch", master=False
     )
     before = sparse.flat.flat.clone()
-    seeds = zo.step_seeds(2, 0, 2)
+    seeds = estimators.step_seeds(2, 0, 2)
     rows = torch.tensor([9, 2, 2, 0])
     for p in (dense, sparse):
         p.add_(seeds, [0.3, -0.1], rows=[rows] if p is sparse else None)
@@ -392,7 +406,7 @@ def test_without_a_master_rows_get_the_dense_bits_and_decay_is_rounded_too():
     w = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
     decayed = zo.ZOParams([("w", w)], probes="scratch", master=False)
     for step in range(200):
-        decayed.decay_(1 - 1e-3, key=zo.step_seeds(0, step, 1))
+        decayed.decay_(1 - 1e-3, key=estimators.step_seeds(0, step, 1))
     assert abs(decayed.flat.flat.double().mean().item() - (1 - 1e-3) ** 200) < 0.01
     with pytest.raises(ValueError, match="needs the step's seeds"):
         decayed.decay_(0.5)
@@ -415,3 +429,121 @@ def test_without_a_master_the_probes_must_be_scratch_ones():
     with pytest.raises(ValueError, match="need scratch probes"):
         zo.ZOParams(_low_named(torch.bfloat16), master=False)
     assert zo.ZOParams(_low_named(torch.float32), master=False).native is False  # float32: its own master
+
+
+# -- the exact estimator: forward-mode tangents --------------------------------------------------------
+
+
+def _tangent_client(family, dtype=torch.float32, master=True):
+    """A 2-block client of `family` whose buffer carries tangents (row-sparse token table)."""
+    from _tiny_models import model
+
+    from hosl.rows import embedding_tables
+    from hosl.split import split_model
+
+    client, _ = split_model(model(family).to(dtype), 2)
+    for m in client.modules():
+        if isinstance(m, torch.nn.Embedding):
+            m.padding_idx = None  # its backward drops the padding row's gradient, which the forward reads
+    named = [(n, p) for n, p in client.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.requires_grad_(False)
+    tables = set(embedding_tables(client))
+    probes = "inplace" if master else "scratch"
+    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes=probes, master=master)
+    params.attach_tangents(client)
+    return client, params
+
+
+def _tangent_of(client, params, seed, ids, mask):
+    import torch.autograd.forward_ad as fwAD
+
+    with torch.no_grad(), params.tangent(seed), zo.forward_mode():
+        out = client(input_ids=ids, attention_mask=mask).hidden
+        return fwAD.unpack_dual(out).tangent
+
+
+@pytest.mark.parametrize("family", FAMILIES_SAMPLE)
+def test_a_tangent_forward_is_the_directional_derivative_autograd_gives(family):
+    """cut-grad-jvp's g = < dL/dh, J_w h . z > from a tangent forward (attention on SDPA's math
+    backend, the tangent generated module by module) equals < grad_w (dL/dh . h(w)), z > from
+    torch.autograd with z built from noise.gaussian, to float32 rounding; the weights are left
+    bit for bit as they were."""
+    from _tiny_models import batch
+
+    ids, mask, _ = batch()
+    client, params = _tangent_client(family)
+    w0 = params.flat.flat.clone()
+    grad_h = torch.randn(_hidden(client, ids, mask).shape, generator=torch.Generator().manual_seed(0))
+    for p in params.flat.params:
+        p.requires_grad_(True)
+    (client(input_ids=ids, attention_mask=mask).hidden * grad_h).sum().backward()
+    grad_w = torch.cat([p.grad.reshape(-1) for p in params.flat.params]).double()
+    for p in params.flat.params:
+        p.requires_grad_(False)
+    jvp = estimators.ESTIMATORS["cut-grad-jvp"]
+    for probe in range(3):
+        seed = estimators.probe_seed(9, 0, probe)
+        z = noise.gaussian(params.numel, seed).double()
+        want = float(grad_w @ z)
+        tangent = _tangent_of(client, params, seed, ids, mask)
+        got = jvp.project(grad_h, tangent, 1e-3)
+        assert abs(got - want) <= 1e-4 * abs(want) + 1e-5 * float(grad_w.norm() * z.norm()), (got, want)
+        assert abs(want) > 1e-3
+    assert jvp.exact and torch.equal(params.flat.flat, w0)
+    assert all(isinstance(p, torch.nn.Parameter) for p in client.parameters())  # put back after each module
+
+
+def _reference_tangent(family, client, params, seed, ids, mask) -> torch.Tensor:
+    """J_w h . z in float64 by torch.func.jvp on a float64 copy of `client`, z built from
+    noise.gaussian at each parameter's place in the buffer: no hook, no dual swap of hosl's."""
+    from _tiny_models import model
+    from torch.func import functional_call, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hosl.split import split_model
+
+    starts = {id(p): s for p, s in zip(params.flat.params, params.flat.offsets)}
+    placed = {n: starts[id(p)] for n, p in client.named_parameters() if id(p) in starts}
+    ref, _ = split_model(model(family).double(), 2)
+    ref.load_state_dict({k: v.double() for k, v in client.state_dict().items()})
+    z = noise.gaussian(params.numel, seed).double()
+    primals = {n: p.detach() for n, p in ref.named_parameters() if n in placed}
+    tangents = {n: z[placed[n] : placed[n] + p.numel()].view_as(p) for n, p in primals.items()}
+
+    def hidden(weights):
+        return functional_call(ref, weights, (), {"input_ids": ids, "attention_mask": mask}).hidden
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        return jvp(hidden, (primals,), (tangents,))[1]
+
+
+def test_jvp_in_bfloat16_is_several_times_closer_than_a_central_difference():
+    """A bfloat16 client without a master: g from a tangent forward, against a float64 reference
+    (torch.func.jvp), has a median relative error several times below a central difference of two
+    bfloat16 activations (their difference is at the scale of their rounding). A dropped tangent
+    (error 1) or a flipped one (error 2) fails; so does a JVP no better than the difference."""
+    from _tiny_models import batch
+
+    ids, mask, _ = batch()
+    client, params = _tangent_client("llama", torch.bfloat16, master=False)
+    params.attach(client)  # scratch probes, for the central difference
+    grad_h = torch.randn(_hidden(client, ids, mask).shape, generator=torch.Generator().manual_seed(1))
+    jvp, central = estimators.ESTIMATORS["cut-grad-jvp"], estimators.ESTIMATORS["central"]
+    mu = 1e-2  # above half a bfloat16 ulp of these weights (check_mu's floor), as a run must be
+    zo.check_mu(params, mu)
+    errors: dict[str, list[float]] = {"jvp": [], "central": []}
+    for probe in range(8):
+        seed = estimators.probe_seed(4, 0, probe)
+        want = float((_reference_tangent("llama", client, params, seed, ids, mask) * grad_h.double()).sum())
+        got_jvp = jvp.project(grad_h, _tangent_of(client, params, seed, ids, mask), mu)
+        kept = {}
+        for sign in (+1, -1):
+            with params.perturbed(seed, sign * mu):
+                kept[(0, sign)] = _hidden(client, ids, mask)
+        got_central = central.project(grad_h, central.difference(kept, 0), mu)
+        errors["jvp"].append(abs(got_jvp - want) / abs(want))
+        errors["central"].append(abs(got_central - want) / abs(want))
+    jvp_err, central_err = (sorted(e)[len(e) // 2] for e in (errors["jvp"], errors["central"]))
+    assert jvp_err * 4 < central_err, (jvp_err, central_err)
+    assert jvp_err < 0.1, jvp_err
