@@ -85,7 +85,8 @@ def suite_runs(args) -> list[tuple[str, str, int, int | None, list[str]]]:
     if args.suite == "default":
         for seed in args.seeds:
             for variant, flags in DEFAULT_VARIANTS.items():
-                runs.append((f"{variant}-s{seed}", variant, seed, None, ["--server-lr", "0", *flags]))
+                if args.variants is None or variant in args.variants:
+                    runs.append((f"{variant}-s{seed}", variant, seed, None, ["--server-lr", "0", *flags]))
         return runs
     from bench_accuracy import common_flags
 
@@ -190,6 +191,10 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report", action="store_true", help="only the tables of the finished runs")
     parser.add_argument("--out-root", default=None, help="run directories (default: runs/bench_client_<suite>)")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=sorted({*DEFAULT_VARIANTS, *smollm2_variants("0")}),
+        help="a subset of the suite's variants (default: all; the smollm2 suite's fo/frozen sweep always runs)",
+    )  # fmt: skip
     smol = parser.add_argument_group("smollm2 suite")
     smol.add_argument(
         "--ks",
@@ -201,9 +206,6 @@ def main(argv=None):
     smol.add_argument("--split-layer", type=int, default=10, help="the k of the variant comparison")
     smol.add_argument("--steps", type=int, default=100)
     smol.add_argument("--client-lr", default="1e-5", help="the ZO client's rate for the hosl variants")
-    smol.add_argument(
-        "--variants", nargs="+", default=None, choices=list(smollm2_variants("0")), help="a subset (default: all)"
-    )
     smol.add_argument("--task", default="sst2")
     smol.add_argument("--train-examples", type=int, default=1000)
     smol.add_argument("--eval-examples", type=int, default=300)

@@ -31,6 +31,10 @@ Methods (rows):
   hosl in that setting is the default, a float32 master of the ZO weights;
 * floor: no link and no training: the client's weights and one forward in inference mode, in a
   process of its own. This is the least any client of this split can hold.
+On request (--methods, beside floor and fo, which are always measured):
+* fo-ckpt: fo with --client-checkpointing, each client block recomputed in the backward: the
+  memory-frugal first-order client;
+* hosl-cut-grad, hosl-one-sided, hosl-jvp: hosl's client with each cut-grad estimator at Q = 1.
 
 Accounted, beside each measurement (bytes; read from the live objects, not estimated):
 * weights: the client's distinct parameters and buffers;
@@ -91,7 +95,19 @@ QUICK = dict(
     ks=[1, 3, 6], batches=[4, 16], seq=32,
 )  # fmt: skip
 METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
-MARKERS = {"floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^"}
+# Rows measured on request (--methods): fo with --client-checkpointing, and hosl's client with each
+# cut-grad estimator at Q = 1 (cut-grad and one-sided hold dL/dh and a second activation; the JVP
+# holds dL/dh and a forward-mode pass's primal and tangent).
+EXTRA = {
+    "fo-ckpt": {"client_checkpointing": True},
+    "hosl-cut-grad": {"zo_estimator": "cut-grad"},
+    "hosl-one-sided": {"zo_estimator": "cut-grad-one-sided"},
+    "hosl-jvp": {"zo_estimator": "cut-grad-jvp"},
+}
+MARKERS = {
+    "floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^", "fo-ckpt": "v",
+    "hosl-cut-grad": "P", "hosl-one-sided": "p", "hosl-jvp": "*",
+}  # fmt: skip
 
 
 def methods_for(dtype: str) -> list[str]:
@@ -147,7 +163,7 @@ def worker(spec: dict) -> None:
     rates = {rate: 1e-5 for rate in method_of(split_method).rates}  # the config refuses a rate the method ignores
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,
-        mu=1e-3, timeout=600.0, zo_estimator="central", **rates, **low,
+        mu=1e-3, timeout=600.0, **{"zo_estimator": "central", **EXTRA.get(method, {})}, **rates, **low,
         **({"client_micro_batch": spec.get("micro_batch", 0)} if split_method != "fo" else {}),
     )  # fmt: skip
     link = dist_link(timeout=cfg.timeout)
@@ -430,6 +446,11 @@ def main(argv=None):
         help="the client's weights (float32; a low one adds hosl-no-master beside hosl's float32 master)",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="measurements at once, each in its own processes (1)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=[*METHODS, "hosl-no-master", *EXTRA],
+        help=f"the rows to measure, with floor and fo always (default: {' '.join(METHODS)}, and hosl-no-master "
+        "with --dtype)",
+    )  # fmt: skip
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -467,8 +488,9 @@ def main(argv=None):
 
     seq = setting["seq"]
     # Each measurement is its own processes and reads its own peak, so --jobs of them may run at once
-    # (on a small machine that only slows each down; the numbers do not depend on it).
-    methods = methods_for(args.dtype)
+    # (on a small machine that only slows each down; the numbers do not depend on it). Every row is
+    # read against floor and fo, which are always measured.
+    methods = list(dict.fromkeys(["floor", *(args.methods or methods_for(args.dtype)), "fo"]))
     settings = [(batch, k, method) for batch in setting["batches"] for k in setting["ks"] for method in methods]
 
     def one(job):

@@ -173,6 +173,13 @@ class TrainConfig:
         default="adamw", metadata=_help("first-order optimiser (server; client too for fo)", choices=("sgd", "adamw"))
     )
     momentum: float = field(default=0.0, metadata=_help("SGD momentum (0: none, as in the paper)"))
+    client_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "fo: each client block keeps only its input in the forward and recomputes its activations in the "
+            "backward (torch.utils.checkpoint), the memory-frugal first-order client; the same gradients"
+        ),
+    )
     weight_decay: float = field(
         default=0.0, metadata=_help("decoupled weight decay, not on biases and norms (ZO and FO alike)")
     )
@@ -442,6 +449,7 @@ class TrainConfig:
             "server_threads": not method.split,
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
+            "client_checkpointing": not (method.split and method.client.order == FO),
             "server_micro_batch": not method.split,
             "server_batch_probes": not method.hybrid or estimator_of(self.zo_estimator).local,
             "clients_per_round": self.clients == 1,
@@ -637,7 +645,8 @@ SECTIONS = {
                                 "client_micro_batch", "server_batch_probes", "server_micro_batch",
                                 "server_grad"],
     "optimisation": [
-        "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "weight_decay",
+        "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "client_checkpointing",
+        "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",
     ],
     "evaluation, logs and checkpoints": [

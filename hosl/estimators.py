@@ -63,6 +63,12 @@ class Estimator:
         return self.local or self.base == 0
 
     @property
+    def keeps_clean(self) -> bool:
+        """Whether the client keeps the clean activation through the step: a local one-sided
+        difference subtracts it from every probe's."""
+        return self.local and self.base == 0 and not self.exact
+
+    @property
     def span(self) -> int:
         """The distance, in mu, between the two points of a difference: 2 (central) or 1 (one-sided)."""
         return 1 - self.base

@@ -42,7 +42,15 @@ from hosl.optim import SkipCounter, fo_update, lr_factor, make_optimizer
 from hosl.plan import FO, GRAD, ZO, StepPlan
 from hosl.rows import LookupRecorder, input_embedding, step_rows
 from hosl.scoring import target_scores
-from hosl.split import Activation, ClientModel, ServerModel, labelled_forward, labelled_positions, split_model
+from hosl.split import (
+    Activation,
+    ClientModel,
+    ServerModel,
+    checkpoint_blocks,
+    labelled_forward,
+    labelled_positions,
+    split_model,
+)
 from hosl.transport import Link, LinkError
 from hosl.zo import zo_params_of
 
@@ -114,6 +122,8 @@ class SplitClient:
         if update.order == FO:
             self.zo = None
             self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
+            if cfg.client_checkpointing:
+                checkpoint_blocks(model)
         else:
             self.zo = zo_params_of(model, cfg)
             zo.check_mu(self.zo, cfg.mu)
@@ -220,8 +230,8 @@ class SplitClient:
                 hidden, rows = self._clean_forward(batch)
                 self._client_s += time.perf_counter() - t
                 self._upload(step, plan.clean, hidden)
-                if est.local and est.base == 0 and not est.exact:
-                    kept[CLEAN] = hidden  # the one-sided difference subtracts it from every probe
+                if est.keeps_clean:
+                    kept[CLEAN] = hidden
                 del hidden  # sent: the next forward runs without it (unless kept)
                 if plan.clean.answer != GRAD:
                     pending.append(plan.clean)
@@ -231,10 +241,7 @@ class SplitClient:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
             for forward in plan.probes(self.zo, step, rows, self.client_id):
-                if est.exact:
-                    kept[forward.key] = self._tangent_forward(batch)
-                else:
-                    kept[forward.key] = self._forward(batch)
+                kept[forward.key] = self._tangent_forward(batch) if est.exact else self._forward(batch)
                 if forward.upload:
                     self._client_s += time.perf_counter() - t
                     self._upload(step, forward, kept.pop(forward.key))

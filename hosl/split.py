@@ -35,6 +35,7 @@ side (they set the shared blocks' flags); the original model's own tie is left a
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Activation",
@@ -282,6 +284,20 @@ class ServerModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.source}: blocks [{self.k}, {self.num_blocks}) + final norm + head"
+
+
+def checkpoint_blocks(client: ClientModel) -> int:
+    """Makes each of the client's blocks keep only its input in the forward and recompute its
+    activations in the backward (torch.utils.checkpoint, non-reentrant): a first-order client's saved
+    activations shrink to one block's inputs per block plus the one block being recomputed. The
+    recomputation repeats the forward, so the gradients are the same. Returns the blocks wrapped."""
+    lists = [m for m in client.stack.children() if isinstance(m, nn.ModuleList) and len(m) == client.k]
+    if client.k and len(lists) != 1:
+        raise SplitError(f"cannot checkpoint {client.source}'s client: no single list of its {client.k} blocks")
+    for block in lists[0] if client.k else ():
+        if not isinstance(block.forward, functools.partial):  # already wrapped: once is enough
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return client.k
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:

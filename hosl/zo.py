@@ -401,11 +401,11 @@ class _MathAttention(TorchFunctionMode):
 
 class _Tangents:
     """Forward-mode tangents that are never stored whole. During a tangent forward, each module that
-    owns parameters of the buffer gets them as dual tensors just before it runs: the primal is the
-    parameter itself, the tangent z(seed) at the parameter's own noise positions (the z a probe or
-    the update applies there), generated then in the parameter's dtype; after the module runs the
-    parameters are put back and the tangent is dropped. The memory is one module's tangent at a
-    time. On a row-sparse table the tangent is dense: the rows a batch does not look up add nothing
+    owns parameters of the buffer gets them as dual tensors just before it runs: the primal a copy of
+    the parameter, the tangent z(seed) at the parameter's own noise positions (the z a probe or the
+    update applies there), generated then in the parameter's dtype; after the module runs the
+    parameters are put back and the copy and the tangent are dropped. The memory is one module's
+    weights twice at a time. On a row-sparse table the tangent is dense: the rows a batch does not look up add nothing
     to J h z, so its g is the rows' own."""
 
     def __init__(self, params: ZOParams, model: torch.nn.Module):
@@ -457,7 +457,9 @@ class _Tangents:
             p = module._parameters[name]
             z = noise.gaussian(p.numel(), self.seed, offset=self.params.offset + start, device=p.device)
             saved.append(p)
-            module._parameters[name] = fwAD.make_dual(p, z.view(p.shape).to(p.dtype))
+            # The primal is a copy: a view into the buffer would make forward AD zero a tangent the
+            # size of the whole buffer for every parameter (dual tensors keep a view's layout).
+            module._parameters[name] = fwAD.make_dual(p.detach().clone(), z.view(p.shape).to(p.dtype))
         self.saved.setdefault(i, []).append(saved)
 
     def _leave(self, i: int) -> None:

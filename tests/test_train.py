@@ -386,6 +386,57 @@ def test_zo_split_equals_zo_full(tmp_path, probes):
     torch.testing.assert_close(split["server.lm.lm_head.weight"], full["lm_head.weight"], rtol=0, atol=1e-6)
 
 
+def test_client_checkpointing_trains_fo_to_the_same_bits(tmp_path, monkeypatch):
+    """--client-checkpointing recomputes each client block in the backward: the run's weights and
+    losses are fo's, bit for bit (k = 2, so two blocks are wrapped, and only in that run)."""
+    from hosl import roles
+
+    wrapped = []
+    real = roles.checkpoint_blocks
+    monkeypatch.setattr(roles, "checkpoint_blocks", lambda client: wrapped.append(real(client)))
+    run(cfg_for(tmp_path, "plain", method="fo", split_layer=2, steps=3))
+    assert wrapped == []
+    run(cfg_for(tmp_path, "ckpt", method="fo", split_layer=2, steps=3, client_checkpointing=True))
+    assert wrapped == [2]
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="--client-checkpointing true is not used by --method hosl"):
+        TrainConfig(method="hosl", client_checkpointing=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_checkpointed_blocks_save_only_their_inputs(family):
+    """A checkpointed client's forward saves for the backward one block input per block (and the
+    embedding's), far less than the plain forward; the gradients are the same."""
+    from _tiny_models import batch, model
+
+    from hosl.split import checkpoint_blocks
+
+    ids, mask, _ = batch()
+
+    def saved_and_grads(wrap):
+        client, _ = split_model(model(family), 3)
+        if wrap:
+            assert checkpoint_blocks(client) == 3
+        saved = []
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                saved.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = client(input_ids=ids, attention_mask=mask).hidden
+        h.pow(2).sum().backward()
+        return sum(saved), [p.grad.clone() for p in client.parameters()]
+
+    plain, plain_grads = saved_and_grads(False)
+    wrapped, wrapped_grads = saved_and_grads(True)
+    assert wrapped * 4 < plain, (wrapped, plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, wrapped_grads))
+
+
 def test_hosl_with_frozen_client_is_fo_on_the_server(tmp_path):
     """client lr 0: the server trains exactly as FO on the clean activations of the initial client."""
     cfg = cfg_for(tmp_path, client_lr=0.0, optimizer="sgd", server_lr=0.05)
