@@ -32,8 +32,9 @@ Methods (rows):
 * floor: no link and no training: the client's weights and one forward in inference mode, in a
   process of its own. This is the least any client of this split can hold.
 On request (--methods, beside floor and fo, which are always measured):
-* fo-ckpt: fo with --client-checkpointing, each client block recomputed in the backward: the
-  memory-frugal first-order client;
+* fo-ckpt: fo with --client-checkpointing, each client block recomputed in the backward;
+* fo-sgd-ckpt-fused: fo-sgd with --client-checkpointing and --client-fused-step (each parameter
+  stepped and its gradient freed as soon as it is complete): the memory-frugal first-order client;
 * hosl-cut-grad, hosl-one-sided, hosl-jvp: hosl's client with each cut-grad estimator at Q = 1.
 
 Accounted, beside each measurement (bytes; read from the live objects, not estimated):
@@ -100,12 +101,14 @@ METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
 # holds dL/dh and a forward-mode pass's primal and tangent).
 EXTRA = {
     "fo-ckpt": {"client_checkpointing": True},
+    "fo-sgd-ckpt-fused": {"client_checkpointing": True, "client_fused_step": True},
     "hosl-cut-grad": {"zo_estimator": "cut-grad"},
     "hosl-one-sided": {"zo_estimator": "cut-grad-one-sided"},
     "hosl-jvp": {"zo_estimator": "cut-grad-jvp"},
 }
 MARKERS = {
     "floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^", "fo-ckpt": "v",
+    "fo-sgd-ckpt-fused": "<",
     "hosl-cut-grad": "P", "hosl-one-sided": "p", "hosl-jvp": "*",
 }  # fmt: skip
 
@@ -157,7 +160,7 @@ def worker(spec: dict) -> None:
 
     split_method = "fo" if method.startswith("fo") else "hosl" if method.startswith("hosl") else method
     low = {"dtype": dtype_name} | ({"zo_master": "none"} if method == "hosl-no-master" else {})
-    optimizer = "sgd" if method == "fo-sgd" else "adamw"
+    optimizer = "sgd" if method.startswith("fo-sgd") else "adamw"
     # hosl's loss-difference step (central): the client holds one activation at a time. (cut-grad
     # also holds dL/dh and one probe's activation: two activations more, not measured here.)
     rates = {rate: 1e-5 for rate in method_of(split_method).rates}  # the config refuses a rate the method ignores
@@ -330,6 +333,18 @@ def watch_link(link) -> dict:
 
 
 def watch_optimizer(optimizer, parts: dict) -> None:
+    if hasattr(optimizer, "optimizers"):  # a fused step (--client-fused-step): one optimiser per parameter
+        for one in optimizer.optimizers:
+            watch_optimizer(one, parts)  # gradients: the largest one held when its parameter steps
+        state: dict[int, int] = {}  # every parameter's optimiser state, summed
+
+        def total(one, *_):
+            state[id(one)] = sum(v.nbytes for s in one.state.values() for v in s.values() if hasattr(v, "nbytes"))
+            parts["optimizer_state"] = max(parts["optimizer_state"], sum(state.values()))
+
+        for one in optimizer.optimizers:
+            one.register_step_post_hook(total)
+        return
     step = optimizer.step
 
     def counted(*args, **kwargs):

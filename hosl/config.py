@@ -180,6 +180,13 @@ class TrainConfig:
             "backward (torch.utils.checkpoint), the memory-frugal first-order client; the same gradients"
         ),
     )
+    client_fused_step: bool = field(
+        default=False,
+        metadata=_help(
+            "fo: the client's optimiser steps each parameter as soon as its gradient is complete in the backward "
+            "and frees that gradient, so no gradient buffer is held; a non-finite gradient then stops the run"
+        ),
+    )
     weight_decay: float = field(
         default=0.0, metadata=_help("decoupled weight decay, not on biases and norms (ZO and FO alike)")
     )
@@ -450,6 +457,7 @@ class TrainConfig:
             "sync_probes": not method.split,
             "client_micro_batch": not (method.split and method.client.order == ZO),
             "client_checkpointing": not (method.split and method.client.order == FO),
+            "client_fused_step": not (method.split and method.client.order == FO),
             "server_micro_batch": not method.split,
             "server_batch_probes": not method.hybrid or estimator_of(self.zo_estimator).local,
             "clients_per_round": self.clients == 1,
@@ -646,7 +654,7 @@ SECTIONS = {
                                 "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "client_checkpointing",
-        "weight_decay",
+        "client_fused_step", "weight_decay",
         "batch_size", "steps", "seed", "max_skipped",
     ],
     "evaluation, logs and checkpoints": [

@@ -5,6 +5,7 @@ run whose steps keep being skipped."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,6 +42,71 @@ def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -
             )
     optimizer.zero_grad(set_to_none=True)
     return skipped
+
+
+class FusedStep:
+    """The optimiser applied to each parameter the moment its gradient is complete in the backward
+    (a post-accumulate-grad hook), and that gradient freed there: no gradient buffer is held beside
+    the weights. One optimiser per parameter, built by make_optimizer for that parameter alone
+    (AdamW and SGD update each parameter on its own, so the update is the grouped optimiser's).
+
+    A step runs as `with fused.stepping(lr, step): loss.backward()`. A non-finite gradient cannot skip
+    a step whose other parameters have already moved: it stops the run (DivergedError), as a weight
+    made non-finite does. A step whose loss is not finite runs no backward and is skipped whole.
+    state_dict / load_state_dict hold every parameter's optimiser state, for checkpoints."""
+
+    def __init__(self, params, cfg: TrainConfig, lr: float, side: str = "client"):
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizers = [make_optimizer([p], cfg, lr) for p in self.params]
+        self.side, self._lr, self._step = side, lr, None
+        for p, optimizer in zip(self.params, self.optimizers):
+            p.register_post_accumulate_grad_hook(functools.partial(self._apply, optimizer))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for optimizer in self.optimizers for p, s in optimizer.state.items()}
+
+    def stepping(self, lr: float, step: int):
+        """The context of one step's backward, at rate lr."""
+        self._lr, self._step = lr, step
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        step, self._step = self._step, None
+        if exc[0] is None and not all_finite(self.params):
+            raise DivergedError(
+                f"the {self.side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
+                "large for them); start the run again with a lower rate (a resumed run keeps its rate)"
+            )
+
+    def _apply(self, optimizer, p: torch.Tensor) -> None:
+        if self._step is None:
+            raise RuntimeError("a fused optimiser step outside FusedStep.stepping()")
+        if not all_finite([p.grad]):
+            raise DivergedError(
+                f"a gradient of the {self.side} is not finite at step {self._step}, and a fused step cannot be "
+                "skipped (its other parameters may have moved); start again with a lower rate"
+            )
+        set_lr(optimizer, self._lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"per_parameter": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("per_parameter")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError("the optimiser state is not a fused one of these parameters")
+        for optimizer, one in zip(self.optimizers, states):
+            optimizer.load_state_dict(one)
 
 
 class SkipCounter:

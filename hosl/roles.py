@@ -38,7 +38,7 @@ from hosl.boundary import Frame, Kind
 from hosl.config import TrainConfig
 from hosl.estimators import CLEAN, finite
 from hosl.models import compute_precision
-from hosl.optim import SkipCounter, fo_update, lr_factor, make_optimizer
+from hosl.optim import FusedStep, SkipCounter, fo_update, lr_factor, make_optimizer
 from hosl.plan import FO, GRAD, ZO, StepPlan
 from hosl.rows import LookupRecorder, input_embedding, step_rows
 from hosl.scoring import target_scores
@@ -121,7 +121,10 @@ class SplitClient:
         self.rate = getattr(cfg, update.lr)
         if update.order == FO:
             self.zo = None
-            self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
+            if cfg.client_fused_step:
+                self.optimizer = FusedStep([p for _, p in params], cfg, self.rate)
+            else:
+                self.optimizer = make_optimizer([p for _, p in params], cfg, self.rate)
             if cfg.client_checkpointing:
                 checkpoint_blocks(model)
         else:
@@ -336,9 +339,15 @@ class SplitClient:
         self._upload(step, forward, hidden.detach())
         loss, grad_h, meta = self._answer(step, forward)
         t = time.perf_counter()
-        if math.isfinite(loss):
-            hidden.backward(grad_h.to(hidden.device, hidden.dtype))
-        skipped = fo_update(self.optimizer, self.lr(step), math.isfinite(loss), "client", step)
+        if isinstance(self.optimizer, FusedStep):  # each parameter steps inside the backward
+            if math.isfinite(loss):
+                with self.optimizer.stepping(self.lr(step), step):
+                    hidden.backward(grad_h.to(hidden.device, hidden.dtype))
+            skipped = not math.isfinite(loss)
+        else:
+            if math.isfinite(loss):
+                hidden.backward(grad_h.to(hidden.device, hidden.dtype))
+            skipped = fo_update(self.optimizer, self.lr(step), math.isfinite(loss), "client", step)
         client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
         server_s = float(meta.get("server_s", 0.0))

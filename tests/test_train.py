@@ -405,6 +405,47 @@ def test_client_checkpointing_trains_fo_to_the_same_bits(tmp_path, monkeypatch):
         TrainConfig(method="hosl", client_checkpointing=True)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_fused_client_step_is_fos_step_with_no_gradient_buffer(tmp_path, monkeypatch, optimizer):
+    """--client-fused-step: each client parameter steps inside the backward as soon as its gradient
+    is complete, and that gradient is freed there, so at most one client gradient is held at a time;
+    the weights and losses are fo's, bit for bit (AdamW, and SGD with momentum and decay)."""
+    from hosl.optim import FusedStep
+
+    held = []
+    apply = FusedStep._apply
+
+    def counting(self, one, p):
+        held.append(sum(q.grad is not None for q in self.params))
+        return apply(self, one, p)
+
+    monkeypatch.setattr(FusedStep, "_apply", counting)
+    kw = dict(method="fo", split_layer=2, steps=3, optimizer=optimizer, weight_decay=0.1)
+    kw |= {"momentum": 0.9} if optimizer == "sgd" else {}
+    run(cfg_for(tmp_path, "plain", **kw))
+    assert held == []
+    run(cfg_for(tmp_path, "fused", client_fused_step=True, client_checkpointing=True, **kw))
+    assert held and max(held) == 1, held  # a gradient is freed before the next one is complete
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "fused")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "fused")
+
+
+def test_a_fused_step_stops_at_a_non_finite_gradient():
+    """A fused step cannot be skipped once parameters have moved: a non-finite gradient stops it."""
+    from hosl.optim import DivergedError, FusedStep
+
+    w = torch.nn.Parameter(torch.ones(3))
+    fused = FusedStep([w], TrainConfig(method="fo", optimizer="sgd"), 0.1)
+    with fused.stepping(0.1, 0):
+        (w * 2).sum().backward()
+    assert torch.equal(w.detach(), torch.full((3,), 0.8)) and w.grad is None
+    with pytest.raises(DivergedError, match="a fused step cannot be skipped"), fused.stepping(0.1, 1):
+        (w * float("inf")).sum().backward()
+    with pytest.raises(RuntimeError, match="outside FusedStep.stepping"):
+        (w * 2).sum().backward()
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_checkpointed_blocks_save_only_their_inputs(family):
     """A checkpointed client's forward saves for the backward one block input per block (and the
@@ -604,6 +645,7 @@ RESUMED = {
     "hosl-cut-grad": {"zo_estimator": "cut-grad", "q": 3},
     "hosl-cut-grad-one-sided": {"zo_estimator": "cut-grad-one-sided", "q": 3},
     "hosl-cut-grad-jvp": {"zo_estimator": "cut-grad-jvp", "q": 3},
+    "fo-fused-checkpointed": {"method": "fo", "client_fused_step": True, "client_checkpointing": True},
     "hosl-bf16-no-master": {"dtype": "bfloat16", "zo_master": "none", "weight_decay": 0.1},
 }
 
