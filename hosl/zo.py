@@ -378,17 +378,30 @@ def forward_mode() -> Iterator[None]:
     which has a forward-mode formula (_MathAttention). torch's dual level is one per process: the
     tangent forwards of clients sharing a process (a local many-client run) take turns, each
     holding it for one forward only."""
-    with _DUAL_LEVEL, fwAD.dual_level(), _MathAttention():
+    with _DUAL_LEVEL, fwAD.dual_level(), _ForwardMode():
         yield
 
 
-class _MathAttention(TorchFunctionMode):
-    """F.scaled_dot_product_attention as aten's math form, in this thread only: the fused kernels
-    have no forward-mode formula (pytorch #128971), and torch's sdpa_kernel switch is process-wide,
-    so it would change the other side's attention in a local run too (and its bits)."""
+_ACTIVE = threading.local()  # .tangents: the _Tangents whose probe this thread's forward is in
+
+
+class _ForwardMode(TorchFunctionMode):
+    """Two functions done differently in a tangent forward, in this thread only.
+
+    F.scaled_dot_product_attention as aten's math form: the fused kernels have no forward-mode
+    formula (pytorch #128971), and torch's sdpa_kernel switch is process-wide, so it would change
+    the other side's attention in a local run too (and its bits).
+
+    F.embedding on a table of the buffer: its output's tangent is the rows of z(seed) the ids look
+    up, each generated at its row's noise positions, so neither a dual copy of the table nor a
+    table-sized tangent is made (on a 50k-row table, 300 MiB a probe)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.embedding:
+            tangents = getattr(_ACTIVE, "tangents", None)
+            out = func(*args, **kwargs)
+            return out if tangents is None else tangents.embedded(args, kwargs, out)
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -405,8 +418,9 @@ class _Tangents:
     the parameter, the tangent z(seed) at the parameter's own noise positions (the z a probe or the
     update applies there), generated then in the parameter's dtype; after the module runs the
     parameters are put back and the copy and the tangent are dropped. The memory is one module's
-    weights twice at a time. On a row-sparse table the tangent is dense: the rows a batch does not look up add nothing
-    to J h z, so its g is the rows' own."""
+    weights twice at a time. An embedding table (an nn.Embedding's weight) is not made dual: the
+    lookup's output gets the looked-up rows of z as its tangent (_ForwardMode, embedded), the rows
+    any update of the step touches (the others add nothing to J h z)."""
 
     def __init__(self, params: ZOParams, model: torch.nn.Module):
         self.params = params
@@ -414,14 +428,18 @@ class _Tangents:
         base, size = buf.data_ptr(), buf.element_size()
         covered: set[int] = set()
         self.owners: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
+        self.tables: dict[int, tuple[int, int]] = {}  # an embedding table's data_ptr: (start, width)
         for module in model.modules():
             own = []
             for name, p in module._parameters.items():
                 if p is None or p.numel() == 0 or not base <= p.data_ptr() < base + buf.numel() * size:
                     continue
                 start = (p.data_ptr() - base) // size
-                own.append((name, start))
                 covered.add(start)
+                if isinstance(module, torch.nn.Embedding) and name == "weight":
+                    self.tables[p.data_ptr()] = (start, p.shape[1])
+                else:
+                    own.append((name, start))
             if own:
                 index = len(self.owners)
                 self.owners.append((module, own))
@@ -439,14 +457,28 @@ class _Tangents:
     def along(self, seed: int):
         if self.seed is not None:
             raise RuntimeError("a tangent forward is already active")
-        self.seed = seed
+        self.seed, _ACTIVE.tangents = seed, self
         try:
             yield
         finally:
             for i, stack in self.saved.items():  # a forward that raised inside a module
                 while stack:
                     self._put_back(i, stack.pop())
-            self.seed = None
+            self.seed, _ACTIVE.tangents = None, None
+
+    def embedded(self, args, kwargs, out: torch.Tensor) -> torch.Tensor:
+        """The output of F.embedding(ids, weight, ...) made dual when the weight is a table of the
+        buffer: its tangent is z(seed) at each looked-up row's positions."""
+        ids = args[0] if args else kwargs["input"]
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        if weight.data_ptr() not in self.tables:
+            return out
+        start, width = self.tables[weight.data_ptr()]
+        rows, where = torch.unique(ids, return_inverse=True)
+        z = torch.empty(len(rows), width, device=out.device)
+        for i, r in enumerate(rows.tolist()):
+            z[i] = noise.gaussian(width, self.seed, offset=self.params.offset + start + r * width, device=out.device)
+        return fwAD.make_dual(out, z[where].to(out.dtype))
 
     def _enter(self, i: int) -> None:
         if self.seed is None:
