@@ -5,7 +5,8 @@ size; and the memory of one client process against a one-client run's.
 
 Each point is one `python -m hosl.train` run (local: one process, the server and clients as
 threads; dist: `torchrun --nproc-per-node N+1`, one torch thread per process), read back from its
-summary.json. Setting: hosl's defaults (cut-grad, Q = 8) on the built-in model and task, batch 16,
+summary.json. Setting: hosl's defaults on the built-in model and task (the records in
+benchmarks/README.md ran with cut-grad, Q = 8, the defaults then), batch 16,
 every client sampled each round (K = N), --steps rounds. On this machine's two cores the N + 1
 processes of a dist run share the cores, so its rounds per second say what the protocol costs when
 compute is scarce, not what N devices would do in parallel.

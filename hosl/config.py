@@ -94,7 +94,7 @@ class TrainConfig:
             "; ".join(f"{e.name}: {e.blurb}" for e in ESTIMATORS.values())
             + " (the cut-grad estimators need hosl: dL/dh is the server's gradient at the clean h)",
             choices=tuple(ESTIMATORS),
-            default_text="cut-grad for hosl, central for zo and zo-full",
+            default_text="cut-grad-one-sided for hosl, central for zo and zo-full",
         ),
     )
     zo_embedding: str = field(

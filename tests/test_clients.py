@@ -109,8 +109,9 @@ def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatc
 def _reference(cfg: TrainConfig):
     """The rounds computed in one process from the primitives, with no link, frame, RoundServer or
     RoundClient: per round, each sampled client's clean forward, the server's loss and backward
-    there (dL/dh, and its gradient summed), the client's scratch probes and g; then the server's
-    optimiser step on the mean gradient and one noise pass per client: -lr/(K Q) g_iq z_iq."""
+    there (dL/dh, and its gradient summed), the client's scratch probes and g (cut-grad: h+ - h-
+    over 2 mu; one-sided: h+ - h over mu); then the server's optimiser step on the mean gradient and
+    one noise pass per client: -lr/(K Q) g_iq z_iq."""
     examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
     tok, model = build(cfg, examples)
     client, server = split_model(model, cfg.split_layer)
@@ -140,9 +141,12 @@ def _reference(cfg: TrainConfig):
                 with torch.no_grad():
                     with params.perturbed(seed, cfg.mu, rows):
                         plus = client(input_ids=ids, attention_mask=mask).hidden
-                    with params.perturbed(seed, -cfg.mu, rows):
-                        minus = client(input_ids=ids, attention_mask=mask).hidden
-                grads.append(float(torch.dot(grad_h.reshape(-1), (plus - minus).reshape(-1))) / (2 * cfg.mu))
+                    if cfg.zo_estimator == "cut-grad-one-sided":
+                        low, span = h.detach(), 1
+                    else:
+                        with params.perturbed(seed, -cfg.mu, rows):
+                            low, span = client(input_ids=ids, attention_mask=mask).hidden, 2
+                grads.append(float(torch.dot(grad_h.reshape(-1), (plus - low).reshape(-1))) / (span * cfg.mu))
             entries.append((i, grads, rows))
         k = len(entries)
         for p in server.parameters():
@@ -156,9 +160,14 @@ def _reference(cfg: TrainConfig):
     return dict(client.named_parameters()), dict(server.named_parameters())
 
 
-@pytest.mark.parametrize("per_round,partition", [(3, "iid"), (2, "dirichlet")])
-def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partition):
-    cfg = cfg_for(tmp_path, clients=3, clients_per_round=per_round, partition=partition, steps=3)
+@pytest.mark.parametrize(
+    "per_round,partition,estimator",
+    [(3, "iid", "cut-grad-one-sided"), (2, "dirichlet", "cut-grad-one-sided"), (2, "dirichlet", "cut-grad")],
+)
+def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partition, estimator):
+    cfg = cfg_for(
+        tmp_path, clients=3, clients_per_round=per_round, partition=partition, steps=3, zo_estimator=estimator
+    )
     run(cfg)
     client, server = _weights(tmp_path / "run")
     ref_client, ref_server = _reference(cfg)

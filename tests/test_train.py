@@ -24,7 +24,7 @@ from hosl.train import Batches, main, run
 
 # Small and fast: the built-in model on a slice of the synthetic task. The ZO settings are pinned to
 # the paper's loss-difference step (central, Q = 1), which the protocol tests below exercise;
-# hosl's defaults (cut-grad, Q = 8) have tests of their own.
+# hosl's defaults (cut-grad-one-sided, Q = 8) have tests of their own.
 FAST = dict(
     train_examples=128, eval_examples=32, steps=6, log_every=1, batch_size=8, max_length=24,
     zo_estimator="central", q=1, client_lr=1e-4,
@@ -305,9 +305,10 @@ def test_a_config_from_before_rows_stays_dense():
 
 
 def test_defaults_per_method():
-    """Unset ZO flags take the method's defaults: hosl probes with cut-grad, the others as before."""
+    """Unset ZO flags take the method's defaults: hosl probes with cut-grad-one-sided, the others as
+    before."""
     hosl = TrainConfig()
-    assert (hosl.zo_estimator, hosl.q, hosl.client_lr, hosl.zo_embedding) == ("cut-grad", 8, 1e-2, "rows")
+    assert (hosl.zo_estimator, hosl.q, hosl.client_lr, hosl.zo_embedding) == ("cut-grad-one-sided", 8, 1e-2, "rows")
     for method in ("fo", "zo", "fo-full", "zo-full"):
         other = TrainConfig(method=method)
         assert (other.zo_estimator, other.q, other.client_lr) == ("central", 1, 1e-4), method
