@@ -128,7 +128,7 @@ class _Buffer:
     """A tensor with ZOParams' pass interface, through one noise backend; its probes are written
     into it (in place), as the step plan's passes assume of such a buffer."""
 
-    probes = "inplace"
+    in_place = True
 
     def __init__(self, x, backend):
         self.x, self.backend = x, backend
@@ -139,7 +139,8 @@ class _Buffer:
 
 def hosl_step_(x, step, backend):
     """hosl's noise for one ZO step with one probe, walked by the step plan: its passes (+mu z, then
-    -2mu z), then the final pass, which merges the restore with the update: three passes."""
+    -2mu z), then the final pass, which merges the restore with the update: three passes (its terms
+    from estimators.end_terms; StepPlan.end would add the finite check's read of the buffer)."""
     buffer = _Buffer(x, backend)
     for _ in STEP_PLAN.probes(buffer, step):
         pass
