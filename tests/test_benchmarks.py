@@ -96,14 +96,15 @@ def test_bench_step_quick(tmp_path):
     assert "streaming against synchronous" in stdout
     rows = records(tmp_path / "bench_step_quick.jsonl")
     # 2 transports each; hosl-central, hosl-cut-grad and zo also x streaming and sync
-    assert len(rows) == 18
+    assert len(rows) == 22
 
     def one(variant, transport, probes="streaming"):
         (r,) = [r for r in rows if (r["variant"], r["transport"], r["probes"]) == (variant, transport, probes)]
         return r
 
     # Frames per step: a BATCH and the uploads up; one answer per upload down. dist adds 8 bytes each.
-    for variant, uploads in (("fo", 1), ("hosl-central", 3), ("hosl-cut-grad", 1), ("zo", 2)):
+    one_upload = ("hosl-cut-grad", "hosl-cut-grad-one-sided", "hosl-cut-grad-jvp")
+    for variant, uploads in (("fo", 1), ("hosl-central", 3), *((v, 1) for v in one_upload), ("zo", 2)):
         local, dist = one(variant, "local"), one(variant, "dist")
         assert dist["bytes_up"] - local["bytes_up"] == 8 * (1 + uploads)
         assert dist["bytes_down"] - local["bytes_down"] == 8 * uploads
@@ -112,8 +113,9 @@ def test_bench_step_quick(tmp_path):
     for key in ("bytes_up", "bytes_down"):  # the stacked server forward sends the same frames
         assert one("hosl-central-stacked", "dist")[key] == one("hosl-central", "dist")[key]
     assert one("fo", "local")["bytes_down"] > one("hosl-central", "local")["bytes_down"] * 100  # dL/dh, losses
-    assert one("hosl-cut-grad", "local")["bytes_down"] == one("fo", "local")["bytes_down"]  # dL/dh and the loss
-    assert one("hosl-cut-grad", "local")["bytes_up"] == one("fo", "local")["bytes_up"]
+    for variant in one_upload:  # one activation up, dL/dh and the loss down, as fo
+        assert one(variant, "local")["bytes_down"] == one("fo", "local")["bytes_down"]
+        assert one(variant, "local")["bytes_up"] == one("fo", "local")["bytes_up"]
     assert all(r["wall_s"] > 0 and r["client_s"] > 0 and r["server_s"] > 0 for r in rows)
     assert all(0 < r["noise_s"] < r["client_s"] for r in rows if r["method"] != "fo")
 
