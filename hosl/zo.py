@@ -269,6 +269,35 @@ class ZOParams:
             yield
 
 
+def _holders(params: ZOParams, model: torch.nn.Module, what: str):
+    """(name, module, [(parameter name, parameter, start in the buffer)]) for each module of `model`
+    that owns parameters of the buffer, in module order; ValueError when a parameter of the buffer
+    is held by no module (it would be read outside any module's forward)."""
+    buf = params.flat.flat
+    base, end, size = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size(), buf.element_size()
+    found, covered = [], set()
+    for qual, module in model.named_modules():
+        own = [
+            (name, p, (p.data_ptr() - base) // size)
+            for name, p in module._parameters.items()
+            if p is not None and p.numel() and base <= p.data_ptr() < end
+        ]
+        covered.update(start for _, _, start in own)
+        if own:
+            found.append((qual or "the model", module, own))
+    held = zip(params.flat.params, params.flat.offsets)
+    missing = [tuple(p.shape) for p, start in held if p.numel() and start not in covered]
+    if missing:
+        raise ValueError(f"{what}: no module of the model holds the ZO parameter of shape {missing[0]}")
+    return found
+
+
+def _hook(module: torch.nn.Module, owner, i: int) -> None:
+    """owner._enter(i) just before the module runs and owner._leave(i) just after."""
+    module.register_forward_pre_hook(lambda _m, _a: owner._enter(i))
+    module.register_forward_hook(lambda _m, _a, _o: owner._leave(i))
+
+
 class _ScratchProbes:
     """Probes that never write into the weights that persist. During a probe forward, each module
     that owns parameters of the buffer saves them (on a row-sparse table: the step's rows) into a
@@ -284,30 +313,11 @@ class _ScratchProbes:
 
     def __init__(self, params: ZOParams, model: torch.nn.Module):
         self.params = params
-        buf = params.flat.flat
-        base, size = buf.data_ptr(), buf.element_size()
         tables = {start: i for i, (start, _, _) in enumerate(params.tables)}
-        covered: set[int] = set()
         self.owners: list[tuple[str, list[tuple[int, int, int | None]]]] = []
-        for name, module in model.named_modules():
-            own = []
-            for p in module.parameters(recurse=False):
-                ptr = p.data_ptr()
-                if p.numel() == 0 or not base <= ptr < base + buf.numel() * size:
-                    continue
-                start = (ptr - base) // size
-                own.append((start, start + p.numel(), tables.get(start)))
-                covered.add(start)
-            if own:
-                index = len(self.owners)
-                self.owners.append((name or "the model", own))
-                module.register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
-                module.register_forward_hook(lambda _m, _a, _o, i=index: self._leave(i))
-        missing = [
-            tuple(p.shape) for p, s in zip(params.flat.params, params.flat.offsets) if p.numel() and s not in covered
-        ]
-        if missing:
-            raise ValueError(f"scratch probes: no module of the model holds the ZO parameter of shape {missing[0]}")
+        for name, module, own in _holders(params, model, "scratch probes"):
+            _hook(module, self, len(self.owners))
+            self.owners.append((name, [(start, start + p.numel(), tables.get(start)) for _, p, start in own]))
         self.active: tuple[int, float, Sequence | None] | None = None
         self.saved: dict[int, list[list[torch.Tensor]]] = {}
         self.calls: list[int] = []
@@ -424,32 +434,18 @@ class _Tangents:
 
     def __init__(self, params: ZOParams, model: torch.nn.Module):
         self.params = params
-        buf = params.flat.flat
-        base, size = buf.data_ptr(), buf.element_size()
-        covered: set[int] = set()
         self.owners: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
         self.tables: dict[int, tuple[int, int]] = {}  # an embedding table's data_ptr: (start, width)
-        for module in model.modules():
+        for _, module, held in _holders(params, model, "tangents"):
             own = []
-            for name, p in module._parameters.items():
-                if p is None or p.numel() == 0 or not base <= p.data_ptr() < base + buf.numel() * size:
-                    continue
-                start = (p.data_ptr() - base) // size
-                covered.add(start)
+            for name, p, start in held:
                 if isinstance(module, torch.nn.Embedding) and name == "weight":
                     self.tables[p.data_ptr()] = (start, p.shape[1])
                 else:
                     own.append((name, start))
             if own:
-                index = len(self.owners)
+                _hook(module, self, len(self.owners))
                 self.owners.append((module, own))
-                module.register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
-                module.register_forward_hook(lambda _m, _a, _o, i=index: self._leave(i))
-        missing = [
-            tuple(p.shape) for p, s in zip(params.flat.params, params.flat.offsets) if p.numel() and s not in covered
-        ]
-        if missing:
-            raise ValueError(f"tangents: no module of the model holds the ZO parameter of shape {missing[0]}")
         self.seed: int | None = None
         self.saved: dict[int, list[list[torch.nn.Parameter]]] = {}
 
