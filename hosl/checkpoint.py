@@ -37,7 +37,8 @@ import torch
 
 MANIFEST = "manifest.json"
 SERVER_FILES = ("server.safetensors", "server_optimizer.pt")
-STATE_KEYS = ("step", "best_eval_accuracy", "evals", "skipped_steps", "wall_seconds", "bytes")
+STATE_KEYS = ("step", "evals", "skipped_steps", "wall_seconds", "bytes")
+BEST_KEYS = ("best_eval_accuracy", "best_eval_loss")  # a classification task's, a generation task's
 _NAME = re.compile(r"checkpoint-(\d+)")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -214,6 +215,7 @@ def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
         got = state.get("step") if isinstance(state, dict) else state
         raise CheckpointError(f"{path / 'state.json'}: its step {got!r} is not the checkpoint's {step}")
     missing = sorted(set(STATE_KEYS) - set(state))
+    missing += [] if set(BEST_KEYS) & set(state) else [BEST_KEYS[0]]
     if missing:
         raise CheckpointError(f"{path / 'state.json'}: lacks {', '.join(missing)}")
     return ResumePoint(step, path, manifest, state)

@@ -50,9 +50,41 @@ class TrainConfig:
         ),
     )
     gguf_file: str | None = field(default=None, metadata=_help("a GGUF file inside --model's directory to load"))
-    task: str = field(default="synthetic", metadata=_help("sst2, rte, cb, boolq, wsc, wic, or synthetic (built in)"))
+    task: str = field(
+        default="synthetic",
+        metadata=_help(
+            "sst2, rte, cb, boolq, wsc, wic, synthetic (built in), or file (your own data: --train-file or --dataset)"
+        ),
+    )
     data_dir: str | None = field(
         default=None, metadata=_help("local task files (GLUE TSV or SuperGLUE JSONL); default: the datasets hub")
+    )
+    train_file: str | None = field(
+        default=None, metadata=_help("your training data: a .csv, .tsv, .json, .jsonl or .parquet file")
+    )
+    eval_file: str | None = field(default=None, metadata=_help("your evaluation data, in the same shape"))
+    dataset: str | None = field(
+        default=None, metadata=_help("your data as a datasets hub name or local dataset folder (instead of files)")
+    )
+    dataset_config: str | None = field(default=None, metadata=_help("--dataset's configuration name"))
+    train_split: str = field(default="train", metadata=_help("--dataset's training split"))
+    eval_split: str = field(default="validation", metadata=_help("--dataset's evaluation split"))
+    template: str | None = field(
+        default=None,
+        metadata=_help("classification: the prompt, a format string over the columns (default: {TEXT_FIELD})"),
+    )
+    verbalizers: str | None = field(
+        default=None,
+        metadata=_help(
+            "classification: each label's answer, '0: terrible, 1: great' or a JSON object; without it your "
+            "data is generation (prompt and completion columns)"
+        ),
+    )
+    text_field: str = field(default="text", metadata=_help("classification: the text column"))
+    label_field: str = field(default="label", metadata=_help("classification: the label column"))
+    prompt_field: str = field(default="prompt", metadata=_help("generation: the prompt column"))
+    completion_field: str = field(
+        default="completion", metadata=_help("generation: the completion column (the loss is on it)")
     )
     train_examples: int | None = field(default=None, metadata=_help("sample this many training examples (seeded)"))
     eval_examples: int | None = field(default=None, metadata=_help("sample this many evaluation examples (seeded)"))
@@ -390,6 +422,7 @@ class TrainConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_data()
         if self.task == "synthetic" and self.data_dir is not None:
             raise ValueError(
                 f"--data-dir {self.data_dir} is not read by --task synthetic (the built-in task): name the task "
@@ -523,13 +556,66 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be {_TYPE_WORDS.get(f.type, f.type)}, got {data[f.name]!r}")
         return cls(**data)
 
+    def _check_data(self) -> None:
+        """The data flags: your own files or dataset (task file, or a preset read from them), or a
+        benchmark task; the format flags only with your own data."""
+        from hosl.data import parse_verbalizers, template_fields
+
+        own = self.train_file or self.eval_file or self.dataset
+        if own and self.task == "synthetic":
+            self.task = "file"  # the default task, with your data given
+        if not own:
+            if self.task == "file":
+                raise ValueError("--task file needs your data: --train-file and --eval-file, or --dataset")
+            given = [n for n in _OWN_DATA_FORMAT if getattr(self, n) != self._default(n)]
+            given += [
+                n for n in ("dataset_config", "train_split", "eval_split") if getattr(self, n) != self._default(n)
+            ]
+            if given:
+                raise ValueError(f"{_flag(given[0])} is for your own data (--train-file or --dataset)")
+            return
+        if self.dataset and (self.train_file or self.eval_file):
+            raise ValueError("give your data as --train-file and --eval-file, or as --dataset, not both")
+        if not self.dataset and not (self.train_file and self.eval_file):
+            missing = "--eval-file" if self.train_file else "--train-file"
+            raise ValueError(
+                f"your own data needs --train-file and --eval-file (the held-out rows): {missing} is missing"
+            )
+        if self.data_dir is not None:
+            raise ValueError("--data-dir is for the benchmark tasks' files; your own are --train-file and --eval-file")
+        if self.task != "file":
+            given = [n for n in _OWN_DATA_FORMAT if getattr(self, n) != self._default(n)]
+            if given:
+                raise ValueError(f"{_flag(given[0])}: --task {self.task} has its own template and verbalizers")
+            return
+        if self.template is not None and self.verbalizers is None:
+            raise ValueError("--template is a classification prompt: give --verbalizers (each label's answer) too")
+        if self.verbalizers is not None:
+            parse_verbalizers(self.verbalizers)
+            template_fields(self.template or "{" + self.text_field + "}")
+        for name in _OWN_DATA_FORMAT[2:]:
+            if not getattr(self, name):
+                raise ValueError(f"{_flag(name)} must name a column")
+
     def identity(self) -> dict:
-        """The fields that define the run's trajectory (everything but RUN_ONLY)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY}
+        """The fields that define the run's trajectory (everything but RUN_ONLY). The data fields
+        added with your own files are left out at their defaults, so a run saved before them keeps
+        its identity."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in RUN_ONLY and not (k in _ADDED_WITH_FILES and v == defaults[k])
+        }
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
+
+_OWN_DATA_FORMAT = ("template", "verbalizers", "text_field", "label_field", "prompt_field", "completion_field")
+_ADDED_WITH_FILES = frozenset(
+    {"train_file", "eval_file", "dataset", "dataset_config", "train_split", "eval_split", *_OWN_DATA_FORMAT}
+)
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                "str | None": "a string or null", "int | None": "an integer or null",
@@ -645,7 +731,9 @@ class _Parser(argparse.ArgumentParser):
 # The sections of TrainConfig, in the order its fields are declared; --help groups its flags by them.
 SECTIONS = {
     "method, model and data": [
-        "method", "model", "gguf_file", "task", "data_dir", "train_examples", "eval_examples", "max_length",
+        "method", "model", "gguf_file", "task", "data_dir", "train_file", "eval_file", "dataset", "dataset_config",
+        "train_split", "eval_split", "template", "verbalizers", "text_field", "label_field", "prompt_field",
+        "completion_field", "train_examples", "eval_examples", "max_length",
         "split_layer", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],

@@ -1,4 +1,5 @@
-"""`python -m hosl.plot RUN_DIR [OUT.png]`: a run's loss, evaluation accuracy and step time against
+"""`python -m hosl.plot RUN_DIR [OUT.png]`: a run's loss, evaluation score (accuracy, or a generation
+task's eval loss) and step time against
 the step, from its metrics.jsonl, as one PNG (default RUN_DIR/metrics.png). Needs matplotlib
 (`pip install 'hosl[plot]'`)."""
 
@@ -21,7 +22,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             record = json.loads(line)
         except ValueError:
             raise ValueError(f"{path}:{number}: not a JSON line") from None
-        (evals if "eval_accuracy" in record else steps).append(record)
+        (evals if "eval_accuracy" in record or "eval_loss" in record else steps).append(record)
     if not steps:
         raise ValueError(f"{path}: no step was logged")
     return steps, evals
@@ -39,12 +40,13 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     steps, evals = read_metrics(run_dir)
     out = Path(out) if out is not None else run_dir / "metrics.png"
-    x = [r["step"] + 1 for r in steps]
+    x = [r["step"] + 1 for r in steps]  # steps done, as the console counts (older logs lack steps_done)
     fig, (loss_ax, acc_ax, time_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     loss_ax.plot(x, [math.nan if r["loss"] is None else r["loss"] for r in steps], lw=1)  # null: non-finite
     loss_ax.set_ylabel("training loss")
-    acc_ax.plot([r["step"] + 1 for r in evals], [r["eval_accuracy"] for r in evals], "o-")
-    acc_ax.set_ylabel("eval accuracy")
+    score = "eval_loss" if evals and "eval_loss" in evals[0] else "eval_accuracy"
+    acc_ax.plot([r["step"] + 1 for r in evals], [r[score] for r in evals], "o-")
+    acc_ax.set_ylabel(score.replace("_", " "))
     bottom = [0.0] * len(steps)
     for key in ("client_s", "link_s", "server_s"):
         values = [r.get(key, 0.0) for r in steps]

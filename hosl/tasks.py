@@ -1,8 +1,10 @@
-"""Classification tasks as prompts with verbalized answers, and the batching that rank
-classification needs (the scoring is in hosl.scoring, the tokenizers in hosl.tokenizers).
+"""Tasks as prompts with answers: the six benchmark tasks (presets), the built-in synthetic task and a
+run's own files (read by hosl.data), and the batching that training and evaluation need (the scoring
+is in hosl.scoring, the tokenizers in hosl.tokenizers).
 
-Every task becomes a list of Examples: a context (the prompt) and the verbalized candidates, so that
-`context + candidate` is the whole text a causal LM reads. The prompts and verbalizers are MeZO's
+Every task becomes a sequence of Examples: a context (the prompt) and the candidates (a
+classification task's verbalized answers, or a generation task's one completion), so that
+`context + candidate` is the whole text a causal LM reads. The presets' prompts and verbalizers are MeZO's
 (Malladi et al. 2023; github.com/princeton-nlp/MeZO, large_models/templates.py and tasks.py), with
 no demonstrations, which is how MeZO fine-tunes:
   * SST-2 `"<sentence> It was"` + `" terrible"`/`" great"`: the answer is the next word, so it
@@ -22,35 +24,34 @@ classification); the prediction is the best-scoring candidate. Training puts the
 gold answer's tokens only. Labels are aligned with input_ids the way Hugging Face causal LMs expect
 (the model shifts them: position t-1 predicts labels[t]).
 
-Data comes from local files (`data_dir`: GLUE's SST-2 TSV, SuperGLUE's JSONL) or, without one, from
-the Hugging Face hub through the optional `datasets` package. The "synthetic" task needs neither:
+A preset's data comes from local files (`data_dir`: GLUE's SST-2 TSV, SuperGLUE's JSONL) or, without
+one, from the Hugging Face hub, both through `datasets`. The "synthetic" task needs neither:
 it is generated in code, for the built-in word tokenizer and small models trained from scratch.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
-import re
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from hosl.data import Example, Format, Rows, TaskError, _datasets, locate_bad_bytes, parse_verbalizers, read_table
 from hosl.tokenizers import Tokenizer, WordTokenizer
 
 __all__ = [
+    "PRESETS",
     "TASKS",
     "Example",
+    "Format",
     "TaskError",
     "encode_candidates",
     "encode_for_training",
     "load_examples",
+    "load_file_examples",
     "load_run_data",
     "synthetic_words",
 ]
@@ -61,149 +62,54 @@ TASKS: tuple[str, ...] = ("sst2", "rte", "cb", "boolq", "wsc", "wic", "synthetic
 SPLITS = ("train", "eval")
 
 
-class TaskError(ValueError):
-    """A task cannot be loaded as asked (unknown name or split, missing or malformed data); the
-    message is one line naming the bad value or file."""
+# --- The presets (MeZO large_models/templates.py) as Formats ---------------------------------------------
+# Each names the official fields; two derive a column first. Label keys are the files' values (and the
+# hub's ClassLabel names, matched without case).
 
 
-@dataclass(frozen=True)
-class Example:
-    """One classification example: the prompt, the verbalized answers and the gold answer's index.
-    `context + candidates[i]` is the full text for answer i."""
-
-    context: str
-    candidates: tuple[str, ...]
-    label: int
-
-    def __post_init__(self):
-        if not self.candidates:
-            raise ValueError(f"an Example needs at least one candidate, got {self.candidates!r}")
-        if not 0 <= self.label < len(self.candidates):
-            raise ValueError(f"label {self.label} is out of range for {len(self.candidates)} candidates")
+def _sst2(row: dict, where: str) -> dict:
+    return {**row, "sentence": row["sentence"].strip()}
 
 
-# --- Templates (MeZO large_models/templates.py) ------------------------------------------------------
-# Each takes a record with the official field names and returns the context. Label functions map
-# a record's label (the file's strings/booleans, or the hub's ClassLabel integers) to the index of
-# its verbalized answer.
-
-
-def _sst2(r: dict) -> str:
-    return f"{r['sentence'].strip()} It was"
-
-
-def _rte(r: dict) -> str:
-    return f'{r["premise"]}\nDoes this mean that "{r["hypothesis"]}" is true? Yes or No?\n'
-
-
-def _cb(r: dict) -> str:
-    return f'Suppose {r["premise"]} Can we infer that "{r["hypothesis"]}"? Yes, No, or Maybe?\n'
-
-
-def _boolq(r: dict) -> str:
-    question = r["question"]
+def _boolq(row: dict, where: str) -> dict:
+    question = row["question"]
     if not question.endswith("?"):
         question += "?"
-    question = question[:1].upper() + question[1:]
-    return f"{r['passage']} {question}\n"
+    return {**row, "question": question[:1].upper() + question[1:]}
 
 
-def _wic(r: dict) -> str:
-    return (
-        f'Does the word "{r["word"]}" have the same meaning in these two sentences? Yes, No?\n'
-        f"{r['sentence1']}\n{r['sentence2']}\n"
-    )
-
-
-def _wsc(r: dict) -> str:
+def _wsc(row: dict, where: str) -> dict:
     # The SuperGLUE file nests the spans under "target"; the hub's wsc.fixed has them at top level.
-    spans = r["target"] if "target" in r else r
-    return (
-        f"{r['text']}\nIn the previous sentence, does the pronoun "
-        f'"{spans["span2_text"].lower()}" refer to {spans["span1_text"]}? Yes or No?\n'
-    )
+    spans = row["target"] if isinstance(row.get("target"), dict) else row
+    missing = [f for f in ("span1_text", "span2_text") if f not in spans]
+    if missing:
+        raise TaskError(f"{where}: a wsc record needs field(s) {', '.join(missing)} (is this wsc data?)")
+    fmt = PRESETS["wsc"]
+    span1, span2 = (fmt._text(spans, f, where) for f in ("span1_text", "span2_text"))
+    return {**row, "span1_text": span1, "span2_lower": span2.lower()}
 
 
-def _truth(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):  # the hub's ClassLabel: 0 = False, 1 = True
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise KeyError(value)
-
-
-def _named(names: tuple[str, ...]) -> Callable[[Any], int]:
-    """Labels given as these names, or as the hub's integers in the same order."""
-
-    def index(value: Any) -> int:
-        if isinstance(value, str) and value in names:
-            return names.index(value)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[0-9]+", value) and int(value) < len(names):
-            return int(value)  # SST-2's TSV (ASCII digits only: str.isdigit takes "１" and "²")
-        raise KeyError(value)
-
-    return index
-
-
-@dataclass(frozen=True)
-class _Task:
-    template: Callable[[dict], str]
-    candidates: tuple[str, ...]
-    label: Callable[[Any], int]
-    fields: tuple[str, ...]
-    hub: tuple[str, str]  # datasets.load_dataset(path, name)
-
-
-_TASKS: dict[str, _Task] = {
-    "sst2": _Task(_sst2, (" terrible", " great"), _named(("0", "1")), ("sentence",), ("glue", "sst2")),
-    "rte": _Task(_rte, ("Yes", "No"), _named(("entailment", "not_entailment")), ("premise", "hypothesis"),
-                 ("super_glue", "rte")),
-    "cb": _Task(_cb, ("Yes", "No", "Maybe"), _named(("entailment", "contradiction", "neutral")),
-                ("premise", "hypothesis"), ("super_glue", "cb")),
-    # MeZO's BoolQ: candidates ["Yes", "No"], "Yes" when the answer is true.
-    "boolq": _Task(_boolq, ("Yes", "No"), lambda v: 0 if _truth(v) else 1, ("question", "passage"),
-                   ("super_glue", "boolq")),
-    "wic": _Task(_wic, ("No", "Yes"), lambda v: int(_truth(v)), ("word", "sentence1", "sentence2"),
-                 ("super_glue", "wic")),
+_YES_NO = (("entailment", "Yes"), ("not_entailment", "No"))
+PRESETS: dict[str, Format] = {
+    "sst2": Format("sst2", template="{sentence} It was", verbalizers=(("0", "terrible"), ("1", "great")),
+                   prepare=_sst2),
+    "rte": Format("rte", template='{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+                  verbalizers=_YES_NO),
+    "cb": Format("cb", template='Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n',
+                 verbalizers=(("entailment", "Yes"), ("contradiction", "No"), ("neutral", "Maybe"))),
+    # MeZO's BoolQ: its default (third) template, candidates ["Yes", "No"], "Yes" when the answer is true.
+    "boolq": Format("boolq", template="{passage} {question}\n", verbalizers=(("true", "Yes"), ("false", "No")),
+                    prepare=_boolq),
+    "wic": Format("wic", template='Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n'
+                  "{sentence1}\n{sentence2}\n", verbalizers=(("false", "No"), ("true", "Yes"))),
     # MeZO loads wsc.fixed; the template reads only the span texts, so the original file's
     # misaligned span2_index rows make no difference here.
-    "wsc": _Task(_wsc, ("No", "Yes"), lambda v: int(_truth(v)), ("text",), ("super_glue", "wsc.fixed")),
+    "wsc": Format("wsc", template='{text}\nIn the previous sentence, does the pronoun "{span2_lower}" refer to '
+                  "{span1_text}? Yes or No?\n", verbalizers=(("false", "No"), ("true", "Yes")), fields=("text",),
+                  prepare=_wsc),
 }  # fmt: skip
-
-
-def _example(task: str, record: dict, where: str) -> Example:
-    spec = _TASKS[task]
-    missing = [f for f in (*spec.fields, "label") if f not in record]
-    if task == "wsc" and not missing:
-        spans = record.get("target", record)
-        missing = [f for f in ("span1_text", "span2_text") if not isinstance(spans, dict) or f not in spans]
-    if missing:
-        raise TaskError(f"{where}: a {task} record needs field(s) {', '.join(missing)} (is this {task} data?)")
-    texts = [(f, record[f]) for f in spec.fields]
-    if task == "wsc":
-        spans = record.get("target", record)
-        texts += [(f, spans[f]) for f in ("span1_text", "span2_text")]
-    for name, value in texts:
-        if not isinstance(value, str):
-            raise TaskError(f"{where}: {task} field {name} must be a string, got {_json_type(value)}")
-        if "\0" in value:
-            raise TaskError(f"{where}: {task} field {name} holds a NUL byte")
-    try:
-        label = spec.label(record["label"])
-    except KeyError:
-        raise TaskError(f"{where}: {task} label {record['label']!r} is not a {task} label") from None
-    # MeZO strips spaces around the prompt and, with no demonstrations, any leading whitespace.
-    context = spec.template(record).strip(" ").lstrip()
-    return Example(context, spec.candidates, label)
-
-
-def _json_type(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)  # fmt: skip
+_HUB = {"sst2": ("glue", "sst2"), **{t: ("super_glue", t) for t in ("rte", "cb", "boolq", "wic")},
+        "wsc": ("super_glue", "wsc.fixed")}  # fmt: skip
 
 
 # --- Loading --------------------------------------------------------------------------------------------
@@ -219,52 +125,7 @@ def _task_dir(task: str, data_dir: Path) -> Path:
     return sub if sub.is_dir() else data_dir
 
 
-def _text_lines(path: Path):
-    """The file's lines as text, line endings kept; TaskError naming the exact line (and byte in it)
-    of bytes that are not UTF-8."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                where = f"byte {exc.start + 1} of the line"
-                raise TaskError(f"{path}:{number}: not UTF-8 ({where}: {exc.reason})") from None
-
-
-def _read_tsv(path: Path) -> list[tuple[dict, str]]:
-    # QUOTE_NONE: SST-2 sentences contain quote characters that are text, not CSV quoting.
-    rows = csv.reader(_text_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
-    out = []
-    try:
-        header = next(rows, None)
-        if header != ["sentence", "label"]:
-            raise TaskError(f"{path}: expected the header sentence<TAB>label, got {header!r}")
-        for line, row in enumerate(rows, start=2):
-            if len(row) != 2:
-                raise TaskError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
-            out.append(({"sentence": row[0], "label": row[1]}, f"{path}:{line}"))
-    except csv.Error as exc:  # a field over the csv module's size limit, a NUL byte
-        raise TaskError(f"{path}:{rows.line_num}: {exc}") from None
-    return out
-
-
-def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    out = []
-    for line, text in enumerate(_text_lines(path), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            msg = getattr(exc, "msg", "nested too deeply")
-            raise TaskError(f"{path}:{line}: not valid JSON ({msg})") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
-        out.append((record, f"{path}:{line}"))
-    return out
-
-
-def _load_local(task: str, split: str, data_dir: Path) -> list[Example]:
+def _load_local(task: str, split: str, data_dir: Path) -> Rows:
     folder = _task_dir(task, data_dir)
     name = _FILES.get(task, _JSONL)[split]
     path = folder / name
@@ -275,36 +136,68 @@ def _load_local(task: str, split: str, data_dir: Path) -> list[Example]:
                 " yourself and report that the numbers come from it (eval data is never used for training here)"
             )
         raise TaskError(f"no {task} {split} file: expected {folder / task / name} or {path}")
-    rows = _read_tsv(path) if path.suffix == ".tsv" else _read_jsonl(path)
-    if not rows:
-        raise TaskError(f"{path} holds no examples")
-    return [_example(task, record, where) for record, where in rows]
+    return file_rows(path, PRESETS[task])
 
 
-def _load_hub(task: str, split: str) -> list[Example]:
-    path, name = _TASKS[task].hub
+def file_rows(path: str | Path, fmt: Format) -> Rows:
+    """A file's rows as Examples of this format, every row checked."""
+    path = Path(path).expanduser()
+    rows = Rows(read_table(path), fmt, str(path))
+    try:
+        rows.check()
+    except UnicodeDecodeError:  # pyarrow keeps JSON strings' bytes as they are: found when read
+        locate_bad_bytes(path)
+        raise TaskError(f"{path}: not UTF-8") from None
+    return rows
+
+
+def hub_rows(name: str, config: str | None, split: str, fmt: Format) -> Rows:
+    """A dataset's split by hub name or local folder (datasets.load_dataset), every row checked."""
+    datasets = _datasets()
+    try:
+        table = datasets.load_dataset(name, config, split=split)  # a download shows its progress
+    except Exception as exc:  # no network, hub refusal, missing split: all mean the same to the user
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        what = f"{name}/{config}" if config else name
+        raise TaskError(f"could not load {what} ({split}) ({reason})") from exc
+    if len(table) == 0:
+        raise TaskError(f"{name} {split} holds no examples")
+    rows = Rows(table, fmt, f"{name}/{config} {split}" if config else f"{name} {split}")
+    rows.check()
+    return rows
+
+
+def _load_hub(task: str, split: str) -> Rows:
+    path, name = _HUB[task]
     hub_split = {"train": "train", "eval": "validation"}[split]
     try:
-        import datasets
+        import datasets  # noqa: F401
     except ImportError:
         raise TaskError(
             f"{task}: no data dir given and the datasets package is not installed; pass --data-dir DIR"
             " (a folder with the task's files)"
         ) from None
     try:
-        records = datasets.load_dataset(path, name, split=hub_split)
-    except Exception as exc:  # no network, hub refusal, missing script: all mean the same to the user
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TaskError(
-            f"{task}: could not load {path}/{name} ({hub_split}) from the hub ({reason}); pass --data-dir DIR"
-        ) from exc
-    where = f"{path}/{name} {hub_split}"
-    return [_example(task, dict(record), f"{where} row {i}") for i, record in enumerate(records)]
+        return hub_rows(path, name, hub_split, PRESETS[task])
+    except TaskError as exc:
+        if exc.__cause__ is None:
+            raise
+        raise TaskError(f"{task}: {exc}; pass --data-dir DIR") from exc.__cause__
+
+
+def _sample(examples, n: int | None, seed: int, what: str):
+    if n is None:
+        return examples
+    if n > len(examples):
+        logger.info("%s: n=%d is more than its %d examples; using all of them", what, n, len(examples))
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)  # a shuffled prefix, so a smaller n keeps a subset of a larger one
+    return examples.take(order[:n])
 
 
 def load_examples(
     task: str, split: str, *, data_dir: str | Path | None = None, n: int | None = None, seed: int = 0
-) -> list[Example]:
+) -> Sequence[Example]:
     """The examples of `task` ("train" or "eval" split) as prompts with verbalized candidates.
 
     data_dir: a folder holding the task's files, or a parent holding `<task>/`. SST-2 reads GLUE's
@@ -321,21 +214,43 @@ def load_examples(
         raise TaskError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r} for {task}; use 'train' or 'eval'")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
-        raise TaskError(f"n must be a positive integer or None, got {n!r}")
+    _check_n(n)
     if task == "synthetic":
         return _synthetic(split, n if n is not None else _SYNTHETIC_SIZE[split], seed)
     if data_dir is not None:
         examples = _load_local(task, split, Path(data_dir).expanduser())
     else:
         examples = _load_hub(task, split)
-    if n is None:
-        return examples
-    if n > len(examples):
-        logger.info("%s %s: n=%d is more than its %d examples; using all of them", task, split, n, len(examples))
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)  # a shuffled prefix, so a smaller n keeps a subset of a larger one
-    return [examples[i] for i in order[:n]]
+    return _sample(examples, n, seed, f"{task} {split}")
+
+
+def _check_n(n) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise TaskError(f"n must be a positive integer or None, got {n!r}")
+
+
+def file_format(cfg) -> Format:
+    """The Format of a run's own files (--train-file or --dataset): a preset's when --task names
+    one, else classification when --verbalizers is given, else generation (prompt and completion)."""
+    if cfg.task in PRESETS:
+        return PRESETS[cfg.task]
+    if cfg.verbalizers:
+        template = cfg.template or "{" + cfg.text_field + "}"
+        return Format("file", template=template, verbalizers=parse_verbalizers(cfg.verbalizers),
+                      label_field=cfg.label_field)  # fmt: skip
+    return Format("file", kind="generation", prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+
+
+def load_file_examples(cfg, split: str, n: int | None = None, seed: int = 0) -> Rows:
+    """A split of the run's own data: --train-file / --eval-file, or --dataset's train / eval split."""
+    _check_n(n)
+    fmt = file_format(cfg)
+    if cfg.dataset:
+        name = cfg.train_split if split == "train" else cfg.eval_split
+        rows = hub_rows(cfg.dataset, cfg.dataset_config, name, fmt)
+    else:
+        rows = file_rows(cfg.train_file if split == "train" else cfg.eval_file, fmt)
+    return _sample(rows, n, seed, f"{rows.where}")
 
 
 # --- The synthetic task ---------------------------------------------------------------------------------
@@ -405,13 +320,14 @@ def _synthetic(split: str, n: int, seed: int) -> list[Example]:
                 if sentence not in seen and _synthetic_split(sentence) == split:
                     break
             seen.add(sentence)
-            examples.append(Example(_sst2({"sentence": sentence}), _TASKS["sst2"].candidates, label))
+            examples.append(PRESETS["sst2"].example({"sentence": sentence, "label": str(label)}, "synthetic"))
     return examples[:n]
 
 
 def synthetic_words() -> list[str]:
     """Every word the synthetic task's sentences, prompt and answers use, sorted."""
-    prompt = _sst2({"sentence": ""}) + "".join(_TASKS["sst2"].candidates)
+    template = PRESETS["sst2"].example({"sentence": "", "label": "0"}, "synthetic")
+    prompt = template.context + "".join(template.candidates)
     fillers = {w for p in _PATTERNS for w in p.split() if not w.startswith("{")}
     return sorted(set(_POSITIVE) | set(_NEGATIVE) | set(_NOUNS) | fillers | set(WordTokenizer.words(prompt)))
 
@@ -483,11 +399,32 @@ def encode_candidates(
     return _collate(rows, tokenizer.pad_token_id), torch.tensor(index, dtype=torch.long)
 
 
-def load_run_data(cfg) -> tuple[list[Example], list[Example]]:
-    """A run's (training, evaluation) examples: --task from --data-dir, sampled with --seed (the
-    evaluation draw with seed + 1). TaskError when either is empty."""
-    train = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
-    evals = load_examples(cfg.task, "eval", data_dir=cfg.data_dir, n=cfg.eval_examples, seed=cfg.seed + 1)
+def load_run_data(cfg) -> tuple[Sequence[Example], Sequence[Example]]:
+    """A run's (training, evaluation) examples: --task from --data-dir, or the run's own files
+    (--train-file / --eval-file, --dataset), sampled with --seed (the evaluation draw with seed + 1).
+    TaskError when either is empty."""
+    if cfg.train_file or cfg.dataset:
+        train = load_file_examples(cfg, "train", n=cfg.train_examples, seed=cfg.seed)
+        evals = load_file_examples(cfg, "eval", n=cfg.eval_examples, seed=cfg.seed + 1)
+    else:
+        train = load_examples(cfg.task, "train", data_dir=cfg.data_dir, n=cfg.train_examples, seed=cfg.seed)
+        evals = load_examples(cfg.task, "eval", data_dir=cfg.data_dir, n=cfg.eval_examples, seed=cfg.seed + 1)
     if not train or not evals:
         raise TaskError(f"task {cfg.task} has no {'training' if not train else 'evaluation'} examples")
     return train, evals
+
+
+def check_fits(tokenizer: Tokenizer, examples: Sequence[Example], max_length: int, what: str) -> None:
+    """Every generation example's prompt and completion within max_length tokens (with bos): a cut
+    prompt would train on a fragment. TaskError naming the first that is not. Classification
+    contexts may lose their start (MeZO's rule); their answers are checked when encoded."""
+    bos = 0 if tokenizer.bos_token_id is None else 1
+    for i in range(len(examples)):
+        ex = examples[i]
+        if not ex.generation:
+            return
+        n = len(tokenizer.encode(ex.context + ex.candidates[0])) + bos
+        if n > max_length:
+            where = getattr(examples, "where", what)
+            row = examples.indices[i] if getattr(examples, "indices", None) is not None else i
+            raise TaskError(f"{where}: row {row + 1} is {n} tokens, more than --max-length {max_length}")

@@ -41,7 +41,7 @@ from hosl.roles import FullModel, SplitClient, SplitServer, use_threads
 from hosl.scoring import accuracy, rank_classify
 from hosl.session import local_session
 from hosl.split import SplitError, split_model, split_summary
-from hosl.tasks import TaskError, encode_candidates, encode_for_training, load_run_data
+from hosl.tasks import TaskError, check_fits, encode_candidates, encode_for_training, load_run_data
 from hosl.transport import LinkError, dist_link, dist_links
 
 logger = logging.getLogger("hosl.train")
@@ -105,8 +105,12 @@ def _cuda_peak(device: torch.device) -> dict:
     return {"cuda_peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
 
 
-def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> float:
-    predictions = []
+def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> dict:
+    """The model's score on `examples`: {"accuracy": ...} for a classification task (rank
+    classification), {"loss": ..., "perplexity": ...} for a generation task (the mean loss per
+    completion token, from the same per-row scores the server computes)."""
+    generation = examples[0].generation
+    predictions, total, tokens = [], 0.0, 0
     starts = range(0, len(examples), cfg.eval_batch_size)
     try:
         from tqdm.auto import tqdm
@@ -116,10 +120,34 @@ def evaluate(trainer, tokenizer, examples, cfg: TrainConfig, step: int) -> float
         pass
     for start in starts:
         chunk = examples[start : start + cfg.eval_batch_size]
-        batch, index = encode_candidates(tokenizer, chunk, cfg.max_length)
-        scores = trainer.scores(step, batch)
-        predictions.append(rank_classify(scores, index, len(chunk)))
-    return accuracy(torch.cat(predictions), examples)
+        if generation:
+            batch = encode_for_training(tokenizer, chunk, cfg.max_length)
+            counts = (batch["labels"] != -100).sum(dim=1)
+            total += float((trainer.scores(step, batch).double() * counts).sum())
+            tokens += int(counts.sum())
+        else:
+            batch, index = encode_candidates(tokenizer, chunk, cfg.max_length)
+            scores = trainer.scores(step, batch)
+            predictions.append(rank_classify(scores, index, len(chunk)))
+    if generation:
+        loss = -total / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return {"accuracy": accuracy(torch.cat(predictions), examples)}
+
+
+def _record_eval(state: dict, best_key: str, metrics: dict, step: int) -> None:
+    """An evaluation into the run's state: its record, and the best so far."""
+    state["evals"].append({"step": step, "steps_done": step + 1, **metrics})
+    best = state.get(best_key)
+    value = metrics[best_key.removeprefix("best_eval_")]
+    if best is None or (value > best if best_key == "best_eval_accuracy" else value < best):
+        state[best_key] = value
+
+
+def _eval_text(metrics: dict) -> str:
+    if "accuracy" in metrics:
+        return f"eval accuracy {metrics['accuracy']:.4f}"
+    return f"eval loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f})"
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -148,8 +176,10 @@ def strict_json(record) -> str:
 
 class _Writer:
     """metrics.jsonl (appending), the progress bar, and with --report-to tensorboard the same numbers
-    as scalars (train/<key>, eval/accuracy) in RUN_DIR/tensorboard. A resumed run purges the events
-    from its checkpoint's step on, as it rewrites metrics.jsonl from there."""
+    as scalars (train/<key>, eval/<key>) in RUN_DIR/tensorboard. Every record has `step` (from 0, the
+    index that resume and replay use) and `steps_done` (from 1, what the console, hosl.plot and
+    TensorBoard count). A resumed run purges the events after its checkpoint, as it rewrites
+    metrics.jsonl from there."""
 
     def __init__(self, run_dir: Path, total: int, start: int, report_to: str | None = None):
         self.file = open(run_dir / "metrics.jsonl", "a")
@@ -157,7 +187,7 @@ class _Writer:
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start or None)
+            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
         try:
             from tqdm.auto import tqdm
 
@@ -171,8 +201,8 @@ class _Writer:
         if self.board is not None:
             for key, value in record.items():
                 if key not in ("step", "steps_done") and isinstance(value, (int, float)) and value is not None:
-                    tag = "eval/accuracy" if key == "eval_accuracy" else f"train/{key}"
-                    self.board.add_scalar(tag, value, record["step"])
+                    tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                    self.board.add_scalar(tag, value, record["steps_done"])
             self.board.flush()
 
     def tick(self, loss: float) -> None:
@@ -245,7 +275,11 @@ def train(
     checkpoint (hosl.checkpoint.ResumePoint) to continue from. batches: the batch of each step
     (default: Batches over train_examples)."""
     start_step = 0
-    state = {"best_eval_accuracy": None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
+    check_fits(tokenizer, train_examples, cfg.max_length, "training data")
+    check_fits(tokenizer, eval_examples, cfg.max_length, "evaluation data")
+    metric = "loss" if eval_examples[0].generation else "accuracy"  # the one that picks the best evaluation
+    best_key = f"best_eval_{metric}"
+    state = {best_key: None, "evals": [], "skipped_steps": 0, "wall_seconds": 0.0, "bytes": [0, 0]}
     if resume is not None:
         logs = {name: _kept_lines(run_dir / name, resume.step) for name in ("metrics.jsonl", "zo_log.jsonl")}
         checkpoint.load_run(resume, trainer)  # every check before the first file is rewritten
@@ -263,7 +297,7 @@ def train(
     def traffic() -> list[int]:
         return [before[0] + (link.bytes_sent if link else 0), before[1] + (link.bytes_received if link else 0)]
 
-    final_accuracy = None
+    final = None
     skips = SkipCounter(cfg.max_skipped, "client" if trainer.split_client else "model")
     train_s = 0.0  # training steps only: no evaluation, checkpoint or log writing
     try:
@@ -287,6 +321,7 @@ def train(
             if step % cfg.log_every == 0 or last:
                 record = {
                     "step": step,
+                    "steps_done": step + 1,
                     "loss": stats.loss,
                     "client_lr": cfg.client_lr * lr_factor(cfg, step),
                     "server_lr": cfg.server_lr * lr_factor(cfg, step),
@@ -309,20 +344,18 @@ def train(
                 )
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 t = time.perf_counter()
-                acc = evaluate(trainer, tokenizer, eval_examples, cfg, step)
+                metrics = evaluate(trainer, tokenizer, eval_examples, cfg, step)
                 writer.paused(time.perf_counter() - t)
-                state["evals"].append({"step": step, "steps_done": step + 1, "accuracy": acc})
-                best = state["best_eval_accuracy"]
-                state["best_eval_accuracy"] = acc if best is None else max(best, acc)
-                writer.write({"step": step, "steps_done": step + 1, "eval_accuracy": acc})
+                _record_eval(state, best_key, metrics, step)
+                writer.write({"step": step, "steps_done": step + 1, **{f"eval_{k}": v for k, v in metrics.items()}})
                 up, down = traffic()
                 writer.line(
-                    f"step {step + 1}/{cfg.steps} | loss {stats.loss:.4f} | eval accuracy {acc:.4f} "
-                    f"(best {state['best_eval_accuracy']:.4f}) | {train_s / (step + 1 - start_step):.3f} s/step | "
+                    f"step {step + 1}/{cfg.steps} | loss {stats.loss:.4f} | {_eval_text(metrics)} "
+                    f"(best {state[best_key]:.4f}) | {train_s / (step + 1 - start_step):.3f} s/step | "
                     f"up {up / 2**20:.1f} MiB, down {down / 2**20:.1f} MiB | skipped {state['skipped_steps']}"
                 )
                 if last:
-                    final_accuracy = acc
+                    final = metrics
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and cfg.save_every):
                 t = time.perf_counter()
                 state["wall_seconds"] = time.perf_counter() - wall_start
@@ -333,18 +366,18 @@ def train(
         writer.close()
         if zo_log is not None:
             zo_log.close()
-    if final_accuracy is None:  # no step ran (steps already reached on resume, or --steps 0)
-        final_accuracy = evaluate(trainer, tokenizer, eval_examples, cfg, cfg.steps)
-        state["evals"].append({"step": start_step - 1, "steps_done": start_step, "accuracy": final_accuracy})
+    if final is None:  # no step ran (steps already reached on resume, or --steps 0)
+        final = evaluate(trainer, tokenizer, eval_examples, cfg, cfg.steps)
+        best = state.get(best_key)
+        _record_eval(state, best_key, final, start_step - 1)
+        if best is not None:  # a resumed run's best stays what its steps reached
+            state[best_key] = best
         what = "the untrained model" if start_step == 0 else f"the model after its {start_step} steps"
-        print(f"no step to run: evaluated {what}: eval accuracy {final_accuracy:.4f}", file=sys.stderr)
-        state["best_eval_accuracy"] = (
-            final_accuracy if state["best_eval_accuracy"] is None else state["best_eval_accuracy"]
-        )
+        print(f"no step to run: evaluated {what}: {_eval_text(final)}", file=sys.stderr)
     return {
         "train_seconds": train_s,
-        "final_eval_accuracy": final_accuracy,
-        "best_eval_accuracy": state["best_eval_accuracy"],
+        **{f"final_eval_{k}": v for k, v in final.items()},
+        best_key: state[best_key],
         "evals": state["evals"],
         "skipped_steps": state["skipped_steps"],
         "wall_seconds": time.perf_counter() - wall_start,
@@ -495,7 +528,9 @@ def _held_out_accuracy(cfg, held, train_examples, tokenizer):
     def evaluate_held(client, result):
         if cfg.client_eval_fraction:
             parts = [[train_examples[j] for j in h] for h in held]
-            result["client_eval_accuracy"] = [evaluate(client, tokenizer, p, cfg, cfg.steps) for p in parts]
+            scores = [evaluate(client, tokenizer, p, cfg, cfg.steps) for p in parts]
+            for key in scores[0]:
+                result[f"client_eval_{key}"] = [score[key] for score in scores]
 
     return evaluate_held
 
@@ -751,7 +786,9 @@ def _print_summary(summary: dict, run_dir: str) -> None:
             return f"{v:,}"
         return str(v)
 
-    keys = ["method", "model", "task", "split_layer", "steps", "final_eval_accuracy", "best_eval_accuracy",
+    scores = [k for k in ("final_eval_accuracy", "best_eval_accuracy", "final_eval_loss", "final_eval_perplexity",
+                          "best_eval_loss") if k in summary]  # fmt: skip
+    keys = ["method", "model", "task", "split_layer", "steps", *scores,
             "client_peak_memory_bytes", "bytes_up", "bytes_down", "skipped_steps", "wall_seconds"]  # fmt: skip
     keys += ["cuda_peak_memory_bytes"] if "cuda_peak_memory_bytes" in summary else []
     width = max(map(len, keys))

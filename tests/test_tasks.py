@@ -210,21 +210,25 @@ def test_bad_data_dirs(tmp_path):
     _one_line_error("no rte train file: expected .*rte/train.jsonl", task="rte", split="train", data_dir=tmp_path)
     _write(tmp_path / "wic", "train.jsonl", [HAND[8][2]])
     _one_line_error(
-        r"wic/train.jsonl:1: a rte record needs field\(s\) premise, hypothesis \(is this rte data",
+        r"wic/train.jsonl: no column premise, hypothesis \(its columns: word, .*; is this rte data",
         task="rte", split="train", data_dir=tmp_path / "wic",
     )  # fmt: skip
     _write(tmp_path / "rte", "train.jsonl", [dict(HAND[2][2], label="contradiction")])
-    _one_line_error("rte label 'contradiction' is not a rte label", task="rte", split="train", data_dir=tmp_path)
+    _one_line_error(
+        r"train.jsonl: row 1: rte label 'contradiction' has no verbalizer \(labels: entailment, not_entailment\)",
+        task="rte", split="train", data_dir=tmp_path,
+    )  # fmt: skip
     (tmp_path / "cb").mkdir()
     (tmp_path / "cb" / "val.jsonl").write_text('{"premise": "a"\n')
     _one_line_error(r"cb/val.jsonl:1: not valid JSON", task="cb", split="eval", data_dir=tmp_path)
     (tmp_path / "sst2").mkdir()
     (tmp_path / "sst2" / "dev.tsv").write_text("text\tlabel\nfine\t1\n")
-    _one_line_error("expected the header sentence<TAB>label", task="sst2", split="eval", data_dir=tmp_path)
+    _one_line_error(r"dev.tsv: no column sentence \(its columns: text, label; is this sst2", task="sst2", split="eval",
+                    data_dir=tmp_path)  # fmt: skip
     (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\nfine\t1\textra\n")
     _one_line_error(r"dev.tsv:2: expected 2 tab-separated fields, got 3", task="sst2", split="eval", data_dir=tmp_path)
     (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\nfine\t2\n")
-    _one_line_error(r"sst2 label '2' is not a sst2 label", task="sst2", split="eval", data_dir=tmp_path)
+    _one_line_error(r"dev.tsv: row 1: sst2 label '2' has no verbalizer", task="sst2", split="eval", data_dir=tmp_path)
 
 
 def test_bad_bytes_and_field_types_name_their_line(tmp_path):
@@ -240,10 +244,12 @@ def test_bad_bytes_and_field_types_name_their_line(tmp_path):
     _one_line_error(r"val.jsonl:4: not UTF-8 \(byte 14 of the line", task="rte", split="eval", data_dir=tmp_path)
     for value, said in [(None, "null"), (3, "a number"), (["a"], "a list")]:
         _write(tmp_path / "rte", "train.jsonl", [HAND[2][2], dict(HAND[2][2], premise=value)])
-        _one_line_error(rf"train.jsonl:2: rte field premise must be a string, got {said}", task="rte", split="train",
-                        data_dir=tmp_path)  # fmt: skip
+        _one_line_error(rf"train.jsonl: row 2: rte field premise must be a string, got {said}", task="rte",
+                        split="train", data_dir=tmp_path)  # fmt: skip
     _write(tmp_path / "rte", "train.jsonl", [dict(HAND[2][2], hypothesis="a\0b")])
-    _one_line_error(r"train.jsonl:1: rte field hypothesis holds a NUL", task="rte", split="train", data_dir=tmp_path)
+    _one_line_error(
+        r"train.jsonl: row 1: rte field hypothesis holds a NUL", task="rte", split="train", data_dir=tmp_path
+    )
     (tmp_path / "sst2" / "dev.tsv").write_bytes(b"sentence\tlabel\nfine\t1\nbad\x00 one\t0\n")
     _one_line_error(r"dev.tsv:3: .*NUL", task="sst2", split="eval", data_dir=tmp_path)
 
@@ -264,28 +270,90 @@ def test_hub_unreachable(monkeypatch):
 
 
 def test_hub_records_use_the_class_label_integers(monkeypatch):
-    """The hub gives ClassLabel integers and flattens WSC's spans; the eval split is 'validation'."""
+    """The hub gives ClassLabel integers (named or not) and flattens WSC's spans; the eval split is
+    'validation'."""
+    datasets = pytest.importorskip("datasets")
     calls = []
+
+    def table(records, names):
+        features = datasets.Dataset.from_list(records).features
+        return datasets.Dataset.from_list(records, features=datasets.Features(
+            {**features, "label": datasets.ClassLabel(names=names)}))  # fmt: skip
+
+    yes_no = ["False", "True"]
     hub = {
-        ("glue", "sst2"): [{"sentence": "fine ", "label": 1, "idx": 0}],
-        ("super_glue", "rte"): [dict(HAND[2][2], label=1)],
-        ("super_glue", "cb"): [dict(HAND[4][2], label=2)],
-        ("super_glue", "boolq"): [dict(HAND[6][2], label=1)],
-        ("super_glue", "wic"): [dict(HAND[8][2], label=1)],
-        ("super_glue", "wsc.fixed"): [{"text": "A B.", "span1_text": "A", "span2_text": "It", "label": 0}],
-    }
+        ("glue", "sst2"): table([{"sentence": "fine ", "label": 1, "idx": 0}], ["negative", "positive"]),
+        ("super_glue", "rte"): table([dict(HAND[2][2], label=1)], ["entailment", "not_entailment"]),
+        ("super_glue", "cb"): table([dict(HAND[4][2], label=2)], ["entailment", "contradiction", "neutral"]),
+        ("super_glue", "boolq"): table([dict(HAND[6][2], label=1)], yes_no),
+        ("super_glue", "wic"): table([dict(HAND[8][2], label=1)], yes_no),
+        ("super_glue", "wsc.fixed"): table([{"text": "A B.", "span1_text": "A", "span2_text": "It", "label": 0}],
+                                           yes_no),
+    }  # fmt: skip
 
     def load_dataset(path, name, split):
         calls.append((path, name, split))
         return hub[path, name]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     got = {task: load_examples(task, "eval")[0] for task in ("sst2", "rte", "cb", "boolq", "wic", "wsc")}
     assert {c[2] for c in calls} == {"validation"}
     assert [ex.candidates[ex.label] for ex in got.values()] == [" great", "No", "Maybe", "Yes", "Yes", "No"]
     assert got["wsc"].context == 'A B.\nIn the previous sentence, does the pronoun "it" refer to A? Yes or No?\n'
     load_examples("sst2", "train")
     assert calls[-1] == ("glue", "sst2", "train")
+
+
+# --- The presets against MeZO's templates as code, on the real files ------------------------------------
+
+
+def _mezo_context(task: str, r: dict) -> str:
+    """MeZO's templates (large_models/templates.py) written as code, independent of hosl's Formats."""
+    if task == "sst2":
+        return f"{r['sentence'].strip()} It was"
+    if task == "rte":
+        return f'{r["premise"]}\nDoes this mean that "{r["hypothesis"]}" is true? Yes or No?\n'
+    if task == "cb":
+        return f'Suppose {r["premise"]} Can we infer that "{r["hypothesis"]}"? Yes, No, or Maybe?\n'
+    if task == "boolq":
+        q = r["question"] if r["question"].endswith("?") else r["question"] + "?"
+        return f"{r['passage']} {q[:1].upper() + q[1:]}\n"
+    if task == "wic":
+        return (f'Does the word "{r["word"]}" have the same meaning in these two sentences? Yes, No?\n'
+                f"{r['sentence1']}\n{r['sentence2']}\n")  # fmt: skip
+    t = r["target"]
+    return f'{r["text"]}\nIn the previous sentence, does the pronoun "{t["span2_text"].lower()}" refer to {t["span1_text"]}? Yes or No?\n'  # noqa: E501
+
+
+_MEZO_ANSWERS = {
+    "sst2": ((" terrible", " great"), lambda v: int(v)),
+    "rte": (("Yes", "No"), ["entailment", "not_entailment"].index),
+    "cb": (("Yes", "No", "Maybe"), ["entailment", "contradiction", "neutral"].index),
+    "boolq": (("Yes", "No"), lambda v: 0 if v else 1),
+    "wic": (("No", "Yes"), int),
+    "wsc": (("No", "Yes"), int),
+}
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared SST-2 / SuperGLUE files")
+@pytest.mark.parametrize("task,name", [
+    (t, n) for t in ("sst2", "rte", "cb", "boolq", "wic", "wsc")
+    for n in (("train.tsv", "dev.tsv") if t == "sst2" else ("train.jsonl", "val.jsonl")) if (DATA / t / n).is_file()
+])  # fmt: skip
+def test_presets_give_the_examples_of_the_mezo_templates(task, name):
+    """Every row of the real files: the preset (a template and verbalizers as data, read through
+    datasets) gives the example that MeZO's templates as code give from the raw file."""
+    path = DATA / task / name
+    if name.endswith(".tsv"):
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+        records = [dict(zip(("sentence", "label"), line.split("\t"))) for line in lines]
+    else:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    candidates, index = _MEZO_ANSWERS[task]
+    expected = [Example(_mezo_context(task, r).strip(" ").lstrip(), candidates, index(r["label"])) for r in records]
+    got = load_examples(task, "train" if name.startswith("train") else "eval", data_dir=DATA)
+    assert len(got) == len(expected)
+    assert list(got) == expected
 
 
 # --- The synthetic task -----------------------------------------------------------------------------------

@@ -1105,9 +1105,9 @@ def test_evaluations_have_one_numbering_and_steps_0_says_what_it_evaluated(tmp_p
 
 
 def test_report_to_tensorboard_writes_what_metrics_jsonl_holds_and_a_resume_purges(tmp_path):
-    """train/<key> and eval/accuracy at the metrics' steps. A run killed in its save of step 8 is
-    resumed from checkpoint-4 and reruns steps 4 to 7: their first events are purged, as
-    metrics.jsonl rewrites those lines."""
+    """train/<key> and eval/accuracy at the metrics' steps done (from 1, as the console counts). A run
+    killed in its save of step 8 is resumed from checkpoint-4 and reruns steps 5 to 8: their first
+    events are purged, as metrics.jsonl rewrites those lines."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1133,11 +1133,12 @@ def test_report_to_tensorboard_writes_what_metrics_jsonl_holds_and_a_resume_purg
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     board.Reload()
     got = [(e.step, e.value) for e in board.Scalars("train/loss")]
-    want = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    assert [s for s, _ in got] == [s for s, _ in want] == list(range(8))
+    want = [(r["steps_done"], r["loss"]) for r in records if "loss" in r]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 9))
+    assert all(r["steps_done"] == r["step"] + 1 for r in records)
     assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(got, want))
     evals = [(e.step, e.value) for e in board.Scalars("eval/accuracy")]
-    assert evals == [(r["step"], pytest.approx(r["eval_accuracy"])) for r in records if "eval_accuracy" in r]
+    assert evals == [(r["steps_done"], pytest.approx(r["eval_accuracy"])) for r in records if "eval_accuracy" in r]
     assert "train/client_s" in board.Tags()["scalars"]
 
 
