@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Example", "Format", "Rows", "TaskError", "parse_verbalizers", "read_table", "template_fields"]
+__all__ = [
+    "Example",
+    "Format",
+    "Rows",
+    "TaskError",
+    "chat_renderer",
+    "parse_verbalizers",
+    "read_table",
+    "template_fields",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +157,8 @@ class Format:
     completion_field: str = "completion"
     fields: tuple[str, ...] = ()
     prepare: Callable[[dict, str], dict] | None = None  # presets: columns derived from the row's
+    messages_field: str | None = None  # generation from conversations, rendered by `chat`
+    chat: Callable[[list], tuple[str, str]] | None = None  # messages -> (prompt, completion)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -162,7 +173,7 @@ class Format:
     def columns(self) -> tuple[str, ...]:
         """The columns a table must have."""
         if self.kind == "generation":
-            return (self.prompt_field, self.completion_field)
+            return (self.messages_field,) if self.messages_field else (self.prompt_field, self.completion_field)
         return (*self.fields, self.label_field)
 
     def _text(self, row: dict, name: str, where: str) -> str:
@@ -173,14 +184,38 @@ class Format:
             raise TaskError(f"{where}: {self.name} field {name} holds a NUL byte")
         return value
 
+    def _conversation(self, messages: Any, where: str) -> tuple[str, str]:
+        """A conversation (TRL's `messages`: a list of {"role", "content"}, the last the assistant's)
+        as the prompt (every turn before the last, and the template's opening of the assistant's
+        turn) and the completion (the last turn as the template renders it)."""
+        field = self.messages_field
+        if not isinstance(messages, list) or not messages:
+            raise TaskError(f"{where}: {field} must be a non-empty list of messages, got {_type_name(messages)}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TaskError(f"{where}: {field}[{i}] must be an object with a role and a text content")
+            if "\0" in m["content"]:
+                raise TaskError(f"{where}: {field}[{i}] holds a NUL byte")
+        if messages[-1]["role"] != "assistant":
+            raise TaskError(f"{where}: the last message is the one trained on and must be the assistant's, "
+                            f"not {messages[-1]['role']!r}")  # fmt: skip
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # Arrow adds no keys here
+        try:
+            return self.chat(messages)
+        except Exception as exc:  # the template's own errors (jinja's, the tokenizer's)
+            raise TaskError(f"{where}: the chat template cannot render it ({exc})") from None
+
     def example(self, row: dict, where: str, label_names: Sequence[str] | None = None) -> Example:
         missing = [f for f in self.columns if f not in row]
         if missing:
             what = f"is this {self.name} data?" if self.prepare or self.name != "file" else "see --help for the fields"
             raise TaskError(f"{where}: a {self.name} record needs field(s) {', '.join(missing)} ({what})")
-        if self.kind == "generation":
+        if self.kind == "generation" and self.messages_field:
+            prompt, completion = self._conversation(row[self.messages_field], where)
+        elif self.kind == "generation":
             prompt = self._text(row, self.prompt_field, where)
             completion = self._text(row, self.completion_field, where)
+        if self.kind == "generation":
             if not completion.strip():
                 raise TaskError(f"{where}: the completion ({self.completion_field}) is empty")
             return Example(prompt, (completion,), 0, generation=True)
@@ -388,3 +423,21 @@ def locate_bad_bytes(path: Path) -> None:
     """The first line of a text file that is not UTF-8, as a TaskError (nothing when there is none)."""
     for _ in _text_lines(path):
         pass
+
+
+def chat_renderer(hf_tokenizer) -> Callable[[list], tuple[str, str]]:
+    """messages -> (prompt, completion) through a Hugging Face tokenizer's chat template: the prompt
+    is the conversation before its last turn with the assistant's turn opened
+    (add_generation_prompt), the completion what the whole conversation adds to it (the last turn
+    and its end-of-turn marker). TaskError for a tokenizer without a template."""
+    if not getattr(hf_tokenizer, "chat_template", None):
+        raise TaskError("a messages column needs a model whose tokenizer has a chat template; this one has none")
+
+    def render(messages: list) -> tuple[str, str]:
+        prompt = hf_tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = hf_tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the whole conversation does not start with its rendered prompt")
+        return prompt, full[len(prompt) :]
+
+    return render

@@ -4,6 +4,7 @@ checkpoints (a local directory, a GGUF file in one, or a hub id)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import socket
@@ -148,15 +149,21 @@ def build_tokenizer(name: str, task: str, examples=(), gguf_file: str | None = N
             return WordTokenizer.for_task("synthetic")
         words = {w for ex in examples for text in (ex.context, *ex.candidates) for w in WordTokenizer.words(text)}
         return WordTokenizer(sorted(words))
+    return HFTokenizer(hf_tokenizer(name, gguf_file))
+
+
+@functools.lru_cache(maxsize=4)
+def hf_tokenizer(name: str, gguf_file: str | None = None):
+    """The transformers tokenizer of a local or hub model (loaded once a process: a conversational
+    task renders its rows with it before the model is built)."""
     import transformers
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        hf = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+        return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first}") from None
-    return HFTokenizer(hf)
 
 
 def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):

@@ -31,6 +31,7 @@ it is generated in code, for the built-in word tokenizer and small models traine
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import zlib
@@ -39,7 +40,17 @@ from pathlib import Path
 
 import torch
 
-from hosl.data import Example, Format, Rows, TaskError, _datasets, locate_bad_bytes, parse_verbalizers, read_table
+from hosl.data import (
+    Example,
+    Format,
+    Rows,
+    TaskError,
+    _datasets,
+    chat_renderer,
+    locate_bad_bytes,
+    parse_verbalizers,
+    read_table,
+)
 from hosl.tokenizers import Tokenizer, WordTokenizer
 
 __all__ = [
@@ -139,10 +150,21 @@ def _load_local(task: str, split: str, data_dir: Path) -> Rows:
     return file_rows(path, PRESETS[task])
 
 
-def file_rows(path: str | Path, fmt: Format) -> Rows:
-    """A file's rows as Examples of this format, every row checked."""
+def _conversational(table, fmt: Format, chat) -> Format:
+    """A generation format reads a `messages` column (TRL's conversational shape) when the table has
+    one and not the prompt column."""
+    columns = table.column_names
+    if fmt.kind == "generation" and fmt.prompt_field not in columns and "messages" in columns and chat is not None:
+        return dataclasses.replace(fmt, messages_field="messages", chat=chat())
+    return fmt
+
+
+def file_rows(path: str | Path, fmt: Format, chat=None) -> Rows:
+    """A file's rows as Examples of this format, every row checked. chat(): the renderer of a
+    conversational file's messages (hosl.data.chat_renderer), asked for only when it is one."""
     path = Path(path).expanduser()
-    rows = Rows(read_table(path), fmt, str(path))
+    table = read_table(path)
+    rows = Rows(table, _conversational(table, fmt, chat), str(path))
     try:
         rows.check()
     except UnicodeDecodeError:  # pyarrow keeps JSON strings' bytes as they are: found when read
@@ -151,7 +173,7 @@ def file_rows(path: str | Path, fmt: Format) -> Rows:
     return rows
 
 
-def hub_rows(name: str, config: str | None, split: str, fmt: Format) -> Rows:
+def hub_rows(name: str, config: str | None, split: str, fmt: Format, chat=None) -> Rows:
     """A dataset's split by hub name or local folder (datasets.load_dataset), every row checked."""
     datasets = _datasets()
     try:
@@ -162,7 +184,7 @@ def hub_rows(name: str, config: str | None, split: str, fmt: Format) -> Rows:
         raise TaskError(f"could not load {what} ({split}) ({reason})") from exc
     if len(table) == 0:
         raise TaskError(f"{name} {split} holds no examples")
-    rows = Rows(table, fmt, f"{name}/{config} {split}" if config else f"{name} {split}")
+    rows = Rows(table, _conversational(table, fmt, chat), f"{name}/{config} {split}" if config else f"{name} {split}")
     rows.check()
     return rows
 
@@ -245,11 +267,19 @@ def load_file_examples(cfg, split: str, n: int | None = None, seed: int = 0) -> 
     """A split of the run's own data: --train-file / --eval-file, or --dataset's train / eval split."""
     _check_n(n)
     fmt = file_format(cfg)
+
+    def chat():
+        from hosl.models import hf_tokenizer
+
+        if cfg.model.startswith("builtin:"):
+            raise TaskError("a messages column needs a model whose tokenizer has a chat template; a built-in has none")
+        return chat_renderer(hf_tokenizer(cfg.model, cfg.gguf_file))
+
     if cfg.dataset:
         name = cfg.train_split if split == "train" else cfg.eval_split
-        rows = hub_rows(cfg.dataset, cfg.dataset_config, name, fmt)
+        rows = hub_rows(cfg.dataset, cfg.dataset_config, name, fmt, chat)
     else:
-        rows = file_rows(cfg.train_file if split == "train" else cfg.eval_file, fmt)
+        rows = file_rows(cfg.train_file if split == "train" else cfg.eval_file, fmt, chat)
     return _sample(rows, n, seed, f"{rows.where}")
 
 

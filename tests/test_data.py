@@ -288,3 +288,41 @@ def test_a_file_run_keeps_the_identity_of_a_run_saved_before_the_data_flags():
     cfg = TrainConfig()
     assert not {"train_file", "template", "prompt_field"} & set(cfg.identity())
     assert "train_file" in TrainConfig(train_file="t.jsonl", eval_file="e.jsonl").identity()
+
+
+class _ChatTokenizer:
+    """A tokenizer's chat template, written out: <role>content</turn> per message."""
+
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</turn>{% endfor %}"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}</turn>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def test_conversations_train_on_the_last_turn_as_the_chat_template_renders_it(tmp_path):
+    from hosl.data import chat_renderer
+    from hosl.tasks import file_format, file_rows
+
+    rows = [{"messages": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "blue"}]},
+            {"messages": [{"role": "system", "content": "brief"}, {"role": "user", "content": "grass?"},
+                          {"role": "assistant", "content": "green"}]}]  # fmt: skip
+    path = _write(tmp_path / "chat.jsonl", rows)
+    fmt = file_format(own(tmp_path, train_file=str(path), eval_file=str(path)))
+    got = list(file_rows(path, fmt, chat=lambda: chat_renderer(_ChatTokenizer())))
+    assert got == [
+        Example("<user>sky?</turn><assistant>", ("blue</turn>",), 0, generation=True),
+        Example("<system>brief</turn><user>grass?</turn><assistant>", ("green</turn>",), 0, generation=True),
+    ]
+    bad = _write(tmp_path / "bad.jsonl", [rows[0], {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(TaskError, match=r"bad.jsonl: row 2: the last message .* must be the assistant's, not 'user'"):
+        file_rows(bad, fmt, chat=lambda: chat_renderer(_ChatTokenizer()))
+    with pytest.raises(TaskError, match="needs a model whose tokenizer has a chat template"):
+        chat_renderer(object())
+
+
+def test_a_conversation_file_with_a_built_in_model_is_one_line(tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "blue"}]}]
+    path = str(_write(tmp_path / "chat.jsonl", rows))
+    assert main(["--train-file", path, "--eval-file", path, "--out", str(tmp_path / "r")]) == 2
+    assert "a messages column needs a model whose tokenizer has a chat template" in capsys.readouterr().err
