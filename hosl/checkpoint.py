@@ -87,19 +87,20 @@ def sync_dir(directory: Path) -> None:
     sync_file(directory)
 
 
-def config_digest(config_path: Path) -> str:
-    """SHA-256 of the trajectory-defining fields of a config.json (TrainConfig.identity)."""
+def config_digest(config_path: Path, legacy: bool = False) -> str:
+    """SHA-256 of the run-defining fields of a config.json (TrainConfig.identity; legacy: as the
+    versions before the resumable fields wrote it)."""
     from hosl.config import TrainConfig
 
     try:
         cfg = TrainConfig.from_json(Path(config_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
-    return hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(cfg.identity(legacy), sort_keys=True).encode()).hexdigest()
 
 
 def check_config(manifest: dict, config_path: Path, where: Path) -> None:
-    if manifest.get("config") != config_digest(config_path):
+    if manifest.get("config") not in (config_digest(config_path), config_digest(config_path, legacy=True)):
         raise CheckpointError(
             f"{config_path}: its settings differ from those {where} was saved with (edited since the save)"
         )

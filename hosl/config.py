@@ -597,19 +597,23 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValueError(f"{_flag(name)} must name a column")
 
-    def identity(self) -> dict:
-        """The fields that define the run's trajectory (everything but RUN_ONLY). The data fields
-        added with your own files are left out at their defaults, so a run saved before them keeps
-        its identity."""
+    def identity(self, legacy: bool = False) -> dict:
+        """The fields that define the run, which its checkpoints are verified against: everything
+        but RUN_ONLY and RESUMABLE. The data fields added with your own files are left out at their
+        defaults. legacy: the identity of the versions before RESUMABLE existed (and before the
+        token file's path left it), which their checkpoints' manifests hold."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        left_out = RUN_ONLY - {"auth_token_file"} if legacy else RUN_ONLY | RESUMABLE
         return {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if k not in RUN_ONLY and not (k in _ADDED_WITH_FILES and v == defaults[k])
+            if k not in left_out and not (k in _ADDED_WITH_FILES and v == defaults[k])
         }
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+        """What the two sides of a run compare in HELLO: the identity and the RESUMABLE fields."""
+        both = {**self.identity(), **{k: getattr(self, k) for k in sorted(RESUMABLE)}}
+        return hashlib.sha256(json.dumps(both, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _OWN_DATA_FORMAT = ("template", "verbalizers", "text_field", "label_field", "prompt_field", "completion_field")
@@ -669,8 +673,14 @@ RUN_ONLY = frozenset(
         "client_threads",
         "server_threads",
         "report_to",
+        "auth_token_file",  # the secret is proven in HELLO; where a side reads it from is its own affair
     }  # fmt: skip
 )
+
+# May change on --resume, from the checkpoint on, but not between the two sides of a run (HELLO
+# compares them): the rates, mu and the rate schedule. The client's rate and mu of every step are in
+# zo_log.jsonl, so replay reproduces a run resumed with new ones.
+RESUMABLE = frozenset({"client_lr", "server_lr", "mu", "lr_scheduler", "warmup_steps"})
 
 
 def _flag(name: str) -> str:

@@ -38,7 +38,8 @@ def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -
         if not all_finite(params):
             raise DivergedError(
                 f"the {side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
-                "large for them); start the run again with a lower rate (a resumed run keeps its rate)"
+                "large for them); resume from the last checkpoint with a lower rate (--resume RUN_DIR --client-lr or "
+                "--server-lr), or start again with one"
             )
     optimizer.zero_grad(set_to_none=True)
     return skipped
@@ -83,7 +84,8 @@ class FusedStep:
         if exc[0] is None and not all_finite(self.params):
             raise DivergedError(
                 f"the {self.side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "
-                "large for them); start the run again with a lower rate (a resumed run keeps its rate)"
+                "large for them); resume from the last checkpoint with a lower rate (--resume RUN_DIR --client-lr or "
+                "--server-lr), or start again with one"
             )
 
     def _apply(self, optimizer, p: torch.Tensor) -> None:
@@ -120,7 +122,8 @@ class SkipCounter:
         if self.limit and self.run >= self.limit:
             raise DivergedError(
                 f"the {self.side} skipped {self.run} steps in a row up to step {step} (non-finite losses or "
-                "gradients); start the run again with a lower rate or --mu (a resumed run keeps both)"
+                "gradients); resume from the last checkpoint with a lower rate or --mu (--resume RUN_DIR --client-lr "
+                "... --mu ...), or start again with them"
             )
 
 

@@ -10,6 +10,7 @@ CPU kernel, the Triton kernel and the torch reference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -38,7 +39,7 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
     every perturbation pass of the schedule, then the step's final pass (update, or restore only
     for a skipped step) and weight decay. With scratch probes the weights never held a probe: one
     pass per step, the update."""
-    plan = StepPlan.of(cfg)
+    plans = {cfg.mu: StepPlan.of(cfg)}  # by mu: a run resumed with another mu logs each step's
     try:
         from tqdm.auto import tqdm
 
@@ -47,6 +48,10 @@ def replay(params: zo.ZOParams, cfg: TrainConfig, log: Iterable[dict]) -> None:
         pass
     for record in log:
         step = record["step"]
+        mu = record.get("mu", cfg.mu)  # logs written before mu was logged: the config's
+        if mu not in plans:
+            plans[mu] = StepPlan.of(dataclasses.replace(cfg, mu=mu))
+        plan = plans[mu]
         if "clients" in record:  # a round of many clients (hosl.clients): its update alone
             if not record["skipped"]:
                 per_client = record.get("rows") or [None] * len(record["clients"])

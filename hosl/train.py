@@ -33,7 +33,7 @@ import torch
 from hosl import checkpoint
 from hosl.auth import ENV as AUTH_ENV
 from hosl.auth import AuthError, read_secret
-from hosl.config import RUN_ONLY, TrainConfig, build_parser, parse_config
+from hosl.config import RESUMABLE, RUN_ONLY, TrainConfig, build_parser, parse_config
 from hosl.models import ModelError, build, build_tokenizer, check_hub_reachable, check_model_name, num_blocks
 from hosl.optim import DivergedError, SkipCounter, lr_factor
 from hosl.plan import method_of
@@ -308,7 +308,7 @@ def train(
             state["skipped_steps"] += stats.skipped
             if zo_log is not None:
                 lr = trainer.rate * lr_factor(cfg, step)  # what the step used; replay applies it
-                record = {"step": step, "lr": lr, "grads": stats.grads, "skipped": stats.skipped}
+                record = {"step": step, "lr": lr, "mu": cfg.mu, "grads": stats.grads, "skipped": stats.skipped}
                 if stats.rows is not None:
                     record["rows"] = stats.rows
                 if stats.clients is not None:  # a round of many clients: grads and rows per client
@@ -771,11 +771,19 @@ def _resolve_resume(argv) -> TrainConfig:
     out = given.pop("out", None)
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise UsageError(f"--resume {run_dir} writes to that directory: --out {out} names another one")
-    changed = sorted(k for k, v in given.items() if k not in RUN_ONLY and v != getattr(saved, k))
+    changed = sorted(k for k, v in given.items() if k not in RUN_ONLY | RESUMABLE and v != getattr(saved, k))
     if changed:
         what = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (run: {getattr(saved, k)!r})" for k in changed)
         raise UsageError(f"--resume {run_dir} is a run with another config: {what}")
-    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUN_ONLY}, out=str(run_dir))
+    new = {k: v for k, v in given.items() if k in RESUMABLE and v != getattr(saved, k)}
+    for k, v in new.items():  # said once, and in config.json, metrics.jsonl and zo_log.jsonl from here on
+        print(f"--resume {run_dir}: {_flag_name(k)} {v!r} from its checkpoint on (was {getattr(saved, k)!r})",
+              file=sys.stderr)  # fmt: skip
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUN_ONLY}, **new, out=str(run_dir))
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _print_summary(summary: dict, run_dir: str) -> None:

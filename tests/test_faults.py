@@ -121,8 +121,14 @@ GOOD_TSV = "sentence\tlabel\n" + "".join(f"a fine film {i}\t{i % 2}\n" for i in 
 BAD_DATA = {
     "a line over the csv field limit": (GOOD_TSV + "x" * 200_000 + "\t1\n", "train.tsv:18: field larger than"),
     "not UTF-8": (GOOD_TSV.encode() + b"caf\xe9\t1\n", "train.tsv:18: not UTF-8 (byte 4 of the line"),
-    "a full-width digit label": (GOOD_TSV + "a film\t\uff11\n", "train.tsv: row 17: sst2 label '１' has no verbalizer"),
-    "a superscript digit label": (GOOD_TSV + "a film\t\u00b2\n", "train.tsv: row 17: sst2 label '²' has no verbalizer"),
+    "a full-width digit label": (
+        GOOD_TSV + "a film\t\uff11\n",
+        "row 17: sst2 label '１' has no verbalizer",
+    ),
+    "a superscript digit label": (
+        GOOD_TSV + "a film\t\u00b2\n",
+        "row 17: sst2 label '²' has no verbalizer",
+    ),
 }
 
 

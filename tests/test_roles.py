@@ -5,6 +5,7 @@ weights on inconsistent tensors. A structured fuzz of BATCH and ACT frames holds
 the default tier, 20,000 frames in the slow one (every mutation makes the step inconsistent, so
 every step must be refused)."""
 
+import dataclasses
 import random
 
 import pytest
@@ -133,3 +134,20 @@ def test_a_consistent_step_is_answered(session):
     server._train_step(batch)
     assert server.steps_done == step + 1 and not torch.equal(_weights(server), before)
     assert [f.kind for f in server.link.sent] == [Kind[f.answer.upper()] for f in server.plan.uploads]
+
+
+@pytest.mark.parametrize(
+    "change", [{"client_lr": 5e-5}, {"mu": 2e-3}, {"server_lr": 1e-2}, {"q": 3}, {"seed": 1}, {}], ids=str
+)
+def test_hello_refuses_a_client_of_another_config(session, change):
+    """HELLO compares the run-defining fields and the resumable ones (the rates, mu, the schedule):
+    a client with any of them changed is refused before any frame of training; the same config is
+    answered."""
+    server, _, _ = session
+    cfg = dataclasses.replace(server.cfg, **change)
+    hello = Frame(Kind.HELLO, meta={"protocol": 2, "config": cfg.hash(), "plan": server.plan.describe(),
+                                    "client_numel": 0})  # fmt: skip
+    fresh = SplitServer(server.cfg, server.model, ScriptedLink([hello]), None)
+    with pytest.raises(LinkError, match="config differs" if change else "the script has no more frames"):
+        fresh.serve()
+    assert [f.kind for f in fresh.link.sent] == ([] if change else [Kind.HELLO])

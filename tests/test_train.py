@@ -20,6 +20,7 @@ from hosl.models import build
 from hosl.replay import client_zo_params, read_log, replay
 from hosl.split import split_model
 from hosl.tasks import load_examples
+from hosl.token import main as hosl_token_main
 from hosl.train import Batches, main, run
 
 # Small and fast: the built-in model on a slice of the synthetic task. The ZO settings are pinned to
@@ -952,6 +953,51 @@ def test_resume_from_another_config_is_refused(tmp_path, capsys):
     run(cfg_for(tmp_path, steps=2, save_every=2))
     assert main(["--resume", str(tmp_path / "run"), "--q", "3"]) == 2
     assert "another config: --q 3 (run: 1)" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("estimator", ["central", "cut-grad-one-sided"])
+def test_resume_may_change_the_rates_and_mu_and_replay_follows(tmp_path, capsys, estimator):
+    """--resume with a new client and server rate and mu: the run goes on from its checkpoint with
+    them (said once, written to config.json), zo_log.jsonl holds each step's lr and mu, and replay
+    of the whole log gives the final client weights bit for bit. A later resume still verifies the
+    checkpoint saved before the change."""
+    cfg = cfg_for(tmp_path, steps=4, save_every=2, zo_estimator=estimator, q=2, mu=1e-3, client_lr=1e-4)
+    run(cfg)
+    before = json.loads((tmp_path / "run" / "checkpoint-4" / "manifest.json").read_text())
+    argv = ["--resume", str(tmp_path / "run"), "--steps", "8", "--client-lr", "5e-5", "--mu", "3e-3",
+            "--server-lr", "1e-4"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--client-lr 5e-05 from its checkpoint on (was 0.0001)" in err and "--mu 0.003" in err
+    log = read_log(tmp_path / "run" / "zo_log.jsonl")
+    assert [(r["mu"], r["lr"]) for r in log] == [(1e-3, 1e-4)] * 4 + [(3e-3, 5e-5)] * 4
+    saved = TrainConfig.from_json((tmp_path / "run" / "config.json").read_text())
+    assert (saved.client_lr, saved.mu, saved.server_lr) == (5e-5, 3e-3, 1e-4)
+    _assert_replays(cfg, tmp_path / "run")  # the first config: replay reads mu and lr from the log
+    from hosl import checkpoint  # a checkpoint saved before the change verifies against the new config
+
+    checkpoint.check_config(before, tmp_path / "run" / "config.json", tmp_path / "run" / "checkpoint-4")
+
+
+def test_a_resume_may_add_a_token_and_a_legacy_manifest_verifies(tmp_path):
+    """The token file is not part of a run's identity (a run may gain one on resume); a checkpoint
+    whose manifest holds the digest older versions wrote (the rates and the token path in it) still
+    verifies, and a wrong digest does not."""
+    from hosl import checkpoint
+
+    run(cfg_for(tmp_path, steps=2, save_every=2))
+    token = tmp_path / "token"
+    assert hosl_token_main([str(token)]) == 0
+    config = tmp_path / "run" / "config.json"
+    manifest_path = tmp_path / "run" / "checkpoint-2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"] = checkpoint.config_digest(config, legacy=True)
+    assert manifest["config"] != checkpoint.config_digest(config)
+    manifest_path.write_text(json.dumps(manifest))
+    checkpoint.check_config(manifest, config, manifest_path.parent)
+    with pytest.raises(checkpoint.CheckpointError, match="differ from those"):
+        checkpoint.check_config({**manifest, "config": "0" * 64}, config, manifest_path.parent)
+    assert main(["--resume", str(tmp_path / "run"), "--steps", "3", "--auth-token-file", str(token)]) == 0
 
 
 def test_out_dir_is_never_overwritten(tmp_path):
