@@ -110,7 +110,15 @@ def write_manifest(directory: Path, files: dict[str, str], config_path: Path | N
     manifest = {"files": dict(sorted(files.items()))}
     if config_path is not None:
         manifest["config"] = config_digest(config_path)
+    manifest["digest"] = _own_digest(manifest)
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _own_digest(manifest: dict) -> str:
+    """A manifest's digest of its own contents: a damaged manifest is blamed, not the file whose
+    digest the damage fell on."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def commit(tmp: Path, final: Path) -> None:
@@ -157,6 +165,8 @@ def read_manifest(path: Path) -> dict:
     manifest = _read_json(path, "the manifest")
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: not a hosl manifest")
+    if "digest" in manifest and manifest["digest"] != _own_digest(manifest):  # older manifests have none
+        raise CheckpointError(f"{path}: damaged or edited (its own digest does not match what it lists)")
     return manifest
 
 
@@ -190,9 +200,10 @@ class ResumePoint:
         return {n: d for n, d in self.manifest["files"].items() if n in SERVER_FILES}
 
 
-def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
+def latest(run_dir: Path, config_path: Path, server_here: bool = False) -> ResumePoint | None:
     """The newest complete checkpoint of run_dir, verified against its manifest (the config's digest
     included) and its state checked; None when there is none. CheckpointError for any mismatch.
+    server_here: the server's files are in this directory too (one process), so they must be there.
     Reads only: nothing in the run directory changes."""
     run_dir = Path(run_dir)
     found = complete(run_dir)
@@ -209,7 +220,7 @@ def latest(run_dir: Path, config_path: Path) -> ResumePoint | None:
     step, path = found[-1]
     manifest = read_manifest(path / MANIFEST)
     # The server's files may live on another machine: the server verifies those itself.
-    verify(path, manifest, missing_ok=SERVER_FILES)
+    verify(path, manifest, missing_ok=() if server_here else SERVER_FILES)
     check_config(manifest, config_path, path)
     state = _read_json(path / "state.json", "the training state")
     if not isinstance(state, dict) or state.get("step") != step:

@@ -417,7 +417,7 @@ def _start_run_dir(cfg: TrainConfig):
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config.json"
-        point = checkpoint.latest(run_dir, saved) if saved.exists() else None
+        point = checkpoint.latest(run_dir, saved, server_here=cfg.transport == "local") if saved.exists() else None
         if point is None:
             if (run_dir / "checkpoint" / "state.json").exists():
                 raise UsageError(

@@ -122,6 +122,14 @@ def _flip_byte(path: Path, at: int = -1):
     path.write_bytes(bytes(data))
 
 
+def _flip_digest_digit(path: Path, name: str):
+    """One hex digit of the digest a manifest lists for `name`, changed: JSON still, a digest still."""
+    manifest = json.loads(path.read_text())
+    digest = manifest["files"][name]
+    manifest["files"][name] = ("1" if digest[0] == "0" else "0") + digest[1:]
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def _edit_json(path: Path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -134,6 +142,13 @@ DAMAGE = {
     "config, another seed": ("config.json", lambda p: _edit_json(p, seed=5)),
     "manifest, not JSON": ("checkpoint-4/manifest.json", lambda p: p.write_text("{")),
     "client weights, missing": ("checkpoint-4/client.safetensors", lambda p: p.unlink()),
+    "server weights, missing": ("checkpoint-4/server.safetensors", lambda p: p.unlink()),
+    "server optimizer, missing": ("checkpoint-4/server_optimizer.pt", lambda p: p.unlink()),
+    # a flipped hex digit of the server optimizer's digest: the manifest is blamed, not the file
+    "manifest, one digit of a digest": (
+        "checkpoint-4/manifest.json",
+        lambda p: _flip_digest_digit(p, "server_optimizer.pt"),
+    ),
 }
 
 
