@@ -162,7 +162,8 @@ def worker(spec: dict) -> None:
     low = {"dtype": dtype_name} | ({"zo_master": "none"} if method == "hosl-no-master" else {})
     optimizer = "sgd" if method.startswith("fo-sgd") else "adamw"
     # hosl's loss-difference step (central): the client holds one activation at a time. (cut-grad
-    # also holds dL/dh and one probe's activation: two activations more, not measured here.)
+    # also holds dL/dh and one probe's activation: two activations more, measured by --methods'
+    # hosl-cut-grad rows.)
     rates = {rate: 1e-5 for rate in method_of(split_method).rates}  # the config refuses a rate the method ignores
     cfg = TrainConfig(
         method=split_method, split_layer=k, q=1, batch_size=batch_size, max_length=seq, optimizer=optimizer,

@@ -25,7 +25,7 @@ Passes (each one hosl.noise.add_ over the buffer) for in-place probes: the first
 at +mu z_1; each later forward moves from the previous point in one pass (restoring the previous
 probe and applying the next one together); the step ends with one pass that undoes the last probe
 and applies the update (Q terms). central and cut-grad: 2Q + 1 passes a step; forward and
-cut-grad-one-sided: Q + 1; cut-grad-jvp: the update alone. DESIGN.md counts 2Q: that needs the update
+cut-grad-one-sided: Q + 1; cut-grad-jvp: the update alone. 2Q passes would need the update
 folded into the next step's first +mu, which would leave the weights perturbed between steps (for
 evaluation, checkpoints and replay) to save one pass in 2Q + 1; hosl keeps steps self-contained.
 

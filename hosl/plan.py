@@ -80,8 +80,8 @@ class Method:
 # The embedded default run's client alone (--server-lr 0) reaches 0.99 with these defaults, 0.95
 # with cut-grad's two forwards a probe (the default before, at twice the client's cost a probe) and
 # 0.52 with the central, Q = 1, 1e-4 defaults before that (3 seeds each; on SmolLM2-135M at k = 27,
-# 0.733 against cut-grad's 0.727 at seed 0; benchmarks/bench_client.py, README: "Does the client
-# learn?").
+# 0.733 against cut-grad's 0.727 at seed 0; benchmarks/bench_client.py, docs/results.md: "Does the
+# client learn?").
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

@@ -658,7 +658,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
     if secret is None:
         print(
             f"warning: --insecure: no --auth-token-file or ${AUTH_ENV}, so the peers of this run are not "
-            "authenticated, and anyone who reaches its port can join it (see the README's Safe on a network)",
+            "authenticated, and anyone who reaches its port can join it (see docs/safety.md)",
             file=sys.stderr,
         )
     if _rounds(cfg):

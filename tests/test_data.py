@@ -326,3 +326,31 @@ def test_a_conversation_file_with_a_built_in_model_is_one_line(tmp_path, capsys)
     path = str(_write(tmp_path / "chat.jsonl", rows))
     assert main(["--train-file", path, "--eval-file", path, "--out", str(tmp_path / "r")]) == 2
     assert "a messages column needs a model whose tokenizer has a chat template" in capsys.readouterr().err
+
+
+def test_many_clients_and_export_on_your_own_files(tmp_path):
+    """A generation file with three clients (each a shard, a held-out part scored by loss); its export
+    reloads with transformers, whose tokenizer encodes the eval prompts as the run did and whose
+    loss on the eval rows is the run's."""
+    import transformers
+
+    from hosl.export import export
+    from hosl.tasks import encode_for_training
+
+    train, evals = _generation_files(tmp_path)
+    summary = run(own(tmp_path, train_file=train, eval_file=evals, clients=3, steps=3, client_eval_fraction=0.2,
+                      max_length=24))  # fmt: skip
+    assert summary["clients_identical"] and len(summary["client_eval_loss"]) == 3
+    out = export(tmp_path / "run", tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    cfg = TrainConfig.from_json((tmp_path / "run" / "config.json").read_text())
+    train_examples, eval_examples = load_run_data(cfg)
+    ours, _ = build(cfg, train_examples)
+    assert all(
+        tokenizer.encode(ex.context, add_special_tokens=False) == ours.encode(ex.context) for ex in eval_examples
+    )
+    batch = encode_for_training(ours, list(eval_examples), cfg.max_length)
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-4)
