@@ -297,7 +297,26 @@ class TrainConfig:
     # -- transport and device ----------------------------------------------------------------------------
     transport: str = field(
         default="local",
-        metadata=_help("local: one process; dist: torchrun, rank 0 server, rank 1 client", choices=("local", "dist")),
+        metadata=_help(
+            "local: one process; dist: torchrun, rank 0 server, rank 1 client; grpc: this client dials --server "
+            "(python -m hosl.serve), TLS by default",
+            choices=("local", "dist", "grpc"),
+        ),
+    )
+    server: str | None = field(default=None, metadata=_help("grpc: the server's HOST:PORT, which the client dials"))
+    listen: str | None = field(
+        default=None, metadata=_help("hosl.serve: the HOST:PORT to listen on (port 0: a free one)")
+    )
+    tls_ca: str | None = field(
+        default=None,
+        metadata=_help("grpc client: the CA certificate (PEM) the server's must chain to (default: the system's)"),
+    )
+    tls_cert: str | None = field(
+        default=None, metadata=_help("grpc: this side's certificate (PEM): the server's, or a client's for mutual TLS")
+    )
+    tls_key: str | None = field(default=None, metadata=_help("grpc: the private key (PEM) of --tls-cert"))
+    tls_client_ca: str | None = field(
+        default=None, metadata=_help("hosl.serve: require client certificates issued by this CA (mutual TLS)")
     )
     compression: str | None = field(
         default=None,
@@ -318,7 +337,8 @@ class TrainConfig:
     insecure: bool = field(
         default=False,
         metadata=_help(
-            "dist: run without a shared secret (any peer that reaches the port may join); refused otherwise"
+            "dist: run without a shared secret (any peer that reaches the port may join); grpc: also plain text, "
+            "without TLS; refused otherwise"
         ),
     )
     threads: int = field(
@@ -451,8 +471,16 @@ class TrainConfig:
             )
         if self.transport == "dist" and not (self.out or self.resume):
             raise ValueError("--transport dist needs --out: each side keeps its files there (one machine: the same)")
-        if self.transport == "dist" and not method_of(self.method).split:
-            raise ValueError(f"--transport dist needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}")
+        if self.transport in ("dist", "grpc") and not method_of(self.method).split:
+            raise ValueError(
+                f"--transport {self.transport} needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}"
+            )
+        if self.transport == "grpc" and self.clients > 1:
+            raise ValueError("--transport grpc takes one client so far; many clients run over local or dist")
+        if self.transport != "grpc":
+            given = [n for n in ("server", "tls_ca", "tls_client_ca") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{_flag(given[0])} is for --transport grpc")
 
     def _check_many_clients(self) -> None:
         method = method_of(self.method)
@@ -667,6 +695,12 @@ RUN_ONLY = frozenset(
         "resume",
         "timeout",
         "transport",
+        "server",
+        "listen",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
         "insecure",
         "device",
         "threads",
@@ -760,7 +794,8 @@ SECTIONS = {
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
                      "on_client_loss", "min_clients"],
-    "transport and device": ["transport", "compression", "device", "auth_token_file", "insecure", "threads",
+    "transport and device": ["transport", "server", "listen", "tls_ca", "tls_cert", "tls_key", "tls_client_ca",
+                             "compression", "device", "auth_token_file", "insecure", "threads",
                              "client_threads", "server_threads", "timeout", "sync_probes"],
 }  # fmt: skip
 

@@ -645,16 +645,7 @@ def run_dist(cfg: TrainConfig) -> dict | None:
             f"--resume {cfg.resume}: the run used --transport dist; resume it under torchrun as it was started "
             "(or add --transport local to continue it in one process)"
         )
-    try:
-        secret = read_secret(cfg.auth_token_file)
-    except AuthError as exc:
-        raise UsageError(str(exc)) from None
-    if secret is None and not cfg.insecure:
-        raise UsageError(
-            f"--transport dist needs a shared secret, or anyone who reaches the port can join the run: give both "
-            f"sides --auth-token-file FILE (make one with python -m hosl.token FILE) or ${AUTH_ENV}, or --insecure "
-            "on a network you trust"
-        )
+    secret = _secret(cfg, needed=True)
     if secret is None:
         print(
             f"warning: --insecure: no --auth-token-file or ${AUTH_ENV}, so the peers of this run are not "
@@ -681,6 +672,46 @@ def run_dist(cfg: TrainConfig) -> dict | None:
         cfg, run_dir, point = _start_run_dir(cfg)
         with _unless_started(run_dir, point):
             return _client_dist(cfg, link, run_dir, point, device)
+
+
+def run_grpc(cfg: TrainConfig) -> dict:
+    """A --transport grpc client: dial --server (python -m hosl.serve), prove the secret, train."""
+    from hosl.grpc_link import TLS, dial
+
+    if not cfg.server:
+        raise UsageError("--transport grpc needs --server HOST:PORT (where python -m hosl.serve listens)")
+    secret = _secret(cfg, needed=False)
+    if cfg.insecure:
+        print(
+            "warning: --insecure: plain text, no TLS: the activations, labels and losses cross readable by anyone "
+            "on the path" + ("" if secret else ", and the peers are not authenticated"),
+            file=sys.stderr,
+        )
+    tls = None if cfg.insecure else TLS(ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key)
+    device = _device(cfg)
+    link = dial(cfg.server, tls, cfg.timeout, cfg.compression)
+    with link:
+        if secret is not None:
+            link.authenticate(secret)
+        cfg, run_dir, point = _start_run_dir(cfg)
+        with _unless_started(run_dir, point):
+            return _client_dist(cfg, link, run_dir, point, device)
+
+
+def _secret(cfg: TrainConfig, needed: bool) -> bytes | None:
+    """The run's shared secret; UsageError when it cannot be read, or when a link needs one and
+    --insecure was not given."""
+    try:
+        secret = read_secret(cfg.auth_token_file)
+    except AuthError as exc:
+        raise UsageError(str(exc)) from None
+    if secret is None and needed and not cfg.insecure:
+        raise UsageError(
+            f"--transport {cfg.transport} needs a shared secret, or anyone who reaches the port can join the run: "
+            f"give both sides --auth-token-file FILE (make one with python -m hosl.token FILE) or ${AUTH_ENV}, or "
+            "--insecure on a network you trust"
+        )
+    return secret
 
 
 def _client_dist(cfg: TrainConfig, link, run_dir: Path, point, device) -> dict:
@@ -827,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_dist(cfg) if cfg.transport == "dist" else run(cfg)
+        runner = {"dist": run_dist, "grpc": run_grpc}.get(cfg.transport, run)
+        summary = runner(cfg)
     except (UsageError, TaskError, ModelError, SplitError, ValueError) as exc:
         if os.environ.get("HOSL_DEBUG"):
             raise

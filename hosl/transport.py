@@ -87,6 +87,7 @@ class Link:
         self.broken = False  # a send or receive failed: the peer is gone or the channel is unusable
         self.max_frame_bytes = MAX_FRAME_BYTES  # the largest frame accepted, in bytes
         self.max_tensors = self.MAX_TENSORS
+        self._mac: auth.FrameMac | None = None  # after authenticate(): every frame tagged and checked
 
     def send(self, frame: Frame) -> None:
         """Encode and send one frame (the link's compression applies to activations and gradients)."""
@@ -152,12 +153,62 @@ class Link:
             self.fail(f"{type(exc).__name__}: {exc}")
         self.close()
 
-    # Transport-specific: send encoded bytes and return what crossed; receive one frame's bytes.
+    def authenticate(self, secret: bytes) -> None:
+        """The handshake of hosl.auth: each side proves it holds the secret; then every frame is MACed.
+        Its messages are counted in the byte counters as frames are."""
+        message, mine = auth.hello(self.role)
+        self._send_message(message)
+        try:
+            theirs = auth.peer_nonce(self._recv_message(auth.HELLO_BYTES), self.peer)
+        except FrameError:
+            raise LinkError(f"the {self.peer} did not authenticate (no shared secret on its side?)") from None
+        except auth.AuthError as exc:
+            raise LinkError(str(exc)) from None
+        client_nonce, server_nonce = (theirs, mine) if self.role == "server" else (mine, theirs)
+        proof = auth.proof(secret, self.role, client_nonce, server_nonce)
+        self._send_message(proof)
+        try:
+            got = self._recv_message(len(proof))
+        except FrameError:
+            got = b""
+        if not auth.proof_ok(got, secret, self.peer, client_nonce, server_nonce):
+            try:  # deliver this side's proof before leaving, so the peer judges it and says why, too
+                self._flush()
+            except LinkError:
+                pass
+            raise LinkError(f"the {self.peer} failed authentication: it does not hold this run's shared secret")
+        self._mac = auth.FrameMac(auth.session_key(secret, client_nonce, server_nonce), self.role, self.peer)
+
+    def _check_tag(self, data, tag: bytes) -> None:
+        """A received frame's MAC (after authenticate), or a HELLO of a peer with a secret when this
+        end has none: LinkError either way."""
+        if self._mac is not None:
+            try:
+                self._mac.check(data, tag)
+            except auth.AuthError as exc:
+                raise LinkError(f"the {self.role} refused a frame: {exc}") from None
+        elif bytes(data[:4]) == auth.HELLO_MAGIC:
+            raise LinkError(
+                f"the {self.peer} authenticates with a shared secret and this {self.role} has none: give both sides "
+                f"the same --auth-token-file (or ${auth.ENV})"
+            )
+
+    # Transport-specific: send encoded bytes and return what crossed; receive one frame's bytes; the
+    # handshake's messages; deliver what was sent.
     def _send_bytes(self, buf: torch.Tensor) -> int:
         raise NotImplementedError
 
     def _recv_bytes(self) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def _send_message(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _recv_message(self, limit: int) -> bytes:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        pass
 
 
 class _LocalLink(Link):
@@ -251,7 +302,6 @@ class _DistLink(Link):
         self._scratch = torch.empty(0, dtype=torch.uint8)  # grows to the largest frame received
         self._in_flight: collections.deque = collections.deque()  # (work, buffer kept alive)
         self._held = 0  # bytes of the buffers in _in_flight
-        self._mac: auth.FrameMac | None = None  # after authenticate(): every frame tagged and checked
 
     def _wait(self, work, what: str) -> None:
         """Wait for `work`; a callable is posted first, inside the same guard, since gloo raises at
@@ -328,46 +378,14 @@ class _DistLink(Link):
     def _recv_bytes(self):
         buf = self._recv_raw(self.max_frame_bytes)
         wire = self._LENGTH_BYTES + buf.numel()
+        tag = b""
         if self._mac is not None:
-            tag = torch.empty(auth.TAG_BYTES, dtype=torch.uint8)
-            self._wait(lambda: self._dist.irecv(tag, src=self._peer_rank, group=self._group), "receive from")
-            try:
-                self._mac.check(buf.numpy(), tag.numpy().tobytes())
-            except auth.AuthError as exc:
-                raise LinkError(f"the {self.role} refused a frame: {exc}") from None
+            received = torch.empty(auth.TAG_BYTES, dtype=torch.uint8)
+            self._wait(lambda: self._dist.irecv(received, src=self._peer_rank, group=self._group), "receive from")
+            tag = received.numpy().tobytes()
             wire += auth.TAG_BYTES
-        elif bytes(buf[:4].numpy()) == auth.HELLO_MAGIC:
-            raise LinkError(
-                f"the {self.peer} authenticates with a shared secret and this {self.role} has none: give both sides "
-                f"the same --auth-token-file (or ${auth.ENV})"
-            )
+        self._check_tag(buf.numpy(), tag)
         return buf, wire
-
-    def authenticate(self, secret: bytes) -> None:
-        """The handshake of hosl.auth: each side proves it holds the secret; then every frame is MACed.
-        Its messages are counted in the byte counters as frames are."""
-        message, mine = auth.hello(self.role)
-        self._send_message(message)
-        try:
-            theirs = auth.peer_nonce(self._recv_message(auth.HELLO_BYTES), self.peer)
-        except FrameError:
-            raise LinkError(f"the {self.peer} did not authenticate (no shared secret on its side?)") from None
-        except auth.AuthError as exc:
-            raise LinkError(str(exc)) from None
-        client_nonce, server_nonce = (theirs, mine) if self.role == "server" else (mine, theirs)
-        proof = auth.proof(secret, self.role, client_nonce, server_nonce)
-        self._send_message(proof)
-        try:
-            got = self._recv_message(len(proof))
-        except FrameError:
-            got = b""
-        if not auth.proof_ok(got, secret, self.peer, client_nonce, server_nonce):
-            try:  # deliver this side's proof before leaving, so the peer judges it and says why, too
-                self._reap(0)
-            except LinkError:
-                pass
-            raise LinkError(f"the {self.peer} failed authentication: it does not hold this run's shared secret")
-        self._mac = auth.FrameMac(auth.session_key(secret, client_nonce, server_nonce), self.role, self.peer)
 
     def _send_message(self, data: bytes) -> None:
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -377,6 +395,9 @@ class _DistLink(Link):
         data = bytes(self._recv_raw(limit).numpy())
         self.bytes_received += self._LENGTH_BYTES + len(data)
         return data
+
+    def _flush(self) -> None:
+        self._reap(0)
 
     def close(self):
         if not self.closed:

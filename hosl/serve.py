@@ -1,0 +1,119 @@
+"""`python -m hosl.serve --listen HOST:PORT --tls-cert FILE --tls-key FILE --out DIR [flags of hosl.train]`:
+the server side of a --transport grpc run, which a client dials (`python -m hosl.train --transport
+grpc --server HOST:PORT --tls-ca FILE ...`). Both take the run's model, split and training flags;
+HELLO checks that they plan the same step.
+
+The server holds its side of the model for the whole process and serves one session at a time. A
+session that ends with the run (the client's stop) ends the process, exit status 0. One that breaks
+(the client died, its link dropped, it failed authentication or sent a bad frame) is logged in one
+line and the server waits for the next: a client restarted with --resume reconnects, and the server
+loads its side of the same checkpoint from --out. A second client while one is connected is refused.
+
+Security: TLS unless --insecure (plain text, with a warning). Clients prove themselves with the
+shared secret (--auth-token-file or $HOSL_AUTH_TOKEN) or with a certificate from --tls-client-ca
+(mutual TLS); a server with neither is refused unless --insecure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["main", "serve_run"]
+
+logger = logging.getLogger(__name__)
+
+
+def serve_run(cfg, ready=None) -> int:
+    """Serve the run of cfg until a session ends it; ready(port) is called once listening."""
+    import torch
+
+    from hosl.grpc_link import TLS, serve
+    from hosl.roles import SplitServer
+    from hosl.tasks import load_run_data
+    from hosl.train import UsageError, _device, _one_side, _secret
+
+    if not cfg.listen:
+        raise UsageError("hosl.serve needs --listen HOST:PORT")
+    if not cfg.out:
+        raise UsageError("hosl.serve needs --out DIR: the server's files (checkpoints, final weights) go there")
+    secret = _secret(cfg, needed=cfg.tls_client_ca is None)
+    if cfg.insecure:
+        print("warning: --insecure: plain text, no TLS: what crosses is readable by anyone on the path"
+              + ("" if secret or cfg.tls_client_ca else ", and any client that reaches the port may join"),
+              file=sys.stderr)  # fmt: skip
+    tls = None if cfg.insecure else TLS(cert=cfg.tls_cert, key=cfg.tls_key, client_ca=cfg.tls_client_ca)
+    if tls is not None:
+        tls.server_credentials()  # unreadable or missing files: said before the model is built
+    device = _device(cfg)
+    examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    busy, done = threading.Lock(), threading.Event()
+    model = {"side": _one_side(cfg, "server", examples, device)[0], "fresh": True}
+
+    def session(link):
+        if not busy.acquire(blocking=False):
+            link.fail("the server is serving another client: one client at a time over grpc")
+            return
+        try:
+            if secret is not None:
+                link.authenticate(secret)
+            if not model["fresh"]:  # a broken session moved the weights: start from the initial ones
+                model["side"] = _one_side(cfg, "server", examples, device)[0]
+            model["fresh"] = False
+            torch.manual_seed(cfg.seed)
+            server = SplitServer(cfg, model["side"], link, out)
+            server.serve()  # returns at the client's stop; raises when the session breaks
+            done.set()
+        except Exception as exc:
+            print(f"session ended: {type(exc).__name__}: {exc}; waiting for the next client", file=sys.stderr)
+            link.fail(str(exc))
+        finally:
+            busy.release()
+
+    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression)
+    print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'})", flush=True)
+    if ready is not None:
+        ready(server.port)
+    try:
+        done.wait()
+    finally:
+        server.stop(grace=5)
+    print("hosl.serve: the run is over", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hosl.config import parse_config
+    from hosl.models import ModelError
+    from hosl.split import SplitError
+    from hosl.train import UsageError
+    from hosl.transport import LinkError
+
+    logging.basicConfig(
+        level=os.environ.get("HOSL_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if "--transport" not in argv and not any(a.startswith("--transport=") for a in argv):
+        argv = ["--transport", "grpc", *argv]
+    try:
+        cfg = parse_config(argv)
+        if cfg.transport != "grpc":
+            raise UsageError("hosl.serve serves --transport grpc")
+        return serve_run(cfg)
+    except (UsageError, ValueError, LinkError, ModelError, SplitError) as exc:
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""--transport grpc against the local run: a client process and a hosl.serve process over loopback with
+TLS (certificates made here) give the local run's bits; clients without the CA, the token or the
+right certificate are refused in one line while the server goes on serving; a killed client resumes."""
+
+import datetime
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import cfg_for
+
+from hosl.train import main, run
+
+grpc = pytest.importorskip("grpc")
+x509 = pytest.importorskip("cryptography.x509")
+
+# The small run of test_train, over grpc: every flag both sides take.
+RUN = ["--train-examples", "128", "--eval-examples", "32", "--batch-size", "8", "--max-length", "24",
+       "--zo-estimator", "central", "--q", "1", "--client-lr", "1e-4", "--log-every", "1",
+       "--threads", "1"]  # fmt: skip
+
+
+def _certificate(name: str, issuer=None, issuer_key=None, ca=False, sans=()):
+    """A key and its certificate (PEM bytes): self-signed, or signed by issuer."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        import ipaddress
+
+        names = [x509.IPAddress(ipaddress.ip_address(s)) if s[0].isdigit() else x509.DNSName(s) for s in sans]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key, cert, key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, the server's certificate for localhost from it, a client certificate from it, and a
+    second CA with a server certificate of its own (another server)."""
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca, _, ca_pem = _certificate("hosl test CA", ca=True)
+    _, _, server_key, server_pem = _certificate("localhost", ca, ca_key, sans=("localhost", "127.0.0.1"))
+    _, _, client_key, client_pem = _certificate("client 1", ca, ca_key)
+    other_key, other, _, other_pem = _certificate("another CA", ca=True)
+    _, _, stranger_key, stranger_pem = _certificate("stranger", other, other_key)
+    files = {"ca": ca_pem, "server.pem": server_pem, "server.key": server_key, "client.pem": client_pem,
+             "client.key": client_key, "other-ca": other_pem, "stranger.pem": stranger_pem,
+             "stranger.key": stranger_key}  # fmt: skip
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    token = d / "token"
+    token.write_text("5e" * 32)
+    return d
+
+
+class Server:
+    """python -m hosl.serve in its own process, on a free port."""
+
+    def __init__(self, out: Path, flags: list[str]):
+        cmd = [sys.executable, "-m", "hosl.serve", "--listen", "127.0.0.1:0", "--out", str(out), *RUN, *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "listening on port" not in line:
+            raise RuntimeError(f"hosl.serve did not start: {line} {self.proc.stderr.read()}")
+        self.port = int(line.split("port ")[1].split()[0])
+
+    def finish(self, timeout=60) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def _tls(pki, **extra):
+    flags = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]
+    return flags + [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _equal(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _last_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_a_grpc_run_over_tls_is_the_local_run_and_refusals_leave_the_server_serving(tmp_path, pki, capsys):
+    local = run(cfg_for(tmp_path, "local", steps=6, threads=1))
+    token = ["--auth-token-file", str(pki / "token")]
+    server = Server(tmp_path / "srv", [*_tls(pki), *token, "--steps", "6"])
+    target = ["--transport", "grpc", "--server", f"localhost:{server.port}", *RUN, "--steps", "6", "--timeout", "5"]
+    try:
+        # Refused, each in one line, nothing left in --out; the server goes on.
+        cases = [
+            ([*token], "over TLS"),  # no --tls-ca: the system's roots do not know the test CA
+            ([*token, "--tls-ca", str(pki / "other-ca")], "over TLS"),  # another server's issuer
+            (["--tls-ca", str(pki / "ca")], "authenticates with a shared secret and this client has none"),
+        ]
+        for flags, said in cases:
+            out = tmp_path / "refused"
+            assert main([*target, *flags, "--out", str(out)]) in (1, 2)
+            line = _last_line(capsys)
+            assert said in line and line.startswith("error: "), line
+            assert not out.exists()
+        assert server.proc.poll() is None
+        assert main([*target, *token, "--tls-ca", str(pki / "ca"), "--out", str(tmp_path / "grpc")]) == 0
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+    assert _equal(tmp_path / "local" / "client.safetensors", tmp_path / "grpc" / "client.safetensors")
+    assert _equal(tmp_path / "local" / "server.safetensors", tmp_path / "srv" / "server.safetensors")
+    summary = json.loads((tmp_path / "grpc" / "summary.json").read_text())
+    assert summary["final_eval_accuracy"] == local["final_eval_accuracy"]
+    assert summary["bytes_up"] > 0
+
+
+@pytest.mark.slow
+def test_mutual_tls_refuses_a_stranger_and_takes_a_client_of_its_ca(tmp_path, pki, capsys):
+    server = Server(tmp_path / "srv", [*_tls(pki, tls_client_ca=pki / "ca"), "--steps", "2"])
+    target = ["--transport", "grpc", "--server", f"localhost:{server.port}", "--tls-ca", str(pki / "ca"), *RUN,
+              "--steps", "2", "--timeout", "5"]  # fmt: skip
+    try:
+        stranger = ["--tls-cert", str(pki / "stranger.pem"), "--tls-key", str(pki / "stranger.key")]
+        for flags in ([], stranger):
+            assert main([*target, *flags, "--out", str(tmp_path / "refused")]) == 1
+            assert "could not reach the server" in _last_line(capsys)
+        client = ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+        assert main([*target, *client, "--out", str(tmp_path / "ok")]) == 0
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_a_killed_client_resumes_over_grpc_to_the_same_bits(tmp_path, pki):
+    """A client killed (SIGKILL) once its checkpoint of step 4 is written is started again with --resume: the
+    server, still listening, loads its side of the checkpoint, and both sides end as a run that
+    never stopped."""
+    straight = tmp_path / "straight"
+    run(cfg_for(tmp_path, "straight", steps=200, save_every=4, threads=1))
+    token = ["--auth-token-file", str(pki / "token")]
+    server = Server(tmp_path / "srv", [*_tls(pki), *token, "--steps", "200", "--save-every", "4"])
+    client = [sys.executable, "-m", "hosl.train", "--transport", "grpc", "--server", f"localhost:{server.port}",
+              "--tls-ca", str(pki / "ca"), *token, *RUN, "--steps", "200", "--save-every", "4",
+              "--out", str(tmp_path / "run")]  # fmt: skip
+    try:
+        proc = subprocess.Popen([*client, "--timeout", "30"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "checkpoint-4" / "manifest.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint-4"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        resumed = subprocess.run([*client[:-2], "--resume", str(tmp_path / "run"), "--timeout", "30"],
+                                 capture_output=True, text=True)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+    assert _equal(straight / "client.safetensors", tmp_path / "run" / "client.safetensors")
+    assert _equal(straight / "server.safetensors", tmp_path / "srv" / "server.safetensors")
+
+
+def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys):
+    argv = [
+        "--transport",
+        "grpc",
+        "--server",
+        "127.0.0.1:1",
+        "--insecure",
+        "--timeout",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    start = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[0].startswith("warning: --insecure: plain text") and "could not reach the server at 127.0.0.1:1" in err[-1]
+    )
+    assert not (tmp_path / "r").exists()
+    assert main(["--transport", "grpc", "--out", str(tmp_path / "r")]) == 2
+    assert "needs --server HOST:PORT" in _last_line(capsys)
+    assert main(["--server", "h:1", "--out", str(tmp_path / "r")]) == 2
+    assert "--server is for --transport grpc" in _last_line(capsys)
+    from hosl.serve import main as serve_main
+
+    assert serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s")]) == 2
+    assert "needs a shared secret" in _last_line(capsys)
+    assert (
+        serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s"), "--auth-token-file", "/nonexistent"]) == 2
+    )
+    assert "--auth-token-file" in _last_line(capsys)
