@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 METHOD = "/hosl.Link/Session"
 _END = object()  # the stream ended (the peer closed it)
+_GONE = object()  # the server's side of a stream was ended by gRPC: the client left, or broke a limit
 # A frame and its MAC; gRPC's lengths are 32-bit, so a frame over 2 GiB cannot cross (hosl's frames
 # are an activation, a few hundred MiB at most).
 _MESSAGE_LIMIT = min(MAX_FRAME_BYTES + auth.TAG_BYTES, 2**31 - 1)
@@ -96,10 +97,10 @@ class TLS:
         )
 
 
-def _options(timeout: float) -> list[tuple[str, int]]:
+def _options(timeout: float, max_message: int = _MESSAGE_LIMIT) -> list[tuple[str, int]]:
     keepalive_ms = int(max(10.0, min(timeout / 3, 60.0)) * 1000)  # a dead peer is noticed within the timeout
     return [
-        ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", min(max_message, _MESSAGE_LIMIT)),
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", keepalive_ms),
@@ -138,6 +139,11 @@ class GrpcLink(Link):
             ) from None
         if item is _END:
             raise LinkError(f"the {self.peer} closed the connection")
+        if item is _GONE:
+            raise LinkError(
+                f"the {self.peer}'s stream ended: it went away, or sent a message over this run's frame limit "
+                f"({self.max_frame_bytes} bytes)"
+            )
         if isinstance(item, Exception):
             raise LinkError(f"the connection to the {self.peer} failed: {_rpc_text(item)}")
         return item
@@ -252,22 +258,26 @@ def serve(
     timeout: float,
     compression: str | None = None,
     max_sessions: int = 16,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
 ) -> Server:
-    """Start serving sessions on listen (HOST:PORT; port 0 picks a free one, see .port)."""
+    """Start serving sessions on listen (HOST:PORT; port 0 picks a free one, see .port). A message
+    longer than max_frame_bytes and its MAC is refused by gRPC before it is read into memory, and
+    ends that session only."""
     grpc = _grpc()
     from concurrent import futures
 
     def session(messages, context):
         link = GrpcLink("server", timeout, compression)
-        link._on_close = lambda: None
+        link.max_frame_bytes = max_frame_bytes
         reader = threading.Thread(target=link._read, args=(messages,), name="hosl-grpc-reader", daemon=True)
         reader.start()
         worker = threading.Thread(target=_run, args=(handler, link), name="hosl-grpc-session", daemon=True)
         worker.start()
-        context.add_callback(lambda: link.inbox.put(_END))  # the client went away: the handler hears it
+        context.add_callback(lambda: link.inbox.put(_GONE))  # the stream ended: the handler hears it
         yield from _outgoing(link)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_sessions), options=_options(timeout))
+    options = _options(timeout, max_frame_bytes + auth.TAG_BYTES)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_sessions), options=options)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(

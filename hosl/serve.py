@@ -32,7 +32,7 @@ def serve_run(cfg, ready=None) -> int:
     import torch
 
     from hosl.grpc_link import TLS, serve
-    from hosl.roles import SplitServer
+    from hosl.roles import SplitServer, frame_bytes_limit
     from hosl.tasks import load_run_data
     from hosl.train import UsageError, _device, _one_side, _secret
 
@@ -75,7 +75,8 @@ def serve_run(cfg, ready=None) -> int:
         finally:
             busy.release()
 
-    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression)
+    limit = frame_bytes_limit(cfg, model["side"].hidden_size)  # the largest frame this run sends
+    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression, max_frame_bytes=limit)
     print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'})", flush=True)
     if ready is not None:
         ready(server.port)

@@ -222,3 +222,37 @@ def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys)
         serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s"), "--auth-token-file", "/nonexistent"]) == 2
     )
     assert "--auth-token-file" in _last_line(capsys)
+
+
+@pytest.mark.slow
+def test_hostile_streams_end_their_own_session_and_the_server_serves_on(tmp_path, pki):
+    """Raw gRPC streams to hosl.serve: a message over the run's frame limit (refused by gRPC before it
+    is read), bytes that are no handshake, a well-formed frame before the handshake: each ends its own
+    session, the server says so in one line, and a client of the run then trains to the end."""
+    token = ["--auth-token-file", str(pki / "token")]
+    server = Server(tmp_path / "srv", [*token, "--insecure", "--steps", "2"])
+    from hosl.boundary import Frame, Kind, encode_frame
+    from hosl.grpc_link import METHOD
+
+    try:
+        hello = encode_frame(Frame(Kind.HELLO, meta={"protocol": 2})).numpy().tobytes()
+        codes = []
+        for message in (b"\0" * (64 << 20), b"not a handshake", hello):
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = channel.stream_stream(METHOD)(iter([message]))
+                try:
+                    list(call)  # the server's handshake message and ERROR frame, then the end of the stream
+                    codes.append("ok")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+            assert server.proc.poll() is None
+        # gRPC refuses the oversized message itself; the others get hosl's ERROR frame and the end
+        assert codes == ["RESOURCE_EXHAUSTED", "ok", "ok"], codes
+        argv = ["--transport", "grpc", "--server", f"127.0.0.1:{server.port}", "--insecure", *token, *RUN,
+                "--steps", "2", "--out", str(tmp_path / "ok")]  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+    ended = [line for line in err.splitlines() if line.startswith("session ended")]
+    assert len(ended) == 3, err
