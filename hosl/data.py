@@ -199,7 +199,8 @@ class Format:
         if messages[-1]["role"] != "assistant":
             raise TaskError(f"{where}: the last message is the one trained on and must be the assistant's, "
                             f"not {messages[-1]['role']!r}")  # fmt: skip
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # Arrow adds no keys here
+        # Arrow gives every message the union of all messages' keys (None where absent): keep the two.
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
             return self.chat(messages)
         except Exception as exc:  # the template's own errors (jinja's, the tokenizer's)
@@ -208,7 +209,7 @@ class Format:
     def example(self, row: dict, where: str, label_names: Sequence[str] | None = None) -> Example:
         missing = [f for f in self.columns if f not in row]
         if missing:
-            what = f"is this {self.name} data?" if self.prepare or self.name != "file" else "see --help for the fields"
+            what = "see --help for the fields" if self.name == "file" else f"is this {self.name} data?"
             raise TaskError(f"{where}: a {self.name} record needs field(s) {', '.join(missing)} ({what})")
         if self.kind == "generation" and self.messages_field:
             prompt, completion = self._conversation(row[self.messages_field], where)

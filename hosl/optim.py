@@ -34,7 +34,15 @@ def fo_update(optimizer, lr: float, losses_finite: bool, side: str, step: int) -
     params = [p for group in optimizer.param_groups for p in group["params"]]
     skipped = not (losses_finite and all_finite([p.grad for p in params]))
     if not skipped:
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as exc:  # a step size beyond the weights' dtype (bfloat16 and float16 at huge rates)
+            if "overflow" not in str(exc):
+                raise
+            raise DivergedError(
+                f"the {side}'s rate {lr:g} overflows its {params[0].dtype} weights at step {step}; start again "
+                "with a lower rate"
+            ) from None
         if not all_finite(params):
             raise DivergedError(
                 f"the {side}'s weights became non-finite at step {step} (finite gradients, so the rate is too "

@@ -743,6 +743,24 @@ def test_a_zo_update_that_leaves_non_finite_weights_stops_the_run(tmp_path, caps
         assert all(t.isfinite().all() for t in load_file(path).values()), path
 
 
+@pytest.mark.parametrize(
+    "argv,said",
+    [
+        (["--dtype", "bfloat16", "--server-lr", "1e38"], "the server's rate 1e+38 overflows its torch.bfloat16"),
+        (["--method", "fo", "--dtype", "float16", "--client-lr", "1e6"], "weights became non-finite at step 0"),
+        (["--dtype", "float16", "--client-lr", "1e38"], "zeroth-order weights became non-finite"),
+    ],
+    ids=["bf16 server AdamW 1e38", "fp16 fo 1e6", "fp16 zo 1e38"],
+)
+def test_huge_rates_in_low_precision_stop_in_one_line_with_no_weights_written(tmp_path, capsys, argv, said):
+    out = tmp_path / "r"
+    assert main([*argv, "--max-skipped", "0", "--steps", "3", "--save-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert said in err[-1] and "Traceback" not in "\n".join(err), err
+    for path in sorted(out.rglob("*.safetensors")):
+        assert all(t.float().isfinite().all() for t in load_file(path).values()), path
+
+
 # --- on a GPU -------------------------------------------------------------------------------------------
 
 
