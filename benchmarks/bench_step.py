@@ -10,7 +10,9 @@ one machine. "opt-125m" is OPTConfig's defaults (12 layers, hidden 768, vocab 50
 Every measurement runs in fresh processes with one torch thread each (OMP_NUM_THREADS=1), so
 client and server each have one core, as two machines would:
 * local: one process, the server in a thread, hosl's in-process transport (two FrameQueues);
-* dist: two processes on this machine joined by hosl's dist transport (gloo over loopback).
+* dist: two processes on this machine joined by hosl's dist transport (gloo over loopback);
+* grpc: two processes, the client dialling the server's hosl.grpc_link over loopback with TLS (a
+  certificate made for the run) and the token's handshake and MACs, as `--transport grpc` runs.
 Variants (--variants; all by default): fo; hosl with the loss-difference estimator (central) and
 with the cut-gradient estimators (cut-grad: one upload, dL/dh down, the 2Q probe forwards on the
 client; cut-grad-one-sided: Q probe forwards, each differenced with the clean one; cut-grad-jvp: Q
@@ -42,6 +44,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from _common import Recorder, bench_parser, cpu_name, environment, given, log, print_table, run_workers
 
@@ -150,6 +153,8 @@ def worker(spec: dict) -> None:
             out = drive(client, client.link, spec)
         print(json.dumps(out), flush=True)
         return
+    if spec["role"].startswith("grpc"):
+        return grpc_worker(spec, cfg, client_model, server_model)
     link = dist_link(timeout=cfg.timeout)
     if spec["role"] == "server":
         SplitServer(cfg, server_model, link).serve()
@@ -159,6 +164,65 @@ def worker(spec: dict) -> None:
     out = drive(SplitClient(cfg, client_model, link), link, spec)
     link.close()
     print(json.dumps(out), flush=True)
+
+
+def grpc_worker(spec, cfg, client_model, server_model) -> None:
+    import threading
+
+    from hosl.grpc_link import TLS, dial, serve
+    from hosl.roles import SplitClient, SplitServer
+
+    secret = bytes.fromhex(spec["grpc"]["token"])
+    target = f"localhost:{spec['grpc']['port']}"
+    if spec["role"] == "grpc-server":
+        done = threading.Event()
+
+        def session(link):
+            link.authenticate(secret)
+            SplitServer(cfg, server_model, link).serve()
+            done.set()
+
+        tls = TLS(cert=spec["grpc"]["cert"], key=spec["grpc"]["key"])
+        server = serve(session, target, tls, cfg.timeout)
+        done.wait()
+        server.stop(grace=5)
+        print("{}", flush=True)
+        return
+    link = dial(target, TLS(ca=spec["grpc"]["cert"]), cfg.timeout)
+    link.authenticate(secret)
+    out = drive(SplitClient(cfg, client_model, link), link, spec)
+    link.close()
+    print(json.dumps(out), flush=True)
+
+
+def grpc_setup(folder) -> dict:
+    """A self-signed certificate for localhost (PEM files in folder), a token and a free port."""
+    import datetime
+    import secrets
+
+    from _common import free_port
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {"cert": str(cert_path), "key": str(key_path), "token": secrets.token_hex(32), "port": free_port()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +273,11 @@ def main(argv=None):
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to time (default: all)"
     )
     parser.add_argument(
-        "--transports", nargs="+", default=["local", "dist"], choices=["local", "dist"], help="(default: both)"
+        "--transports",
+        nargs="+",
+        default=["local", "dist"],
+        choices=["local", "dist", "grpc"],
+        help="(default: local and dist)",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (5; --quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -263,6 +331,13 @@ def main(argv=None):
         start = time.perf_counter()
         if transport == "local":
             out = run_workers(__file__, spec, ["local"])[0]
+        elif transport == "grpc":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                spec["grpc"] = grpc_setup(Path(folder))
+                out = run_workers(__file__, spec, ["grpc-server", "grpc-client"])[1]
+            del spec["grpc"]
         else:
             out = run_workers(__file__, spec, ["server", "client"])[1]
         fields = dict(
