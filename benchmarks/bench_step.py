@@ -93,6 +93,7 @@ def config(spec):
         client_threads=spec["threads"][0], server_threads=spec["threads"][1],
         server_micro_batch=spec.get("server_micro_batch", 0), **(zo_side if ZO in method.orders else {}),
         **({"server_batch_probes": True} if spec.get("stacked") else {}),
+        link_rtt_ms=spec.get("rtt_ms", 0.0), link_mbit=spec.get("mbit", 0.0),  # bench_network's emulated link
     )  # fmt: skip
 
 

@@ -304,6 +304,12 @@ class TrainConfig:
         ),
     )
     server: str | None = field(default=None, metadata=_help("grpc: the server's HOST:PORT, which the client dials"))
+    link_rtt_ms: float = field(
+        default=0.0, metadata=_help("local: emulate a network of this round-trip time between the sides (ms)")
+    )
+    link_mbit: float = field(
+        default=0.0, metadata=_help("local: emulate a network of this bandwidth each way (Mbit/s; 0: unlimited)")
+    )
     listen: str | None = field(
         default=None, metadata=_help("hosl.serve: the HOST:PORT to listen on (port 0: a free one)")
     )
@@ -477,6 +483,14 @@ class TrainConfig:
             )
         if self.transport == "grpc" and self.clients > 1:
             raise ValueError("--transport grpc takes one client so far; many clients run over local or dist")
+        for name in ("link_rtt_ms", "link_mbit"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+            if value and self.transport != "local":
+                raise ValueError(
+                    f"{_flag(name)} emulates a network in a local run; --transport {self.transport} has one"
+                )
         if self.transport != "grpc":
             given = [n for n in ("server", "tls_ca", "tls_client_ca") if getattr(self, n) is not None]
             if given:
@@ -695,6 +709,8 @@ RUN_ONLY = frozenset(
         "resume",
         "timeout",
         "transport",
+        "link_rtt_ms",
+        "link_mbit",
         "server",
         "listen",
         "tls_ca",
@@ -794,7 +810,8 @@ SECTIONS = {
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
                      "on_client_loss", "min_clients"],
-    "transport and device": ["transport", "server", "listen", "tls_ca", "tls_cert", "tls_key", "tls_client_ca",
+    "transport and device": ["transport", "link_rtt_ms", "link_mbit", "server", "listen", "tls_ca", "tls_cert",
+                             "tls_key", "tls_client_ca",
                              "compression", "device", "auth_token_file", "insecure", "threads",
                              "client_threads", "server_threads", "timeout", "sync_probes"],
 }  # fmt: skip

@@ -19,7 +19,7 @@ from hosl.config import TrainConfig
 from hosl.plan import StepPlan
 from hosl.roles import SplitClient, SplitServer, frame_bytes_limit
 from hosl.split import ClientModel, ServerModel
-from hosl.transport import LinkError, PeerError, local_links
+from hosl.transport import LinkError, Network, PeerError, local_links
 
 
 def local_links_for(cfg: TrainConfig, hidden_size: int, client_id: int = 0):
@@ -29,7 +29,7 @@ def local_links_for(cfg: TrainConfig, hidden_size: int, client_id: int = 0):
     plan = StepPlan.of(cfg)
     act_bytes = frame_bytes_limit(cfg, hidden_size)
     round_bytes = cfg.clients_per_round * (cfg.batch_size * cfg.max_length + cfg.q + 64) * 8 + (1 << 12)
-    return local_links(
+    ends = local_links(
         slots=8,
         slot_bytes=act_bytes,
         down_slots=len(plan.uploads) + 3,
@@ -38,6 +38,11 @@ def local_links_for(cfg: TrainConfig, hidden_size: int, client_id: int = 0):
         compression=cfg.compression,
         client_id=client_id,
     )
+    if cfg.link_rtt_ms or cfg.link_mbit:
+        network = Network(cfg.link_rtt_ms, cfg.link_mbit)
+        for end in ends:
+            end.network = network
+    return ends
 
 
 @contextlib.contextmanager

@@ -30,6 +30,8 @@ import collections
 import datetime
 import logging
 import os
+import threading
+import time
 
 import torch
 
@@ -45,7 +47,17 @@ from hosl.boundary import (
     encode_frame,
 )
 
-__all__ = ["Link", "LinkError", "LinkTimeout", "PeerError", "dist_link", "dist_links", "local_links", "TRANSPORTS"]
+__all__ = [
+    "Link",
+    "LinkError",
+    "LinkTimeout",
+    "Network",
+    "PeerError",
+    "dist_link",
+    "dist_links",
+    "local_links",
+    "TRANSPORTS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +76,37 @@ class LinkTimeout(LinkError, TimeoutError):
 
 class PeerError(LinkError):
     """The peer failed and said why (it sent an ERROR frame)."""
+
+
+class Network:
+    """A network between the two ends of a link, emulated, to measure what it costs: a frame arrives
+    rtt/2 after its last byte left, and each direction sends its bytes at `mbit` megabits per second,
+    one frame after the other (0: no limit). The sender does not wait (as with a socket's buffers);
+    the receiver waits until the frame would have arrived."""
+
+    def __init__(self, rtt_ms: float, mbit: float = 0.0):
+        if rtt_ms < 0 or mbit < 0:
+            raise ValueError(f"a network needs rtt_ms >= 0 and mbit >= 0, got {rtt_ms} and {mbit}")
+        self.half_rtt = rtt_ms / 2000.0
+        self.bytes_per_s = mbit * 1e6 / 8 if mbit else 0.0
+        self._lock = threading.Lock()
+        self._free = {role: 0.0 for role in ROLES}  # when each sender's direction is next idle
+        self._arrivals = {role: collections.deque() for role in ROLES}  # by sender, in order
+
+    def sent(self, sender: str, nbytes: int) -> None:
+        with self._lock:
+            start = max(time.perf_counter(), self._free[sender])
+            done = start + (nbytes / self.bytes_per_s if self.bytes_per_s else 0.0)
+            self._free[sender] = done
+            self._arrivals[sender].append(done + self.half_rtt)
+
+    def arrive(self, sender: str) -> None:
+        """Wait until the sender's next frame has arrived."""
+        with self._lock:
+            at = self._arrivals[sender].popleft()
+        delay = at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
 
 
 class Link:
@@ -88,6 +131,7 @@ class Link:
         self.max_frame_bytes = MAX_FRAME_BYTES  # the largest frame accepted, in bytes
         self.max_tensors = self.MAX_TENSORS
         self._mac: auth.FrameMac | None = None  # after authenticate(): every frame tagged and checked
+        self.network: Network | None = None  # an emulated network between the ends (local links)
 
     def send(self, frame: Frame) -> None:
         """Encode and send one frame (the link's compression applies to activations and gradients)."""
@@ -96,6 +140,8 @@ class Link:
         frame.client_id = self.client_id
         compression = self.compression if frame.kind in (Kind.ACT, Kind.GRAD) else None
         buf = encode_frame(frame, compression=compression)
+        if self.network is not None:  # before the frame can be received
+            self.network.sent(self.role, buf.numel())
         try:
             self.bytes_sent += self._send_bytes(buf)
         except LinkError:
@@ -117,6 +163,8 @@ class Link:
             raise LinkError(f"the {self.role} received a bad frame from the {self.peer}: {exc}") from exc
         self.bytes_received += wire
         self.frames_received += 1
+        if self.network is not None:
+            self.network.arrive(self.peer)
         try:
             frame = decode_frame(buf, max_bytes=self.max_frame_bytes, max_tensors=self.max_tensors)
         except FrameError as exc:

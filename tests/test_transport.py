@@ -299,3 +299,28 @@ def test_compression_applies_to_activations_only():
     torch.testing.assert_close(act.tensors["hidden"], x, rtol=0, atol=x.abs().max().item() / 127)
     assert torch.equal(loss.tensors["loss"], x)
     assert client.bytes_sent < 2 * encode_frame(Frame(Kind.ACT, tensors={"hidden": x})).numel()
+
+
+def test_an_emulated_network_delays_each_frame_by_half_a_round_trip_and_its_bytes():
+    """Network(rtt 100 ms, 8 Mbit/s = 1 MB/s): a frame of about 200 kB is received no earlier than
+    0.2 s (its bytes) + 0.05 s (half the round trip) after it was sent, and a second one sent at once
+    queues behind the first (0.4 s + 0.05 s). Lower bounds only: the emulator may be late, never early."""
+    from hosl.transport import Network
+
+    client, server = local_links(timeout=10)
+    client.network = server.network = Network(rtt_ms=100, mbit=8)
+    payload = {"hidden": torch.zeros(50_000)}  # 200,000 bytes of float32
+    start = time.perf_counter()
+    client.send(Frame(Kind.ACT, step=0, tensors=payload))
+    client.send(Frame(Kind.ACT, step=0, tensors=payload))
+    server.recv()
+    first = time.perf_counter() - start
+    server.recv()
+    second = time.perf_counter() - start
+    assert first >= 0.25 and second >= 0.45, (first, second)
+    server.send(Frame(Kind.LOSS, step=0, meta={"loss": 1.0}))  # the other way: half a round trip
+    start = time.perf_counter()
+    client.recv()
+    assert time.perf_counter() - start >= 0.05
+    with pytest.raises(ValueError, match="rtt_ms >= 0"):
+        Network(rtt_ms=-1)
