@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -40,6 +41,8 @@ def report() -> str:
         + ("usable" if _ext._C is not None else "unusable (needs hosl._C)")
         + ", dist "
         + ("usable (gloo)" if gloo else "unusable (this torch has no gloo backend)")
+        + ", grpc "
+        + ("usable" if importlib.util.find_spec("grpc") else "unusable (pip install 'hosl[grpc]')")
     )
     devices = ["cpu"]
     if torch.cuda.is_available():
