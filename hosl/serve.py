@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("HOSL_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        own = "--listen, --tls-cert, --tls-key and --tls-client-ca are its own"
+        print(f"{__doc__.strip()}\n\nThe flags, shared with hosl.train ({own}):\n", flush=True)
     if "--transport" not in argv and not any(a.startswith("--transport=") for a in argv):
         argv = ["--transport", "grpc", *argv]
     try:
