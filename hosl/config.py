@@ -810,7 +810,7 @@ SECTIONS = {
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
                      "on_client_loss", "min_clients"],
-    "transport and device": ["transport", "link_rtt_ms", "link_mbit", "server", "listen", "tls_ca", "tls_cert",
+    "transport and device": ["transport", "server", "link_rtt_ms", "link_mbit", "listen", "tls_ca", "tls_cert",
                              "tls_key", "tls_client_ca",
                              "compression", "device", "auth_token_file", "insecure", "threads",
                              "client_threads", "server_threads", "timeout", "sync_probes"],
