@@ -256,3 +256,37 @@ def test_hostile_streams_end_their_own_session_and_the_server_serves_on(tmp_path
     assert code == 0, err
     ended = [line for line in err.splitlines() if line.startswith("session ended")]
     assert len(ended) == 3, err
+
+
+@pytest.mark.slow
+def test_a_restarted_server_resumes_from_its_checkpoint(tmp_path, pki):
+    """Both sides killed (SIGKILL) once checkpoint-4 is written; a new hosl.serve on the same --out and
+    the client with --resume end with the bits of a run that never stopped."""
+    straight = tmp_path / "straight"
+    run(cfg_for(tmp_path, "straight", steps=200, save_every=4, threads=1))
+    token = ["--auth-token-file", str(pki / "token")]
+    server_flags = [*_tls(pki), *token, "--steps", "200", "--save-every", "4"]
+    server = Server(tmp_path / "srv", server_flags)
+    client = [sys.executable, "-m", "hosl.train", "--transport", "grpc", "--tls-ca", str(pki / "ca"), *token, *RUN,
+              "--steps", "200", "--save-every", "4", "--timeout", "30"]  # fmt: skip
+    proc = subprocess.Popen([*client, "--server", f"localhost:{server.port}", "--out", str(tmp_path / "run")],
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "checkpoint-4" / "manifest.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint-4"
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        server.finish()
+        server = Server(tmp_path / "srv", server_flags)
+        resumed = subprocess.run([*client, "--server", f"localhost:{server.port}", "--resume", str(tmp_path / "run")],
+                                 capture_output=True, text=True)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finally:
+        proc.kill()
+        code, err = server.finish()
+    assert code == 0, err
+    assert _equal(straight / "client.safetensors", tmp_path / "run" / "client.safetensors")
+    assert _equal(straight / "server.safetensors", tmp_path / "srv" / "server.safetensors")
