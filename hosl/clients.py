@@ -236,7 +236,14 @@ class RoundClient:
         self.sync_bytes = [0, 0]  # REPORT frames sent, ROUND frames received
         self.left: list[list] = []  # [client, round, why] of the clients the server dropped
         self.applied = 0  # rounds applied to this client's weights
-        self.catch_up_bytes, self.catch_up_s = 0, 0.0  # of rounds applied late (--relay sampled)
+        self.catch_up_bytes, self.catch_up_s = 0, 0.0  # of rounds applied late (--relay sampled, or on joining)
+        # Under hosl.federation (grpc) every client opens its rounds, and one whose link drops dials
+        # again: redial(timeout) gives a new authenticated link.
+        self.announces = self.id == 0 or cfg.transport == "grpc"
+        self.redial: Callable[[float], Link] | None = None
+        self.run_id: str | None = None  # the federation's run, named in a rejoining HELLO
+        self.rejoined = 0
+        self._caught: dict[int, StepStats] = {}  # rounds applied from the server's log, not yet stepped
 
     def lr(self, rnd: int) -> float:
         return self.client.lr(rnd)
@@ -246,7 +253,20 @@ class RoundClient:
         return hashlib.sha256(self.zo.flat.flat.detach().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
 
     def hello(self) -> None:
-        self.client.hello()
+        """HELLO, then the rounds the server ran before this client (re)joined, from its log."""
+        extra = {"applied": self.applied} | ({"run": self.run_id} if self.run_id else {})
+        reply = self.client.hello(**extra)
+        upto = reply.get("round", 0)
+        if type(upto) is not int or not self.applied <= upto <= self.cfg.steps:
+            raise LinkError(f"the server's HELLO names round {upto!r}; this client has applied {self.applied}")
+        self.run_id = reply.get("run", self.run_id)
+        t, received = time.perf_counter(), self.link.bytes_received
+        while self.applied < upto:
+            rnd = self.applied
+            entries, skipped, losses, update_s = self._apply_next(rnd)
+            self._caught[rnd] = self._stats(entries, skipped, losses, update_s, 0.0, 0.0, caught_up=True)
+        self.catch_up_bytes += self.link.bytes_received - received
+        self.catch_up_s += time.perf_counter() - t
 
     def scores(self, step: int, batch) -> torch.Tensor:
         return self.client.scores(step, batch)
@@ -259,9 +279,22 @@ class RoundClient:
 
     def train_step(self, rnd: int, batch) -> StepStats:
         """Round `rnd`: this client's step when it is sampled (batch: its batch, else unused), then
-        the round's update. The stats are the round's: its clients' g, rows and mean loss."""
+        the round's update. The stats are the round's: its clients' g, rows and mean loss. With a
+        redial, a dropped link is dialled again and the rounds missed meanwhile come from the
+        server's log."""
+        while True:
+            if rnd in self._caught:  # applied on (re)joining: the server ran it without this client
+                return self._caught.pop(rnd)
+            try:
+                return self._round(rnd, batch)
+            except LinkError as exc:
+                if self.redial is None:
+                    raise
+                self._rejoin(rnd, exc)
+
+    def _round(self, rnd: int, batch) -> StepStats:
         start = time.perf_counter()
-        if self.id == 0:
+        if self.announces:
             self.link.send(Frame(Kind.CONTROL, step=rnd, meta={"op": "round"}))
         own = None
         if self.id in self.schedule.sampled(rnd):
@@ -272,16 +305,50 @@ class RoundClient:
         wall = time.perf_counter() - start
         client_s = (own.client_s if own else 0.0) + update_s
         server_s = own.server_s if own else 0.0
+        return self._stats(entries, skipped, losses, client_s, server_s, max(wall - client_s - server_s, 0.0))
+
+    @staticmethod
+    def _stats(entries, skipped, losses, client_s, server_s, link_s, caught_up=False) -> StepStats:
         return StepStats(
             loss=sum(losses) / len(losses) if losses else float("nan"),
             client_s=client_s,
             server_s=server_s,
-            link_s=max(wall - client_s - server_s, 0.0),
+            link_s=link_s,
             skipped=skipped,
             grads=[g for _, g, _ in entries],
             rows=[zo.encode_rows(r) if r is not None else None for _, _, r in entries],
             clients=[c for c, _, _ in entries],
+            caught_up=caught_up,
         )
+
+    def _rejoin(self, rnd: int, exc: LinkError) -> None:
+        """Dial the server again, with backoff, for up to --timeout; the new session's HELLO brings
+        the rounds missed. LinkError when the server cannot be reached; PeerError when it refuses
+        this client (another run, or the run is over)."""
+        logger.warning("client %d lost the server at round %d (%s); dialling again", self.id, rnd, exc)
+        self.link.abort()
+        sent, received, timeout = self.link.bytes_sent, self.link.bytes_received, self.link.timeout
+        deadline, wait = time.monotonic() + self.cfg.timeout, 0.5
+        while True:
+            try:
+                link = self.redial(max(deadline - time.monotonic(), 1.0))
+                link.timeout = timeout
+                link.bytes_sent, link.bytes_received = sent, received  # the run's traffic, over every session
+                self.link = self.client.link = link
+                self.hello()
+                self.rejoined += 1
+                return
+            except PeerError:
+                raise
+            except LinkError as failed:
+                self.link.abort()
+                if time.monotonic() + wait >= deadline:
+                    raise LinkError(
+                        f"client {self.id} lost the server at round {rnd} and could not join it again within "
+                        f"--timeout: {failed}"
+                    ) from exc
+                time.sleep(wait)
+                wait = min(2 * wait, 8.0)
 
     def catch_up(self, upto: int) -> None:
         """Apply the rounds before `upto` that this client has not yet applied (--relay sampled: the
@@ -311,7 +378,7 @@ class RoundClient:
         self.applied += 1
         for client, at, why in frame.meta.get("left", []):
             self.left.append([client, at, why])
-            if self.id == 0:
+            if self.announces:
                 logger.warning("client %d left at round %d: %s", client, at, why)
         return entries, skipped, frame.tensors["losses"].tolist(), time.perf_counter() - t
 
@@ -339,10 +406,13 @@ class RoundServer:
     --min-clients, --on-client-loss fail, or the lead's loss end the run with one line to every
     client left."""
 
-    def __init__(self, cfg: TrainConfig, server: SplitServer, links: Sequence[Link], schedule: Schedule):
+    keeps_log = False  # True: every ROUND frame is kept (hosl.federation: clients join at any round)
+
+    def __init__(self, cfg: TrainConfig, server: SplitServer, links: Sequence[Link | None], schedule: Schedule):
         self.cfg, self.server, self.links, self.schedule = cfg, server, list(links), schedule
         for link in self.links[1:]:
-            link.max_frame_bytes = self.links[0].max_frame_bytes
+            if link is not None:
+                link.max_frame_bytes = self.links[0].max_frame_bytes
         self.live = set(range(len(self.links)))
         self.log: list[Frame] = []  # the ROUND frames some live client has not been sent, from round _base on
         self._base = 0
@@ -475,9 +545,10 @@ class RoundServer:
                     self._deliver(i, rnd + 1)
                 except LinkError as exc:
                     self._drop(i, rnd, exc)
-        oldest = min(self.delivered[i] for i in self.live)  # every live client has the rounds before it
-        del self.log[: oldest - self._base]
-        self._base = oldest
+        if not self.keeps_log and self.live:
+            oldest = min(self.delivered[i] for i in self.live)  # every live client has the rounds before it
+            del self.log[: oldest - self._base]
+            self._base = oldest
 
     def _deliver(self, i: int, upto: int) -> None:
         """Send client i the ROUND frames of the rounds before `upto` it has not been sent."""

@@ -293,6 +293,13 @@ class TrainConfig:
         ),
     )
     min_clients: int = field(default=1, metadata=_help("end the run when fewer clients than this are left"))
+    client_id: int = field(
+        default=0,
+        metadata=_help(
+            "grpc: which of the --clients this process is (0 to --clients - 1); it joins the server's rounds, "
+            "late or again, whenever it starts"
+        ),
+    )
 
     # -- transport and device ----------------------------------------------------------------------------
     transport: str = field(
@@ -481,8 +488,12 @@ class TrainConfig:
             raise ValueError(
                 f"--transport {self.transport} needs a split method ({', '.join(SPLIT_METHODS)}), got {self.method}"
             )
-        if self.transport == "grpc" and self.clients > 1:
-            raise ValueError("--transport grpc takes one client so far; many clients run over local or dist")
+        if not 0 <= self.client_id < self.clients:
+            raise ValueError(f"--client-id must be in [0, --clients {self.clients}), got {self.client_id}")
+        if self.client_id and self.transport != "grpc":
+            raise ValueError("--client-id is for --transport grpc (local and dist number their clients themselves)")
+        if self.transport == "grpc" and self.clients > 1 and self.relay != "all":
+            raise ValueError("--transport grpc sends every round to every client: drop --relay sampled")
         for name in ("link_rtt_ms", "link_mbit"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -711,6 +722,7 @@ RUN_ONLY = frozenset(
         "transport",
         "link_rtt_ms",
         "link_mbit",
+        "client_id",
         "server",
         "listen",
         "tls_ca",
@@ -809,7 +821,7 @@ SECTIONS = {
         "eval_every", "eval_batch_size", "log_every", "save_every", "save_total_limit", "report_to", "out", "resume",
     ],
     "many clients": ["clients", "clients_per_round", "partition", "alpha", "client_eval_fraction", "relay",
-                     "on_client_loss", "min_clients"],
+                     "on_client_loss", "min_clients", "client_id"],
     "transport and device": ["transport", "server", "link_rtt_ms", "link_mbit", "listen", "tls_ca", "tls_cert",
                              "tls_key", "tls_client_ca",
                              "compression", "device", "auth_token_file", "insecure", "threads",

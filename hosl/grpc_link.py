@@ -206,7 +206,7 @@ def _outgoing(link: GrpcLink):
         link.drained.set()
 
 
-def dial(target: str, tls: TLS | None, timeout: float, compression: str | None = None) -> GrpcLink:
+def dial(target: str, tls: TLS | None, timeout: float, compression: str | None = None, client_id: int = 0) -> GrpcLink:
     """The client's end of a new session with the server at target (HOST:PORT). tls=None: plain
     text. LinkError in one line when the server cannot be reached within the timeout."""
     grpc = _grpc()
@@ -221,16 +221,17 @@ def dial(target: str, tls: TLS | None, timeout: float, compression: str | None =
         channel.close()
         how = "over TLS (is --tls-ca the server's issuer, and the name dialled in its certificate?)" if tls else ""
         raise LinkError(f"could not reach the server at {target} {how}within {timeout:.0f} s (--timeout)") from None
-    link = GrpcLink("client", timeout, compression)
+    link = GrpcLink("client", timeout, compression, client_id)
     call = channel.stream_stream(METHOD)(_outgoing(link), wait_for_ready=True)
     reader = threading.Thread(target=link._read, args=(call,), name="hosl-grpc-reader", daemon=True)
     reader.start()
 
     def close():
         # What was queued goes out before the channel closes (the run's last frames: final, stop);
-        # then the server ends the stream, or the wait runs out.
-        link.drained.wait(min(link.timeout, 30.0))
-        reader.join(min(link.timeout, 30.0))
+        # then the server ends the stream, or the wait runs out. A broken link is just dropped.
+        if not link.broken:
+            link.drained.wait(min(link.timeout, 30.0))
+            reader.join(min(link.timeout, 30.0))
         channel.close()
 
     link._on_close = close

@@ -91,6 +91,7 @@ class StepStats:
     grads: list[float] | None = None  # the projected gradients (ZO clients)
     rows: list[list[int]] | None = None  # the row-sparse tables' rows, zo.encode_rows (ZO clients)
     clients: list[int] | None = None  # a round of many clients (hosl.clients): grads and rows are per client
+    caught_up: bool = False  # a round this client applied from the server's log, late (nothing to evaluate)
 
 
 def _scalar(t: torch.Tensor) -> float:
@@ -140,14 +141,17 @@ class SplitClient:
         return self.rate * lr_factor(self.cfg, step)
 
     # -- protocol ------------------------------------------------------------------------------
-    def hello(self) -> None:
+    def hello(self, **extra) -> dict:
+        """HELLO: the protocol, config hash and step plan the server checks (and `extra`, a joining
+        client's rounds applied); returns the server's answer."""
         use_threads(self.cfg.client_threads)
         numel = self.zo.numel if self.zo is not None else 0
         meta = {"protocol": PROTOCOL, "config": self.cfg.hash(), "plan": self.plan.describe(), "client_numel": numel}
-        self.link.send(Frame(Kind.HELLO, meta=meta))
+        self.link.send(Frame(Kind.HELLO, meta={**meta, **extra}))
         reply = self.link.recv()
         if reply.kind != Kind.HELLO:
             raise LinkError(f"the server answered HELLO with {reply.kind.name}")
+        return reply.meta
 
     def stop(self) -> None:
         self.link.send(Frame(Kind.CONTROL, meta={"op": "stop"}))
@@ -373,8 +377,9 @@ class SplitServer:
         self.cfg = cfg
         self.plan = StepPlan.of(cfg)
         self.model = model
-        self.link = link
-        link.max_frame_bytes = frame_bytes_limit(cfg, model.hidden_size)
+        self.link = link  # None: hosl.federation hands it each client's link in turn
+        if link is not None:
+            link.max_frame_bytes = frame_bytes_limit(cfg, model.hidden_size)
         self.device = device_of(model)
         self.run_dir = run_dir
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -420,13 +425,19 @@ class SplitServer:
                 else:
                     raise LinkError(f"the server got an unexpected {frame.kind.name} frame")
 
-    def _hello(self, frame: Frame) -> None:
+    def check_hello(self, frame: Frame) -> None:
+        """LinkError unless the client's HELLO speaks this protocol, config and step plan."""
+        if frame.kind != Kind.HELLO:
+            raise LinkError(f"the client opened with {frame.kind.name}, not HELLO")
         if frame.meta.get("protocol") != PROTOCOL:
             raise LinkError(f"the client speaks protocol {frame.meta.get('protocol')}, this server {PROTOCOL}")
         if frame.meta.get("config") != self.cfg.hash():
             raise LinkError("the client's config differs from the server's (same flags on both sides?)")
         if frame.meta.get("plan") != self.plan.describe():
             raise LinkError("the client plans another step than this server (another hosl version on one side?)")
+
+    def _hello(self, frame: Frame) -> None:
+        self.check_hello(frame)
         self._hello_seen = True
         if self.optimizer is None and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
@@ -640,14 +651,22 @@ class SplitServer:
         self.link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": torch.cat(scores)}))
 
     def _control(self, frame: Frame) -> bool:
-        """stop; save, commit and load a checkpoint of a step; final weights. The server keeps its
+        """CONTROL answered (see control_reply); False at stop."""
+        reply = self.control_reply(frame)
+        if reply is None:
+            return False
+        self.link.send(Frame(Kind.CONTROL, meta=reply))
+        return True
+
+    def control_reply(self, frame: Frame) -> dict | None:
+        """stop (None); save, commit and load a checkpoint of a step; final weights. The server keeps its
         files in its own run directory (hosl.checkpoint): a frame names a step, never a path. Each
         operation is bounded by where the run is: a save of the step the run has reached, once; a
         commit of that save that keeps it; a load before any step is trained; the final weights
         once, after the last step (LinkError otherwise)."""
         op, meta = frame.meta.get("op"), frame.meta
         if op == "stop":
-            return False
+            return None
         reply: dict = {"op": op}
         if op in ("save", "commit"):
             step, _ = checkpoint.check_server_request(meta, op)
@@ -700,8 +719,7 @@ class SplitServer:
             reply.update(self.reply_extra)
         else:
             raise LinkError(f"unknown CONTROL op {op!r}")
-        self.link.send(Frame(Kind.CONTROL, meta=reply))
-        return True
+        return reply
 
     def _state_dir(self) -> Path:
         if self.run_dir is None:

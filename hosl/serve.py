@@ -3,11 +3,17 @@ the server side of a --transport grpc run, which a client dials (`python -m hosl
 grpc --server HOST:PORT --tls-ca FILE ...`). Both take the run's model, split and training flags;
 HELLO checks that they plan the same step.
 
-The server holds its side of the model for the whole process and serves one session at a time. A
-session that ends with the run (the client's stop) ends the process, exit status 0. One that breaks
-(the client died, its link dropped, it failed authentication or sent a bad frame) is logged in one
-line and the server waits for the next: a client restarted with --resume reconnects, and the server
-loads its side of the same checkpoint from --out. A second client while one is connected is refused.
+One client (the default): the server holds its side of the model for the whole process and serves
+one session at a time. A session that ends with the run (the client's stop) ends the process, exit
+status 0. One that breaks (the client died, its link dropped, it failed authentication or sent a bad
+frame) is logged in one line and the server waits for the next: a client restarted with --resume
+reconnects, and the server loads its side of the same checkpoint from --out. A second client while
+one is connected is refused.
+
+--clients N (hosl.federation): each client process gives its --client-id; the rounds start once
+--min-clients are connected, clients join late, leave, dial again after a dropped link or start
+afresh, and each catches up from the server's log of rounds. The process ends, exit status 0, when
+the last round is over and every client that joined has stopped (or stayed away for --timeout).
 
 Security: TLS unless --insecure (plain text, with a warning). Clients prove themselves with the
 shared secret (--auth-token-file or $HOSL_AUTH_TOKEN) or with a certificate from --tls-client-ca
@@ -52,6 +58,8 @@ def serve_run(cfg, ready=None) -> int:
     examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.clients > 1:
+        return _serve_rounds(cfg, tls, secret, _one_side(cfg, "server", examples, device)[0], out, ready)
     busy, done = threading.Lock(), threading.Event()
     model = {"side": _one_side(cfg, "server", examples, device)[0], "fresh": True}
 
@@ -88,6 +96,42 @@ def serve_run(cfg, ready=None) -> int:
     return 0
 
 
+def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
+    """--clients N: the rounds of hosl.federation, with clients joining and leaving while it runs."""
+    import torch
+
+    from hosl.federation import Federation
+    from hosl.grpc_link import serve
+    from hosl.roles import SplitServer, frame_bytes_limit
+    from hosl.transport import LinkError
+
+    torch.manual_seed(cfg.seed)
+    federation = Federation(cfg, SplitServer(cfg, side, None, out))
+
+    def session(link):
+        try:
+            if secret is not None:
+                link.authenticate(secret)
+            federation.session(link)
+        except LinkError as exc:
+            print(f"a session was refused: {exc}", file=sys.stderr)
+            link.fail(str(exc))
+
+    limit = frame_bytes_limit(cfg, side.hidden_size)
+    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression, cfg.clients + 4, limit)
+    print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'}), "
+          f"{cfg.clients} clients", flush=True)  # fmt: skip
+    if ready is not None:
+        ready(server.port)
+    try:
+        federation.serve()
+    finally:
+        server.stop(grace=5)
+    left = f", {len(federation.left)} departures" if federation.left else ""
+    print(f"hosl.serve: the run is over ({len(federation.joins)} joins{left})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from hosl.config import parse_config
     from hosl.models import ModelError
@@ -98,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("HOSL_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("hosl.federation").setLevel(logging.INFO)  # who joins and leaves, as it happens
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         own = "--listen, --tls-cert, --tls-key and --tls-client-ca are its own"

@@ -295,7 +295,8 @@ def train(
     before = state["bytes"]  # counted by the process that ran the steps before a resume
 
     def traffic() -> list[int]:
-        return [before[0] + (link.bytes_sent if link else 0), before[1] + (link.bytes_received if link else 0)]
+        now = getattr(trainer, "link", None) or link  # a client that dialled again counts on its new link
+        return [before[0] + (now.bytes_sent if now else 0), before[1] + (now.bytes_received if now else 0)]
 
     final = None
     skips = SkipCounter(cfg.max_skipped, "client" if trainer.split_client else "model")
@@ -342,7 +343,8 @@ def train(
                     stats.link_s,
                     stats.server_s,
                 )
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            # A round applied late, from the server's log, is not evaluated: the server has moved on.
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not stats.caught_up) or last:
                 t = time.perf_counter()
                 metrics = evaluate(trainer, tokenizer, eval_examples, cfg, step)
                 writer.paused(time.perf_counter() - t)
@@ -535,11 +537,11 @@ def _held_out_accuracy(cfg, held, train_examples, tokenizer):
     return evaluate_held
 
 
-def _lead_batches(streams, schedule):
-    """The lead's batch of each round: the next of its shard when it is sampled, else None."""
+def _round_batches(streams, schedule, client: int = 0):
+    """A client's batch of each round: the next of its shard when it is sampled, else None."""
 
     def batches(rnd):
-        return streams[0](schedule.position(0, rnd)) if 0 in schedule.sampled(rnd) else None
+        return streams[client](schedule.position(client, rnd)) if client in schedule.sampled(rnd) else None
 
     return batches
 
@@ -569,7 +571,7 @@ def _run_clients(cfg, run_dir, tokenizer, client_model, server_model, train_exam
     after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
     with many.local_rounds(cfg, client_model, server_model, streams, run_dir) as clients:
         lead = clients[0]
-        batches = _lead_batches(streams, lead.schedule)
+        batches = _round_batches(streams, lead.schedule)
         result, server_files = _client_session(
             cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, batches=batches, after=after
         )
@@ -689,12 +691,22 @@ def run_grpc(cfg: TrainConfig) -> dict:
         )
     tls = None if cfg.insecure else TLS(ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key)
     device = _device(cfg)
-    link = dial(cfg.server, tls, cfg.timeout, cfg.compression)
-    with link:
+
+    def connect(timeout: float):
+        link = dial(cfg.server, tls, timeout, cfg.compression, client_id=cfg.client_id)
         if secret is not None:
             link.authenticate(secret)
+        return link
+
+    link = connect(cfg.timeout)
+    with link:
         cfg, run_dir, point = _start_run_dir(cfg)
         with _unless_started(run_dir, point):
+            if _rounds(cfg):
+                from hosl import clients as many
+
+                schedule = many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round)
+                return _round_client(cfg, link, run_dir, device, schedule, redial=connect)
             return _client_dist(cfg, link, run_dir, point, device)
 
 
@@ -752,7 +764,7 @@ def _dist_rounds(cfg: TrainConfig, secret) -> dict | None:
         if link.client_id == 0:
             cfg, run_dir, point = _start_run_dir(cfg)
             with _unless_started(run_dir, point):
-                return _lead_dist(cfg, link, run_dir, device, schedule)
+                return _round_client(cfg, link, run_dir, device, schedule)
         train_examples, _ = load_run_data(cfg)
         tokenizer = build_tokenizer(cfg.model, cfg.task, train_examples, cfg.gguf_file)
         client_model, _ = _one_side(cfg, "client", train_examples, device)
@@ -764,7 +776,9 @@ def _dist_rounds(cfg: TrainConfig, secret) -> dict | None:
     return None
 
 
-def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
+def _round_client(cfg: TrainConfig, link, run_dir: Path, device, schedule, redial=None) -> dict:
+    """A client of a many-client run that writes a run directory: the lead of a dist run, or any
+    client of a grpc run (redial: how it dials the server again when its link drops)."""
     from hosl import clients as many
 
     train_examples, eval_examples = load_run_data(cfg)
@@ -772,13 +786,28 @@ def _lead_dist(cfg: TrainConfig, link, run_dir: Path, device, schedule) -> dict:
     client_model, sizes = _one_side(cfg, "client", train_examples, device)
     torch.manual_seed(cfg.seed)
     shards, held, streams = _client_data(cfg, train_examples, tokenizer)
-    lead = many.RoundClient(cfg, SplitClient(cfg, client_model, link), schedule)
+    me = many.RoundClient(cfg, SplitClient(cfg, client_model, link, client_id=link.client_id), schedule)
+    me.redial = redial
     after = _held_out_accuracy(cfg, held, train_examples, tokenizer)
-    result, server_files = _client_session(
-        cfg, lead, tokenizer, train_examples, eval_examples, run_dir, None, _lead_batches(streams, schedule), after
-    )
+    try:
+        result, server_files = _client_session(
+            cfg,
+            me,
+            tokenizer,
+            train_examples,
+            eval_examples,
+            run_dir,
+            None,
+            _round_batches(streams, schedule, me.id),
+            after,
+        )
+    finally:
+        if me.link is not link:  # dialled again: the session open now is this client's to close
+            me.link.close()
     params = _side_params(sizes) if sizes else {"client_params": sum(p.numel() for p in client_model.parameters())}
-    extra = _rounds_summary(cfg, shards, lead, [lead])
+    extra = _rounds_summary(cfg, shards, me, [me])
+    if cfg.transport == "grpc":
+        extra |= {"client_id": me.id, "rejoined": me.rejoined}
     return _finish(run_dir, {**_summary(cfg, result, params, device), **extra}, server_files)
 
 

@@ -193,6 +193,11 @@ class Link:
     def close(self) -> None:
         self.closed = True
 
+    def abort(self) -> None:
+        """Close without waiting on the peer (the link is being given up)."""
+        self.broken = True
+        self.close()
+
     def __enter__(self):
         return self
 

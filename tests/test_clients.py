@@ -2,6 +2,7 @@
 every client holds the same bits after every round; the rounds equal a single-process computation
 written here from the primitives; shards, sampling, replay, failures and bad input."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -469,3 +470,97 @@ def test_a_round_frame_that_does_not_describe_a_round_of_this_run_is_refused():
     for tensors, message in bad:
         with pytest.raises(LinkError, match=message):
             many.round_entries(frame(**tensors), 3, 3)
+
+
+# -- hosl.federation in one process ---------------------------------------------------------------------
+
+
+def test_a_federation_takes_clients_that_join_late_and_come_back_and_all_end_alike(tmp_path):
+    """The grpc server's rounds (hosl.federation) over local links, each client on a thread: clients 0
+    and 1 start the run, client 2 joins at round 3 and catches up from the server's log, client 1's
+    link fails at round 5 and it dials again. Every client ends with the same weights, which are not
+    the initial ones, and the server's record names who joined and left; a client holding rounds of
+    another run, or naming a client the run does not have, is refused."""
+    import copy
+
+    from hosl.federation import Federation
+    from hosl.roles import SplitClient, SplitServer
+    from hosl.session import local_links_for
+
+    steps = 8
+    cfg = cfg_for(tmp_path, clients=3, steps=steps, transport="grpc", insecure=True, timeout=20, eval_every=0)
+    examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
+    tokenizer, model = build(cfg, examples)
+    client_model, server_model = split_model(model, cfg.split_layer)
+    federation = Federation(cfg, SplitServer(cfg, server_model, None, tmp_path / "srv"))
+    refused: list[str] = []
+
+    def connect(i, run=None, applied=None):
+        client_end, server_end = local_links_for(cfg, model.config.hidden_size, client_id=i)
+
+        def session():
+            try:
+                federation.session(server_end)
+            except LinkError as exc:
+                refused.append(str(exc))
+                server_end.fail(str(exc))
+
+        threading.Thread(target=session, daemon=True).start()
+        return client_end
+
+    streams = trainer._client_data(cfg, examples, tokenizer)[2]
+    clients = []
+    for i in range(3):
+        mine = dataclasses.replace(cfg, client_id=i)
+        link = connect(i)
+        c = many.RoundClient(mine, SplitClient(mine, copy.deepcopy(client_model), link, client_id=i),
+                             many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round))  # fmt: skip
+        c.redial = lambda timeout, i=i: connect(i)
+        clients.append(c)
+    before = clients[0].digest()
+    at_round_3, failures = threading.Event(), []
+
+    def drive(c):
+        try:
+            batches = trainer._round_batches(streams, c.schedule, c.id)
+            c.hello()
+            for rnd in range(steps):
+                if c.id == 1 and rnd == 5:
+                    c.link.fail("the network went away")  # the server drops it; its next frame fails
+                c.train_step(rnd, batches(rnd))
+                if c.id == 0 and rnd == 3:  # client 2 starts, and is taken in before round 4
+                    at_round_3.set()
+                    deadline = time.monotonic() + 60
+                    while federation._arrivals.empty() and time.monotonic() < deadline:
+                        time.sleep(0.01)
+            c.control("final")
+            c.stop()
+        except BaseException as exc:
+            failures.append((c.id, exc))
+            at_round_3.set()
+
+    threads = [threading.Thread(target=drive, args=(c,), daemon=True) for c in clients]
+    threads[0].start()
+    threads[1].start()
+    server = threading.Thread(target=federation.serve, daemon=True)
+    server.start()
+    at_round_3.wait(60)
+    threads[2].start()
+    for t in [*threads, server]:
+        t.join(120)
+    assert not failures, failures
+    assert not server.is_alive()
+    digests = {c.digest() for c in clients}
+    assert len(digests) == 1
+    assert digests != {before}
+    assert clients[1].rejoined == 1 and clients[2].catch_up_bytes > 0 and clients[0].catch_up_bytes == 0
+    joins = {i: [rnd for j, rnd, _ in federation.joins if j == i] for i in range(3)}
+    assert joins[0] == [0] and len(joins[1]) == 2 and joins[1][1] >= 5 and joins[2] == [4], joins
+    assert [i for i, _, _ in federation.left] == [1]
+    # Refused at the door: another run's rounds, a client the run does not have.
+    for i, extra in ((0, {"applied": 2, "run": "another"}), (7, {})):
+        mine = dataclasses.replace(cfg, client_id=min(i, 2))
+        link = connect(i)
+        with pytest.raises(LinkError):
+            SplitClient(mine, copy.deepcopy(client_model), link, client_id=i).hello(**extra)
+    assert any("another run" in r for r in refused) and any("client 7 of a run of 3" in r for r in refused)

@@ -214,6 +214,13 @@ def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys)
     assert "needs --server HOST:PORT" in _last_line(capsys)
     assert main(["--server", "h:1", "--out", str(tmp_path / "r")]) == 2
     assert "--server is for --transport grpc" in _last_line(capsys)
+    assert main(["--clients", "2", "--client-id", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--client-id is for --transport grpc" in _last_line(capsys)
+    assert main(["--transport", "grpc", "--server", "h:1", "--clients", "2", "--client-id", "2"]) == 2
+    assert "--client-id must be in [0, --clients 2), got 2" in _last_line(capsys)
+    many = ["--transport", "grpc", "--server", "h:1", "--clients", "3", "--clients-per-round", "1"]
+    assert main([*many, "--relay", "sampled", "--out", str(tmp_path / "r")]) == 2
+    assert "drop --relay sampled" in _last_line(capsys)
     from hosl.serve import main as serve_main
 
     assert serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s")]) == 2
@@ -290,3 +297,101 @@ def test_a_restarted_server_resumes_from_its_checkpoint(tmp_path, pki):
     assert code == 0, err
     assert _equal(straight / "client.safetensors", tmp_path / "run" / "client.safetensors")
     assert _equal(straight / "server.safetensors", tmp_path / "srv" / "server.safetensors")
+
+
+# -- many clients: hosl.federation ------------------------------------------------------------------------
+
+MANY = ["--clients", "3", "--eval-every", "0"]
+
+
+def _client_cmd(port: int, pki, i: int, out: Path, steps: int, host: str = "localhost") -> list[str]:
+    return [sys.executable, "-m", "hosl.train", "--transport", "grpc", "--server", f"{host}:{port}",
+            "--tls-ca", str(pki / "ca"), "--auth-token-file", str(pki / "token"), *RUN, *MANY,
+            "--steps", str(steps), "--client-id", str(i), "--timeout", "60", "--out", str(out)]  # fmt: skip
+
+
+def _rounds_logged(run_dir: Path) -> int:
+    path = run_dir / "zo_log.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait(what, test, procs, limit=180) -> None:
+    deadline = time.monotonic() + limit
+    while not test():
+        failed = [p.args[-1] for p in procs if p.poll() not in (None, 0)]
+        assert not failed and time.monotonic() < deadline, f"waiting for {what}: failed {failed}"
+        time.sleep(0.05)
+
+
+def _digest(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["client_weights_sha256"]
+
+
+@pytest.mark.slow
+def test_three_grpc_clients_from_the_start_are_the_local_three_client_run(tmp_path, pki):
+    """hosl.serve --clients 3 --min-clients 3 and three client processes over TLS: every client's weights
+    and the server's are the bits of the same run with --clients 3 in one process (hosl.clients)."""
+    local = run(cfg_for(tmp_path, "local", steps=6, threads=1, clients=3, eval_every=0))
+    server = Server(tmp_path / "srv", [*_tls(pki), "--auth-token-file", str(pki / "token"), *MANY, "--steps", "6",
+                                        "--min-clients", "3"])  # fmt: skip
+    procs = []
+    try:
+        for i in range(3):
+            cmd = [*_client_cmd(server.port, pki, i, tmp_path / f"c{i}", 6), "--min-clients", "3"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+        code, err = server.finish()
+    assert code == 0, err
+    assert {_digest(tmp_path / f"c{i}") for i in range(3)} == {local["client_weights_sha256"]}
+    assert _equal(tmp_path / "local" / "server.safetensors", tmp_path / "srv" / "server.safetensors")
+
+
+@pytest.mark.slow
+def test_clients_join_late_drop_and_come_back_and_all_end_with_the_same_weights(tmp_path, pki):
+    """One long-lived server, three client processes: client 1's connection is cut mid-run (it dials again
+    in the same process), client 2 starts late, client 0 is killed and started again from nothing. The
+    run never stops; every client ends with the same weights, which hosl.replay rebuilds from each one's
+    log of rounds, and the server's log names who joined and left."""
+    from _procs import Proxy
+
+    from hosl.replay import main as replay
+
+    steps = 60
+    token = ["--auth-token-file", str(pki / "token")]
+    server = Server(tmp_path / "srv", [*_tls(pki), *token, *MANY, "--steps", str(steps), "--min-clients", "2",
+                                        "--timeout", "60"])  # fmt: skip
+    proxy = Proxy(server.port)
+    cmd = {i: [*_client_cmd(server.port, pki, i, tmp_path / f"c{i}", steps), "--min-clients", "2"] for i in range(3)}
+    cmd[1] = [*_client_cmd(proxy.port, pki, 1, tmp_path / "c1", steps), "--min-clients", "2"]  # through the proxy
+
+    def start(c):
+        return subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    procs = {0: start(cmd[0]), 1: start(cmd[1])}
+    try:
+        _wait("client 1's fifth round", lambda: _rounds_logged(tmp_path / "c1") >= 5, procs.values())
+        assert proxy.cut() >= 1
+        procs[2] = start(cmd[2])  # late: it catches up from the server's log
+        _wait("client 2's first rounds", lambda: _rounds_logged(tmp_path / "c2") >= 12, procs.values())
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        procs["0b"] = start([*cmd[0], "--out", str(tmp_path / "c0b")])  # the same client, started afresh
+        for name, p in procs.items():
+            if name != 0:
+                assert p.wait(timeout=300) == 0, (name, p.stderr.read()[-3000:])
+    finally:
+        for p in procs.values():
+            p.kill()
+        proxy.close()
+        code, err = server.finish()
+    assert code == 0, err
+    digests = {name: _digest(tmp_path / name) for name in ("c0b", "c1", "c2")}
+    assert len(set(digests.values())) == 1, digests
+    assert json.loads((tmp_path / "c1" / "summary.json").read_text())["rejoined"] >= 1
+    assert "client 0 left" in err and "client 2 joined" in err, err
+    for name in digests:
+        assert replay([str(tmp_path / name)]) == 0
