@@ -9,6 +9,11 @@ What is measured (bench field "roundtrip"; one record per case and method):
   the sender's HMAC-SHA256 tag after the encode, the receiver's check before the decode.
 * hosl-raw-out: the same as hosl-raw, encoding into one send buffer reused across calls
   (encode_frame(..., out=buffer)), as a transport would; it saves the page faults of fresh memory.
+* hosl-grpc-tls, hosl-grpc-plain: a frame across the grpc transport over loopback, as a session carries
+  it: the client link's send (encode, MAC, into the stream) and the server link's receive (gRPC over
+  TLS 1.3 with a certificate made here, or plain text; the MAC checked; the decode), timed from the
+  send to the received tensor. Needs grpcio and cryptography (pip install '.[test]'); left out
+  without them.
 * torch.save: torch.save(x, io.BytesIO()) and .getvalue(); torch.load(io.BytesIO(data), weights_only=True).
 * pickle: pickle.dumps(x, protocol=5); pickle.loads(data).
 * copy: x.clone(), one read and one write of x (fresh memory): what one pass over the data costs here.
@@ -57,6 +62,8 @@ BASELINE = "torch.save"
 
 
 def wire_bytes(wire):
+    if isinstance(wire, int):  # bytes a link sent
+        return wire
     if isinstance(wire, tuple):  # (frame, MAC)
         return wire[0].numel() + len(wire[1])
     return wire.numel() if isinstance(wire, torch.Tensor) else len(wire)
@@ -88,9 +95,99 @@ def methods(x):
 
     table["hosl-raw-mac"] = (encode_mac, decode_mac, True)
     table["hosl-raw-out"] = (*with_hosl(None, send_buffer), True)
+    for tls in (True, False):
+        pair = grpc_pair(tls)
+        if pair is not None:
+            table[f"hosl-grpc-{'tls' if tls else 'plain'}"] = (*pair.methods(frame), True)
     table[BASELINE] = (torch_save, lambda w: torch.load(io.BytesIO(w), weights_only=True), True)
     table["pickle"] = (lambda: pickle.dumps(x, protocol=5), pickle.loads, True)
     return table
+
+
+class GrpcPair:
+    """Both ends of an authenticated grpc session over loopback (hosl.grpc_link)."""
+
+    def __init__(self, tls: bool, directory: Path):
+        import queue
+        import threading
+
+        from hosl.grpc_link import TLS, dial, serve
+
+        secret, ends, self.done = bytes(range(32)), queue.Queue(), threading.Event()
+
+        def handler(link):
+            link.authenticate(secret)
+            ends.put(link)
+            self.done.wait()
+
+        cert, key = self_signed(directory) if tls else (None, None)
+        self.server = serve(handler, "127.0.0.1:0", TLS(cert=cert, key=key) if tls else None, 120,
+                            max_frame_bytes=1 << 30)  # fmt: skip
+        self.client = dial(f"localhost:{self.server.port}", TLS(ca=cert) if tls else None, 120)
+        self.client.authenticate(secret)
+        self.server_end = ends.get(timeout=120)
+        self.server_end.max_frame_bytes = 1 << 30
+
+    def methods(self, frame):
+        def send():
+            before = self.client.bytes_sent
+            self.client.send(frame)
+            return self.client.bytes_sent - before
+
+        return send, lambda _: self.server_end.recv().tensors["act"]
+
+    def close(self):
+        self.done.set()
+        self.client.close()
+        self.server.stop(0)
+
+
+_PAIRS: list[GrpcPair] = []
+
+
+def grpc_pair(tls: bool) -> GrpcPair | None:
+    """A session to time frames over, or None without grpcio (and cryptography, for TLS)."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("grpc") is None or (tls and importlib.util.find_spec("cryptography") is None):
+        log(f"  grpc-{'tls' if tls else 'plain'}: left out (pip install '.[test]' for grpcio and cryptography)")
+        return None
+    pair = GrpcPair(tls, Path(tempfile.mkdtemp(prefix="hosl-bench-tls-")))
+    _PAIRS.append(pair)
+    return pair
+
+
+def self_signed(directory: Path) -> tuple[str, str]:
+    """A self-signed certificate for localhost and its key (PEM files in directory)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_path), str(key_path)
 
 
 def time_round_trips(encode, decode, repeats):
@@ -229,8 +326,12 @@ def main(argv=None):
     print()
     path = args.out / ("bench_boundary_quick.jsonl" if args.quick else "bench_boundary.jsonl")
     rec = Recorder(path, env)
-    for shape in QUICK_SHAPES if args.quick else SHAPES:
-        measure(rec, device, shape, repeats)
+    try:
+        for shape in QUICK_SHAPES if args.quick else SHAPES:
+            measure(rec, device, shape, repeats)
+    finally:
+        for pair in _PAIRS:
+            pair.close()
     report(rec.records)
     print(f"\n{len(rec.records)} records written to {path}")
 

@@ -456,23 +456,18 @@ class RoundServer:
         use_threads(self.cfg.server_threads)
         try:
             for i in range(len(self.links)):
-                self.server.link = self.links[i]
                 try:
-                    frame = self._recv(i)
-                    if frame.kind != Kind.HELLO:
-                        raise LinkError(f"client {i} opened with {frame.kind.name}, not HELLO")
-                    self.server._hello(frame)
+                    self.server.hello(self._recv(i), self.links[i])
                 except LinkError as exc:
                     self._drop(i, 0, exc)
             while True:
-                self.server.link = self.links[0]
                 frame = self._recv(0)
                 if frame.kind == Kind.CONTROL and frame.meta.get("op") == "round":
                     self._round(frame.step)
                 elif frame.kind == Kind.BATCH and frame.meta.get("eval"):
-                    self.server._evaluate(frame)
+                    self.server.evaluate(frame, self.links[0])
                 elif frame.kind == Kind.CONTROL:
-                    if not self.server._control(frame):
+                    if not self.server.control(frame, self.links[0]):
                         return
                 else:
                     raise LinkError(f"the server got an unexpected {frame.kind.name} frame from the lead client")
@@ -487,13 +482,12 @@ class RoundServer:
     def _client_step(self, i: int, rnd: int) -> tuple[dict, Frame]:
         """Client i's step of round rnd: its uploads answered, its REPORT checked."""
         q = self.server.plan.q
-        self.server.link = self.links[i]
         start = time.perf_counter()
         batch = self._recv(i)
         arrived = time.perf_counter()
         if batch.kind != Kind.BATCH or batch.meta.get("eval") or batch.step != rnd:
             raise LinkError(f"expected client {i}'s BATCH of round {rnd}, got {batch.kind.name} of {batch.step}")
-        losses = self.server._answer_step(batch)
+        losses = self.server.answer_step(batch, self.links[i])
         report = self._recv(i)
         if report.kind != Kind.REPORT or report.step != rnd:
             raise LinkError(f"expected client {i}'s REPORT of round {rnd}, got {report.kind.name}")
@@ -534,7 +528,7 @@ class RoundServer:
         if reports:
             for p in self._params:
                 p.grad = summed.get(id(p))
-            self.server._update(rnd, {}, ok, share=len(reports))
+            self.server.update(rnd, {}, ok, share=len(reports))
         self.server.steps_done = rnd + 1  # a round no report reached is a step of the run too
         self.log.append(round_frame(rnd, reports, not (ok and reports), self.server.plan.q, self.left[before:]))
         last = rnd + 1 == self.cfg.steps

@@ -194,11 +194,10 @@ class Federation(RoundServer):
     def _between(self, i: int, frame: Frame) -> bool:
         """One frame between rounds: an evaluation batch, or after the last round the final weights
         or a stop (False)."""
-        self.server.link = self.links[i]
         end = self.server.steps_done == self.cfg.steps
         op = frame.meta.get("op") if frame.kind == Kind.CONTROL else None
         if frame.kind == Kind.BATCH and frame.meta.get("eval"):
-            self.server._evaluate(frame)
+            self.server.evaluate(frame, self.links[i])
         elif end and op == "final":
             if self._final is None:
                 self._final = self.server.control_reply(frame)

@@ -413,14 +413,14 @@ class SplitServer:
                     said = "a second HELLO" if self._hello_seen else f"{frame.kind.name} before HELLO"
                     raise LinkError(f"the client sent {said}: refused, the session is closed")
                 if frame.kind == Kind.HELLO:
-                    self._hello(frame)
+                    self.hello(frame, self.link)
                 elif frame.kind == Kind.BATCH:
                     if frame.meta.get("eval"):
-                        self._evaluate(frame)
+                        self.evaluate(frame, self.link)
                     else:
-                        self._train_step(frame)
+                        self.train_step(frame, self.link)
                 elif frame.kind == Kind.CONTROL:
-                    if not self._control(frame):
+                    if not self.control(frame, self.link):
                         return
                 else:
                     raise LinkError(f"the server got an unexpected {frame.kind.name} frame")
@@ -436,20 +436,25 @@ class SplitServer:
         if frame.meta.get("plan") != self.plan.describe():
             raise LinkError("the client plans another step than this server (another hosl version on one side?)")
 
-    def _hello(self, frame: Frame) -> None:
+    # The server's interface, each frame answered on the link it came from (hosl.clients and
+    # hosl.federation serve many clients' links with one server): hello, train_step (answer_step
+    # and update), evaluate, control.
+
+    def hello(self, frame: Frame, link: Link) -> None:
+        """HELLO checked (check_hello) and answered."""
         self.check_hello(frame)
         self._hello_seen = True
         if self.optimizer is None and self.zo is None:
             # The server's noise continues where the client's ends: the pair sees the unsplit model's noise.
             self.zo = zo_params_of(self.model, self.cfg, self._zo_params, offset=int(frame.meta["client_numel"]))
             zo.check_mu(self.zo, self.cfg.mu, "server")
-        self.link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
+        link.send(Frame(Kind.HELLO, meta={"protocol": PROTOCOL}))
 
-    def _recv_act(self, batch: Frame, key: tuple[int, int] = (0, 0)) -> Frame:
+    def _recv_act(self, batch: Frame, link: Link, key: tuple[int, int] = (0, 0)) -> Frame:
         """The next frame, which must be the ACT of `batch`'s step and probe `key`, holding one
         activation of the batch's rows and tokens: LinkError otherwise."""
         step = batch.step
-        frame = self.link.recv()
+        frame = link.recv()
         if frame.kind != Kind.ACT or frame.step != step or (frame.probe, frame.sign) != key:
             raise LinkError(
                 f"expected the ACT of step {step} probe {key}, got {frame.kind.name} of step {frame.step} "
@@ -486,17 +491,17 @@ class SplitServer:
             self._vocab = self.model.vocab_size  # the server model's interface: hidden_size, vocab_size, forward
         return self._vocab
 
-    def _train_step(self, batch: Frame) -> None:
-        """Each upload of the plan in order: the forward (with the gradient where the plan takes
+    def train_step(self, batch: Frame, link: Link) -> None:
+        """One client's step: each upload of the plan in order: the forward (with the gradient where the plan takes
         it), the answer; then this side's update. A ZO server applies the plan's noise pass before
         each probe's forward, as the client did to its own weights."""
         if batch.step != self.steps_done:
             raise LinkError(f"the client sent step {batch.step}'s BATCH; this server is at step {self.steps_done}")
         self._trained = True
-        losses = self._answer_step(batch)
-        self._update(batch.step, losses, finite(losses.values()))
+        losses = self.answer_step(batch, link)
+        self.update(batch.step, losses, finite(losses.values()))
 
-    def _answer_step(self, batch: Frame) -> dict[tuple[int, int], float]:
+    def answer_step(self, batch: Frame, link: Link) -> dict[tuple[int, int], float]:
         """A step's uploads, answered; the gradient accumulated where the plan takes it. Returns
         the losses by (probe, sign)."""
         self._check_batch(batch)
@@ -511,7 +516,7 @@ class SplitServer:
         stacked = [f for f in uploads if cfg.server_batch_probes and not f.server_grad]
         waiting: list[torch.Tensor] = []
         for i, forward in enumerate(uploads):
-            frame = self._recv_act(batch, forward.key)
+            frame = self._recv_act(batch, link, forward.key)
             t = time.perf_counter()
             if forward.sign != 0:
                 next(probes)  # the noise pass of this probe (a no-op without ZO weights)
@@ -526,7 +531,7 @@ class SplitServer:
             meta = {"server_s": compute} if i == len(uploads) - 1 else {}
             # The answer goes out before the update, so the client's next work overlaps it.
             kind = Kind.GRAD if forward.answer == GRAD else Kind.LOSS
-            self.link.send(Frame(kind, step=step, probe=forward.probe, sign=forward.sign, tensors=tensors, meta=meta))
+            link.send(Frame(kind, step=step, probe=forward.probe, sign=forward.sign, tensors=tensors, meta=meta))
         next(probes, None)  # leaves the last probe (scratch probes perturb inside it)
         if stacked:
             t = time.perf_counter()
@@ -535,14 +540,14 @@ class SplitServer:
             for j, (forward, loss) in enumerate(zip(stacked, values)):
                 losses[forward.key] = _scalar(loss)
                 meta = {"server_s": compute} if j == len(stacked) - 1 else {}
-                self.link.send(
+                link.send(
                     Frame(
                         Kind.LOSS, step=step, probe=forward.probe, sign=forward.sign, tensors={"loss": loss}, meta=meta
                     )
                 )
         return losses
 
-    def _update(self, step: int, losses: dict, finite: bool, share: int = 1) -> None:
+    def update(self, step: int, losses: dict, finite: bool, share: int = 1) -> None:
         """This side's step: ZO from the step's losses (the client computes the same g), or the
         optimiser on the accumulated gradient divided by `share` (the clients of a round), skipped
         unless `finite`."""
@@ -639,23 +644,24 @@ class SplitServer:
         return list((torch.cat(sums).view(n, len(labels)).sum(dim=1) / counts).float().unbind())
 
     @torch.no_grad()
-    def _evaluate(self, batch: Frame) -> None:
+    def evaluate(self, batch: Frame, link: Link) -> None:
+        """An evaluation batch: its activation's scores of the labelled tokens."""
         self._check_batch(batch)
-        hidden = self._recv_act(batch).tensors["hidden"].to(self.device)
+        hidden = self._recv_act(batch, link).tensors["hidden"].to(self.device)
         labels = batch.tensors["labels"].to(self.device)
         mask = batch.tensors["attention_mask"].to(self.device)
         scores = []
         for rows in self._slices(len(hidden)):
             logits = self._forward(hidden[rows], mask[rows], labels[rows]).logits
             scores.append(target_scores(logits.float(), labels[rows][:, labelled_positions(labels[rows]) + 1]))
-        self.link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": torch.cat(scores)}))
+        link.send(Frame(Kind.SCORES, step=batch.step, tensors={"scores": torch.cat(scores)}))
 
-    def _control(self, frame: Frame) -> bool:
+    def control(self, frame: Frame, link: Link) -> bool:
         """CONTROL answered (see control_reply); False at stop."""
         reply = self.control_reply(frame)
         if reply is None:
             return False
-        self.link.send(Frame(Kind.CONTROL, meta=reply))
+        link.send(Frame(Kind.CONTROL, meta=reply))
         return True
 
     def control_reply(self, frame: Frame) -> dict | None:

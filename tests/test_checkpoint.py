@@ -212,7 +212,7 @@ def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
     server = _server(tmp_path)
     server.steps_done = 3  # as if three steps had run
     elsewhere = tmp_path / "elsewhere"
-    server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 3, "dir": str(elsewhere)}))
+    server.control(Frame(Kind.CONTROL, meta={"op": "save", "step": 3, "dir": str(elsewhere)}), server.link)
     assert not elsewhere.exists()  # the old protocol's path is ignored
     assert (tmp_path / "srv" / "checkpoint-3.tmp" / "server.safetensors").is_file()
     digests = server.link.sent[-1].meta["files"]
@@ -225,11 +225,12 @@ def test_a_control_frame_cannot_name_the_servers_paths(tmp_path):
     ]
     for meta in bad:
         with pytest.raises(ValueError, match=f"CONTROL {meta['op']}"):
-            server._control(Frame(Kind.CONTROL, meta=meta))
+            server.control(Frame(Kind.CONTROL, meta=meta), server.link)
     wrong = {**digests, "server.safetensors": "0" * 64}
     with pytest.raises(checkpoint.CheckpointError, match="server.safetensors: its SHA-256 differs"):
-        server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": wrong}))
-    server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": digests}))  # the .tmp, verified
+        server.control(Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": wrong}), server.link)
+    load = Frame(Kind.CONTROL, meta={"op": "load", "step": 3, "files": digests})
+    server.control(load, server.link)  # the .tmp, verified
 
 
 @pytest.mark.parametrize("op", ["final", "stop", "save", "commit"])
@@ -256,25 +257,25 @@ def test_control_operations_are_bounded_by_the_run(tmp_path):
     ]
     for meta, message in refused:
         with pytest.raises(transport.LinkError, match=message):
-            server._control(Frame(Kind.CONTROL, meta=meta))
+            server.control(Frame(Kind.CONTROL, meta=meta), server.link)
     assert not (tmp_path / "srv").exists()
     server.steps_done = 2
-    server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}))
+    server.control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}), server.link)
     with pytest.raises(transport.LinkError, match="CONTROL save of step 2 refused: .* has saved it"):
-        server._control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}))  # a disk filler, once
+        server.control(Frame(Kind.CONTROL, meta={"op": "save", "step": 2}), server.link)  # a disk filler, once
     with pytest.raises(transport.LinkError, match="would delete the checkpoint it commits"):
-        server._control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": []}))
+        server.control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": []}), server.link)
     assert (tmp_path / "srv" / "checkpoint-2.tmp" / "server.safetensors").is_file()
-    server._control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": [2]}))
+    server.control(Frame(Kind.CONTROL, meta={"op": "commit", "step": 2, "keep": [2]}), server.link)
     assert (tmp_path / "srv" / "checkpoint-2" / "server.safetensors").is_file()
     server._trained = True
     with pytest.raises(transport.LinkError, match="CONTROL load of step 2 refused"):
-        server._control(Frame(Kind.CONTROL, meta={"op": "load", "step": 2, "files": {}}))
+        server.control(Frame(Kind.CONTROL, meta={"op": "load", "step": 2, "files": {}}), server.link)
     server.steps_done = steps
-    server._control(Frame(Kind.CONTROL, meta={"op": "final"}))
+    server.control(Frame(Kind.CONTROL, meta={"op": "final"}), server.link)
     assert (tmp_path / "srv" / "server.safetensors").is_file()
     with pytest.raises(transport.LinkError, match="has written its final weights"):
-        server._control(Frame(Kind.CONTROL, meta={"op": "final"}))
+        server.control(Frame(Kind.CONTROL, meta={"op": "final"}), server.link)
 
 
 # -- real kills ------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def _fuzz(session, frames: int, seed: int):
         sent += 1 + len(acts)
         cases += 1
         try:
-            server._train_step(batch)
+            server.train_step(batch, server.link)
         except LinkError:
             refused += 1
             assert torch.equal(_weights(server), before), f"{name}: refused, yet the weights moved"
@@ -131,7 +131,7 @@ def test_a_consistent_step_is_answered(session):
     batch, acts = _frames(server, {k: v.clone() for k, v in tensors.items()}, hidden)
     server.link = ScriptedLink(acts)
     before, step = _weights(server), server.steps_done
-    server._train_step(batch)
+    server.train_step(batch, server.link)
     assert server.steps_done == step + 1 and not torch.equal(_weights(server), before)
     assert [f.kind for f in server.link.sent] == [Kind[f.answer.upper()] for f in server.plan.uploads]
 

@@ -1370,7 +1370,7 @@ def test_a_micro_batched_server_gives_the_whole_batchs_loss_and_gradients(tmp_pa
         loss, grad = server._loss(h, frame, train=True, want_grad=True)
         stacked = server._stacked_losses(hiddens, frame)
         server.link = _OneAct(h)
-        server._evaluate(Frame(Kind.BATCH, tensors={**frame.tensors, "labels": batch["labels"]}))
+        server.evaluate(Frame(Kind.BATCH, tensors={**frame.tensors, "labels": batch["labels"]}), server.link)
         return loss, grad, [p.grad.clone() for p in params], stacked, server.link.sent[0].tensors["scores"]
 
     whole = step(0)
