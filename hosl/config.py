@@ -25,6 +25,10 @@ from hosl.plan import FO, METHODS, SPLIT_METHODS, ZO, method_of  # noqa: F401  (
 from hosl.zo import INPLACE, PROBE_WRITES, SCRATCH
 
 
+class UsageError(ValueError):
+    """Bad input from the command line or the run directory: one line, exit status 2."""
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 

@@ -149,19 +149,21 @@ class GrpcLink(Link):
         return item
 
     def _send_bytes(self, buf: torch.Tensor) -> int:
-        data = buf.numpy().tobytes()
-        if self._mac is not None:
-            data += self._mac.tag(buf.numpy())
+        frame = buf.numpy()
+        # One copy into the message gRPC sends (the frame, then its MAC).
+        data = b"".join((frame, self._mac.tag(frame))) if self._mac is not None else frame.tobytes()
         self.outbox.put(data)
         return len(data)
 
     def _recv_bytes(self) -> tuple[torch.Tensor, int]:
-        message = self._next("receive from")
+        message = memoryview(self._next("receive from"))
         wire = len(message)
-        data, tag = (message[: -auth.TAG_BYTES], message[-auth.TAG_BYTES :]) if self._mac else (message, b"")
+        cut = wire - auth.TAG_BYTES if self._mac else wire
+        data, tag = message[: max(cut, 0)], bytes(message[max(cut, 0) :])
         if len(data) > self.max_frame_bytes:
             raise FrameError(f"oversized: a frame of {len(data)} bytes, the limit is {self.max_frame_bytes}")
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        # One copy, into memory the decoder may own and write.
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
         self._check_tag(buf.numpy(), tag)
         return buf, wire
 

@@ -5,9 +5,13 @@ compares predictions with the examples' labels. The server computes the scores o
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 
 import torch
+
+from hosl.tasks import encode_candidates, encode_for_training
 
 
 def candidate_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,3 +71,34 @@ def accuracy(predictions: torch.Tensor | Sequence[int], examples: Sequence) -> f
     if len(predictions) != len(examples) or not examples:
         raise ValueError(f"need one prediction per example, got {len(predictions)} for {len(examples)} examples")
     return sum(p == ex.label for p, ex in zip(predictions, examples)) / len(examples)
+
+
+def evaluate(trainer, tokenizer, examples, cfg, step: int) -> dict:
+    """A trainer's (SplitClient, RoundClient, FullModel: its scores()) score on `examples`, in
+    batches of cfg.eval_batch_size: {"accuracy": ...} for a classification task (rank
+    classification), {"loss": ..., "perplexity": ...} for a generation task (the mean loss per
+    completion token, from the same per-row scores the server computes)."""
+    generation = examples[0].generation
+    predictions, total, tokens = [], 0.0, 0
+    starts = range(0, len(examples), cfg.eval_batch_size)
+    try:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        pass
+    for start in starts:
+        chunk = examples[start : start + cfg.eval_batch_size]
+        if generation:
+            batch = encode_for_training(tokenizer, chunk, cfg.max_length)
+            counts = (batch["labels"] != -100).sum(dim=1)
+            total += float((trainer.scores(step, batch).double() * counts).sum())
+            tokens += int(counts.sum())
+        else:
+            batch, index = encode_candidates(tokenizer, chunk, cfg.max_length)
+            scores = trainer.scores(step, batch)
+            predictions.append(rank_classify(scores, index, len(chunk)))
+    if generation:
+        loss = -total / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return {"accuracy": accuracy(torch.cat(predictions), examples)}

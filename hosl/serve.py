@@ -37,16 +37,17 @@ def serve_run(cfg, ready=None) -> int:
     """Serve the run of cfg until a session ends it; ready(port) is called once listening."""
     import torch
 
+    from hosl.config import UsageError
     from hosl.grpc_link import TLS, serve
     from hosl.roles import SplitServer, frame_bytes_limit
+    from hosl.session import device_for, one_side, secret_for
     from hosl.tasks import load_run_data
-    from hosl.train import UsageError, _device, _one_side, _secret
 
     if not cfg.listen:
         raise UsageError("hosl.serve needs --listen HOST:PORT")
     if not cfg.out:
         raise UsageError("hosl.serve needs --out DIR: the server's files (checkpoints, final weights) go there")
-    secret = _secret(cfg, needed=cfg.tls_client_ca is None)
+    secret = secret_for(cfg, needed=cfg.tls_client_ca is None)
     if cfg.insecure:
         print("warning: --insecure: plain text, no TLS: what crosses is readable by anyone on the path"
               + ("" if secret or cfg.tls_client_ca else ", and any client that reaches the port may join"),
@@ -54,14 +55,14 @@ def serve_run(cfg, ready=None) -> int:
     tls = None if cfg.insecure else TLS(cert=cfg.tls_cert, key=cfg.tls_key, client_ca=cfg.tls_client_ca)
     if tls is not None:
         tls.server_credentials()  # unreadable or missing files: said before the model is built
-    device = _device(cfg)
+    device = device_for(cfg)
     examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.clients > 1:
-        return _serve_rounds(cfg, tls, secret, _one_side(cfg, "server", examples, device)[0], out, ready)
+        return _serve_rounds(cfg, tls, secret, one_side(cfg, "server", examples, device)[0], out, ready)
     busy, done = threading.Lock(), threading.Event()
-    model = {"side": _one_side(cfg, "server", examples, device)[0], "fresh": True}
+    model = {"side": one_side(cfg, "server", examples, device)[0], "fresh": True}
 
     def session(link):
         if not busy.acquire(blocking=False):
@@ -71,7 +72,7 @@ def serve_run(cfg, ready=None) -> int:
             if secret is not None:
                 link.authenticate(secret)
             if not model["fresh"]:  # a broken session moved the weights: start from the initial ones
-                model["side"] = _one_side(cfg, "server", examples, device)[0]
+                model["side"] = one_side(cfg, "server", examples, device)[0]
             model["fresh"] = False
             torch.manual_seed(cfg.seed)
             server = SplitServer(cfg, model["side"], link, out)
@@ -133,10 +134,9 @@ def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hosl.config import parse_config
+    from hosl.config import UsageError, parse_config
     from hosl.models import ModelError
     from hosl.split import SplitError
-    from hosl.train import UsageError
     from hosl.transport import LinkError
 
     logging.basicConfig(

@@ -32,6 +32,7 @@ it is generated in code, for the built-in word tokenizer and small models traine
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import zlib
@@ -458,3 +459,29 @@ def check_fits(tokenizer: Tokenizer, examples: Sequence[Example], max_length: in
             where = getattr(examples, "where", what)
             row = examples.indices[i] if getattr(examples, "indices", None) is not None else i
             raise TaskError(f"{where}: row {row + 1} is {n} tokens, more than --max-length {max_length}")
+
+
+class Batches:
+    """The training batch of every step: a fresh seeded permutation per epoch, so the batch of step t
+    depends only on (seed, t) and a resumed run sees the same data as an uninterrupted one."""
+
+    def __init__(self, examples, tokenizer, cfg, stream: int = 0):
+        self.examples, self.tokenizer, self.cfg = examples, tokenizer, cfg
+        self.stream = stream  # a client of a many-client run walks its shard in its own order
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            seed = self.cfg.seed * 1_000_003 + epoch
+            if self.stream:
+                seed = int.from_bytes(
+                    hashlib.blake2b(f"hosl:data:{seed}:{self.stream}".encode(), digest_size=7).digest()
+                )
+            g = torch.Generator().manual_seed(seed)
+            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        n, b = len(self.examples), self.cfg.batch_size
+        picked = [self.examples[self._perm(i // n)[i % n]] for i in range(step * b, step * b + b)]
+        return encode_for_training(self.tokenizer, picked, self.cfg.max_length)

@@ -19,8 +19,7 @@ from _procs import free_port
 from safetensors.torch import load_file
 
 from hosl import clients as many
-from hosl import estimators, zo
-from hosl import train as trainer
+from hosl import estimators, scoring, session, zo
 from hosl.config import TrainConfig
 from hosl.models import build
 from hosl.optim import make_optimizer
@@ -52,7 +51,7 @@ def test_one_client_through_the_rounds_is_the_one_client_run(tmp_path, monkeypat
     one-client run's bits on both sides and its log: client 0's seeds, data and update are its."""
     cfg = cfg_for(tmp_path, "one", zo_probes="scratch")
     run(cfg)
-    monkeypatch.setattr(trainer, "_rounds", lambda cfg: True)
+    monkeypatch.setattr(session, "_rounds", lambda cfg: True)
     run(cfg_for(tmp_path, "rounds", zo_probes="scratch"))
     one, rounds = _weights(tmp_path / "one"), _weights(tmp_path / "rounds")
     assert _same(one[0], rounds[0]) and _same(one[1], rounds[1])
@@ -264,13 +263,13 @@ def test_each_client_can_hold_out_part_of_its_shard_for_its_own_evaluation(tmp_p
         assert sorted(t + h) == s and not set(t) & set(h) and len(h) == 6
     assert many.hold_out(shards, 0.2, seed=0) == (train, held) != many.hold_out(shards, 0.2, seed=1)
     parts = []
-    evaluate = trainer.evaluate
+    evaluate = scoring.evaluate
 
     def recording(client, tokenizer, examples, cfg, step):
         parts.append(len(examples))
         return evaluate(client, tokenizer, examples, cfg, step)
 
-    monkeypatch.setattr(trainer, "evaluate", recording)
+    monkeypatch.setattr(scoring, "evaluate", recording)
     summary = run(cfg_for(tmp_path, clients=3, client_eval_fraction=0.25))
     assert summary["shard_examples"] == [24, 24, 24] and parts == [16, 8, 8, 8]  # shared set, then each part
     assert len(summary["client_eval_accuracy"]) == 3 and all(0 <= a <= 1 for a in summary["client_eval_accuracy"])
@@ -475,92 +474,145 @@ def test_a_round_frame_that_does_not_describe_a_round_of_this_run_is_refused():
 # -- hosl.federation in one process ---------------------------------------------------------------------
 
 
+class _Federated:
+    """hosl.federation in one process: the server's rounds over local links, each client a
+    RoundClient on its own thread that dials again (a new local link) when its link fails.
+    server_timeout: how long the server waits on a client's link (its --timeout over grpc)."""
+
+    def __init__(self, tmp_path, steps: int, server_timeout: float = 20.0):
+        import copy
+
+        from hosl.federation import Federation
+        from hosl.roles import SplitClient, SplitServer
+
+        self.steps, self.server_timeout = steps, server_timeout
+        cfg = cfg_for(tmp_path, clients=3, steps=steps, transport="grpc", insecure=True, timeout=20, eval_every=0)
+        self.cfg, self.examples = cfg, load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
+        tokenizer, model = build(cfg, self.examples)
+        self.hidden = model.config.hidden_size
+        self.client_model, server_model = split_model(model, cfg.split_layer)
+        self.federation = Federation(cfg, SplitServer(cfg, server_model, None, tmp_path / "srv"))
+        self.refused: list[str] = []
+        self.failures: list = []
+        self.streams = session._client_data(cfg, self.examples, tokenizer)[2]
+        self.clients = []
+        for i in range(3):
+            mine = dataclasses.replace(cfg, client_id=i)
+            split = SplitClient(mine, copy.deepcopy(self.client_model), self.connect(i), client_id=i)
+            c = many.RoundClient(mine, split, many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round))
+            c.redial = lambda timeout, i=i: self.connect(i)
+            self.clients.append(c)
+        self.initial = self.clients[0].digest()
+
+    def connect(self, i: int):
+        """A new session of client i: the client's end of a local link, the server's on a handler thread."""
+        client_end, server_end = session.local_links_for(self.cfg, self.hidden, client_id=i)
+        server_end.timeout = self.server_timeout
+
+        def handle():
+            try:
+                self.federation.session(server_end)
+            except LinkError as exc:
+                self.refused.append(str(exc))
+                server_end.fail(str(exc))
+
+        threading.Thread(target=handle, daemon=True).start()
+        return client_end
+
+    def thread(self, c, before_round=None, after_round=None):
+        """Client c's whole run on a thread; before_round(c, rnd) / after_round(c, rnd) are the test's."""
+
+        def drive():
+            try:
+                batches = session._round_batches(self.streams, c.schedule, c.id)
+                c.hello()
+                for rnd in range(self.steps):
+                    if before_round:
+                        before_round(c, rnd)
+                    c.train_step(rnd, batches(rnd))
+                    if after_round:
+                        after_round(c, rnd)
+                c.control("final")
+                c.stop()
+            except BaseException as exc:
+                self.failures.append((c.id, exc))
+
+        return threading.Thread(target=drive, daemon=True)
+
+    def serve(self):
+        server = threading.Thread(target=self.federation.serve, daemon=True)
+        server.start()
+        return server
+
+    def joins(self) -> dict:
+        return {i: [rnd for j, rnd, _ in self.federation.joins if j == i] for i in range(3)}
+
+
 def test_a_federation_takes_clients_that_join_late_and_come_back_and_all_end_alike(tmp_path):
     """The grpc server's rounds (hosl.federation) over local links, each client on a thread: clients 0
-    and 1 start the run, client 2 joins at round 3 and catches up from the server's log, client 1's
+    and 1 start the run, client 2 joins at round 4 and catches up from the server's log, client 1's
     link fails at round 5 and it dials again. Every client ends with the same weights, which are not
     the initial ones, and the server's record names who joined and left; a client holding rounds of
     another run, or naming a client the run does not have, is refused."""
-    import copy
+    from hosl.roles import SplitClient
 
-    from hosl.federation import Federation
-    from hosl.roles import SplitClient, SplitServer
-    from hosl.session import local_links_for
+    fed = _Federated(tmp_path, steps=8)
+    at_round_3 = threading.Event()
 
-    steps = 8
-    cfg = cfg_for(tmp_path, clients=3, steps=steps, transport="grpc", insecure=True, timeout=20, eval_every=0)
-    examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
-    tokenizer, model = build(cfg, examples)
-    client_model, server_model = split_model(model, cfg.split_layer)
-    federation = Federation(cfg, SplitServer(cfg, server_model, None, tmp_path / "srv"))
-    refused: list[str] = []
+    def fail_at_5(c, rnd):
+        if c.id == 1 and rnd == 5:
+            c.link.fail("the network went away")  # the server drops it; its next frame fails
 
-    def connect(i, run=None, applied=None):
-        client_end, server_end = local_links_for(cfg, model.config.hidden_size, client_id=i)
-
-        def session():
-            try:
-                federation.session(server_end)
-            except LinkError as exc:
-                refused.append(str(exc))
-                server_end.fail(str(exc))
-
-        threading.Thread(target=session, daemon=True).start()
-        return client_end
-
-    streams = trainer._client_data(cfg, examples, tokenizer)[2]
-    clients = []
-    for i in range(3):
-        mine = dataclasses.replace(cfg, client_id=i)
-        link = connect(i)
-        c = many.RoundClient(mine, SplitClient(mine, copy.deepcopy(client_model), link, client_id=i),
-                             many.Schedule(cfg.seed, cfg.clients, cfg.clients_per_round))  # fmt: skip
-        c.redial = lambda timeout, i=i: connect(i)
-        clients.append(c)
-    before = clients[0].digest()
-    at_round_3, failures = threading.Event(), []
-
-    def drive(c):
-        try:
-            batches = trainer._round_batches(streams, c.schedule, c.id)
-            c.hello()
-            for rnd in range(steps):
-                if c.id == 1 and rnd == 5:
-                    c.link.fail("the network went away")  # the server drops it; its next frame fails
-                c.train_step(rnd, batches(rnd))
-                if c.id == 0 and rnd == 3:  # client 2 starts, and is taken in before round 4
-                    at_round_3.set()
-                    deadline = time.monotonic() + 60
-                    while federation._arrivals.empty() and time.monotonic() < deadline:
-                        time.sleep(0.01)
-            c.control("final")
-            c.stop()
-        except BaseException as exc:
-            failures.append((c.id, exc))
+    def start_client_2(c, rnd):
+        if c.id == 0 and rnd == 3:  # client 2 starts, and is taken in before round 4
             at_round_3.set()
+            deadline = time.monotonic() + 60
+            while fed.federation._arrivals.empty() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
-    threads = [threading.Thread(target=drive, args=(c,), daemon=True) for c in clients]
+    threads = [fed.thread(c, fail_at_5, start_client_2) for c in fed.clients]
     threads[0].start()
     threads[1].start()
-    server = threading.Thread(target=federation.serve, daemon=True)
-    server.start()
+    server = fed.serve()
     at_round_3.wait(60)
     threads[2].start()
     for t in [*threads, server]:
         t.join(120)
-    assert not failures, failures
+    assert not fed.failures, fed.failures
     assert not server.is_alive()
-    digests = {c.digest() for c in clients}
-    assert len(digests) == 1
-    assert digests != {before}
+    digests = {c.digest() for c in fed.clients}
+    assert len(digests) == 1 and digests != {fed.initial}
+    clients = fed.clients
     assert clients[1].rejoined == 1 and clients[2].catch_up_bytes > 0 and clients[0].catch_up_bytes == 0
-    joins = {i: [rnd for j, rnd, _ in federation.joins if j == i] for i in range(3)}
+    joins = fed.joins()
     assert joins[0] == [0] and len(joins[1]) == 2 and joins[1][1] >= 5 and joins[2] == [4], joins
-    assert [i for i, _, _ in federation.left] == [1]
+    assert [i for i, _, _ in fed.federation.left] == [1]
     # Refused at the door: another run's rounds, a client the run does not have.
     for i, extra in ((0, {"applied": 2, "run": "another"}), (7, {})):
-        mine = dataclasses.replace(cfg, client_id=min(i, 2))
-        link = connect(i)
+        mine = dataclasses.replace(fed.cfg, client_id=min(i, 2))
+        link = fed.connect(i)
         with pytest.raises(LinkError):
-            SplitClient(mine, copy.deepcopy(client_model), link, client_id=i).hello(**extra)
-    assert any("another run" in r for r in refused) and any("client 7 of a run of 3" in r for r in refused)
+            SplitClient(mine, fed.client_model, link, client_id=i).hello(**extra)
+    assert any("another run" in r for r in fed.refused) and any("client 7 of a run of 3" in r for r in fed.refused)
+
+
+def test_a_silent_federation_client_is_dropped_and_the_others_go_on(tmp_path):
+    """Client 2 stays silent past the server's timeout before round 2: the server drops it and rounds 2
+    and on go ahead with clients 0 and 1. When it wakes, the server's ERROR sends it dialling again; it
+    catches up and all three end with the same weights."""
+    fed = _Federated(tmp_path, steps=6, server_timeout=3.0)
+
+    def stall(c, rnd):
+        if c.id == 2 and rnd == 2:
+            time.sleep(5)
+
+    threads = [fed.thread(c, stall) for c in fed.clients]
+    for t in threads:
+        t.start()
+    server = fed.serve()
+    for t in [*threads, server]:
+        t.join(120)
+    assert not fed.failures, fed.failures
+    assert len({c.digest() for c in fed.clients}) == 1
+    assert [(i, rnd) for i, rnd, _ in fed.federation.left] == [(2, 2)]
+    assert fed.clients[2].rejoined == 1 and fed.joins()[2][0] == 0 and fed.joins()[2][1] > 2
