@@ -521,8 +521,16 @@ class TrainConfig:
             raise ValueError(
                 f"{what} needs --zo-probes scratch: in-place probes leave each client its own rounding residue"
             )
-        if self.save_every or self.resume:
-            raise ValueError(f"{what}: checkpoints and --resume are for one client so far; drop --save-every")
+        if (self.save_every or self.resume) and self.transport != "grpc":
+            raise ValueError(
+                f"{what}: checkpoints and --resume are for one client, or hosl.serve's over --transport grpc; "
+                "drop --save-every"
+            )
+        if self.transport == "grpc" and self.server and (self.save_every or self.resume):
+            raise ValueError(
+                f"{what}: a grpc client keeps no checkpoint (hosl.serve keeps the run's, with --save-every): started "
+                "again with a new --out, a client catches up from the server's log of rounds"
+            )
 
     def _check_used(self) -> None:
         """ValueError for an option the method does not read, set to anything but what it resolves

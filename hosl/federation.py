@@ -25,13 +25,20 @@ drifting apart from the others.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import secrets
+import shutil
+import struct
 import threading
 import time
+from pathlib import Path
 
-from hosl.boundary import Frame, Kind
+import torch
+
+from hosl import checkpoint
+from hosl.boundary import Frame, Kind, decode_frame, encode_frame
 from hosl.clients import RoundServer, Schedule
 from hosl.config import TrainConfig
 from hosl.roles import PROTOCOL, SplitServer, use_threads
@@ -90,7 +97,7 @@ class Federation(RoundServer):
     def serve(self) -> None:
         use_threads(self.cfg.server_threads)
         try:
-            for rnd in range(self.cfg.steps):
+            for rnd in range(self.server.steps_done, self.cfg.steps):
                 ready: set[int] = set()
                 while True:  # every connected client opens the round, those who join meanwhile too
                     self._gather(rnd)
@@ -101,6 +108,9 @@ class Federation(RoundServer):
                         if self._before(i, rnd):
                             ready.add(i)
                 self._round(rnd)
+                every = self.cfg.save_every
+                if every and ((rnd + 1) % every == 0 or rnd + 1 == self.cfg.steps):
+                    self.save(rnd + 1)
             self._end()
         except BaseException as exc:
             for i in list(self._done):
@@ -141,7 +151,10 @@ class Federation(RoundServer):
         it lacks. A session of a client already connected replaces the old one."""
         if applied > rnd:
             with contextlib.suppress(Exception):
-                link.fail(f"client {i} holds {applied} rounds; this server is at round {rnd}")
+                link.fail(
+                    f"client {i} holds {applied} rounds; this server is at round {rnd} (started again from its "
+                    "checkpoint): start the client again with a new --out, and it catches up from the server's log"
+                )
             done.set()
             return
         if i in self._done:
@@ -241,3 +254,65 @@ class Federation(RoundServer):
             except queue.Empty:
                 return
             self._take(*arrival, rnd)
+
+    # -- checkpoints (--save-every): the server's weights and optimiser, its log of rounds, its run --------
+
+    def save(self, step: int) -> None:
+        """checkpoint-<step>/ in the server's run directory, written whole, verified by a manifest and
+        renamed into place; the newest --save-total-limit kept. Clients keep nothing: a client started
+        again catches up from the log."""
+        out = self.server.run_dir
+        tmp, final = checkpoint.tmp_dir(out, step), checkpoint.step_dir(out, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = checkpoint.save_server(self.server, tmp)
+        (tmp / ROUNDS).write_bytes(b"".join(_framed(f) for f in self.log[:step]))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "run": self.run_id}))
+        files.update(checkpoint.digests(tmp, [ROUNDS, "state.json"]))
+        checkpoint.write_manifest(tmp, files, out / "config.json")
+        checkpoint.commit(tmp, final)
+        checkpoint.prune(out, [s for s, _ in checkpoint.complete(out)][-self.cfg.save_total_limit :])
+
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint in the server's run directory, verified: its
+        weights, optimiser, log of rounds and run. Returns its round; CheckpointError without one."""
+        out = self.server.run_dir
+        found = checkpoint.complete(out)
+        if not found:
+            raise checkpoint.CheckpointError(f"{out}: no checkpoint to resume (was the server run with --save-every?)")
+        step, path = found[-1]
+        manifest = checkpoint.read_manifest(path / checkpoint.MANIFEST)
+        checkpoint.check_config(manifest, out / "config.json", path)
+        checkpoint.verify(path, manifest)
+        log = _unframed((path / ROUNDS).read_bytes(), path / ROUNDS)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if len(log) != step or [f.step for f in log] != list(range(step)) or state.get("step") != step:
+            raise checkpoint.CheckpointError(f"{path}: its log of rounds does not end at round {step}")
+        checkpoint.load_server_state(self.server, path)
+        self.log, self.run_id, self.server.steps_done = log, str(state["run"]), step
+        return step
+
+
+ROUNDS = "rounds.bin"  # a checkpoint's log of rounds: each ROUND frame as hosl.boundary encodes it, length first
+
+
+def _framed(frame: Frame) -> bytes:
+    data = encode_frame(frame).numpy().tobytes()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _unframed(data: bytes, path: Path) -> list[Frame]:
+    frames, at = [], 0
+    while at < len(data):
+        if at + 8 > len(data):
+            raise checkpoint.CheckpointError(f"{path}: cut short")
+        (n,) = struct.unpack_from("<Q", data, at)
+        chunk = data[at + 8 : at + 8 + n]
+        if len(chunk) != n:
+            raise checkpoint.CheckpointError(f"{path}: cut short")
+        frame = decode_frame(torch.frombuffer(bytearray(chunk), dtype=torch.uint8))
+        if frame.kind != Kind.ROUND:
+            raise checkpoint.CheckpointError(f"{path}: holds a {frame.kind.name} frame")
+        frames.append(frame)
+        at += 8 + n
+    return frames

@@ -22,6 +22,7 @@ shared secret (--auth-token-file or $HOSL_AUTH_TOKEN) or with a certificate from
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -45,7 +46,9 @@ def serve_run(cfg, ready=None) -> int:
 
     if not cfg.listen:
         raise UsageError("hosl.serve needs --listen HOST:PORT")
-    if not cfg.out:
+    if cfg.resume and cfg.clients == 1:
+        raise UsageError("hosl.serve --resume is for --clients > 1: one client's server resumes when its client does")
+    if not (cfg.out or cfg.resume):
         raise UsageError("hosl.serve needs --out DIR: the server's files (checkpoints, final weights) go there")
     secret = secret_for(cfg, needed=cfg.tls_client_ca is None)
     if cfg.insecure:
@@ -57,7 +60,9 @@ def serve_run(cfg, ready=None) -> int:
         tls.server_credentials()  # unreadable or missing files: said before the model is built
     device = device_for(cfg)
     examples = load_run_data(cfg)[0] if cfg.model.startswith("builtin:") else []  # a built-in vocabulary
-    out = Path(cfg.out)
+    out = Path(cfg.resume or cfg.out)
+    if cfg.clients > 1 and not cfg.resume and any(out.glob("checkpoint-*")):
+        raise UsageError(f"--out {out} holds checkpoints of a run: --resume {out} to continue it, or choose another")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.clients > 1:
         return _serve_rounds(cfg, tls, secret, one_side(cfg, "server", examples, device)[0], out, ready)
@@ -108,6 +113,11 @@ def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
 
     torch.manual_seed(cfg.seed)
     federation = Federation(cfg, SplitServer(cfg, side, None, out))
+    if cfg.resume:
+        at = federation.resume()
+        print(f"hosl.serve: resuming the run in {out} at round {at} (run {federation.run_id})", file=sys.stderr)
+    else:
+        (out / "config.json").write_text(dataclasses.replace(cfg, resume=None).to_json() + "\n")
 
     def session(link):
         try:

@@ -18,8 +18,8 @@ import torch
 from _procs import free_port
 from safetensors.torch import load_file
 
+from hosl import checkpoint, estimators, scoring, session, zo
 from hosl import clients as many
-from hosl import estimators, scoring, session, zo
 from hosl.config import TrainConfig
 from hosl.models import build
 from hosl.optim import make_optimizer
@@ -616,3 +616,40 @@ def test_a_silent_federation_client_is_dropped_and_the_others_go_on(tmp_path):
     assert len({c.digest() for c in fed.clients}) == 1
     assert [(i, rnd) for i, rnd, _ in fed.federation.left] == [(2, 2)]
     assert fed.clients[2].rejoined == 1 and fed.joins()[2][0] == 0 and fed.joins()[2][1] > 2
+
+
+def test_a_federation_checkpoint_restores_the_servers_weights_log_and_run_and_refuses_damage(tmp_path):
+    """Federation.save after a run, then resume into a fresh server: its weights, the log of rounds (as
+    frames) and the run id come back; a flipped byte in the log is refused before anything is loaded."""
+    from hosl.federation import ROUNDS, Federation
+    from hosl.roles import SplitServer
+
+    fed = _Federated(tmp_path, steps=4)
+    threads = [fed.thread(c) for c in fed.clients]
+    for t in threads:
+        t.start()
+    server = fed.serve()
+    for t in [*threads, server]:
+        t.join(120)
+    assert not fed.failures, fed.failures
+    out = tmp_path / "srv"
+    (out / "config.json").write_text(fed.cfg.to_json() + "\n")
+    fed.federation.save(4)
+    _, model = build(fed.cfg, fed.examples)
+    _, fresh_side = split_model(model, fed.cfg.split_layer)
+    again = Federation(fed.cfg, SplitServer(fed.cfg, fresh_side, None, out))
+    assert again.resume() == 4 and again.run_id == fed.federation.run_id and again.server.steps_done == 4
+    assert [f.tensors["grads"].tolist() for f in again.log] == [
+        f.tensors["grads"].tolist() for f in fed.federation.log
+    ]
+    saved = dict(fed.federation.server.model.named_parameters())
+    assert all(torch.equal(p, saved[n]) for n, p in fresh_side.named_parameters())
+    path = out / "checkpoint-4" / ROUNDS
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    _, model = build(fed.cfg, fed.examples)
+    _, other_side = split_model(model, fed.cfg.split_layer)
+    with pytest.raises(checkpoint.CheckpointError, match="rounds.bin: its SHA-256 differs"):
+        Federation(fed.cfg, SplitServer(fed.cfg, other_side, None, out)).resume()
+    assert not all(torch.equal(p, saved[n]) for n, p in other_side.named_parameters())

@@ -221,6 +221,8 @@ def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys)
     many = ["--transport", "grpc", "--server", "h:1", "--clients", "3", "--clients-per-round", "1"]
     assert main([*many, "--relay", "sampled", "--out", str(tmp_path / "r")]) == 2
     assert "drop --relay sampled" in _last_line(capsys)
+    assert main([*many, "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "a grpc client keeps no checkpoint" in _last_line(capsys)
     from hosl.serve import main as serve_main
 
     assert serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s")]) == 2
@@ -229,6 +231,12 @@ def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys)
         serve_main(["--listen", "127.0.0.1:0", "--out", str(tmp_path / "s"), "--auth-token-file", "/nonexistent"]) == 2
     )
     assert "--auth-token-file" in _last_line(capsys)
+    serve = ["--listen", "127.0.0.1:0", "--insecure"]
+    assert serve_main([*serve, "--resume", str(tmp_path / "s")]) == 2
+    assert "hosl.serve --resume is for --clients > 1" in _last_line(capsys)
+    (tmp_path / "s" / "checkpoint-4").mkdir(parents=True)
+    assert serve_main([*serve, "--clients", "2", "--out", str(tmp_path / "s")]) == 2
+    assert f"--out {tmp_path / 's'} holds checkpoints of a run: --resume" in _last_line(capsys)
 
 
 @pytest.mark.slow
@@ -395,3 +403,40 @@ def test_clients_join_late_drop_and_come_back_and_all_end_with_the_same_weights(
     assert "client 0 left" in err and "client 2 joined" in err, err
     for name in digests:
         assert replay([str(tmp_path / name)]) == 0
+
+
+@pytest.mark.slow
+def test_a_restarted_many_client_server_resumes_and_new_clients_catch_up(tmp_path, pki):
+    """hosl.serve --clients 2 --save-every 4 and both clients killed (SIGKILL) once checkpoint-4 is written;
+    the server started again with --resume and two clients started afresh (new --out) that catch up from
+    its restored log of rounds. Server and clients end with the bits of --clients 2 in one process that
+    never stopped."""
+    steps = 12
+    local = run(cfg_for(tmp_path, "local", steps=steps, threads=1, clients=2, eval_every=0))
+    many = ["--clients", "2", "--eval-every", "0", "--steps", str(steps), "--min-clients", "2"]
+    flags = [*_tls(pki), "--auth-token-file", str(pki / "token"), *many, "--save-every", "4"]
+    server = Server(tmp_path / "srv", flags)
+
+    def client(i, out):
+        cmd = [*_client_cmd(server.port, pki, i, tmp_path / out, steps), *many]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    procs = [client(0, "c0"), client(1, "c1")]
+    try:
+        _wait("the server's checkpoint-4", lambda: (tmp_path / "srv" / "checkpoint-4" / "manifest.json").exists(),
+              procs)  # fmt: skip
+        for p in [server.proc, *procs]:
+            p.send_signal(signal.SIGKILL)
+        server.finish()
+        server = Server(tmp_path / "srv", [*flags, "--resume", str(tmp_path / "srv")])
+        procs = [client(0, "c0b"), client(1, "c1b")]
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+        code, err = server.finish()
+    assert code == 0, err
+    assert "resuming the run" in err
+    assert {_digest(tmp_path / "c0b"), _digest(tmp_path / "c1b")} == {local["client_weights_sha256"]}
+    assert _equal(tmp_path / "local" / "server.safetensors", tmp_path / "srv" / "server.safetensors")
