@@ -18,13 +18,18 @@ with the cut-gradient estimators (cut-grad: one upload, dL/dh down, the 2Q probe
 client; cut-grad-one-sided: Q probe forwards, each differenced with the clean one; cut-grad-jvp: Q
 forward-mode passes at w), all with row-sparse embedding noise (--zo-embedding rows, the default);
 hosl central with dense noise (all), for the noise share; hosl central with --server-batch-probes
-(central-stacked: the server's probe forwards as one stacked batch); zo. Q in {1, 4, 16} (fo has no
+(central-stacked: the server's probe forwards as one stacked batch); hosl cut-grad-one-sided on a
+client LoRA of rank 8 (one-sided-lora), and the same with --client-batch-probes (its Q probe
+forwards as one forward over Q x batch rows); zo. Q in {1, 4, 16} (fo has no
 probes: Q = 1 only), both transports (--transports),
 and for hosl central, hosl cut-grad and zo streaming probes (the default: the client sends all of a
 step's activations without waiting; cut-grad runs its first probe pair while the server computes
 dL/dh) against --sync-probes (the client waits for each loss before its next probe; cut-grad waits
 for dL/dh before its probes). --warmup steps are run, then --steps steps are timed one by one; the
 records hold the median.
+
+The client's process records its peak resident set (peak_rss_bytes: the client's alone over dist and
+grpc, both sides' over local).
 
 Per step (from hosl.roles.StepStats): wall, client compute (the client's forwards, backward, noise
 and update), server compute (as the server reports it), link = wall - client - server (clamped at 0;
@@ -77,6 +82,10 @@ def build(spec):
     torch.manual_seed(0)
     sizes = MODELS[spec["model"]]["sizes"]
     model = transformers.OPTForCausalLM(transformers.OPTConfig(dropout=0.0, attention_dropout=0.0, **sizes)).eval()
+    if spec.get("lora"):  # a client LoRA of rank 8, the server trained in full
+        from hosl.models import apply_lora
+
+        model = apply_lora(model, 16.0, 8, 0, spec["k"])
     return hosl.split_model(model, spec["k"])
 
 
@@ -93,6 +102,8 @@ def config(spec):
         client_threads=spec["threads"][0], server_threads=spec["threads"][1],
         server_micro_batch=spec.get("server_micro_batch", 0), **(zo_side if ZO in method.orders else {}),
         **({"server_batch_probes": True} if spec.get("stacked") else {}),
+        **({"client_lora_r": 8, "server_lora_r": 0, "zo_probes": "scratch"} if spec.get("lora") else {}),
+        **({"client_batch_probes": True} if spec.get("batched") else {}),
         link_rtt_ms=spec.get("rtt_ms", 0.0), link_mbit=spec.get("mbit", 0.0),  # bench_network's emulated link
     )  # fmt: skip
 
@@ -136,7 +147,11 @@ def drive(client, link, spec) -> dict:
                 )
             )  # fmt: skip
     client.stop()
-    return {name: statistics.median(r[name] for r in rows) for name in rows[0]}
+    import resource
+
+    medians = {name: statistics.median(r[name] for r in rows) for name in rows[0]}
+    # The process's peak resident set: the client's alone over dist and grpc, both sides' over local.
+    return {**medians, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def worker(spec: dict) -> None:
@@ -239,6 +254,8 @@ VARIANTS = {
     "hosl-cut-grad-jvp": ("hosl", "cut-grad-jvp", "rows", "all", [False]),
     "hosl-central-all": ("hosl", "central", "all", "one", [False]),
     "hosl-central-stacked": ("hosl", "central", "rows", "all", [False]),  # --server-batch-probes
+    "hosl-one-sided-lora": ("hosl", "cut-grad-one-sided", "rows", "all", [False]),  # a client LoRA, r = 8
+    "hosl-one-sided-lora-batched": ("hosl", "cut-grad-one-sided", "rows", "all", [False]),  # --client-batch-probes
     "zo": ("zo", "central", "all", "all", [False, True]),
 }
 
@@ -258,6 +275,8 @@ def grid(qs, variants, transports=("local", "dist")):
                             q=q,
                             sync=sync,
                             stacked=name.endswith("-stacked"),
+                            lora="-lora" in name,
+                            batched=name.endswith("-batched"),
                         ),
                         transport,
                     )

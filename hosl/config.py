@@ -147,7 +147,7 @@ class TrainConfig:
             "stays behind); scratch: each module's weights are perturbed in a scratch copy just before it runs "
             "and copied back, so the weights stay w exactly (what many clients need)",
             choices=PROBE_WRITES,
-            default_text="inplace for one client, scratch for --clients > 1 or --zo-master none",
+            default_text="inplace for one client; scratch for --clients > 1, --zo-master none, --client-batch-probes",
         ),
     )
     zo_master: str = field(
@@ -164,6 +164,15 @@ class TrainConfig:
         metadata=_help(
             "a ZO client runs each forward over slices of this many rows into one activation, so it holds one "
             "slice's transients instead of the batch's (0: the whole batch at once)"
+        ),
+    )
+    client_batch_probes: bool = field(
+        default=False,
+        metadata=_help(
+            "hosl with cut-grad or cut-grad-one-sided on a client whose ZO weights are all in linear layers (a "
+            "client LoRA): the step's probe forwards run as one forward over (probes x batch) rows, each block "
+            "with its probe's weights (the same g to float tolerance); with --client-micro-batch, as many probes "
+            "at a time as fit its rows"
         ),
     )
     server_batch_probes: bool = field(
@@ -478,6 +487,8 @@ class TrainConfig:
         if self.zo_master == "none" and self.dtype == "float32":
             raise ValueError("--zo-master none keeps bfloat16 or float16 weights without a master: it needs --dtype "
                              "bfloat16 or float16 (float32 weights are their own master)")  # fmt: skip
+        if self.client_batch_probes and self.zo_probes != SCRATCH:
+            raise ValueError("--client-batch-probes needs --zo-probes scratch: its probes never write the weights")
         if self.zo_master == "none" and self.zo_probes != SCRATCH:
             raise ValueError(
                 "--zo-master none needs --zo-probes scratch: an in-place +mu / -mu does not undo in low precision"
@@ -558,6 +569,9 @@ class TrainConfig:
             "client_fused_step": not (method.split and method.client.order == FO),
             "server_micro_batch": not method.split,
             "server_batch_probes": not method.hybrid or estimator_of(self.zo_estimator).local,
+            "client_batch_probes": not (
+                method.hybrid and estimator_of(self.zo_estimator).local and not estimator_of(self.zo_estimator).exact
+            ),
             "clients_per_round": self.clients == 1,
             "partition": self.clients == 1,
             "alpha": self.clients == 1 or self.partition != "dirichlet",
@@ -574,6 +588,8 @@ class TrainConfig:
                     raise ValueError(
                         f"{given} needs --zo-estimator central or forward ({self.zo_estimator} uploads no probes)"
                     )
+                if name == "client_batch_probes" and method.hybrid:
+                    raise ValueError(f"{given} needs --zo-estimator cut-grad or cut-grad-one-sided")
                 if name == "momentum" and fo_side:
                     raise ValueError(f"{given} needs --optimizer sgd (--optimizer {self.optimizer} has no momentum)")
                 if name in ("clients_per_round", "partition", "client_eval_fraction", "on_client_loss", "min_clients"):
@@ -593,7 +609,7 @@ class TrainConfig:
         if name in PER_SIDE:
             return getattr(self, PER_SIDE[name])
         if name == "zo_probes":
-            return SCRATCH if self.clients > 1 or self.zo_master == "none" else INPLACE
+            return SCRATCH if self.clients > 1 or self.zo_master == "none" or self.client_batch_probes else INPLACE
         method = METHODS[self.method]
         if name in ("zo_estimator", "client_lr"):
             return getattr(method, name)
@@ -822,7 +838,8 @@ SECTIONS = {
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
     "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
-                                "client_micro_batch", "server_batch_probes", "server_micro_batch",
+                                "client_micro_batch", "client_batch_probes", "server_batch_probes",
+                                "server_micro_batch",
                                 "server_grad"],
     "optimisation": [
         "client_lr", "server_lr", "lr_scheduler", "warmup_steps", "optimizer", "momentum", "client_checkpointing",

@@ -131,6 +131,8 @@ class SplitClient:
         else:
             self.zo = zo_params_of(model, cfg)
             zo.check_mu(self.zo, cfg.mu)
+            if cfg.client_batch_probes:
+                self.zo.attach_batched(model)
             self.token_table = input_embedding(model)
             self.optimizer = None
             for _, p in params:
@@ -247,8 +249,12 @@ class SplitClient:
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
-            for forward in plan.probes(self.zo, step, rows, self.client_id):
-                kept[forward.key] = self._tangent_forward(batch) if est.exact else self._forward(batch)
+            forwards = plan.probes(self.zo, step, rows, self.client_id)
+            if cfg.client_batch_probes:
+                forwards = self._batched_probes(step, batch, kept)
+            for forward in forwards:
+                if forward.key not in kept:
+                    kept[forward.key] = self._tangent_forward(batch) if est.exact else self._forward(batch)
                 if forward.upload:
                     self._client_s += time.perf_counter() - t
                     self._upload(step, forward, kept.pop(forward.key))
@@ -289,6 +295,26 @@ class SplitClient:
         encoded = zo.encode_rows(rows) if rows is not None else None
         client_s = self._client_s
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
+
+    def _batched_probes(self, step: int, batch, kept: dict):
+        """--client-batch-probes: the step's probe forwards (local, never uploaded), their activations
+        into `kept` from forwards over (probes x batch) rows, as many probes at a time as fit
+        --client-micro-batch rows (all of them without it); yields the forwards in the plan's order."""
+        plan, rows = self.plan, len(batch["input_ids"])
+        probes = [f for f in plan.forwards if f.sign != 0]
+        seeds = plan.seeds(step, self.client_id)
+        m = self.cfg.client_micro_batch
+        per = max(1, m // rows) if m else len(probes)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        for lo in range(0, len(probes), per):
+            group = probes[lo : lo + per]
+            with self.zo.batched([(seeds[f.probe], f.sign * self.cfg.mu) for f in group]):
+                with compute_precision(self.cfg, self.device):
+                    out = self.model(input_ids=ids.repeat(len(group), 1), attention_mask=mask.repeat(len(group), 1))
+            for f, h in zip(group, out.hidden.chunk(len(group))):
+                kept[f.key] = h
+            del out
+        yield from probes
 
     def _drain(self, step: int, pending: list, losses: dict) -> None:
         """Read the answers of the uploads sent so far, into `losses` by key."""

@@ -268,6 +268,21 @@ class ZOParams:
         with self._tangents.along(seed):
             yield
 
+    # -- probes batched into one forward (--client-batch-probes) -------------------------------------
+    def attach_batched(self, model: torch.nn.Module) -> None:
+        """Batched probes on `model`, whose parameters this buffer holds: see _BatchedProbes."""
+        self._batched = _BatchedProbes(self, model)
+
+    @contextlib.contextmanager
+    def batched(self, points: Sequence[tuple[int, float]]) -> Iterator[None]:
+        """Within the context, a forward of the attached model over len(points) row blocks of equal
+        size sees, in block j, w + scale_j * z(seed_j) for points[j] = (seed_j, scale_j): several
+        probes in one forward. The weights stay w."""
+        if getattr(self, "_batched", None) is None:
+            raise RuntimeError("batched probes need the model attached (ZOParams.attach_batched)")
+        with self._batched.at(points):
+            yield
+
 
 def _holders(params: ZOParams, model: torch.nn.Module, what: str):
     """(name, module, [(parameter name, parameter, start in the buffer)]) for each module of `model`
@@ -499,6 +514,61 @@ class _Tangents:
         module, own = self.owners[i]
         for (name, _), p in zip(own, saved):
             module._parameters[name] = p
+
+
+class _BatchedProbes:
+    """Several probes in one forward over their stacked row blocks. Every parameter of the buffer
+    must be held by an nn.Linear (a client LoRA's adapters, or linear layers alone). During a batched
+    forward each such module's output is recomputed block by block with its probe's weights: block j
+    gets x_j (W + s_j z_j)^T (+ b + s_j z_j), z_j = z(seed_j) at the parameter's own noise positions
+    (the z the probe's pass would add there), formed in float32 and dropped after the module runs.
+    The rest of the model runs once over all the blocks' rows. The weights are never written."""
+
+    def __init__(self, params: ZOParams, model: torch.nn.Module):
+        self.params = params
+        self.points: list[tuple[int, float]] | None = None
+        self.owners: list[tuple[torch.nn.Module, dict[str, int]]] = []
+        for name, module, held in _holders(params, model, "batched probes"):
+            if type(module) is not torch.nn.Linear:
+                raise ValueError(
+                    f"--client-batch-probes needs every ZO weight in a linear layer (a client LoRA: --client-lora-r); "
+                    f"{name} is a {type(module).__name__}"
+                )
+            self._hook(module, len(self.owners))
+            self.owners.append((module, {n: start for n, _, start in held}))
+
+    def _hook(self, module: torch.nn.Module, i: int) -> None:
+        module.register_forward_hook(lambda _m, args, out: self._recompute(i, args[0], out))
+
+    @contextlib.contextmanager
+    def at(self, points: Sequence[tuple[int, float]]):
+        if self.points is not None:
+            raise RuntimeError("a batched forward is already active")
+        self.points = list(points)
+        try:
+            yield
+        finally:
+            self.points = None
+
+    def _z(self, p: torch.Tensor, seed: int, start: int) -> torch.Tensor:
+        return noise.gaussian(p.numel(), seed, offset=self.params.offset + start, device=p.device).view(p.shape)
+
+    def _recompute(self, i: int, x: torch.Tensor, out: torch.Tensor):
+        if self.points is None:
+            return None
+        module, own = self.owners[i]
+        blocks = len(self.points)
+        if x.shape[0] % blocks:
+            raise RuntimeError(f"a batched forward of {x.shape[0]} rows is not {blocks} blocks of equal size")
+        parts = []
+        for (seed, scale), xb in zip(self.points, x.chunk(blocks)):
+            weight, bias = module.weight, module.bias
+            if "weight" in own:
+                weight = (weight.float() + scale * self._z(weight, seed, own["weight"])).to(weight.dtype)
+            if bias is not None and "bias" in own:
+                bias = (bias.float() + scale * self._z(bias, seed, own["bias"])).to(bias.dtype)
+            parts.append(torch.nn.functional.linear(xb, weight, bias))
+        return torch.cat(parts)
 
 
 # Elements per float32 chunk of a stochastically rounded pass: its transient memory is a few of them.

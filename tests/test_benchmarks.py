@@ -96,14 +96,15 @@ def test_bench_step_quick(tmp_path):
     assert "streaming against synchronous" in stdout
     rows = records(tmp_path / "bench_step_quick.jsonl")
     # 2 transports each; hosl-central, hosl-cut-grad and zo also x streaming and sync
-    assert len(rows) == 22
+    assert len(rows) == 26
 
     def one(variant, transport, probes="streaming"):
         (r,) = [r for r in rows if (r["variant"], r["transport"], r["probes"]) == (variant, transport, probes)]
         return r
 
     # Frames per step: a BATCH and the uploads up; one answer per upload down. dist adds 8 bytes each.
-    one_upload = ("hosl-cut-grad", "hosl-cut-grad-one-sided", "hosl-cut-grad-jvp")
+    one_upload = ("hosl-cut-grad", "hosl-cut-grad-one-sided", "hosl-cut-grad-jvp", "hosl-one-sided-lora",
+                  "hosl-one-sided-lora-batched")  # fmt: skip
     for variant, uploads in (("fo", 1), ("hosl-central", 3), *((v, 1) for v in one_upload), ("zo", 2)):
         local, dist = one(variant, "local"), one(variant, "dist")
         assert dist["bytes_up"] - local["bytes_up"] == 8 * (1 + uploads)

@@ -634,6 +634,28 @@ def test_lora_per_side(tmp_path, client_r, server_r):
     _assert_replays(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize("estimator", ["cut-grad-one-sided", "cut-grad"])
+def test_batched_probes_give_the_sequential_g_on_a_client_lora(tmp_path, estimator):
+    """--client-batch-probes: a client LoRA's Q probe forwards as one forward over (Q x batch) rows, each
+    row block with its probe's adapters, give the g of the sequential probes to float tolerance, alone
+    and a probe at a time under --client-micro-batch (8 rows: one probe's block). Refused where the
+    ZO weights are not all in linear layers, and for an estimator that uploads its probes."""
+    common = dict(client_lora_r=4, server_lora_r=0, zo_estimator=estimator, q=4, steps=3, client_lr=1e-3)
+    run(cfg_for(tmp_path, "sequential", zo_probes="scratch", **common))
+    run(cfg_for(tmp_path, "batched", client_batch_probes=True, **common))
+    run(cfg_for(tmp_path, "micro", client_batch_probes=True, client_micro_batch=8, **common))
+    logs = {name: read_log(tmp_path / name / "zo_log.jsonl") for name in ("sequential", "batched", "micro")}
+    want = [g for r in logs["sequential"] for g in r["grads"]]
+    assert len(want) == 12 and min(abs(g) for g in want) > 1e-6
+    for name in ("batched", "micro"):
+        got = [g for r in logs[name] for g in r["grads"]]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), name
+    with pytest.raises(ValueError, match="needs every ZO weight in a linear layer"):
+        run(cfg_for(tmp_path, "full", client_batch_probes=True, zo_estimator=estimator, q=2, steps=1))
+    with pytest.raises(ValueError, match="--client-batch-probes true needs --zo-estimator cut-grad"):
+        cfg_for(tmp_path, "central", client_batch_probes=True, client_lora_r=4)
+
+
 @pytest.mark.parametrize("estimator", ["cut-grad", "cut-grad-one-sided", "cut-grad-jvp"])
 def test_replay_is_bit_identical(tmp_path, estimator):
     cfg = cfg_for(tmp_path, q=2, steps=8, zo_estimator=estimator)
