@@ -128,8 +128,10 @@ class Federation(RoundServer):
                 done.set()
 
     def _gather(self, rnd: int) -> None:
-        """Take in the clients that arrived; wait up to --timeout while fewer than --min-clients are
-        connected (LinkError when none come)."""
+        """Take in the clients that arrived; while fewer than --min-clients are connected, wait for
+        more: for as long as it takes before the first round this process runs (a server waits for
+        its clients), up to --timeout after it (LinkError when none come)."""
+        first = not self.joins
         deadline = time.monotonic() + self.cfg.timeout
         while True:
             try:
@@ -138,7 +140,7 @@ class Federation(RoundServer):
                 if len(self.live) >= self.cfg.min_clients:
                     return
                 try:
-                    arrival = self._arrivals.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    arrival = self._arrivals.get(timeout=None if first else max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     raise LinkError(
                         f"{len(self.live)} clients connected at round {rnd}, fewer than --min-clients "

@@ -14,6 +14,8 @@ one is connected is refused.
 --min-clients are connected, clients join late, leave, dial again after a dropped link or start
 afresh, and each catches up from the server's log of rounds. The process ends, exit status 0, when
 the last round is over and every client that joined has stopped (or stayed away for --timeout).
+With --save-every S it keeps checkpoints in --out (its weights, optimiser and log of rounds), and
+`--resume DIR` continues from the newest; clients started again catch up from the restored log.
 
 Security: TLS unless --insecure (plain text, with a warning). Clients prove themselves with the
 shared secret (--auth-token-file or $HOSL_AUTH_TOKEN) or with a certificate from --tls-client-ca
