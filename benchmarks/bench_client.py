@@ -136,6 +136,7 @@ def record_of(run_dir: Path) -> dict:
         first_loss=losses[0] if losses else None,
         final_loss_mean=statistics.fmean(losses[-5:]) if losses else None,
         wall_seconds=summary["wall_seconds"],
+        train_seconds=summary.get("train_seconds"),  # the steps alone: no load, evaluation or logs
         bytes_up_per_step=summary["bytes_up"] / steps,
         bytes_down_per_step=summary["bytes_down"] / steps,
         client_trainable_params=summary.get("client_trainable_params"),
