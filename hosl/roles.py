@@ -249,9 +249,10 @@ class SplitClient:
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
-            forwards = plan.probes(self.zo, step, rows, self.client_id)
-            if cfg.client_batch_probes:
+            if cfg.client_batch_probes:  # every probe's activation into `kept` at once, the weights untouched
                 forwards = self._batched_probes(step, batch, kept)
+            else:
+                forwards = plan.probes(self.zo, step, rows, self.client_id)
             for forward in forwards:
                 if forward.key not in kept:
                     kept[forward.key] = self._tangent_forward(batch) if est.exact else self._forward(batch)
