@@ -175,6 +175,31 @@ def fmt_bytes(n):
     return f"{n} B"
 
 
+def train_run(out_root, name: str, flags: list[str], report: bool, bench: str) -> Path | None:
+    """`python -m hosl.train FLAGS --out out_root/name` unless that run finished before (its
+    summary.json is there): the run directory, or None under --report for a run not finished. An
+    interrupted run starts again; a failed one ends the benchmark with its last line."""
+    import shutil
+    import time
+
+    run_dir = Path(out_root).resolve() / name  # the child runs in the repository's root
+    if (run_dir / "summary.json").exists():
+        log(f"{name}: done before, kept")
+        return run_dir
+    if report:
+        log(f"{name}: not run yet, left out")
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "hosl.train", *flags, "--out", str(run_dir)]
+    log(f"{name}: " + " ".join(cmd[1:]))
+    start = time.perf_counter()
+    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if out.returncode != 0:
+        sys.exit(f"{bench}: {name} failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+    log(f"{name}: {time.perf_counter() - start:.0f} s")
+    return run_dir
+
+
 # --------------------------------------------------------------------------------------------------
 # Worker processes: a script runs itself with `--worker SPEC` (SPEC a JSON object) in fresh processes.
 

@@ -34,13 +34,21 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, print_table, pyplot, save_figure
+from _common import (
+    REPO,
+    Recorder,
+    bench_parser,
+    cpu_name,
+    environment,
+    print_table,
+    pyplot,
+    save_figure,
+    train_run,
+)
 
 from hosl.plan import ZO, method_of
 
@@ -95,23 +103,7 @@ def common_flags(args) -> list[str]:
 def run_one(args, name: str, flags: list[str]) -> Path | None:
     """Runs `python -m hosl.train` into out_root/name unless it finished before; returns the directory
     (None with --report when the run has not finished)."""
-    run_dir = Path(args.out_root) / name
-    if (run_dir / "summary.json").exists():
-        log(f"{name}: done before, kept")
-        return run_dir
-    if args.report:
-        log(f"{name}: not run yet, left out")
-        return None
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)  # an interrupted run: start it again
-    cmd = [sys.executable, "-m", "hosl.train", *common_flags(args), *flags, "--out", str(run_dir)]
-    log(f"{name}: " + " ".join(cmd[1:]))
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    log(f"{name}: {time.perf_counter() - start:.0f} s")
-    return run_dir
+    return train_run(args.out_root, name, [*common_flags(args), *flags], args.report, "bench_accuracy")
 
 
 def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str]:

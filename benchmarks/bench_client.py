@@ -27,14 +27,10 @@ its suite from all finished runs: benchmarks/results/bench_client_<suite>.jsonl.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, print_table
+from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, print_table, train_run
 
 # name: the flags of the variant, on top of the suite's common flags.
 DEFAULT_VARIANTS = {
@@ -107,22 +103,8 @@ def suite_runs(args) -> list[tuple[str, str, int, int | None, list[str]]]:
 def run_one(args, name, flags, seed, k) -> Path | None:
     """`python -m hosl.train` into out_root/name unless it finished before; the directory, or None
     with --report for a run that has not finished."""
-    run_dir = Path(args.out_root) / name
-    if (run_dir / "summary.json").exists():
-        return run_dir
-    if args.report:
-        log(f"{name}: not run yet, left out")
-        return None
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
     extra = ["--seed", str(seed)] + ([] if k is None else ["--split-layer", str(k)])
-    cmd = [sys.executable, "-m", "hosl.train", *flags, *extra, "--out", str(run_dir)]
-    log(f"{name}: " + " ".join(cmd[1:]))
-    start = time.perf_counter()
-    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    if out.returncode != 0:
-        sys.exit(f"bench_client: {name} failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
-    log(f"{name}: {time.perf_counter() - start:.0f} s")
-    return run_dir
+    return train_run(args.out_root, name, [*flags, *extra], args.report, "bench_client")
 
 
 def record_of(run_dir: Path) -> dict:

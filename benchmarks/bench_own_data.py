@@ -27,14 +27,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO, Recorder, bench_parser, environment, log, print_table
+from _common import REPO, Recorder, bench_parser, environment, print_table, train_run
 from bench_accuracy import smollm2
 
 # The runs: SmolLM2 cut after block 27 (where the client matters on SST-2), the server first-order
@@ -86,21 +84,7 @@ def task_flags(task: str, files, args) -> list[str]:
 
 
 def run_one(args, name: str, flags: list[str]) -> Path | None:
-    run_dir = Path(args.out_root) / name
-    if (run_dir / "summary.json").exists():
-        return run_dir
-    if args.report:
-        log(f"{name}: not run yet, left out")
-        return None
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
-    cmd = [sys.executable, "-m", "hosl.train", *flags, "--out", str(run_dir)]
-    log(f"{name}: " + " ".join(cmd[1:]))
-    start = time.perf_counter()
-    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    if out.returncode != 0:
-        sys.exit(f"bench_own_data: {name} failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
-    log(f"{name}: {time.perf_counter() - start:.0f} s")
-    return run_dir
+    return train_run(args.out_root, name, flags, args.report, "bench_own_data")
 
 
 def exported_check(run_dir: Path, out: Path, task: str, n_generate: int) -> dict:
