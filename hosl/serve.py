@@ -41,7 +41,7 @@ def serve_run(cfg, ready=None) -> int:
     import torch
 
     from hosl.config import UsageError
-    from hosl.grpc_link import TLS, serve
+    from hosl.grpc_link import TLS
     from hosl.roles import SplitServer, frame_bytes_limit
     from hosl.session import device_for, one_side, secret_for
     from hosl.tasks import load_run_data
@@ -92,16 +92,24 @@ def serve_run(cfg, ready=None) -> int:
             busy.release()
 
     limit = frame_bytes_limit(cfg, model["side"].hidden_size)  # the largest frame this run sends
-    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression, max_frame_bytes=limit)
-    print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'})", flush=True)
+    _listen(cfg, tls, session, limit, 16, "", ready, done.wait)
+    print("hosl.serve: the run is over", file=sys.stderr)
+    return 0
+
+
+def _listen(cfg, tls, session, limit: int, sessions: int, what: str, ready, until) -> None:
+    """Serve sessions on --listen (each to session(link) on its own thread) until until() returns;
+    the port is printed, and given to ready(port), once listening."""
+    from hosl.grpc_link import serve
+
+    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression, sessions, limit)
+    print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'}){what}", flush=True)
     if ready is not None:
         ready(server.port)
     try:
-        done.wait()
+        until()
     finally:
         server.stop(grace=5)
-    print("hosl.serve: the run is over", file=sys.stderr)
-    return 0
 
 
 def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
@@ -109,7 +117,6 @@ def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
     import torch
 
     from hosl.federation import Federation
-    from hosl.grpc_link import serve
     from hosl.roles import SplitServer, frame_bytes_limit
     from hosl.transport import LinkError
 
@@ -131,15 +138,7 @@ def _serve_rounds(cfg, tls, secret, side, out: Path, ready) -> int:
             link.fail(str(exc))
 
     limit = frame_bytes_limit(cfg, side.hidden_size)
-    server = serve(session, cfg.listen, tls, cfg.timeout, cfg.compression, cfg.clients + 4, limit)
-    print(f"hosl.serve: listening on port {server.port} ({'plain text' if tls is None else 'TLS'}), "
-          f"{cfg.clients} clients", flush=True)  # fmt: skip
-    if ready is not None:
-        ready(server.port)
-    try:
-        federation.serve()
-    finally:
-        server.stop(grace=5)
+    _listen(cfg, tls, session, limit, cfg.clients + 4, f", {cfg.clients} clients", ready, federation.serve)
     left = f", {len(federation.left)} departures" if federation.left else ""
     print(f"hosl.serve: the run is over ({len(federation.joins)} joins{left})", file=sys.stderr)
     return 0

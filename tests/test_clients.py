@@ -544,6 +544,16 @@ class _Federated:
         server.start()
         return server
 
+    def run_all(self, before_round=None):
+        """Every client from the start, and the server; returns once all have ended."""
+        threads = [self.thread(c, before_round) for c in self.clients]
+        for t in threads:
+            t.start()
+        server = self.serve()
+        for t in [*threads, server]:
+            t.join(120)
+        assert not server.is_alive()
+
     def joins(self) -> dict:
         return {i: [rnd for j, rnd, _ in self.federation.joins if j == i] for i in range(3)}
 
@@ -606,12 +616,7 @@ def test_a_silent_federation_client_is_dropped_and_the_others_go_on(tmp_path):
         if c.id == 2 and rnd == 2:
             time.sleep(5)
 
-    threads = [fed.thread(c, stall) for c in fed.clients]
-    for t in threads:
-        t.start()
-    server = fed.serve()
-    for t in [*threads, server]:
-        t.join(120)
+    fed.run_all(stall)
     assert not fed.failures, fed.failures
     assert len({c.digest() for c in fed.clients}) == 1
     assert [(i, rnd) for i, rnd, _ in fed.federation.left] == [(2, 2)]
@@ -625,12 +630,7 @@ def test_a_federation_checkpoint_restores_the_servers_weights_log_and_run_and_re
     from hosl.roles import SplitServer
 
     fed = _Federated(tmp_path, steps=4)
-    threads = [fed.thread(c) for c in fed.clients]
-    for t in threads:
-        t.start()
-    server = fed.serve()
-    for t in [*threads, server]:
-        t.join(120)
+    fed.run_all()
     assert not fed.failures, fed.failures
     out = tmp_path / "srv"
     (out / "config.json").write_text(fed.cfg.to_json() + "\n")
