@@ -25,6 +25,7 @@ every client of a round give the same bits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import threading
@@ -519,7 +520,7 @@ class _Tangents:
 class _BatchedProbes:
     """Several probes in one forward over their stacked row blocks. Every parameter of the buffer
     must be held by an nn.Linear (a client LoRA's adapters, or linear layers alone). During a batched
-    forward each such module's output is recomputed block by block with its probe's weights: block j
+    forward each such module computes its output block by block with its probe's weights: block j
     gets x_j (W + s_j z_j)^T (+ b + s_j z_j), z_j = z(seed_j) at the parameter's own noise positions
     (the z the probe's pass would add there), formed in float32 and dropped after the module runs.
     The rest of the model runs once over all the blocks' rows. The weights are never written."""
@@ -534,28 +535,28 @@ class _BatchedProbes:
                     f"--client-batch-probes needs every ZO weight in a linear layer (a client LoRA: --client-lora-r); "
                     f"{name} is a {type(module).__name__}"
                 )
-            self._hook(module, len(self.owners))
             self.owners.append((module, {n: start for n, _, start in held}))
-
-    def _hook(self, module: torch.nn.Module, i: int) -> None:
-        module.register_forward_hook(lambda _m, args, out: self._recompute(i, args[0], out))
 
     @contextlib.contextmanager
     def at(self, points: Sequence[tuple[int, float]]):
+        """Within the context each owner's forward is the block-by-block one (an instance attribute
+        over nn.Linear.forward, removed after)."""
         if self.points is not None:
             raise RuntimeError("a batched forward is already active")
         self.points = list(points)
+        for i, (module, _) in enumerate(self.owners):
+            module.forward = functools.partial(self._forward, i)
         try:
             yield
         finally:
+            for module, _ in self.owners:
+                del module.forward
             self.points = None
 
     def _z(self, p: torch.Tensor, seed: int, start: int) -> torch.Tensor:
         return noise.gaussian(p.numel(), seed, offset=self.params.offset + start, device=p.device).view(p.shape)
 
-    def _recompute(self, i: int, x: torch.Tensor, out: torch.Tensor):
-        if self.points is None:
-            return None
+    def _forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         module, own = self.owners[i]
         blocks = len(self.points)
         if x.shape[0] % blocks:
