@@ -288,10 +288,12 @@ class Federation(RoundServer):
         checkpoint.verify(path, manifest)
         log = _unframed((path / ROUNDS).read_bytes(), path / ROUNDS)
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if len(log) != step or [f.step for f in log] != list(range(step)) or state.get("step") != step:
+        if not isinstance(state, dict) or state.get("step") != step or not isinstance(state.get("run"), str):
+            raise checkpoint.CheckpointError(f"{path / 'state.json'}: not the state of a federation's round {step}")
+        if len(log) != step or [f.step for f in log] != list(range(step)):
             raise checkpoint.CheckpointError(f"{path}: its log of rounds does not end at round {step}")
         checkpoint.load_server_state(self.server, path)
-        self.log, self.run_id, self.server.steps_done = log, str(state["run"]), step
+        self.log, self.run_id, self.server.steps_done = log, state["run"], step
         return step
 
 
