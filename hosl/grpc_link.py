@@ -235,6 +235,7 @@ def dial(target: str, tls: TLS | None, timeout: float, compression: str | None =
             link.drained.wait(min(link.timeout, 30.0))
             reader.join(min(link.timeout, 30.0))
         channel.close()
+        reader.join(5.0)  # the closed channel ends the stream: no thread is left inside gRPC at exit
 
     link._on_close = close
     return link
@@ -244,11 +245,18 @@ class Server:
     """A gRPC server whose every session is handed, as a server-side GrpcLink, to handler(link) on
     the session's own thread; the session ends when the handler returns (its link closed)."""
 
-    def __init__(self, grpc_server, port: int):
-        self._server, self.port = grpc_server, port
+    def __init__(self, grpc_server, port: int, threads: list[threading.Thread], lock: threading.Lock):
+        self._server, self.port, self._threads, self._lock = grpc_server, port, threads, lock
 
     def stop(self, grace: float | None = None) -> None:
-        self._server.stop(grace)
+        """Stop serving, and return once the server and its sessions' threads have ended: calls
+        still open after grace seconds are cancelled. A thread left inside gRPC's or torch's C++
+        code when the interpreter exits is ended there by force, and the process aborts."""
+        self._server.stop(grace).wait()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(5.0 if grace is None else grace + 5.0)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -269,12 +277,17 @@ def serve(
     grpc = _grpc()
     from concurrent import futures
 
+    threads: list[threading.Thread] = []  # each session's reader and worker, joined by Server.stop
+    threads_lock = threading.Lock()
+
     def session(messages, context):
         link = GrpcLink("server", timeout, compression)
         link.max_frame_bytes = max_frame_bytes
         reader = threading.Thread(target=link._read, args=(messages,), name="hosl-grpc-reader", daemon=True)
-        reader.start()
         worker = threading.Thread(target=_run, args=(handler, link), name="hosl-grpc-session", daemon=True)
+        with threads_lock:
+            threads[:] = [t for t in threads if t.is_alive()] + [reader, worker]
+        reader.start()
         worker.start()
         context.add_callback(lambda: link.inbox.put(_GONE))  # the stream ended: the handler hears it
         yield from _outgoing(link)
@@ -295,7 +308,7 @@ def serve(
     if port == 0:
         raise LinkError(f"cannot listen on {listen} (in use, or not an address of this machine?)")
     server.start()
-    return Server(server, port)
+    return Server(server, port, threads, threads_lock)
 
 
 def _run(handler, link: GrpcLink) -> None:

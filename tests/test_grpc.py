@@ -383,7 +383,12 @@ def test_clients_join_late_drop_and_come_back_and_all_end_with_the_same_weights(
     try:
         _wait("client 1's fifth round", lambda: _rounds_logged(tmp_path / "c1") >= 5, procs.values())
         assert proxy.cut() >= 1
-        procs[2] = start(cmd[2])  # late: it catches up from the server's log
+        # Late: client 2 catches up from the server's log. Client 0 is paused meanwhile, so the rounds wait for
+        # it (up to --timeout) instead of running out before client 2 has started.
+        procs[0].send_signal(signal.SIGSTOP)
+        procs[2] = start(cmd[2])
+        _wait("client 2's catching up", lambda: _rounds_logged(tmp_path / "c2") >= 5, procs.values())
+        procs[0].send_signal(signal.SIGCONT)
         _wait("client 2's first rounds", lambda: _rounds_logged(tmp_path / "c2") >= 12, procs.values())
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
