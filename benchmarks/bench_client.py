@@ -50,11 +50,14 @@ DEFAULT_VARIANTS = {
 SMOLLM2_BASE = ["--server-lr", "1e-5", "--optimizer", "adamw"]
 
 
-def smollm2_variants(client_lr: str) -> dict[str, list[str]]:
+def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, list[str]]:
     zo = ["--client-lr", client_lr]
     return {  # in the order they run: the cheap and telling ones first
         "frozen-client": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1"],
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
+        # the memory-frugal first-order client: the same gradients, recomputed blocks, no gradient buffer
+        "fo-ckpt": ["--method", "fo", "--client-lr", "1e-5", "--client-checkpointing", "--client-fused-step"],
+        "hosl-defaults": [],  # no --client-lr, --q, --zo-estimator or --zo-step: what a user gets
         "hosl-cut-grad-q1": [*zo, "--zo-estimator", "cut-grad", "--q", "1"],
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
         "hosl-cut-grad-q8-all": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--zo-embedding", "all"],
@@ -67,6 +70,13 @@ def smollm2_variants(client_lr: str) -> dict[str, list[str]]:
         "hosl-client-lora-r8": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--client-lora-r", "8",
                                 "--server-lora-r", "0"],
         "hosl-one-sided-q8": [*zo, "--zo-estimator", "cut-grad-one-sided", "--q", "8"],
+        "hosl-normalized-q8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
+                               "cut-grad-one-sided", "--q", "8"],
+        "hosl-normalized-lora-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
+                                    "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r", "0"],
+        "hosl-normalized-lora-fa-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
+                                       "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r",
+                                       "0", "--client-lora-fa"],
         "hosl-jvp-q8": [*zo, "--zo-estimator", "cut-grad-jvp", "--q", "8"],
         "hosl-jvp-q8-bf16-no-master": [*zo, "--zo-estimator", "cut-grad-jvp", "--q", "8", "--dtype", "bfloat16",
                                        "--zo-master", "none"],
@@ -88,7 +98,7 @@ def suite_runs(args) -> list[tuple[str, str, int, int | None, list[str]]]:
 
     args.quick = False  # common_flags' SmolLM2 model, task and data flags
     base = [*common_flags(args), *SMOLLM2_BASE, "--steps", str(args.steps), "--log-every", "5"]
-    variants = smollm2_variants(args.client_lr)
+    variants = smollm2_variants(args.client_lr, args.normalized_lr)
     for k in args.ks:  # where the client matters: fo against the frozen client, first seed
         for variant in ("fo", "frozen-client"):
             runs.append((f"{variant}-k{k}-s{args.seeds[0]}", variant, args.seeds[0], k, [*base, *variants[variant]]))
@@ -189,6 +199,7 @@ def main(argv=None):
     smol.add_argument("--split-layer", type=int, default=10, help="the k of the variant comparison")
     smol.add_argument("--steps", type=int, default=100)
     smol.add_argument("--client-lr", default="1e-5", help="the ZO client's rate for the hosl variants")
+    smol.add_argument("--normalized-lr", default="1e-2", help="the rate of the --zo-step normalized variants")
     smol.add_argument("--task", default="sst2")
     smol.add_argument("--train-examples", type=int, default=1000)
     smol.add_argument("--eval-examples", type=int, default=300)

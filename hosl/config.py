@@ -115,6 +115,13 @@ class TrainConfig:
         metadata=_help("the server's LoRA rank (0: full fine-tuning of the server)", default_text="--lora-r"),
     )
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (scale = alpha / r)"))
+    client_lora_fa: bool = field(
+        default=False,
+        metadata=_help(
+            "LoRA-FA on the client: each adapter's A stays at its random init and only B trains (B starts at 0, so "
+            "a ZO probe along A would move nothing; along B every direction moves the model)"
+        ),
+    )
 
     # -- the zeroth-order client -------------------------------------------------------------------------
     q: int | None = field(
@@ -124,6 +131,15 @@ class TrainConfig:
         ),
     )
     mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
+    zo_step: str = field(
+        default="sgd",
+        metadata=_help(
+            "sgd: ZO-SGD, each probe's direction moved by -lr g / Q; normalized: by -lr g / (Q rms(g)), the rms over "
+            "the step's Q directional derivatives (every client's in a round), so --client-lr is the size of the "
+            "step itself, whatever the size of the model's gradient",
+            choices=("sgd", "normalized"),
+        ),
+    )
     zo_estimator: str | None = field(
         default=None,
         metadata=_help(
@@ -456,6 +472,8 @@ class TrainConfig:
             raise ValueError(f"--q must be in [1, 64], got {self.q}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
+        if self.client_lora_fa and not self.client_lora_r:
+            raise ValueError("--client-lora-fa needs client adapters: --client-lora-r (or --lora-r) > 0")
         if not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"--mu must be a finite number > 0, got {self.mu}")
         for name in ("client_lr", "server_lr", "weight_decay", "momentum"):
@@ -551,6 +569,7 @@ class TrainConfig:
         ignored = {
             "q": not zo_side,
             "mu": not zo_side,
+            "zo_step": not zo_side,
             "zo_estimator": not zo_side,
             "zo_embedding": not zo_side,
             "zo_probes": not zo_side,
@@ -836,8 +855,8 @@ SECTIONS = {
         "completion_field", "train_examples", "eval_examples", "max_length",
         "split_layer", "dtype",
     ],
-    "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha"],
-    "the zeroth-order client": ["q", "mu", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
+    "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha", "client_lora_fa"],
+    "the zeroth-order client": ["q", "mu", "zo_step", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
                                 "client_micro_batch", "client_batch_probes", "server_batch_probes",
                                 "server_micro_batch",
                                 "server_grad"],

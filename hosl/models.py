@@ -166,11 +166,11 @@ def hf_tokenizer(name: str, gguf_file: str | None = None):
         raise ModelError(f"cannot load the tokenizer of {name!r}: {first}") from None
 
 
-def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
+def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int, client_fa: bool = False):
     """LoRA adapters (peft) on the family's default target modules, rank client_r in blocks [0, k)
     and server_r in the rest; a side of rank 0 gets no adapters and trains in full, a side with
-    adapters trains only them. Returns the adapted causal LM itself (peft's wrapper is dropped), so
-    it splits like any other."""
+    adapters trains only them (client_fa: the client's only their B, LoRA-FA). Returns the adapted
+    causal LM itself (peft's wrapper is dropped), so it splits like any other."""
     try:
         import peft
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
@@ -207,6 +207,10 @@ def apply_lora(model, alpha: float, client_r: int, server_r: int, k: int):
     for p in lm.parameters():  # a side without adapters trains in full
         if any(id(p) in ids for ids in full):
             p.requires_grad_(True)
+    if client_fa:  # LoRA-FA: the client's A matrices stay at their random init
+        for name, module in split_model(lm, k)[0].named_modules():
+            if name.rsplit(".", 1)[-1] == "lora_A":
+                module.requires_grad_(False)
     return lm
 
 
@@ -233,7 +237,7 @@ def _adapt(cfg, model):
     if cfg.client_lora_r or cfg.server_lora_r:
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same on both sides of a dist run
         k = min(cfg.split_layer, n)  # the full methods: --split-layer only says which blocks are the client's
-        model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k)
+        model = apply_lora(model, cfg.lora_alpha, cfg.client_lora_r, cfg.server_lora_r, k, cfg.client_lora_fa)
     return model
 
 

@@ -137,6 +137,7 @@ class StepPlan:
     mu: float
     seed: int
     forwards: tuple[Forward, ...]
+    normalized: bool = False  # --zo-step normalized: end divides the rate by the step's rms(g)
 
     @classmethod
     def of(cls, cfg) -> StepPlan:
@@ -154,7 +155,7 @@ class StepPlan:
                 grad = hybrid and not clean_grad and (p, sign) == (0, +1)  # --server-grad probe
                 up = split and not est.local
                 forwards.append(Forward(p, sign, up, grad, LOSS if up else None))
-        return cls(method, est, cfg.q, cfg.mu, cfg.seed, tuple(forwards))
+        return cls(method, est, cfg.q, cfg.mu, cfg.seed, tuple(forwards), cfg.zo_step == "normalized")
 
     # -- the shape of a step ---------------------------------------------------------------------
     @property
@@ -219,17 +220,23 @@ class StepPlan:
         of an in-place client also undoes its last probe. The step is skipped (the probes still
         undone, no update and no decay) when any g or any value in `extra` is not finite, or a g is
         None. Then weight decay once, keyed by the step's client-0 seeds, and the finite check.
+        A normalized plan moves the probes by lr / rms(g), the rms over every g of the update (a step
+        whose g are all 0 moves nothing); the decay stays 1 - lr * weight_decay.
         Returns whether the step was skipped."""
         updates = list(updates)
         values = [v for _, g, _ in updates for v in (g if g is not None else [math.nan])]
         skipped = not estimators.finite([*values, *extra])
+        rate = lr
+        if self.normalized and not skipped:
+            rms = math.sqrt(math.fsum(v * v for v in values) / len(values))
+            rate = lr / rms if rms > 0 else 0.0
         restore = params.in_place and not self.estimator.exact
         if restore and len(updates) != 1:
             raise ValueError("in-place probes end one client's step at a time")
         for client, grads, rows in updates:
             seeds = self.seeds(step, client)
             terms = estimators.end_terms(
-                seeds, self.mu, self.estimator, lr, None if skipped else grads, restore, share=len(updates)
+                seeds, self.mu, self.estimator, rate, None if skipped else grads, restore, share=len(updates)
             )
             if terms[0]:
                 params.add_(*terms, rows=rows)

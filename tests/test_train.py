@@ -543,6 +543,7 @@ def test_cut_grad_runs_its_first_probe_pair_while_the_server_works(tmp_path, mon
         {"compression": "int8"},
         {"zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2},
         {"zo_estimator": "cut-grad", "q": 2, "weight_decay": 0.1, "compression": "fp16"},
+        {"zo_estimator": "cut-grad-one-sided", "q": 3, "zo_step": "normalized", "client_lr": 1e-2},
         {"zo_probes": "scratch", "q": 2},
         {"zo_probes": "scratch", "zo_estimator": "cut-grad", "q": 3, "client_lr": 1e-2, "client_micro_batch": 3},
         {"zo_probes": "scratch", "lora_r": 2, "client_lr": 1e-3},
@@ -563,6 +564,7 @@ def test_cut_grad_runs_its_first_probe_pair_while_the_server_works(tmp_path, mon
         "int8-link",
         "cut-grad",
         "cut-grad-fp16",
+        "normalized-step",
         "scratch",
         "scratch-cut-grad-micro",
         "scratch-lora",
@@ -611,11 +613,15 @@ def test_lora_trains_only_the_adapters_on_each_side(tmp_path):
     _assert_replays(cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("client_r,server_r", [(4, 0), (0, 4), (2, 6)], ids=["client-lora", "server-lora", "both"])
-def test_lora_per_side(tmp_path, client_r, server_r):
+@pytest.mark.parametrize(
+    "client_r,server_r,fa", [(4, 0, False), (0, 4, False), (2, 6, False), (4, 4, True)],
+    ids=["client-lora", "server-lora", "both", "client-lora-fa"],
+)  # fmt: skip
+def test_lora_per_side(tmp_path, client_r, server_r, fa):
     """--client-lora-r and --server-lora-r: a side with a rank trains only its adapters (of that rank),
-    a side of rank 0 trains in full; the client's ZO buffer is what it trains, and replays."""
-    cfg = cfg_for(tmp_path, client_lora_r=client_r, server_lora_r=server_r, steps=4, client_lr=1e-3)
+    a side of rank 0 trains in full; the client's ZO buffer is what it trains, and replays. With
+    --client-lora-fa the client trains only the adapters' B (A stays at its init), the server all of its own."""
+    cfg = cfg_for(tmp_path, client_lora_r=client_r, server_lora_r=server_r, client_lora_fa=fa, steps=4, client_lr=1e-3)
     summary = run(cfg)
     model, _ = _model_and_batch(cfg)
     client, server = split_model(model, cfg.split_layer)
@@ -623,6 +629,8 @@ def test_lora_per_side(tmp_path, client_r, server_r):
         named = dict(side.named_parameters())
         trainable = {n for n, p in named.items() if p.requires_grad}
         adapters = {n for n in named if "lora_" in n}
+        if fa and prefix == "client":
+            adapters = {n for n in adapters if "lora_B" in n}
         assert trainable == (adapters if r else set(named)), prefix
         assert bool(adapters) == bool(r), prefix
         if r:  # rank r: lora_A is (r, in), lora_B (out, r)
@@ -876,6 +884,8 @@ BAD = [
     (["--split-layer", "9"], "--split-layer must be in [0, 4]"),
     (["--q", "0"], "--q must be in [1, 64]"),
     (["--mu", "0"], "--mu must be a finite number > 0"),
+    (["--client-lora-fa"], "--client-lora-fa needs client adapters"),
+    (["--method", "fo", "--zo-step", "normalized"], "--zo-step normalized is not used by --method fo"),
     (["--client-lr", "-1"], "--client-lr must be a finite number >= 0"),
     (["--q", "two"], "expected int, got 'two'"),
     (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent"),

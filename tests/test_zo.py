@@ -11,9 +11,11 @@ from hosl import estimators, noise, zo
 from hosl.plan import StepPlan
 
 
-def _plan(estimator="central", q=2, mu=1e-3, seed=5):
+def _plan(estimator="central", q=2, mu=1e-3, seed=5, zo_step="sgd"):
     """The step plan of a hosl run with this estimator: its seeds, probe passes and end."""
-    cfg = SimpleNamespace(method="hosl", q=q, mu=mu, seed=seed, zo_estimator=estimator, server_grad="clean")
+    cfg = SimpleNamespace(
+        method="hosl", q=q, mu=mu, seed=seed, zo_estimator=estimator, server_grad="clean", zo_step=zo_step
+    )
     return StepPlan.of(cfg)
 
 
@@ -60,6 +62,32 @@ def test_step_end_is_the_zo_sgd_update(estimator, q, weight_decay):
     expected = _expected_update(w0, seeds, grads, lr, weight_decay, [(0, 30), (35, 112)])
     torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=2e-5)
     assert (params.flat.flat.double() - w0.double()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("estimator", ["central", "cut-grad-one-sided"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3], ids=["small-g", "unit-g", "large-g"])
+def test_a_normalized_step_moves_by_lr_over_the_rms_of_its_g(estimator, scale):
+    """--zo-step normalized: w - lr/Q sum_q (g_q / rms(g)) z_q, the same step whatever the scale of g
+    (the decay stays 1 - lr wd); a step whose g are all 0 only undoes its probes."""
+    named = _named()
+    params = zo.ZOParams(named)
+    w0 = params.flat.flat.clone()
+    plan = _plan(estimator, 3, zo_step="normalized")
+    grads = [scale * g for g in (1.5, -0.7, 2.0)]
+    rms = (sum(g * g for g in grads) / 3) ** 0.5
+    for _ in plan.probes(params, 2):
+        pass
+    plan.end(params, 2, [(0, grads, None)], 0.2, 0.5)
+    unit = [g / rms for g in grads]  # the g of scale 1 the update is made of
+    expected = _expected_update(w0, plan.seeds(2), unit, 0.2, 0.5, [(0, 30), (35, 112)])
+    torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=2e-5)
+    assert (params.flat.flat.double() - w0.double()).abs().max() > 0.05
+
+    params = zo.ZOParams(_named())
+    for _ in plan.probes(params, 2):
+        pass
+    assert not plan.end(params, 2, [(0, [0.0, 0.0, 0.0], None)], 0.2, 0.0)
+    torch.testing.assert_close(params.flat.flat, w0, rtol=0, atol=1e-6)
 
 
 def test_a_skipped_step_only_undoes_its_probes():
@@ -309,7 +337,9 @@ def test_a_scratch_step_is_the_update_alone(estimator):
     params = zo.ZOParams(named, probes="scratch")
     params.attach(m)
     w0 = params.flat.flat.clone()
-    cfg = SimpleNamespace(method="zo-full", q=2, mu=1e-3, seed=4, zo_estimator=estimator, server_grad="clean")
+    cfg = SimpleNamespace(
+        method="zo-full", q=2, mu=1e-3, seed=4, zo_estimator=estimator, server_grad="clean", zo_step="sgd"
+    )
     plan = StepPlan.of(cfg)
     for _ in plan.probes(params, 7):
         m(torch.ones(2, 5))
