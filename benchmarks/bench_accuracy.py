@@ -122,7 +122,7 @@ def method_flags(method: str, steps: int, seed: int, k: int, q: int) -> list[str
     flags += ["--client-lr", client_lr] if "client_lr" in used.rates else []
     flags += ["--server-lr", server_lr] if "server_lr" in used.rates else []
     if ZO in used.orders:  # the recorded suites ran the paper's step: loss differences, dense noise
-        flags += ["--q", str(q), "--zo-estimator", "central", "--zo-embedding", "all"]
+        flags += ["--q", str(q), "--zo-estimator", "central", "--zo-embedding", "all", "--zo-step", "sgd"]
     return flags
 
 

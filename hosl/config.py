@@ -131,13 +131,14 @@ class TrainConfig:
         ),
     )
     mu: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
-    zo_step: str = field(
-        default="sgd",
+    zo_step: str | None = field(
+        default=None,
         metadata=_help(
             "sgd: ZO-SGD, each probe's direction moved by -lr g / Q; normalized: by -lr g / (Q rms(g)), the rms over "
             "the step's Q directional derivatives (every client's in a round), so --client-lr is the size of the "
             "step itself, whatever the size of the model's gradient",
             choices=("sgd", "normalized"),
+            default_text="normalized for hosl, sgd for zo and zo-full",
         ),
     )
     zo_estimator: str | None = field(
@@ -217,8 +218,8 @@ class TrainConfig:
     client_lr: float | None = field(
         default=None,
         metadata=_help(
-            "client learning rate (ZO-SGD; the FO optimiser for fo; both sides for zo)",
-            default_text="1e-2 for hosl, 1e-4 for the other methods",
+            "client learning rate (the ZO step's, see --zo-step; the FO optimiser's for fo; both sides' for zo)",
+            default_text="5e-3 for hosl, 1e-4 for the other methods",
         ),
     )
     server_lr: float = field(default=1e-3, metadata=_help("server learning rate (and the whole model's for fo-full)"))
@@ -407,7 +408,7 @@ class TrainConfig:
 
     def __post_init__(self):
         method = METHODS.get(self.method)  # an unknown method: check() names it
-        for name in ("zo_estimator", "client_lr"):
+        for name in ("zo_estimator", "client_lr", "zo_step"):
             if method is not None and getattr(self, name) is None:
                 setattr(self, name, getattr(method, name))
         if self.q is None:
@@ -630,7 +631,7 @@ class TrainConfig:
         if name == "zo_probes":
             return SCRATCH if self.clients > 1 or self.zo_master == "none" or self.client_batch_probes else INPLACE
         method = METHODS[self.method]
-        if name in ("zo_estimator", "client_lr"):
+        if name in ("zo_estimator", "client_lr", "zo_step"):
             return getattr(method, name)
         if name == "q":
             return ESTIMATORS[method.zo_estimator].q
@@ -651,6 +652,7 @@ class TrainConfig:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         # A config saved before --zo-embedding existed ran dense noise: resuming it must go on so.
         data.setdefault("zo_embedding", "all")
+        data.setdefault("zo_step", "sgd")  # and before --zo-step, ZO-SGD
         for f in dataclasses.fields(cls):
             if f.name in data and not _json_fits(data[f.name], f.type):
                 raise ValueError(f"{f.name} must be {_TYPE_WORDS.get(f.type, f.type)}, got {data[f.name]!r}")

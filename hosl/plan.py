@@ -56,9 +56,10 @@ class Method:
     client: Update  # the unsplit model's update for the full methods
     server: Update | None  # None: not split
     blurb: str
-    # What an unset --zo-estimator and --client-lr become (an unset --q: the estimator's own Q).
+    # What an unset --zo-estimator, --client-lr and --zo-step become (an unset --q: the estimator's own Q).
     zo_estimator: str = "central"
     client_lr: float = 1e-4
+    zo_step: str = "sgd"
 
     @property
     def orders(self) -> set[str]:
@@ -75,13 +76,13 @@ class Method:
 
 
 # hosl's defaults: its ZO client probes on its own (cut-grad-one-sided), so 8 probes cost it 8 client
-# forwards beside the clean one and no server work, and ZO-SGD needs a rate about 100x the
-# first-order one; a loss-difference estimator pays a server forward per probe and gets one probe.
-# The embedded default run's client alone (--server-lr 0) reaches 0.99 with these defaults, 0.95
-# with cut-grad's two forwards a probe (the default before, at twice the client's cost a probe) and
-# 0.52 with the central, Q = 1, 1e-4 defaults before that (3 seeds each; on SmolLM2-135M at k = 27,
-# 0.733 against cut-grad's 0.727 at seed 0; benchmarks/bench_client.py, docs/results.md: "Does the
-# client learn?").
+# forwards beside the clean one and no server work; a loss-difference estimator pays a server forward
+# per probe and gets one probe. Its step is normalized by the rms of the step's g, so --client-lr is
+# the step's size on any model: ZO-SGD at 1e-2 (the default before) diverged on SmolLM2-135M, whose g
+# are 30x the built-in model's, and needed a hand-found 6e-5 there; the normalized 5e-3 matches that
+# rate's accuracy on SmolLM2 at k = 27 with no flag and trains the built-in model too
+# (benchmarks/bench_client.py; docs/training.md: "Learning rates", docs/results.md: "Does the client
+# learn?").
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -92,7 +93,8 @@ METHODS: dict[str, Method] = {
             Update(FO, "server_lr"),
             "ZO client, FO server (the paper)",
             zo_estimator="cut-grad-one-sided",
-            client_lr=1e-2,
+            client_lr=5e-3,
+            zo_step="normalized",
         ),
         Method("fo", True, Update(FO, "client_lr"), Update(FO, "server_lr"), "FO on both sides (split learning)"),
         Method("zo", True, Update(ZO, "client_lr"), Update(ZO, "client_lr"), "ZO on both sides, shared seeds"),

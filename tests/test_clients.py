@@ -5,6 +5,7 @@ written here from the primitives; shards, sampling, replay, failures and bad inp
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -111,7 +112,8 @@ def _reference(cfg: TrainConfig):
     RoundClient: per round, each sampled client's clean forward, the server's loss and backward
     there (dL/dh, and its gradient summed), the client's scratch probes and g (cut-grad: h+ - h-
     over 2 mu; one-sided: h+ - h over mu); then the server's optimiser step on the mean gradient and
-    one noise pass per client: -lr/(K Q) g_iq z_iq."""
+    one noise pass per client: -lr/(K Q) g_iq z_iq, lr divided by the rms of the round's K Q g under
+    --zo-step normalized."""
     examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
     tok, model = build(cfg, examples)
     client, server = split_model(model, cfg.split_layer)
@@ -149,6 +151,10 @@ def _reference(cfg: TrainConfig):
                 grads.append(float(torch.dot(grad_h.reshape(-1), (plus - low).reshape(-1))) / (span * cfg.mu))
             entries.append((i, grads, rows))
         k = len(entries)
+        rate = cfg.client_lr
+        if cfg.zo_step == "normalized":
+            every = [g for _, grads, _ in entries for g in grads]
+            rate = cfg.client_lr / math.sqrt(math.fsum(g * g for g in every) / len(every))
         for p in server.parameters():
             if p.grad is not None:
                 p.grad.div_(k)
@@ -156,18 +162,20 @@ def _reference(cfg: TrainConfig):
         optimizer.zero_grad(set_to_none=True)
         for i, grads, rows in entries:
             seeds = [estimators.probe_seed(cfg.seed, rnd, q, i) for q in range(cfg.q)]
-            params.add_(seeds, [0.0 - cfg.client_lr * g / (cfg.q * k) for g in grads], rows=rows)
+            params.add_(seeds, [0.0 - rate * g / (cfg.q * k) for g in grads], rows=rows)
     return dict(client.named_parameters()), dict(server.named_parameters())
 
 
 @pytest.mark.parametrize(
-    "per_round,partition,estimator",
-    [(3, "iid", "cut-grad-one-sided"), (2, "dirichlet", "cut-grad-one-sided"), (2, "dirichlet", "cut-grad")],
-)
-def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partition, estimator):
+    "per_round,partition,estimator,step",
+    [(3, "iid", "cut-grad-one-sided", "normalized"), (2, "dirichlet", "cut-grad-one-sided", "normalized"),
+     (2, "dirichlet", "cut-grad", "normalized"), (3, "iid", "cut-grad-one-sided", "sgd")],
+)  # fmt: skip
+def test_rounds_equal_a_single_process_computation(tmp_path, per_round, partition, estimator, step):
     cfg = cfg_for(
-        tmp_path, clients=3, clients_per_round=per_round, partition=partition, steps=3, zo_estimator=estimator
-    )
+        tmp_path, clients=3, clients_per_round=per_round, partition=partition, steps=3, zo_estimator=estimator,
+        zo_step=step, client_lr=1e-2 if step == "normalized" else 1e-4,
+    )  # fmt: skip
     run(cfg)
     client, server = _weights(tmp_path / "run")
     ref_client, ref_server = _reference(cfg)

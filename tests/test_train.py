@@ -165,6 +165,7 @@ CLIENT_ALONE = {
     "cut-grad-client-lora": dict(zo_estimator="cut-grad", q=8, client_lr=3e-2, client_lora_r=8, server_lora_r=0),
     "cut-grad-bf16-no-master": dict(zo_estimator="cut-grad", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"),
     "cut-grad-one-sided": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2),
+    "cut-grad-one-sided-sgd": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_step="sgd"),
     "cut-grad-jvp": dict(zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2),
     "cut-grad-jvp-bf16-no-master": dict(
         zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"
@@ -188,9 +189,37 @@ def test_zo_client_alone_lowers_the_loss(tmp_path, overrides):
     assert gain > 0.15, gain
 
 
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-opt"])
+@pytest.mark.parametrize("scale", [1.0, 1e3], ids=["loss", "loss-x1000"])
+def test_hosl_defaults_lower_the_loss_on_two_model_shapes_at_any_loss_scale(tmp_path, monkeypatch, model, scale):
+    """hosl with no --client-lr, --q, --zo-estimator or --zo-step, the server frozen: the client alone
+    lowers the loss of a Llama and of an OPT shape, and by as much when the loss (so every g) is 1000
+    times larger, where ZO-SGD at the same rate's steps grow 1000 times and it learns next to nothing
+    (the normalized step's size is --client-lr's, not the gradient's)."""
+    from hosl import split
+
+    forward = split.ServerModel.forward
+
+    def scaled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss * scale
+        return out
+
+    monkeypatch.setattr(split.ServerModel, "forward", scaled)
+    cfg = cfg_for(tmp_path, **{**ALONE, "model": model, "client_lr": None, "q": None, "zo_estimator": None})
+    assert (cfg.zo_step, cfg.zo_estimator) == ("normalized", "cut-grad-one-sided")
+    run(cfg)
+    monkeypatch.setattr(split.ServerModel, "forward", forward)
+    gain = _frozen_server_loss(cfg) - _frozen_server_loss(cfg, tmp_path / "run" / "client.safetensors")
+    assert gain > 0.3, gain  # 0.72 for both shapes at both scales; ZO-SGD at 5e-3: 0.80, then 0.05 and 0.08 at x1000
+
+
 @pytest.mark.parametrize(
-    "name", ["cut-grad-rows", "central", "cut-grad-bf16-no-master", "cut-grad-one-sided", "cut-grad-jvp"]
-)
+    "name",
+    ["cut-grad-rows", "central", "cut-grad-bf16-no-master", "cut-grad-one-sided", "cut-grad-one-sided-sgd",
+     "cut-grad-jvp"],
+)  # fmt: skip
 def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch, name):
     """The check above, with the sign of the ZO update flipped in estimators.end_terms: the loss rises."""
     end_terms = estimators.end_terms
@@ -309,10 +338,12 @@ def test_defaults_per_method():
     """Unset ZO flags take the method's defaults: hosl probes with cut-grad-one-sided, the others as
     before."""
     hosl = TrainConfig()
-    assert (hosl.zo_estimator, hosl.q, hosl.client_lr, hosl.zo_embedding) == ("cut-grad-one-sided", 8, 1e-2, "rows")
+    assert (hosl.zo_estimator, hosl.q, hosl.client_lr, hosl.zo_embedding, hosl.zo_step) == (
+        "cut-grad-one-sided", 8, 5e-3, "rows", "normalized"
+    )  # fmt: skip
     for method in ("fo", "zo", "fo-full", "zo-full"):
         other = TrainConfig(method=method)
-        assert (other.zo_estimator, other.q, other.client_lr) == ("central", 1, 1e-4), method
+        assert (other.zo_estimator, other.q, other.client_lr, other.zo_step) == ("central", 1, 1e-4, "sgd"), method
     assert TrainConfig(zo_estimator="central").q == 1 and TrainConfig(q=3).q == 3
 
 
@@ -762,7 +793,7 @@ def test_a_zo_update_that_leaves_non_finite_weights_stops_the_run(tmp_path, caps
     run stops with one line at that step, exit status 1, and no file holds a non-finite weight (the
     weights, with inf in them, used to be checkpointed and written as the final ones, exit 0)."""
     out = tmp_path / "r"
-    argv = ["--client-lr", "1e38", "--max-skipped", "0", "--steps", "4", "--out", str(out), *extra]
+    argv = ["--zo-step", "sgd", "--client-lr", "1e38", "--max-skipped", "0", "--steps", "4", "--out", str(out), *extra]
     argv += [] if extra else ["--save-every", "1"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -778,7 +809,7 @@ def test_a_zo_update_that_leaves_non_finite_weights_stops_the_run(tmp_path, caps
     [
         (["--dtype", "bfloat16", "--server-lr", "1e38"], "the server's rate 1e+38 overflows its torch.bfloat16"),
         (["--method", "fo", "--dtype", "float16", "--client-lr", "1e6"], "weights became non-finite at step 0"),
-        (["--dtype", "float16", "--client-lr", "1e38"], "zeroth-order weights became non-finite"),
+        (["--dtype", "float16", "--zo-step", "sgd", "--client-lr", "1e38"], "zeroth-order weights became non-finite"),
     ],
     ids=["bf16 server AdamW 1e38", "fp16 fo 1e6", "fp16 zo 1e38"],
 )
