@@ -3,6 +3,8 @@
 Setting: an OPT-125M-shaped model (transformers' OPTConfig defaults: 12 layers, hidden 768, vocab
 50272; random weights, saved once as safetensors under --work), split after layer k in {1, 3, 6},
 batch 16 and 64, sequence 128 (--quick: an 8-layer hidden-256 model, batch 4 and 16, sequence 32).
+--model opt-1.3b takes OPT-1.3B's shape; --model smollm2-135m SmolLM2-135M's (a Llama: 30 blocks of
+hidden 576), cut after block 27 as in bench_client's smollm2 suite.
 
 Each measurement is two fresh processes joined by hosl's dist transport (gloo over loopback), as in
 a real split run: rank 1 loads only the client side with hosl.load_client and runs a SplitClient
@@ -35,6 +37,7 @@ On request (--methods, beside floor and fo, which are always measured):
 * fo-ckpt: fo with --client-checkpointing, each client block recomputed in the backward;
 * fo-sgd-ckpt-fused: fo-sgd with --client-checkpointing and --client-fused-step (each parameter
   stepped and its gradient freed as soon as it is complete): the memory-frugal first-order client;
+* fo-ckpt-fused: the same with AdamW, as bench_client's fo-ckpt runs it;
 * hosl-cut-grad, hosl-one-sided, hosl-jvp: hosl's client with each cut-grad estimator at Q = 1.
 
 Accounted, beside each measurement (bytes; read from the live objects, not estimated):
@@ -53,12 +56,13 @@ largest transient of the training forward) is reported as unaccounted.
     python benchmarks/bench_memory.py           # about 15 minutes on 2 cores
     python benchmarks/bench_memory.py --device cuda --jobs 6   # on a GPU, six measurements at once
     python benchmarks/bench_memory.py --dtype bfloat16 --batches 16 --ks 3 6   # the float32 master or none
+    python benchmarks/bench_memory.py --model smollm2-135m --methods hosl hosl-one-sided fo-ckpt fo-ckpt-fused
 
 Each measurement runs in processes of its own and reads only their peaks, so --jobs N of them may
 run at once without changing the numbers (on a small machine it only slows each one down).
 
 Writes benchmarks/results/bench_memory.jsonl (--quick: bench_memory_quick.jsonl; the other settings
-add _opt-1.3b, _default_malloc, _cuda, _micro8, _bfloat16 to the name), one record per
+add _opt-1.3b, _smollm2-135m, _default_malloc, _cuda, _micro8, _bfloat16 to the name), one record per
 (method, split_layer, batch_size), and the plot benchmarks/results/memory.png (memory against split
 layer, one line per method, one panel per batch size); prints the table.
 """
@@ -90,6 +94,14 @@ from _common import (
 FULL = dict(model=dict(), ks=[1, 3, 6], batches=[16, 64], seq=128)
 # OPT-1.3B's shape (--model opt-1.3b): a second size; its random checkpoint takes 5 GiB of disk.
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048)
+# SmolLM2-135M's shape (--model smollm2-135m: a Llama, 30 blocks of hidden 576, grouped-query attention),
+# cut after block 27 as in bench_client's smollm2 suite.
+SMOLLM2_135M = dict(
+    model=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0,
+               tie_word_embeddings=True),
+    ks=[27], batches=[16, 64], seq=128,
+)  # fmt: skip
 QUICK = dict(
     model=dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, ffn_dim=1024, vocab_size=8192,
                word_embed_proj_dim=256),
@@ -102,13 +114,14 @@ METHODS = ["floor", "hosl", "zo", "fo-sgd", "fo"]
 EXTRA = {
     "fo-ckpt": {"client_checkpointing": True},
     "fo-sgd-ckpt-fused": {"client_checkpointing": True, "client_fused_step": True},
+    "fo-ckpt-fused": {"client_checkpointing": True, "client_fused_step": True},  # bench_client's fo-ckpt
     "hosl-cut-grad": {"zo_estimator": "cut-grad"},
     "hosl-one-sided": {"zo_estimator": "cut-grad-one-sided"},
     "hosl-jvp": {"zo_estimator": "cut-grad-jvp"},
 }
 MARKERS = {
     "floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^", "fo-ckpt": "v",
-    "fo-sgd-ckpt-fused": "<",
+    "fo-sgd-ckpt-fused": "<", "fo-ckpt-fused": ">",
     "hosl-cut-grad": "P", "hosl-one-sided": "p", "hosl-jvp": "*",
 }  # fmt: skip
 
@@ -135,7 +148,8 @@ def worker(spec: dict) -> None:
     device = torch.device(spec.get("device", "cpu"))
     dtype_name = spec.get("dtype", "float32")
     dtype = getattr(torch, dtype_name)
-    peak = Peak(device if role == "client" else torch.device("cpu"))  # the stand-in server computes nothing
+    family = json.loads((Path(spec["checkpoint"]) / "config.json").read_text())["model_type"]
+    peak = Peak(device if role == "client" else torch.device("cpu"), family)  # the stand-in server computes nothing
     torch.manual_seed(0)
     out: dict = {"baseline_bytes": peak.baseline}
 
@@ -235,7 +249,7 @@ class Peak:
     peak of allocated bytes, from a reset here (before the model loads: the CUDA context and
     the libraries' kernels are not tensors and do not count), and its peak reserved beside it."""
 
-    def __init__(self, device):
+    def __init__(self, device, family: str = "opt"):
         import torch
 
         self.device = device
@@ -245,7 +259,7 @@ class Peak:
             torch.cuda.reset_peak_memory_stats(device)
             self.baseline = torch.cuda.memory_allocated(device)
         else:
-            warm_up()
+            warm_up(family)
         self.host_baseline = proc_status("VmRSS")
         if device.type == "cpu":
             self.baseline = self.host_baseline
@@ -263,20 +277,28 @@ class Peak:
         return {"peak_bytes": proc_status("VmHWM") - self.baseline}
 
 
-def warm_up() -> None:
-    """Loads the code every measured process runs (transformers' OPT modules, torch's CPU kernels for
-    the forward, the backward and AdamW, the thread pool) on a toy OPT of a few KiB, so that the
-    baseline holds the libraries' pages and the measurement holds only what the split run allocates."""
+def warm_up(family: str = "opt") -> None:
+    """Loads the code every measured process runs (transformers' modules of the model family, torch's
+    CPU kernels for the forward, the backward and AdamW, the thread pool) on a toy model of that
+    family (OPT or Llama) of a few KiB, so that the baseline holds the libraries' pages and the
+    measurement holds only what the split run allocates."""
     import gc
 
     import torch
     import transformers
 
-    config = transformers.OPTConfig(
-        vocab_size=64, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, num_attention_heads=2,
-        ffn_dim=32, max_position_embeddings=64, dropout=0.0,
-    )  # fmt: skip
-    model = transformers.OPTForCausalLM(config)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.OPTConfig(
+            vocab_size=64, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, num_attention_heads=2,
+            ffn_dim=32, max_position_embeddings=64, dropout=0.0,
+        )  # fmt: skip
+        model = transformers.OPTForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters())
     ids = torch.randint(4, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -363,16 +385,19 @@ def watch_optimizer(optimizer, parts: dict) -> None:
 # The parent: one checkpoint, then a pair of processes (or one, for the floor) per measurement.
 
 
-def make_checkpoint(directory: Path, sizes: dict) -> Path:
+def make_checkpoint(directory: Path, sizes: dict, family: str = "opt") -> Path:
     if (directory / "config.json").exists():
         return directory
     import torch
     import transformers
 
-    log(f"writing a random OPT checkpoint to {directory}")
+    log(f"writing a random {family} checkpoint to {directory}")
     torch.manual_seed(0)
-    config = transformers.OPTConfig(dropout=0.0, attention_dropout=0.0, **sizes)
-    model = transformers.OPTForCausalLM(config).eval()
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).eval()
+    else:
+        config = transformers.OPTConfig(dropout=0.0, attention_dropout=0.0, **sizes)
+        model = transformers.OPTForCausalLM(config).eval()
     model.save_pretrained(directory)
     return directory
 
@@ -445,7 +470,9 @@ def main(argv=None):
     parser.add_argument(
         "--malloc", default="mmap", choices=list(MALLOC), help="mmap: MALLOC_MMAP_THRESHOLD_=131072 (default)"
     )
-    parser.add_argument("--model", default="opt-125m", choices=["opt-125m", "opt-1.3b"], help="the shape (opt-125m)")
+    parser.add_argument(
+        "--model", default="opt-125m", choices=["opt-125m", "opt-1.3b", "smollm2-135m"], help="the shape (opt-125m)"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (16 64; --quick: 4 16)")
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="split layers (1 3 6)")
     parser.add_argument("--work", default=None, help="where the random checkpoint goes (runs/bench_memory)")
@@ -480,6 +507,8 @@ def main(argv=None):
     name = "opt_quick" if args.quick else args.model
     if args.model == "opt-1.3b" and not args.quick:
         setting["model"] = OPT_1_3B
+    if args.model == "smollm2-135m" and not args.quick:
+        setting = dict(SMOLLM2_135M)
     setting["batches"] = args.batches or setting["batches"]
     setting["ks"] = args.ks or setting["ks"]
     if args.jobs < 1:
@@ -499,7 +528,8 @@ def main(argv=None):
         + (f"_{args.dtype}" if args.dtype != "float32" else "")
     )
     work = Path(args.work or REPO / "runs" / "bench_memory")
-    checkpoint = make_checkpoint(work / f"{name}-random", setting["model"])
+    family = "llama" if name.startswith("smollm2") else "opt"
+    checkpoint = make_checkpoint(work / f"{name}-random", setting["model"], family)
     rec = Recorder(args.out / f"bench_memory{suffix}.jsonl", environment())
 
     seq = setting["seq"]
