@@ -87,20 +87,25 @@ def sync_dir(directory: Path) -> None:
     sync_file(directory)
 
 
-def config_digest(config_path: Path, legacy: bool = False) -> str:
+def config_digest(config_path: Path, legacy: bool = False, era: int | None = None) -> str:
     """SHA-256 of the run-defining fields of a config.json (TrainConfig.identity; legacy: as the
-    versions before the resumable fields wrote it)."""
+    versions before the resumable fields wrote it; era: as the versions before config.ADDED[era])."""
     from hosl.config import TrainConfig
 
     try:
         cfg = TrainConfig.from_json(Path(config_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
-    return hashlib.sha256(json.dumps(cfg.identity(legacy), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(cfg.identity(legacy, era), sort_keys=True).encode()).hexdigest()
 
 
 def check_config(manifest: dict, config_path: Path, where: Path) -> None:
-    if manifest.get("config") not in (config_digest(config_path), config_digest(config_path, legacy=True)):
+    """CheckpointError unless the manifest's config digest is the config's, as this version or an
+    older one (config.ADDED) wrote it."""
+    from hosl.config import ADDED
+
+    eras = [config_digest(config_path, era=era) for era in range(len(ADDED) + 1)]
+    if manifest.get("config") not in (*eras, config_digest(config_path, legacy=True)):
         raise CheckpointError(
             f"{config_path}: its settings differ from those {where} was saved with (edited since the save)"
         )

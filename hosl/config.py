@@ -94,6 +94,13 @@ class TrainConfig:
     eval_examples: int | None = field(default=None, metadata=_help("sample this many evaluation examples (seeded)"))
     max_length: int = field(default=64, metadata=_help("tokens per example; longer contexts lose their start"))
     split_layer: int = field(default=1, metadata=_help("the client holds the embeddings and blocks [0, k)"))
+    client_train_blocks: int = field(
+        default=0,
+        metadata=_help(
+            "the client trains only its last N blocks; its embeddings and the blocks below stay frozen, and a ZO "
+            "client runs those once a step instead of once a forward (0: the whole client trains)"
+        ),
+    )
     dtype: str = field(
         default="float32",
         metadata=_help(
@@ -441,6 +448,7 @@ class TrainConfig:
             "save_every",
             "max_skipped",
             "split_layer",
+            "client_train_blocks",
             "client_micro_batch",
             "server_micro_batch",
             "lora_r",
@@ -473,6 +481,11 @@ class TrainConfig:
             raise ValueError(f"--q must be in [1, 64], got {self.q}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
+        if method_of(self.method).split and self.client_train_blocks > self.split_layer:
+            raise ValueError(
+                f"--client-train-blocks {self.client_train_blocks} is more than the client's --split-layer "
+                f"{self.split_layer} blocks"
+            )
         if self.client_lora_fa and not self.client_lora_r:
             raise ValueError("--client-lora-fa needs client adapters: --client-lora-r (or --lora-r) > 0")
         if not (math.isfinite(self.mu) and self.mu > 0):
@@ -506,6 +519,11 @@ class TrainConfig:
         if self.zo_master == "none" and self.dtype == "float32":
             raise ValueError("--zo-master none keeps bfloat16 or float16 weights without a master: it needs --dtype "
                              "bfloat16 or float16 (float32 weights are their own master)")  # fmt: skip
+        if self.client_batch_probes and 0 < self.client_train_blocks < self.split_layer:
+            raise ValueError(
+                "--client-batch-probes runs every block on (probes x batch) rows: it cannot start from the frozen "
+                "blocks' output that --client-train-blocks keeps; drop one"
+            )
         if self.client_batch_probes and self.zo_probes != SCRATCH:
             raise ValueError("--client-batch-probes needs --zo-probes scratch: its probes never write the weights")
         if self.zo_master == "none" and self.zo_probes != SCRATCH:
@@ -581,6 +599,7 @@ class TrainConfig:
             "client_lr": "client_lr" not in method.rates,
             "server_lr": "server_lr" not in method.rates,
             "compression": not method.split,
+            "client_train_blocks": not method.split,
             "client_threads": not method.split,
             "server_threads": not method.split,
             "sync_probes": not method.split,
@@ -699,17 +718,23 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValueError(f"{_flag(name)} must name a column")
 
-    def identity(self, legacy: bool = False) -> dict:
+    def identity(self, legacy: bool = False, era: int | None = None) -> dict:
         """The fields that define the run, which its checkpoints are verified against: everything
         but RUN_ONLY and RESUMABLE. The data fields added with your own files are left out at their
         defaults. legacy: the identity of the versions before RESUMABLE existed (and before the
-        token file's path left it), which their checkpoints' manifests hold."""
+        token file's path left it), which their checkpoints' manifests hold. era: as a version
+        before ADDED[era] wrote it (the fields added since left out where they hold the value runs
+        had before them); legacy implies era 0."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         left_out = RUN_ONLY - {"auth_token_file"} if legacy else RUN_ONLY | RESUMABLE
+        era = 0 if legacy else len(ADDED) if era is None else era
+        before = {name: value for added in ADDED[era:] for name, value in added.items()}
         return {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if k not in left_out and not (k in _ADDED_WITH_FILES and v == defaults[k])
+            if k not in left_out
+            and not (k in _ADDED_WITH_FILES and v == defaults[k])
+            and not (k in before and v == before[k])
         }
 
     def hash(self) -> str:
@@ -792,6 +817,10 @@ RUN_ONLY = frozenset(
 # compares them): the rates, mu and the rate schedule. The client's rate and mu of every step are in
 # zo_log.jsonl, so replay reproduces a run resumed with new ones.
 RESUMABLE = frozenset({"client_lr", "server_lr", "mu", "lr_scheduler", "warmup_steps"})
+# Fields that define a run, added after runs had been saved: one dict a version, oldest first, each
+# field with the value every run had before it existed. A checkpoint saved before a version verifies
+# against the identity without them (TrainConfig.identity's era; hosl.checkpoint.check_config).
+ADDED = ({"zo_step": "sgd", "client_lora_fa": False}, {"client_train_blocks": 0})
 
 
 def _flag(name: str) -> str:
@@ -855,7 +884,7 @@ SECTIONS = {
         "method", "model", "gguf_file", "task", "data_dir", "train_file", "eval_file", "dataset", "dataset_config",
         "train_split", "eval_split", "template", "verbalizers", "text_field", "label_field", "prompt_field",
         "completion_field", "train_examples", "eval_examples", "max_length",
-        "split_layer", "dtype",
+        "split_layer", "client_train_blocks", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha", "client_lora_fa"],
     "the zeroth-order client": ["q", "mu", "zo_step", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",

@@ -101,10 +101,13 @@ def verify_run(run_dir: Path) -> None:
 
 
 def client_zo_params(client, cfg: TrainConfig) -> zo.ZOParams:
-    """The client's ZO buffer as the trainer builds it: its trainable parameters, in order, its
-    embedding tables row-sparse under --zo-embedding rows."""
+    """The client's ZO buffer as the trainer builds it: its trainable parameters (its last
+    --client-train-blocks blocks' alone when set), in order, its embedding tables row-sparse under
+    --zo-embedding rows."""
+    from hosl.split import train_last_blocks
     from hosl.zo import zo_params_of
 
+    train_last_blocks(client, cfg.client_train_blocks)
     return zo_params_of(client, cfg)
 
 

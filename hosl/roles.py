@@ -24,6 +24,7 @@ undoes its probes); both sides see the same losses, so they agree without anothe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -45,11 +46,13 @@ from hosl.scoring import target_scores
 from hosl.split import (
     Activation,
     ClientModel,
+    FrozenPrefix,
     ServerModel,
     checkpoint_blocks,
     labelled_forward,
     labelled_positions,
     split_model,
+    train_last_blocks,
 )
 from hosl.transport import Link, LinkError
 from hosl.zo import zo_params_of
@@ -117,6 +120,8 @@ class SplitClient:
         self.report_bytes = 0  # the last REPORT frame's size (hosl.clients)
         link.max_frame_bytes = frame_bytes_limit(cfg, model.stack.config.hidden_size)
         self.device = device_of(model)
+        frozen = train_last_blocks(model, cfg.client_train_blocks)
+        self.prefix = None  # a ZO client's frozen blocks, run once a step
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         update = self.plan.method.client
         self.rate = getattr(cfg, update.lr)
@@ -131,6 +136,8 @@ class SplitClient:
         else:
             self.zo = zo_params_of(model, cfg)
             zo.check_mu(self.zo, cfg.mu)
+            if frozen:
+                self.prefix = FrozenPrefix(model, frozen)
             if cfg.client_batch_probes:
                 self.zo.attach_batched(model)
             self.token_table = input_embedding(model)
@@ -172,15 +179,22 @@ class SplitClient:
         m = self.cfg.client_micro_batch
         with compute_precision(self.cfg, self.device):
             if not m or m >= len(ids) or torch.is_grad_enabled():
+                self._rows(None)
                 return self.model(input_ids=ids, attention_mask=mask).hidden
             hidden = None
             for lo in range(0, len(ids), m):
+                self._rows(lo)
                 part = self.model(input_ids=ids[lo : lo + m], attention_mask=mask[lo : lo + m]).hidden
                 if hidden is None:
                     hidden = part.new_empty((len(ids), *part.shape[1:]))
                 hidden[lo : lo + m] = part
                 del part
             return hidden
+
+    def _rows(self, lo: int | None) -> None:
+        """Names the rows (from lo, or the whole batch) the next forward runs, for the frozen prefix."""
+        if self.prefix is not None:
+            self.prefix.rows = lo
 
     def _clean_forward(self, batch) -> tuple[torch.Tensor, list | None]:
         """The step's forward at w, and the embedding rows it looked up (hosl.rows)."""
@@ -233,7 +247,7 @@ class SplitClient:
         self._server_meta, self._grad_h, grads = {}, None, []
 
         self._send_batch(step, batch)
-        with torch.no_grad():
+        with torch.no_grad(), self.prefix.step() if self.prefix is not None else contextlib.nullcontext():
             if plan.clean is not None:
                 t = time.perf_counter()
                 hidden, rows = self._clean_forward(batch)
@@ -336,6 +350,7 @@ class SplitClient:
         tangent = None
         with compute_precision(self.cfg, self.device):
             for lo in range(0, len(ids), m):
+                self._rows(None if m >= len(ids) else lo)
                 with zo.forward_mode():
                     out = self.model(input_ids=ids[lo : lo + m], attention_mask=mask[lo : lo + m]).hidden
                     part = fwAD.unpack_dual(out).tangent

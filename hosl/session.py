@@ -35,7 +35,7 @@ from hosl.config import TrainConfig, UsageError
 from hosl.models import build, build_tokenizer, check_hub_reachable, check_model_name, num_blocks
 from hosl.plan import StepPlan, method_of
 from hosl.roles import FullModel, SplitClient, SplitServer, frame_bytes_limit, use_threads
-from hosl.split import ClientModel, ServerModel, split_model, split_summary
+from hosl.split import ClientModel, ServerModel, split_model, split_summary, train_last_blocks
 from hosl.tasks import Batches, load_run_data
 from hosl.transport import LinkError, Network, PeerError, dist_link, dist_links, local_links
 
@@ -173,6 +173,7 @@ def _local(cfg: TrainConfig, run_dir: Path, point, device) -> Iterator[Session]:
         yield Session(cfg, run_dir, point, FullModel(cfg, model, cfg.split_layer), params=params, **data)
         return
     client_model, server_model = split_model(model, cfg.split_layer)
+    train_last_blocks(client_model, cfg.client_train_blocks)  # before the summary counts what trains
     params = _side_params(split_summary(client_model, server_model))
     del model
     if not _rounds(cfg):
@@ -592,6 +593,7 @@ def one_side(cfg: TrainConfig, role: str, train_examples, device: torch.device):
         return loader(cfg.model, cfg.split_layer, dtype=DTYPES[cfg.dtype], device=device), None
     _, model = build(cfg, train_examples)
     client_model, server_model = split_model(model, cfg.split_layer)
+    train_last_blocks(client_model, cfg.client_train_blocks)
     sizes = split_summary(client_model, server_model)
     return (client_model if role == "client" else server_model).to(device), sizes
 

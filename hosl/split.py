@@ -34,6 +34,7 @@ side (they set the shared blocks' flags); the original model's own tie is left a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -48,14 +49,17 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "Activation",
     "ClientModel",
+    "FrozenPrefix",
     "ServerModel",
     "SplitError",
     "SplitSummary",
     "labelled_forward",
     "labelled_positions",
     "check_split",
+    "client_blocks",
     "split_model",
     "split_summary",
+    "train_last_blocks",
 ]
 
 
@@ -286,18 +290,79 @@ class ServerModel(nn.Module):
         return f"{self.source}: blocks [{self.k}, {self.num_blocks}) + final norm + head"
 
 
+def client_blocks(client: ClientModel) -> list[nn.Module]:
+    """The client's k blocks, in the order its forward runs them."""
+    lists = [m for m in client.stack.children() if isinstance(m, nn.ModuleList) and len(m) == client.k]
+    if client.k and len(lists) != 1:
+        raise SplitError(f"{client.source}'s client has no single list of its {client.k} blocks")
+    return list(lists[0]) if client.k else []
+
+
 def checkpoint_blocks(client: ClientModel) -> int:
     """Makes each of the client's blocks keep only its input in the forward and recompute its
     activations in the backward (torch.utils.checkpoint, non-reentrant): a first-order client's saved
     activations shrink to one block's inputs per block plus the one block being recomputed. The
     recomputation repeats the forward, so the gradients are the same. Returns the blocks wrapped."""
-    lists = [m for m in client.stack.children() if isinstance(m, nn.ModuleList) and len(m) == client.k]
-    if client.k and len(lists) != 1:
-        raise SplitError(f"cannot checkpoint {client.source}'s client: no single list of its {client.k} blocks")
-    for block in lists[0] if client.k else ():
+    blocks = client_blocks(client)
+    for block in blocks:
         if not isinstance(block.forward, functools.partial):  # already wrapped: once is enough
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    return client.k
+    return len(blocks)
+
+
+def train_last_blocks(client: ClientModel, n: int) -> int:
+    """--client-train-blocks n: every client weight outside its last n blocks (its embeddings and
+    blocks [0, k - n)) stops training. n = 0 changes nothing. Returns the frozen blocks' count."""
+    if not n:
+        return 0
+    blocks = client_blocks(client)
+    if n > len(blocks):
+        raise SplitError(f"the client has {len(blocks)} blocks: it cannot train its last {n}")
+    kept = {id(p) for block in blocks[len(blocks) - n :] for p in block.parameters()}
+    for p in client.parameters():
+        if id(p) not in kept:
+            p.requires_grad_(False)
+    return len(blocks) - n
+
+
+class FrozenPrefix:
+    """A zeroth-order client's frozen blocks [0, j) (--client-train-blocks) run once a step. Inside
+    `with prefix.step():` the step's first forward runs them and keeps block j - 1's output (one per
+    slice of rows: `prefix.rows` names the slice a forward runs); every later forward of the step
+    gets that output back from each of those blocks, so its work starts at block j. No probe moves
+    a frozen weight, so the kept output is what they would compute again, bit for bit. Outside a
+    step (evaluation) the blocks run as usual."""
+
+    def __init__(self, client: ClientModel, j: int):
+        blocks = client_blocks(client)
+        if not 0 < j <= len(blocks):
+            raise SplitError(f"a frozen prefix of {j} blocks does not fit a client of {len(blocks)}")
+        self.rows = None  # the key of the rows the next forward runs (None: the whole batch)
+        self._outputs: dict | None = None  # block j - 1's outputs of this step, by rows; None outside a step
+        for i, block in enumerate(blocks[:j]):
+            block.forward = self._wrap(block.forward, keep=i == j - 1)
+
+    def _wrap(self, forward, keep: bool):
+        def run(*args, **kwargs):
+            if self._outputs is None:
+                return forward(*args, **kwargs)
+            kept = self._outputs.get(self.rows)
+            if kept is not None:
+                return kept
+            out = forward(*args, **kwargs)
+            if keep:
+                self._outputs[self.rows] = out
+            return out
+
+        return run
+
+    @contextlib.contextmanager
+    def step(self):
+        self._outputs, self.rows = {}, None
+        try:
+            yield self
+        finally:
+            self._outputs, self.rows = None, None
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@
 reference (fo vs fo-full, zo vs zo-full, hosl with a frozen client vs FO on the server alone),
 streaming vs synchronous, dist vs local, replay and resume bit for bit, the CLI's errors."""
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,9 @@ from _procs import free_port
 from safetensors.torch import load_file
 
 from hosl import estimators, noise, zo
-from hosl.config import TrainConfig, parse_config
+from hosl.config import ADDED, TrainConfig, parse_config
 from hosl.models import build
+from hosl.plan import StepPlan
 from hosl.replay import client_zo_params, read_log, replay
 from hosl.split import split_model
 from hosl.tasks import load_examples
@@ -673,6 +676,90 @@ def test_lora_per_side(tmp_path, client_r, server_r, fa):
     _assert_replays(cfg, tmp_path / "run")
 
 
+class _NoPrefix:
+    """hosl.roles.FrozenPrefix that keeps nothing: every forward runs every client block."""
+
+    def __init__(self, client, j):
+        self.rows = None
+
+    def step(self):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    "model,estimator,micro",
+    [("builtin:tiny", "cut-grad-one-sided", 0), ("builtin:tiny-opt", "cut-grad", 3),
+     ("builtin:tiny", "cut-grad-jvp", 3), ("builtin:tiny", "central", 0)],
+    ids=["one-sided", "opt-cut-grad-micro", "jvp-micro", "central"],
+)  # fmt: skip
+def test_client_train_blocks_runs_the_frozen_blocks_once_a_step_to_the_same_bits(tmp_path, monkeypatch, model,
+                                                                                 estimator, micro):  # fmt: skip
+    """--client-train-blocks 1 at k = 3: only the client's last block trains (the embeddings and
+    blocks 0-1 keep their bits, and the run replays); the frozen blocks run once a step (once a row
+    slice with --client-micro-batch) however many forwards the step takes; and every bit of the run
+    is that of the same run with no kept output, whose every forward runs every block."""
+    from hosl import roles
+
+    cfg = cfg_for(tmp_path, "kept", model=model, split_layer=3, client_train_blocks=1, zo_estimator=estimator,
+                  q=3 if estimator != "central" else 1, client_lr=1e-2, steps=3, client_micro_batch=micro,
+                  zo_probes="scratch" if estimator == "cut-grad-jvp" else "inplace")  # fmt: skip
+    calls = {0: 0, 2: 0}  # the real forwards of client blocks 0 (frozen) and 2 (trained) in the steps
+    zo_step, stepping = roles.SplitClient._zo_step, []
+
+    def counted_step(self, *args, **kwargs):
+        stepping.append(True)
+        try:
+            return zo_step(self, *args, **kwargs)
+        finally:
+            stepping.pop()
+
+    def count(module, args):  # attention modules know their block's index
+        if stepping and getattr(module, "layer_idx", None) in calls:
+            calls[module.layer_idx] += 1
+
+    monkeypatch.setattr(roles.SplitClient, "_zo_step", counted_step)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        run(cfg)
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    slices = -(-cfg.batch_size // micro) if micro else 1
+    forwards = len(StepPlan.of(cfg).forwards)
+    assert forwards > 1 and calls[0] == cfg.steps * slices and calls[2] == forwards * calls[0], calls
+    initial = dict(zip((n for n, _ in split_model(_model_and_batch(cfg)[0], 3)[0].named_parameters()),
+                       _initial_client(cfg)))  # fmt: skip
+    after = load_file(tmp_path / "kept" / "client.safetensors")
+    moved = {n for n in after if not torch.equal(after[n], initial[n])}
+    trained = {n for n in after if re.search(r"layers\.2\.", n)}
+    assert moved and moved <= trained and trained, (moved, trained)
+    _assert_replays(cfg, tmp_path / "kept")
+    monkeypatch.setattr(roles, "FrozenPrefix", _NoPrefix)
+    run(dataclasses.replace(cfg, out=str(tmp_path / "every")))
+    every = load_file(tmp_path / "every" / "client.safetensors")
+    kept_log, every_log = (read_log(tmp_path / name / "zo_log.jsonl") for name in ("kept", "every"))
+    if estimator == "cut-grad-jvp":  # its tangent pass runs attention eagerly: the frozen blocks' output
+        # there differs from the clean forward's, which it gets from the kept output, in the last bits
+        for a, b in zip(kept_log, every_log):
+            assert a["grads"] == pytest.approx(b["grads"], rel=1e-4, abs=1e-7)
+        assert all(torch.allclose(after[n], every[n], rtol=0, atol=1e-6) for n in after)
+        return
+    assert all(torch.equal(after[n], every[n]) for n in after)
+    assert kept_log == every_log
+
+
+def test_client_train_blocks_freezes_a_first_order_client_too(tmp_path):
+    """fo with --client-train-blocks 1: the optimiser steps only the client's last block."""
+    cfg = cfg_for(tmp_path, method="fo", split_layer=3, client_train_blocks=1, steps=2, client_lr=1e-3)
+    summary = run(cfg)
+    names = [n for n, _ in split_model(_model_and_batch(cfg)[0], 3)[0].named_parameters()]
+    initial = dict(zip(names, _initial_client(cfg)))
+    after = load_file(tmp_path / "run" / "client.safetensors")
+    moved = {n for n in after if not torch.equal(after[n], initial[n])}
+    trained = {n for n in after if re.search(r"layers\.2\.", n)}
+    assert moved == trained and summary["client_trainable_params"] == sum(after[n].numel() for n in trained)
+
+
 @pytest.mark.parametrize("estimator", ["cut-grad-one-sided", "cut-grad"])
 def test_batched_probes_give_the_sequential_g_on_a_client_lora(tmp_path, estimator):
     """--client-batch-probes: a client LoRA's Q probe forwards as one forward over (Q x batch) rows, each
@@ -916,6 +1003,13 @@ BAD = [
     (["--q", "0"], "--q must be in [1, 64]"),
     (["--mu", "0"], "--mu must be a finite number > 0"),
     (["--client-lora-fa"], "--client-lora-fa needs client adapters"),
+    (["--client-train-blocks", "2"], "--client-train-blocks 2 is more than the client's --split-layer 1 blocks"),
+    (["--client-train-blocks", "-1"], "--client-train-blocks must be >= 0, got -1"),
+    (["--method", "fo-full", "--client-train-blocks", "1"], "--client-train-blocks 1 is not used by --method fo-full"),
+    (
+        ["--split-layer", "3", "--client-train-blocks", "1", "--client-lora-r", "2", "--client-batch-probes"],
+        "--client-batch-probes runs every block on (probes x batch) rows",
+    ),
     (["--method", "fo", "--zo-step", "normalized"], "--zo-step normalized is not used by --method fo"),
     (["--client-lr", "-1"], "--client-lr must be a finite number >= 0"),
     (["--q", "two"], "expected int, got 'two'"),
@@ -1062,8 +1156,8 @@ def test_resume_may_change_the_rates_and_mu_and_replay_follows(tmp_path, capsys,
 
 def test_a_resume_may_add_a_token_and_a_legacy_manifest_verifies(tmp_path):
     """The token file is not part of a run's identity (a run may gain one on resume); a checkpoint
-    whose manifest holds the digest older versions wrote (the rates and the token path in it) still
-    verifies, and a wrong digest does not."""
+    whose manifest holds the digest older versions wrote (the rates and the token path in it, or
+    none of the fields added since) still verifies, and a wrong digest does not."""
     from hosl import checkpoint
 
     run(cfg_for(tmp_path, steps=2, save_every=2))
@@ -1077,6 +1171,10 @@ def test_a_resume_may_add_a_token_and_a_legacy_manifest_verifies(tmp_path):
     assert manifest["config"] != checkpoint.config_digest(config)
     manifest_path.write_text(json.dumps(manifest))
     checkpoint.check_config(manifest, config, manifest_path.parent)
+    for era in range(len(ADDED)):  # saved by a version before the fields of ADDED[era:] existed
+        older = {**manifest, "config": checkpoint.config_digest(config, era=era)}
+        assert older["config"] not in (checkpoint.config_digest(config), manifest["config"])
+        checkpoint.check_config(older, config, manifest_path.parent)
     with pytest.raises(checkpoint.CheckpointError, match="differ from those"):
         checkpoint.check_config({**manifest, "config": "0" * 64}, config, manifest_path.parent)
     assert main(["--resume", str(tmp_path / "run"), "--steps", "3", "--auth-token-file", str(token)]) == 0
