@@ -73,6 +73,10 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         # the memory-frugal first-order client: the same gradients, recomputed blocks, no gradient buffer
         "fo-ckpt": ["--method", "fo", "--client-lr", "1e-5", "--client-checkpointing", "--client-fused-step"],
         "hosl-defaults": [],  # no --client-lr, --q, --zo-estimator or --zo-step: what a user gets
+        # hosl's defaults on the client's last N blocks alone: the blocks below run once a step
+        "hosl-top9": ["--client-train-blocks", "9"],
+        "hosl-top3": ["--client-train-blocks", "3"],
+        "fo-top9": ["--method", "fo", "--client-lr", "1e-5", "--client-train-blocks", "9"],  # its first-order twin
         "hosl-cut-grad-q1": [*zo, "--zo-estimator", "cut-grad", "--q", "1"],
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
         "hosl-cut-grad-q8-all": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--zo-embedding", "all"],
