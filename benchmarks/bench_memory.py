@@ -38,6 +38,8 @@ On request (--methods, beside floor and fo, which are always measured):
 * fo-sgd-ckpt-fused: fo-sgd with --client-checkpointing and --client-fused-step (each parameter
   stepped and its gradient freed as soon as it is complete): the memory-frugal first-order client;
 * fo-ckpt-fused: the same with AdamW, as bench_client's fo-ckpt runs it;
+* hosl-top9, fo-top9 (k >= 9): the client's last 9 blocks alone train (--client-train-blocks 9), by
+  hosl's default estimator (its frozen blocks' output kept for the step) or by fo;
 * hosl-cut-grad, hosl-one-sided, hosl-jvp: hosl's client with each cut-grad estimator at Q = 1.
 
 Accounted, beside each measurement (bytes; read from the live objects, not estimated):
@@ -118,11 +120,15 @@ EXTRA = {
     "hosl-cut-grad": {"zo_estimator": "cut-grad"},
     "hosl-one-sided": {"zo_estimator": "cut-grad-one-sided"},
     "hosl-jvp": {"zo_estimator": "cut-grad-jvp"},
+    # the client's last 9 blocks alone (--client-train-blocks 9; SmolLM2's k = 27): hosl's default
+    # estimator, which keeps the frozen blocks' output for the step, and its first-order twin
+    "hosl-top9": {"zo_estimator": "cut-grad-one-sided", "client_train_blocks": 9},
+    "fo-top9": {"client_train_blocks": 9},
 }
 MARKERS = {
     "floor": "", "hosl": "o", "hosl-no-master": "D", "zo": "x", "fo-sgd": "s", "fo": "^", "fo-ckpt": "v",
     "fo-sgd-ckpt-fused": "<", "fo-ckpt-fused": ">",
-    "hosl-cut-grad": "P", "hosl-one-sided": "p", "hosl-jvp": "*",
+    "hosl-cut-grad": "P", "hosl-one-sided": "p", "hosl-jvp": "*", "hosl-top9": "h", "fo-top9": "H",
 }  # fmt: skip
 
 
