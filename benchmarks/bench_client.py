@@ -77,6 +77,10 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         "hosl-top9": ["--client-train-blocks", "9"],
         "hosl-top3": ["--client-train-blocks", "3"],
         "fo-top9": ["--method", "fo", "--client-lr", "1e-5", "--client-train-blocks", "9"],  # its first-order twin
+        # hosl's defaults with the exact estimator, and in bfloat16 with no float32 master
+        "hosl-jvp": ["--zo-estimator", "cut-grad-jvp"],
+        "hosl-bf16-no-master": ["--dtype", "bfloat16", "--zo-master", "none"],
+        "hosl-jvp-bf16-no-master": ["--zo-estimator", "cut-grad-jvp", "--dtype", "bfloat16", "--zo-master", "none"],
         "hosl-cut-grad-q1": [*zo, "--zo-estimator", "cut-grad", "--q", "1"],
         "hosl-cut-grad-q8": [*zo, "--zo-estimator", "cut-grad", "--q", "8"],
         "hosl-cut-grad-q8-all": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--zo-embedding", "all"],
