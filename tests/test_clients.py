@@ -86,8 +86,9 @@ NO_MASTER = dict(dtype="bfloat16", zo_master="none", weight_decay=0.1)
         (2, NO_MASTER),
         (2, {"zo_estimator": "cut-grad-one-sided"}),
         (2, {"zo_estimator": "cut-grad-jvp"}),
+        (2, {"zo_estimator": "cut-grad-one-sided", "split_layer": 3, "client_train_blocks": 1}),
     ],
-    ids=["all-sampled", "two-of-three", "bf16-no-master", "one-sided", "jvp"],
+    ids=["all-sampled", "two-of-three", "bf16-no-master", "one-sided", "jvp", "last-block"],
 )
 def test_every_client_holds_the_same_bits_after_every_round(tmp_path, monkeypatch, per_round, extra):
     """Stochastically rounded updates and decay (no float32 master) included: each client draws the
