@@ -116,14 +116,15 @@ class FlatParams:
 
 def _packed(params, offsets, total, dtype=torch.float32):
     """The buffer the parameters already are, when they are contiguous views of `dtype` lying one
-    after the other, in order, from the start of one storage (as hosl.load_client lays them out):
-    adopted as `.flat` with no copy. None otherwise."""
+    after the other, in order, in one storage (as hosl.load_client lays them out; the trained ones
+    may be a run of it, such as the client's last blocks under --client-train-blocks): adopted as
+    `.flat`, a view of that run, with no copy. None otherwise."""
     if not params or any(p.dtype != dtype or not p.is_contiguous() for p in params):
         return None
-    storage = params[0].untyped_storage()
+    storage, base = params[0].untyped_storage(), params[0].storage_offset()
     for p, start in zip(params, offsets):
-        if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != start:
+        if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != base + start:
             return None
-    if storage.nbytes() < total * params[0].element_size():
+    if storage.nbytes() < (base + total) * params[0].element_size():
         return None
-    return params[0].detach().new_empty(0).set_(storage, 0, (total,), (1,))
+    return params[0].detach().new_empty(0).set_(storage, base, (total,), (1,))

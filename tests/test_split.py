@@ -15,7 +15,7 @@ import hosl
 from hosl import split
 from hosl.loading import load_client, load_server
 from hosl.scoring import candidate_scores, target_scores
-from hosl.split import Activation, SplitError, labelled_positions, split_model, split_summary
+from hosl.split import Activation, SplitError, labelled_positions, split_model, split_summary, train_last_blocks
 
 
 def _split_forward(m, k, ids, mask, labels):
@@ -278,6 +278,18 @@ def test_loaded_client_is_one_buffer_that_zo_adopts(tmp_path, family, device):
         hidden = client(input_ids=ids.to(device), attention_mask=mask.to(device)).hidden.cpu()
         atol = 0 if device == "cpu" else 1e-5  # another device's kernels round differently
         torch.testing.assert_close(hidden, c_ref(input_ids=ids, attention_mask=mask).hidden, rtol=0, atol=atol)
+    last = load_client(tmp_path, 2, device=device)  # --client-train-blocks 1: the last block's run of the buffer
+    frozen = train_last_blocks(last, 1)
+    trained = [(n, p) for n, p in last.named_parameters() if p.requires_grad]
+    assert frozen == 1 and trained and all(".1." in n for n, _ in trained)
+    start = trained[0][1].data_ptr()
+    zo_params = ZOParams(trained)
+    flat = zo_params.flat.flat
+    assert flat.data_ptr() == start and flat.untyped_storage().data_ptr() == base_of(last)  # a view: no copy
+
+
+def base_of(module) -> int:
+    return next(module.parameters()).untyped_storage().data_ptr()
 
 
 def test_load_from_pytorch_bin(tmp_path):
