@@ -95,8 +95,10 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         "hosl-one-sided-q8": [*zo, "--zo-estimator", "cut-grad-one-sided", "--q", "8"],
         "hosl-normalized-q8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
                                "cut-grad-one-sided", "--q", "8"],
-        "hosl-normalized-lora-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
-                                    "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r", "0"],
+        **{f"hosl-normalized-lora-r{r}": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
+                                          "cut-grad-one-sided", "--q", "8", "--client-lora-r", r,
+                                          "--server-lora-r", "0"]
+           for r in ("4", "8", "16")},  # the rank sweep
         "hosl-normalized-lora-fa-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
                                        "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r",
                                        "0", "--client-lora-fa"],
