@@ -32,7 +32,7 @@ import torch
 
 from hosl import auth
 from hosl.boundary import MAX_FRAME_BYTES, FrameError
-from hosl.transport import Link, LinkError, LinkTimeout
+from hosl.transport import Link, LinkError, LinkSetupError, LinkTimeout
 
 __all__ = ["TLS", "GrpcLink", "dial", "serve"]
 
@@ -52,7 +52,7 @@ def _grpc():
     try:
         import grpc
     except ImportError:
-        raise LinkError("--transport grpc needs grpcio: pip install 'hosl[grpc]'") from None
+        raise LinkSetupError("--transport grpc needs grpcio: pip install 'hosl[grpc]'") from None
     return grpc
 
 
@@ -74,12 +74,12 @@ class TLS:
         try:
             return Path(path).expanduser().read_bytes()
         except OSError as exc:
-            raise LinkError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+            raise LinkSetupError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
     def server_credentials(self):
         grpc = _grpc()
         if not (self.cert and self.key):
-            raise LinkError("a TLS server needs --tls-cert and --tls-key (or --insecure for plain text)")
+            raise LinkSetupError("a TLS server needs --tls-cert and --tls-key (or --insecure for plain text)")
         pair = [(self._read(self.key, "--tls-key"), self._read(self.cert, "--tls-cert"))]
         client_ca = self._read(self.client_ca, "--tls-client-ca")
         return grpc.ssl_server_credentials(
@@ -89,7 +89,7 @@ class TLS:
     def channel_credentials(self):
         grpc = _grpc()
         if bool(self.cert) != bool(self.key):
-            raise LinkError("a client certificate needs both --tls-cert and --tls-key")
+            raise LinkSetupError("a client certificate needs both --tls-cert and --tls-key")
         return grpc.ssl_channel_credentials(
             root_certificates=self._read(self.ca, "--tls-ca"),
             private_key=self._read(self.key, "--tls-key"),
@@ -304,9 +304,9 @@ def serve(
     try:
         port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as exc:
-        raise LinkError(f"cannot listen on {listen}: {exc}") from None
+        raise LinkSetupError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:
-        raise LinkError(f"cannot listen on {listen} (in use, or not an address of this machine?)")
+        raise LinkSetupError(f"cannot listen on {listen} (in use, or not an address of this machine?)")
     server.start()
     return Server(server, port, threads, threads_lock)
 

@@ -165,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.transport != "grpc":
             raise UsageError("hosl.serve serves --transport grpc")
         return serve_run(cfg)
-    except (UsageError, ValueError, LinkError, ModelError, SplitError) as exc:
+    except (UsageError, ValueError, ModelError, SplitError) as exc:
         if os.environ.get("HOSL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LinkError as exc:  # the run's clients are gone (hosl.train's status for a lost peer)
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -70,6 +70,11 @@ class LinkError(RuntimeError):
     """The link is broken: the peer closed it, died, or sent something unusable."""
 
 
+class LinkSetupError(ValueError):
+    """The link's own flags or files are bad (a certificate that cannot be read, an address that
+    cannot be listened on, grpcio not installed): bad input, found before any peer is reached."""
+
+
 class LinkTimeout(LinkError, TimeoutError):
     """The peer did not answer within the link's timeout."""
 

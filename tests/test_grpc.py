@@ -239,6 +239,35 @@ def test_an_unreachable_server_and_bad_grpc_flags_are_one_line(tmp_path, capsys)
     assert f"--out {tmp_path / 's'} holds checkpoints of a run: --resume" in _last_line(capsys)
 
 
+def test_bad_link_files_are_bad_input_and_a_lost_run_is_status_1(tmp_path, pki, capsys, monkeypatch):
+    """A certificate that cannot be read, half a client pair and an address that cannot be listened on are
+    bad input on both sides (one line, exit status 2, nothing written); clients lost while hosl.serve runs
+    are status 1, as a lost peer is for hosl.train."""
+    from hosl import serve
+    from hosl.transport import LinkError
+
+    token = ["--auth-token-file", str(pki / "token")]
+    dial = ["--transport", "grpc", "--server", "127.0.0.1:1", *token, "--timeout", "2", "--out", str(tmp_path / "r")]
+    assert main([*dial, "--tls-ca", str(tmp_path / "nothing")]) == 2
+    assert f"cannot read --tls-ca {tmp_path / 'nothing'}" in _last_line(capsys)
+    assert main([*dial, "--tls-ca", str(pki / "ca"), "--tls-cert", str(pki / "client.pem")]) == 2
+    assert "a client certificate needs both --tls-cert and --tls-key" in _last_line(capsys)
+    assert not (tmp_path / "r").exists()
+    out = ["--out", str(tmp_path / "s")]
+    missing = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(tmp_path / "nothing")]
+    assert serve.main(["--listen", "127.0.0.1:0", *token, *missing, *out]) == 2
+    assert f"cannot read --tls-key {tmp_path / 'nothing'}" in _last_line(capsys)
+    assert serve.main(["--listen", "256.0.0.1:0", "--insecure", *out]) == 2
+    assert "cannot listen on 256.0.0.1:0" in _last_line(capsys)
+
+    def lost(cfg):
+        raise LinkError("client 0 left at round 3 (--on-client-loss fail): gone")
+
+    monkeypatch.setattr(serve, "serve_run", lost)
+    assert serve.main(["--listen", "127.0.0.1:0", "--insecure", *out]) == 1
+    assert "client 0 left at round 3" in _last_line(capsys)
+
+
 @pytest.mark.slow
 def test_hostile_streams_end_their_own_session_and_the_server_serves_on(tmp_path, pki):
     """Raw gRPC streams to hosl.serve: a message over the run's frame limit (refused by gRPC before it
