@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +104,17 @@ def _scalar(t: torch.Tensor) -> float:
 def device_of(model: torch.nn.Module) -> torch.device:
     """Where a side computes: its parameters' device. Frames arrive as CPU tensors and are moved there."""
     return next(model.parameters()).device
+
+
+@dataclass
+class _Tally:
+    """One ZO step's running account: the client's compute seconds, the meta of the server's last
+    answer (its time), and a local estimator's clean loss and dL/dh once read."""
+
+    client_s: float = 0.0
+    server_meta: dict = field(default_factory=dict)
+    grad_h: torch.Tensor | None = None
+    clean_loss: float | None = None
 
 
 class SplitClient:
@@ -240,18 +251,18 @@ class SplitClient:
         before the probes with --sync-probes. The same bits either way."""
         cfg, plan, est = self.cfg, self.plan, self.plan.estimator
         start = time.perf_counter()
-        self._client_s = 0.0
+        tally = _Tally()
         losses: dict[tuple[int, int], float] = {}
         pending: list = []  # uploads whose answers are not read yet
         kept: dict[tuple[int, int], torch.Tensor] = {}  # a local estimator's activations, by key
-        self._server_meta, self._grad_h, grads = {}, None, []
+        grads = []
 
         self._send_batch(step, batch)
         with torch.no_grad(), self.prefix.step() if self.prefix is not None else contextlib.nullcontext():
             if plan.clean is not None:
                 t = time.perf_counter()
                 hidden, rows = self._clean_forward(batch)
-                self._client_s += time.perf_counter() - t
+                tally.client_s += time.perf_counter() - t
                 self._upload(step, plan.clean, hidden)
                 if est.keeps_clean:
                     kept[CLEAN] = hidden
@@ -259,7 +270,7 @@ class SplitClient:
                 if plan.clean.answer != GRAD:
                     pending.append(plan.clean)
                 elif cfg.sync_probes:  # the probes' projections need dL/dh: wait for it first
-                    self._read_grad_h(step)
+                    self._read_grad_h(step, tally)
             else:
                 rows = step_rows(self.zo, batch, token_table=self.token_table)
             t = time.perf_counter()
@@ -271,44 +282,44 @@ class SplitClient:
                 if forward.key not in kept:
                     kept[forward.key] = self._tangent_forward(batch) if est.exact else self._forward(batch)
                 if forward.upload:
-                    self._client_s += time.perf_counter() - t
+                    tally.client_s += time.perf_counter() - t
                     self._upload(step, forward, kept.pop(forward.key))
                     pending.append(forward)
                     if cfg.sync_probes:
-                        self._drain(step, pending, losses)
+                        self._drain(step, pending, losses, tally)
                     t = time.perf_counter()
                     continue
                 direction = est.difference(kept, forward.probe)
                 if direction is None:
                     continue
-                if self._grad_h is None:  # the wait for dL/dh is not client compute
-                    self._client_s += time.perf_counter() - t
-                    self._read_grad_h(step)
+                if tally.grad_h is None:  # the wait for dL/dh is not client compute
+                    tally.client_s += time.perf_counter() - t
+                    self._read_grad_h(step, tally)
                     t = time.perf_counter()
-                grads.append(est.project(self._grad_h, direction, cfg.mu))
+                grads.append(est.project(tally.grad_h, direction, cfg.mu))
                 del direction
-            self._client_s += time.perf_counter() - t
+            tally.client_s += time.perf_counter() - t
             kept.clear()
-            self._drain(step, pending, losses)
+            self._drain(step, pending, losses, tally)
             t = time.perf_counter()
             if est.local:
-                clean, extra = self._clean_loss, [self._clean_loss]
+                clean, extra = tally.clean_loss, [tally.clean_loss]
             else:
                 clean = losses.pop(CLEAN, None)
                 extra = [*losses.values(), *(() if clean is None else (clean,))]
                 grads = plan.grads(losses if clean is None else {**losses, CLEAN: clean})
-            self._grad_h = None
+            tally.grad_h = None  # freed before the update
             loss = clean if clean is not None else sum(losses.values()) / len(losses)
             if report:
                 self._report(step, grads, rows, loss)
                 skipped = not finite([*grads, *extra])
             else:
                 skipped = plan.end(self.zo, step, [(0, grads, rows)], self.lr(step), cfg.weight_decay, extra)
-            self._client_s += time.perf_counter() - t
+            tally.client_s += time.perf_counter() - t
         wall = time.perf_counter() - start
-        server_s = float(self._server_meta.get("server_s", 0.0))
+        server_s = float(tally.server_meta.get("server_s", 0.0))
         encoded = zo.encode_rows(rows) if rows is not None else None
-        client_s = self._client_s
+        client_s = tally.client_s
         return StepStats(loss, client_s, server_s, max(wall - client_s - server_s, 0.0), skipped, grads, encoded)
 
     def _batched_probes(self, step: int, batch, kept: dict):
@@ -331,16 +342,16 @@ class SplitClient:
             del out
         yield from probes
 
-    def _drain(self, step: int, pending: list, losses: dict) -> None:
+    def _drain(self, step: int, pending: list, losses: dict, tally: _Tally) -> None:
         """Read the answers of the uploads sent so far, into `losses` by key."""
         while pending:
             forward = pending.pop(0)
-            losses[forward.key], _, self._server_meta = self._answer(step, forward)
+            losses[forward.key], _, tally.server_meta = self._answer(step, forward)
 
-    def _read_grad_h(self, step: int) -> None:
+    def _read_grad_h(self, step: int, tally: _Tally) -> None:
         """A local estimator's answer to the clean upload: its loss, and dL/dh in float32."""
-        self._clean_loss, grad, self._server_meta = self._answer(step, self.plan.clean)
-        self._grad_h = grad.to(self.device, torch.float32)
+        tally.clean_loss, grad, tally.server_meta = self._answer(step, self.plan.clean)
+        tally.grad_h = grad.to(self.device, torch.float32)
 
     def _tangent_forward(self, batch) -> torch.Tensor:
         """J_w h . z of the current tangent (the plan's probe context): the activation's tangent from
