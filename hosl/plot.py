@@ -1,7 +1,7 @@
 """`python -m hosl.plot RUN_DIR [OUT.png]`: a run's loss, evaluation score (accuracy, or a generation
-task's eval loss) and step time against
-the step, from its metrics.jsonl, as one PNG (default RUN_DIR/metrics.png). Needs matplotlib
-(`pip install 'hosl[plot]'`)."""
+task's eval loss) and step time against the step, from its metrics.jsonl, as one PNG (default
+RUN_DIR/metrics.png). `python -m hosl.plot RUN_DIR RUN_DIR ... OUT.png`: several runs' curves on the
+same axes, each named by its directory, to compare them. Needs matplotlib (`pip install 'hosl[plot]'`)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
-def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's curves into out (default RUN_DIR/metrics.png); returns the path."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -37,20 +36,65 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("hosl.plot needs matplotlib: pip install 'hosl[plot]'") from None
-    run_dir = Path(run_dir)
-    steps, evals = read_metrics(run_dir)
-    out = Path(out) if out is not None else run_dir / "metrics.png"
-    x = [r["step"] + 1 for r in steps]  # steps done, as the console counts (older logs lack steps_done)
-    fig, (loss_ax, acc_ax, time_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    loss_ax.plot(x, [math.nan if r["loss"] is None else r["loss"] for r in steps], lw=1)  # null: non-finite
-    loss_ax.set_ylabel("training loss")
+    return plt
+
+
+def curves(run_dir: str | Path) -> dict:
+    """A run's curves from its metrics.jsonl: steps done, loss (nan where non-finite), the evaluations'
+    steps and score (its name too: eval_accuracy, or eval_loss for a generation task), and each
+    step's time (client, link and server together)."""
+    steps, evals = read_metrics(Path(run_dir))
     score = "eval_loss" if evals and "eval_loss" in evals[0] else "eval_accuracy"
-    acc_ax.plot([r["step"] + 1 for r in evals], [r[score] for r in evals], "o-")
-    acc_ax.set_ylabel(score.replace("_", " "))
-    bottom = [0.0] * len(steps)
-    for key in ("client_s", "link_s", "server_s"):
-        values = [r.get(key, 0.0) for r in steps]
-        time_ax.bar(x, values, bottom=bottom, width=1.0, label=key.removesuffix("_s"))
+    return {
+        "x": [r["step"] + 1 for r in steps],  # steps done, as the console counts (older logs lack steps_done)
+        "loss": [math.nan if r["loss"] is None else r["loss"] for r in steps],  # null: non-finite
+        "eval_x": [r["step"] + 1 for r in evals],
+        "score_name": score,
+        "score": [r[score] for r in evals],
+        "times": {k.removesuffix("_s"): [r.get(k, 0.0) for r in steps] for k in ("client_s", "link_s", "server_s")},
+    }
+
+
+def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Several runs' loss, evaluation score and step time on shared axes, one line per run (named by
+    its directory), into out; returns the path. ValueError for runs of different scores."""
+    names = [Path(d).name for d in run_dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]  # the path where names clash
+    runs = {label: curves(d) for label, d in zip(labels, run_dirs)}
+    names = {c["score_name"] for c in runs.values() if c["eval_x"]}
+    if len(names) > 1:
+        raise ValueError(f"the runs are scored differently ({' and '.join(sorted(names))}): compare like with like")
+    plt = _pyplot()
+    fig, (loss_ax, score_ax, time_ax) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for name, c in runs.items():
+        (line,) = loss_ax.plot(c["x"], c["loss"], lw=1, label=name)
+        score_ax.plot(c["eval_x"], c["score"], "o-", color=line.get_color())
+        time_ax.plot(c["x"], [sum(t) for t in zip(*c["times"].values())], lw=1, color=line.get_color())
+    loss_ax.set_ylabel("training loss")
+    loss_ax.legend(fontsize="small")
+    score_ax.set_ylabel((names.pop() if names else "eval_accuracy").replace("_", " "))
+    time_ax.set_ylabel("step time (s)")
+    time_ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's curves into out (default RUN_DIR/metrics.png); returns the path."""
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    c = curves(run_dir)
+    out = Path(out) if out is not None else run_dir / "metrics.png"
+    fig, (loss_ax, acc_ax, time_ax) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    loss_ax.plot(c["x"], c["loss"], lw=1)
+    loss_ax.set_ylabel("training loss")
+    acc_ax.plot(c["eval_x"], c["score"], "o-")
+    acc_ax.set_ylabel(c["score_name"].replace("_", " "))
+    bottom = [0.0] * len(c["x"])
+    for key, values in c["times"].items():
+        time_ax.bar(c["x"], values, bottom=bottom, width=1.0, label=key)
         bottom = [b + v for b, v in zip(bottom, values)]
     time_ax.set_ylabel("step time (s)")
     time_ax.set_xlabel("step")
@@ -64,11 +108,12 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2):
-        print("usage: python -m hosl.plot RUN_DIR [OUT.png]", file=sys.stderr)
+    runs, out = (argv[:-1], argv[-1]) if argv and argv[-1].endswith(".png") else (argv, None)
+    if not runs or (len(runs) > 1 and out is None):
+        print("usage: python -m hosl.plot RUN_DIR [OUT.png], or RUN_DIR RUN_DIR ... OUT.png", file=sys.stderr)
         return 2
     try:
-        out = plot(*argv)
+        out = plot(runs[0], out) if len(runs) == 1 else compare(runs, out)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

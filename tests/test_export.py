@@ -1,6 +1,7 @@
 """hosl.export: the exported directory loads with transformers' from_pretrained and computes the split
 pair's logits, for an untied and a tied head, a finished run and a checkpoint; bad input is one line."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,33 @@ def test_plot_draws_a_runs_curves(tmp_path, capsys):
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "loss"\n')
     assert plot_main([str(tmp_path / "run")]) == 2
     assert "metrics.jsonl:1: not a JSON line" in capsys.readouterr().err
+
+
+def test_plot_compares_runs_on_shared_axes(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from hosl.plot import curves
+    from hosl.plot import main as plot_main
+
+    runs = [tmp_path / "fo", tmp_path / "hosl"]
+    train.run(cfg_for(tmp_path, "fo", method="fo", steps=4, eval_every=2))
+    train.run(cfg_for(tmp_path, "hosl", steps=6, eval_every=3))
+    for run in runs:  # the curves are the run's log: each step's loss and time, each evaluation's accuracy
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        c = curves(run)
+        logged = [r for r in records if "loss" in r and "eval_accuracy" not in r]
+        assert c["x"] == [r["steps_done"] for r in logged] and c["loss"] == [r["loss"] for r in logged]
+        assert c["score"] == [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
+        assert c["times"]["client"] == [r["client_s"] for r in logged]
+    assert len(curves(runs[1])["x"]) == 6 and len(curves(runs[1])["score"]) == 2
+    png = tmp_path / "compare.png"
+    assert plot_main([*map(str, runs), str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_main([*map(str, runs)]) == 2  # several runs need OUT.png
+    assert "usage: python -m hosl.plot" in capsys.readouterr().err
+    lines = (runs[0] / "metrics.jsonl").read_text().replace('"eval_accuracy"', '"eval_loss"')
+    (runs[0] / "metrics.jsonl").write_text(lines)
+    assert plot_main([*map(str, runs), str(png)]) == 2
+    assert "scored differently (eval_accuracy and eval_loss)" in capsys.readouterr().err
 
 
 def test_a_lora_run_exports_as_a_peft_adapter(tmp_path):
