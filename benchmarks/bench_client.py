@@ -98,7 +98,7 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         **{f"hosl-normalized-lora-r{r}": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
                                           "cut-grad-one-sided", "--q", "8", "--client-lora-r", r,
                                           "--server-lora-r", "0"]
-           for r in ("4", "8", "16")},  # the rank sweep
+           for r in ("2", "4", "8", "16")},  # the rank sweep
         # the same r = 8 client with its Q probe forwards run as one forward over Q x batch rows
         "hosl-normalized-lora-r8-batched": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
                                             "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8",
