@@ -27,6 +27,30 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def test_every_bench_client_variant_is_a_config_the_trainer_takes():
+    """Each bench_client variant's flags, on its suite's own, parse into a config the trainer accepts:
+    a refused combination (a flag the method does not read, two that exclude each other) fails here,
+    not an hour into a suite."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_client
+    finally:
+        sys.path.remove(str(BENCH))
+    from hosl.config import parse_config
+
+    suites = {
+        "default": (["--server-lr", "0"], bench_client.DEFAULT_VARIANTS),
+        "smollm2": ([*bench_client.SMOLLM2_BASE, "--split-layer", "27"], bench_client.smollm2_variants("6e-5")),
+    }
+    for suite, (base, variants) in suites.items():
+        assert len(variants) > 5
+        for name, flags in variants.items():
+            try:
+                parse_config([*base, *flags])
+            except (SystemExit, ValueError) as exc:
+                pytest.fail(f"bench_client --suite {suite} --variants {name}: {exc}")
+
+
 @pytest.mark.slow
 def test_bench_memory_quick(tmp_path):
     stdout = run("bench_memory.py", "--quick", "--ks", 1, "--batches", 4, "--out", tmp_path, "--work", tmp_path)
