@@ -99,10 +99,12 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
                                           "cut-grad-one-sided", "--q", "8", "--client-lora-r", r,
                                           "--server-lora-r", "0"]
            for r in ("2", "4", "8", "16")},  # the rank sweep
-        # the same r = 8 client with its Q probe forwards run as one forward over Q x batch rows
-        "hosl-normalized-lora-r8-batched": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
-                                            "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8",
-                                            "--server-lora-r", "0", "--client-batch-probes"],
+        # the same clients with their Q probe forwards run as one forward over Q x batch rows
+        **{f"hosl-normalized-lora-r{r}-batched": ["--zo-step", "normalized", "--client-lr", normalized_lr,
+                                                  "--zo-estimator", "cut-grad-one-sided", "--q", "8",
+                                                  "--client-lora-r", r, "--server-lora-r", "0",
+                                                  "--client-batch-probes"]
+           for r in ("4", "8")},
         "hosl-normalized-lora-fa-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
                                        "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r",
                                        "0", "--client-lora-fa"],
