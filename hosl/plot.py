@@ -61,9 +61,9 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     names = [Path(d).name for d in run_dirs]
     labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]  # the path where names clash
     runs = {label: curves(d) for label, d in zip(labels, run_dirs)}
-    names = {c["score_name"] for c in runs.values() if c["eval_x"]}
-    if len(names) > 1:
-        raise ValueError(f"the runs are scored differently ({' and '.join(sorted(names))}): compare like with like")
+    scores = {c["score_name"] for c in runs.values() if c["eval_x"]}
+    if len(scores) > 1:
+        raise ValueError(f"the runs are scored differently ({' and '.join(sorted(scores))}): compare like with like")
     plt = _pyplot()
     fig, (loss_ax, score_ax, time_ax) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for name, c in runs.items():
@@ -72,7 +72,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
         time_ax.plot(c["x"], [sum(t) for t in zip(*c["times"].values())], lw=1, color=line.get_color())
     loss_ax.set_ylabel("training loss")
     loss_ax.legend(fontsize="small")
-    score_ax.set_ylabel((names.pop() if names else "eval_accuracy").replace("_", " "))
+    score_ax.set_ylabel((scores.pop() if scores else "eval_accuracy").replace("_", " "))
     time_ax.set_ylabel("step time (s)")
     time_ax.set_xlabel("step")
     fig.tight_layout()

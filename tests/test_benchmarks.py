@@ -1,7 +1,8 @@
 """The benchmark scripts end to end on their smallest settings: they run, and what they record holds
 together (the floor under hosl under fo, AdamW's state twice the gradients, dist's bytes exactly the
 local bytes plus the 8-byte length of each frame, zo equal to zo-full); slow: minutes in all. And
-their flags' errors: one line and exit status 2, before any work (fast)."""
+their flags' errors: one line and exit status 2, before any work (fast); and bench_client's variants
+are configs the trainer takes (fast)."""
 
 import json
 import subprocess
