@@ -67,6 +67,13 @@ SMOLLM2_BASE = ["--server-lr", "1e-5", "--optimizer", "adamw"]
 
 def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, list[str]]:
     zo = ["--zo-step", "sgd", "--client-lr", client_lr]  # ZO-SGD at a rate found by hand
+    # the normalized step at --normalized-lr, one-sided, Q = 8; on a client LoRA of rank r (the server in full)
+    normalized = ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator", "cut-grad-one-sided",
+                  "--q", "8"]  # fmt: skip
+
+    def lora(r: str) -> list[str]:
+        return [*normalized, "--client-lora-r", r, "--server-lora-r", "0"]
+
     return {  # in the order they run: the cheap and telling ones first
         "frozen-client": ["--method", "hosl", "--client-lr", "0", "--zo-estimator", "cut-grad", "--q", "1"],
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
@@ -93,21 +100,11 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         "hosl-client-lora-r8": [*zo, "--zo-estimator", "cut-grad", "--q", "8", "--client-lora-r", "8",
                                 "--server-lora-r", "0"],
         "hosl-one-sided-q8": [*zo, "--zo-estimator", "cut-grad-one-sided", "--q", "8"],
-        "hosl-normalized-q8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
-                               "cut-grad-one-sided", "--q", "8"],
-        **{f"hosl-normalized-lora-r{r}": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
-                                          "cut-grad-one-sided", "--q", "8", "--client-lora-r", r,
-                                          "--server-lora-r", "0"]
-           for r in ("2", "4", "8", "16")},  # the rank sweep
+        "hosl-normalized-q8": [*normalized],
+        **{f"hosl-normalized-lora-r{r}": lora(r) for r in ("2", "4", "8", "16")},  # the rank sweep
         # the same clients with their Q probe forwards run as one forward over Q x batch rows
-        **{f"hosl-normalized-lora-r{r}-batched": ["--zo-step", "normalized", "--client-lr", normalized_lr,
-                                                  "--zo-estimator", "cut-grad-one-sided", "--q", "8",
-                                                  "--client-lora-r", r, "--server-lora-r", "0",
-                                                  "--client-batch-probes"]
-           for r in ("4", "8")},
-        "hosl-normalized-lora-fa-r8": ["--zo-step", "normalized", "--client-lr", normalized_lr, "--zo-estimator",
-                                       "cut-grad-one-sided", "--q", "8", "--client-lora-r", "8", "--server-lora-r",
-                                       "0", "--client-lora-fa"],
+        **{f"hosl-normalized-lora-r{r}-batched": [*lora(r), "--client-batch-probes"] for r in ("4", "8")},
+        "hosl-normalized-lora-fa-r8": [*lora("8"), "--client-lora-fa"],
         "hosl-jvp-q8": [*zo, "--zo-estimator", "cut-grad-jvp", "--q", "8"],
         "hosl-jvp-q8-bf16-no-master": [*zo, "--zo-estimator", "cut-grad-jvp", "--q", "8", "--dtype", "bfloat16",
                                        "--zo-master", "none"],
