@@ -165,16 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.transport != "grpc":
             raise UsageError("hosl.serve serves --transport grpc")
         return serve_run(cfg)
-    except (UsageError, ValueError, ModelError, SplitError) as exc:
+    except (UsageError, ValueError, ModelError, SplitError, LinkError) as exc:
         if os.environ.get("HOSL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except LinkError as exc:  # the run's clients are gone (hosl.train's status for a lost peer)
-        if os.environ.get("HOSL_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, LinkError) else 2  # 1: the run's clients are gone, as hosl.train's lost peer
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
