@@ -47,19 +47,27 @@ void check_terms(int dtype, const std::vector<uint64_t>& seeds, const std::vecto
     if (s >= kPositionLimit) throw std::invalid_argument("hosl._C: seeds must be in [0, 2**63)");
 }
 
+hosl::noise::Dist checked_dist(int dist) {
+  if (dist != 0 && dist != 1)
+    throw std::invalid_argument("hosl._C: dist must be 0 (gaussian) or 1 (rademacher), got " + std::to_string(dist));
+  return static_cast<hosl::noise::Dist>(dist);
+}
+
 void add_noise(uintptr_t x_ptr, int64_t n, int dtype, const std::vector<uint64_t>& seeds,
-               const std::vector<float>& scales, uint64_t offset, int num_threads) {
+               const std::vector<float>& scales, uint64_t offset, int num_threads, int dist) {
+  const hosl::noise::Dist d = checked_dist(dist);
   check_range(n, offset);
   check_terms(dtype, seeds, scales);
   if (n > 0 && x_ptr == 0) throw std::invalid_argument("hosl._C: null data pointer");
   py::gil_scoped_release release;
   hosl::noise::add_noise(reinterpret_cast<void*>(x_ptr), n, static_cast<hosl::noise::DType>(dtype), seeds.data(),
-                         scales.data(), static_cast<int>(seeds.size()), offset, /*accumulate=*/true, num_threads);
+                         scales.data(), static_cast<int>(seeds.size()), offset, /*accumulate=*/true, num_threads, d);
 }
 
 void add_noise_rows(uintptr_t x_ptr, int64_t num_rows, int64_t width, uintptr_t rows_ptr, int64_t num_given, int dtype,
                     const std::vector<uint64_t>& seeds, const std::vector<float>& scales, uint64_t offset,
-                    int num_threads) {
+                    int num_threads, int dist) {
+  const hosl::noise::Dist d = checked_dist(dist);
   if (num_rows < 0 || width < 0 || num_given < 0)
     throw std::invalid_argument("hosl._C: num_rows, width and num_given must be >= 0, got " +
                                 std::to_string(num_rows) + ", " + std::to_string(width) + " and " +
@@ -82,17 +90,18 @@ void add_noise_rows(uintptr_t x_ptr, int64_t num_rows, int64_t width, uintptr_t 
   py::gil_scoped_release release;
   hosl::noise::add_noise_rows(reinterpret_cast<void*>(x_ptr), width, rows, num_given,
                               static_cast<hosl::noise::DType>(dtype), seeds.data(), scales.data(),
-                              static_cast<int>(seeds.size()), offset, num_threads);
+                              static_cast<int>(seeds.size()), offset, num_threads, d);
 }
 
-void gaussian(uintptr_t out_ptr, int64_t n, uint64_t seed, uint64_t offset, int num_threads) {
+void gaussian(uintptr_t out_ptr, int64_t n, uint64_t seed, uint64_t offset, int num_threads, int dist) {
+  const hosl::noise::Dist d = checked_dist(dist);
   check_range(n, offset);
   if (seed >= kPositionLimit) throw std::invalid_argument("hosl._C: seed must be in [0, 2**63)");
   if (n > 0 && out_ptr == 0) throw std::invalid_argument("hosl._C: null data pointer");
   const float one = 1.0f;
   py::gil_scoped_release release;
   hosl::noise::add_noise(reinterpret_cast<void*>(out_ptr), n, hosl::noise::DType::kFloat32, &seed, &one, 1, offset,
-                         /*accumulate=*/false, num_threads);
+                         /*accumulate=*/false, num_threads, d);
 }
 
 // ------------------------------------------------------------------------------------ split boundary
@@ -180,22 +189,25 @@ std::string buffer_repr(const hb::BoundaryBuffer& buffer) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "hosl's compiled kernels: CPU noise (Philox4x32-10 + Box-Muller) and the split boundary's byte work "
+      "hosl's compiled kernels: CPU noise (Philox4x32-10 + Box-Muller, or one Philox bit a sign) and the split "
+      "boundary's byte work "
       "(CRC32C, wire casts, BoundaryBuffer).";
   m.def("add_noise", &add_noise, py::arg("x_ptr"), py::arg("n"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
-        py::arg("offset"), py::arg("num_threads"),
+        py::arg("offset"), py::arg("num_threads"), py::arg("dist") = 0,
         "x[i] += sum_k scales[k] * z(seeds[k], offset + i) in place on n contiguous elements at x_ptr "
         "(dtype: the code of csrc/dtype.h, 1 float32, 3 float16 or 4 bfloat16), accumulated in float32 and rounded "
-        "once.");
+        "once. dist: 0 Gaussian z, 1 Rademacher r.");
   m.def("add_noise_rows", &add_noise_rows, py::arg("x_ptr"), py::arg("num_rows"), py::arg("width"),
         py::arg("rows_ptr"), py::arg("num_given"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
-        py::arg("offset"), py::arg("num_threads"),
+        py::arg("offset"), py::arg("num_threads"), py::arg("dist") = 0,
         "For each of the num_given sorted, distinct int64 rows at rows_ptr, x[r, j] += sum_k scales[k] * "
         "z(seeds[k], offset + r * width + j) in place on a contiguous num_rows x width table at x_ptr (dtype: as in "
         "add_noise, 1 float32, 3 float16 or 4 bfloat16): the bits add_noise gives those rows, the other rows "
         "untouched.");
   m.def("gaussian", &gaussian, py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"),
-        py::arg("num_threads"), "Writes z(seed, offset + i) for i < n into n float32 elements at out_ptr.");
+        py::arg("num_threads"), py::arg("dist") = 0,
+        "Writes z(seed, offset + i) (dist 0) or r(seed, offset + i) (dist 1) for i < n into n float32 elements at "
+        "out_ptr.");
   m.attr("MAX_TERMS") = kMaxTerms;
   m.def("noise_isas", &hosl::noise::noise_isas,
         "The instruction-set copies of the CPU noise kernel this CPU runs, widest first (same bits in each).");

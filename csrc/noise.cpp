@@ -3,6 +3,10 @@
 // split over the calling thread and the workers of a persistent pool (pool.h). Threads own disjoint
 // ranges of x and every element is computed from (seed, position) alone, so the thread count never
 // changes a bit of the result.
+//
+// A tile is 256 positions: 64 Philox counters of Gaussian z (4 normals each), or 2 counters of
+// Rademacher r (128 signs each). r costs one Philox per 128 elements and a sign flip of the scale,
+// so a Rademacher pass runs at the speed of memory where a Gaussian one is bound by Box-Muller.
 #include "noise.h"
 
 #include <algorithm>
@@ -22,7 +26,9 @@ namespace hosl {
 namespace noise {
 namespace {
 
-constexpr int kTile = 64;                   // Philox counters per tile: 256 normals, 1 KiB of floats
+constexpr int kTile = 64;                   // Philox counters per Gaussian tile: 256 normals, 1 KiB of floats
+constexpr int kTilePositions = 4 * kTile;   // positions per tile, either distribution
+constexpr int kSignsPerCounter = 128;       // Rademacher: one bit of the counter's four words each
 constexpr int64_t kMinPerThread = 1 << 15;  // below this, a thread costs more than it saves
 static_assert(kTile % 16 == 0, "philox_tile_avx512 takes counters 16 at a time");
 
@@ -163,8 +169,9 @@ __attribute__((target("avx512f"))) void philox_tile_avx512(uint64_t seed, uint64
 enum class Isa { kBase, kAvx2, kAvx512 };
 
 template <Isa kIsa>
-__attribute__((always_inline)) inline void tile_body(uint64_t seed, uint64_t counter0, float scale,
+__attribute__((always_inline)) inline void tile_body(uint64_t seed, uint64_t tile_pos, float scale,
                                                      float* __restrict acc, int skip, int count, bool accumulate) {
+  const uint64_t counter0 = tile_pos / 4;
   alignas(64) uint32_t c0[kTile], c1[kTile], c2[kTile], c3[kTile];
 #ifdef HOSL_X86_AVX2
   if constexpr (kIsa == Isa::kAvx512)
@@ -193,37 +200,97 @@ __attribute__((always_inline)) inline void tile_body(uint64_t seed, uint64_t cou
   }
 }
 
+// The four Philox words of one counter, scalar: a Rademacher tile needs two counters.
+inline void philox_one(uint64_t seed, uint64_t counter, uint32_t* out) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// A Rademacher tile (tile_pos a multiple of 128): r[j] = +-scale, the sign bit of scale flipped
+// where bit j % 32 of word j / 32 is set, which is scale * r exactly; then acc[j] += r[j], or
+// acc[j] = r[j], on [skip, skip + count).
+template <Isa kIsa>
+__attribute__((always_inline)) inline void signs_body(uint64_t seed, uint64_t tile_pos, float scale,
+                                                      float* __restrict acc, int skip, int count, bool accumulate) {
+  constexpr int kCounters = kTilePositions / kSignsPerCounter;
+  uint32_t words[4 * kCounters];
+  for (int c = 0; c < kCounters; ++c) philox_one(seed, tile_pos / kSignsPerCounter + c, words + 4 * c);
+  const uint32_t scale_bits = float_as_bits(scale);
+  alignas(64) float r[kTilePositions];
+  for (int w = 0; w < 4 * kCounters; ++w) {
+    const uint32_t word = words[w];
+    for (int b = 0; b < 32; ++b) r[32 * w + b] = bits_as_float(scale_bits ^ (((word >> b) & 1u) << 31));
+  }
+  if (accumulate) {
+    for (int j = skip; j < skip + count; ++j) acc[j] = acc[j] + r[j];
+  } else {
+    for (int j = skip; j < skip + count; ++j) acc[j] = r[j];
+  }
+}
+
 using TileFn = void (*)(uint64_t, uint64_t, float, float*, int, int, bool);
 
-void tile_base(uint64_t seed, uint64_t counter0, float scale, float* acc, int skip, int count, bool accumulate) {
-  tile_body<Isa::kBase>(seed, counter0, scale, acc, skip, count, accumulate);
+void tile_base(uint64_t seed, uint64_t tile_pos, float scale, float* acc, int skip, int count, bool accumulate) {
+  tile_body<Isa::kBase>(seed, tile_pos, scale, acc, skip, count, accumulate);
+}
+
+void signs_base(uint64_t seed, uint64_t tile_pos, float scale, float* acc, int skip, int count, bool accumulate) {
+  signs_body<Isa::kBase>(seed, tile_pos, scale, acc, skip, count, accumulate);
 }
 
 #ifdef HOSL_X86_AVX2
-__attribute__((target("avx2"))) void tile_avx2(uint64_t seed, uint64_t counter0, float scale, float* acc, int skip,
+__attribute__((target("avx2"))) void tile_avx2(uint64_t seed, uint64_t tile_pos, float scale, float* acc, int skip,
                                                int count, bool accumulate) {
-  tile_body<Isa::kAvx2>(seed, counter0, scale, acc, skip, count, accumulate);
+  tile_body<Isa::kAvx2>(seed, tile_pos, scale, acc, skip, count, accumulate);
 }
 
-__attribute__((target("avx512f"))) void tile_avx512(uint64_t seed, uint64_t counter0, float scale, float* acc,
+__attribute__((target("avx2"))) void signs_avx2(uint64_t seed, uint64_t tile_pos, float scale, float* acc, int skip,
+                                                int count, bool accumulate) {
+  signs_body<Isa::kAvx2>(seed, tile_pos, scale, acc, skip, count, accumulate);
+}
+
+__attribute__((target("avx512f"))) void tile_avx512(uint64_t seed, uint64_t tile_pos, float scale, float* acc,
                                                     int skip, int count, bool accumulate) {
-  tile_body<Isa::kAvx512>(seed, counter0, scale, acc, skip, count, accumulate);
+  tile_body<Isa::kAvx512>(seed, tile_pos, scale, acc, skip, count, accumulate);
+}
+
+__attribute__((target("avx512f"))) void signs_avx512(uint64_t seed, uint64_t tile_pos, float scale, float* acc,
+                                                     int skip, int count, bool accumulate) {
+  signs_body<Isa::kAvx512>(seed, tile_pos, scale, acc, skip, count, accumulate);
 }
 #endif
 
 struct Copy {
   const char* name;
-  TileFn fn;
+  TileFn gaussian;
+  TileFn signs;
 };
 
 // The copies this CPU runs, widest first.
 std::vector<Copy> runnable_copies() {
   std::vector<Copy> copies;
 #ifdef HOSL_X86_AVX2
-  if (__builtin_cpu_supports("avx512f")) copies.push_back({"avx512", tile_avx512});
-  if (__builtin_cpu_supports("avx2")) copies.push_back({"avx2", tile_avx2});
+  if (__builtin_cpu_supports("avx512f")) copies.push_back({"avx512", tile_avx512, signs_avx512});
+  if (__builtin_cpu_supports("avx2")) copies.push_back({"avx2", tile_avx2, signs_avx2});
 #endif
-  copies.push_back({"base", tile_base});
+  copies.push_back({"base", tile_base, signs_base});
   return copies;
 }
 
@@ -261,24 +328,25 @@ inline void store_tile(void* x, int64_t first, const float* acc, int count) {
 // Elements [begin, end) of x, i.e. noise positions [offset + begin, offset + end).
 template <DType kDType>
 void add_noise_range(void* x, int64_t begin, int64_t end, const uint64_t* seeds, const float* scales, int num_terms,
-                     uint64_t offset, bool accumulate) {
-  alignas(64) float acc[4 * kTile];
-  const TileFn tile = current_copy().fn;
+                     uint64_t offset, bool accumulate, Dist dist) {
+  alignas(64) float acc[kTilePositions];
+  const Copy copy = current_copy();
+  const TileFn tile = dist == Dist::kRademacher ? copy.signs : copy.gaussian;
+  const uint64_t align = dist == Dist::kRademacher ? kSignsPerCounter : 4;  // a tile starts on a counter
   const uint64_t first_pos = offset + static_cast<uint64_t>(begin);
   const uint64_t end_pos = offset + static_cast<uint64_t>(end);
-  for (uint64_t counter = first_pos / 4; 4 * counter < end_pos; counter += kTile) {
-    // This tile covers positions [4 * counter, 4 * counter + 4 * kTile); clip to the range.
-    const uint64_t tile_pos = 4 * counter;
+  for (uint64_t tile_pos = first_pos / align * align; tile_pos < end_pos; tile_pos += kTilePositions) {
+    // This tile covers positions [tile_pos, tile_pos + kTilePositions); clip to the range.
     const uint64_t lo = std::max(tile_pos, first_pos);
-    const uint64_t hi = std::min(tile_pos + 4 * kTile, end_pos);
+    const uint64_t hi = std::min(tile_pos + kTilePositions, end_pos);
     const int skip = static_cast<int>(lo - tile_pos);
     const int count = static_cast<int>(hi - lo);
     const int64_t first = static_cast<int64_t>(lo - offset);
     if (accumulate) {
       for (int j = 0; j < count; ++j) acc[skip + j] = load_as_float(x, first + j, kDType);
-      for (int k = 0; k < num_terms; ++k) tile(seeds[k], counter, scales[k], acc, skip, count, true);
+      for (int k = 0; k < num_terms; ++k) tile(seeds[k], tile_pos, scales[k], acc, skip, count, true);
     } else {
-      tile(seeds[0], counter, 1.0f, acc, skip, count, false);
+      tile(seeds[0], tile_pos, 1.0f, acc, skip, count, false);
     }
     store_tile<kDType>(x, first, acc + skip, count);
   }
@@ -286,15 +354,15 @@ void add_noise_range(void* x, int64_t begin, int64_t end, const uint64_t* seeds,
 
 template <DType kDType>
 void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* scales, int num_terms, uint64_t offset,
-                       bool accumulate, int num_threads) {
+                       bool accumulate, int num_threads, Dist dist) {
   const int64_t most = std::max<int64_t>(1, n / kMinPerThread);
   const int threads = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), most));
   if (threads == 1) {
-    add_noise_range<kDType>(x, 0, n, seeds, scales, num_terms, offset, accumulate);
+    add_noise_range<kDType>(x, 0, n, seeds, scales, num_terms, offset, accumulate, dist);
     return;
   }
   // Chunk boundaries fall on multiples of 4 * kTile positions so that no tile is computed twice.
-  const int64_t quantum = 4 * kTile;
+  const int64_t quantum = kTilePositions;
   const int64_t per_thread = (n + threads - 1) / threads;
   const int64_t chunk = (per_thread + quantum - 1) / quantum * quantum;
   int ranges = 1;  // range t is [t * chunk, (t + 1) * chunk) clipped to n; the empty ones are dropped
@@ -302,7 +370,7 @@ void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* s
   pool::parallel_for(ranges, [&](int t) {
     const int64_t begin = std::min(n, t * chunk);
     const int64_t end = std::min(n, begin + chunk);
-    add_noise_range<kDType>(x, begin, end, seeds, scales, num_terms, offset, accumulate);
+    add_noise_range<kDType>(x, begin, end, seeds, scales, num_terms, offset, accumulate, dist);
   });
 }
 
@@ -311,19 +379,19 @@ void add_noise_threads(void* x, int64_t n, const uint64_t* seeds, const float* s
 // normals however few of them a narrow row keeps, and a run shares the tiles its rows straddle.
 template <DType kDType>
 void add_noise_row_list(void* x, int64_t width, const int64_t* rows, int64_t begin, int64_t end, const uint64_t* seeds,
-                        const float* scales, int num_terms, uint64_t offset) {
+                        const float* scales, int num_terms, uint64_t offset, Dist dist) {
   for (int64_t i = begin; i < end;) {
     int64_t j = i + 1;
     while (j < end && rows[j] == rows[j - 1] + 1) ++j;
     add_noise_range<kDType>(x, rows[i] * width, (rows[j - 1] + 1) * width, seeds, scales, num_terms, offset,
-                            /*accumulate=*/true);
+                            /*accumulate=*/true, dist);
     i = j;
   }
 }
 
 template <DType kDType>
 void add_noise_rows_threads(void* x, int64_t width, const int64_t* rows, int64_t num_given, const uint64_t* seeds,
-                            const float* scales, int num_terms, uint64_t offset, int num_threads) {
+                            const float* scales, int num_terms, uint64_t offset, int num_threads, Dist dist) {
   // Split by rows: each thread takes a contiguous slice of the distinct rows, so no two threads
   // write the same element (neighbouring rows may share a tile; each stores only its own part).
   const int64_t most = std::min(num_given, std::max<int64_t>(1, num_given * width / kMinPerThread));
@@ -334,22 +402,23 @@ void add_noise_rows_threads(void* x, int64_t width, const int64_t* rows, int64_t
   pool::parallel_for(slices, [&](int t) {
     const int64_t begin = std::min(num_given, t * per_thread);
     const int64_t end = std::min(num_given, begin + per_thread);
-    add_noise_row_list<kDType>(x, width, rows, begin, end, seeds, scales, num_terms, offset);
+    add_noise_row_list<kDType>(x, width, rows, begin, end, seeds, scales, num_terms, offset, dist);
   });
 }
 
 }  // namespace
 
 void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const float* scales, int num_terms,
-               uint64_t offset, bool accumulate, int num_threads) {
+               uint64_t offset, bool accumulate, int num_threads, Dist dist) {
   if (n <= 0) return;
   switch (dtype) {
     case DType::kFloat32:
-      return add_noise_threads<DType::kFloat32>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
+      return add_noise_threads<DType::kFloat32>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads, dist);
     case DType::kBFloat16:
-      return add_noise_threads<DType::kBFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
+      return add_noise_threads<DType::kBFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads,
+                                                 dist);
     case DType::kFloat16:
-      return add_noise_threads<DType::kFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads);
+      return add_noise_threads<DType::kFloat16>(x, n, seeds, scales, num_terms, offset, accumulate, num_threads, dist);
     default:
       break;
   }
@@ -357,7 +426,7 @@ void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const flo
 }
 
 void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_given, DType dtype, const uint64_t* seeds,
-                    const float* scales, int num_terms, uint64_t offset, int num_threads) {
+                    const float* scales, int num_terms, uint64_t offset, int num_threads, Dist dist) {
   if (width < 0 || num_given < 0)
     throw std::invalid_argument("hosl._C: width and the number of rows must be >= 0, got " + std::to_string(width) +
                                 " and " + std::to_string(num_given));
@@ -366,13 +435,13 @@ void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_giv
   switch (dtype) {
     case DType::kFloat32:
       return add_noise_rows_threads<DType::kFloat32>(x, width, rows, num_given, seeds, scales, num_terms, offset,
-                                                     num_threads);
+                                                     num_threads, dist);
     case DType::kBFloat16:
       return add_noise_rows_threads<DType::kBFloat16>(x, width, rows, num_given, seeds, scales, num_terms, offset,
-                                                      num_threads);
+                                                      num_threads, dist);
     case DType::kFloat16:
       return add_noise_rows_threads<DType::kFloat16>(x, width, rows, num_given, seeds, scales, num_terms, offset,
-                                                     num_threads);
+                                                     num_threads, dist);
     default:
       break;
   }

@@ -1,4 +1,6 @@
 // Seeded Gaussian noise z(seed, j) for the CPU: the C++ side of the noise contract.
+// (Rademacher directions r(seed, j) = +-1 share the driver: bit j % 128 of the same Philox at counter
+// j / 128, word (j % 128) / 32, bit j % 32, -1 where it is set; see noise.cpp.)
 //
 // z(seed, j) depends only on the 64-bit seed and the flat position j. Philox4x32-10 keyed by the
 // seed, counter = j / 4, gives four 32-bit words; Box-Muller turns words (0, 1) into the normals at
@@ -165,12 +167,15 @@ inline float fp16_to_float(uint16_t h) {
 
 using DType = hosl::DType;  // the wire numbering (dtype.h); the noise writes float32, bfloat16, float16
 
+// The distribution of the directions: z, the Gaussian above, or r, +-1 from one Philox bit each.
+enum class Dist : int { kGaussian = 0, kRademacher = 1 };
+
 // x[i] += sum_k scales[k] * z(seeds[k], offset + i) for i in [0, n), accumulated in float in the
-// order of k and rounded once into x's dtype. With accumulate = false (and one term of scale 1),
-// writes z itself into float x instead. Splits the work over num_threads threads; the result does
-// not depend on the split.
+// order of k and rounded once into x's dtype (z or r by dist). With accumulate = false (and one term
+// of scale 1), writes z itself into float x instead. Splits the work over num_threads threads; the
+// result does not depend on the split.
 void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const float* scales, int num_terms,
-               uint64_t offset, bool accumulate, int num_threads);
+               uint64_t offset, bool accumulate, int num_threads, Dist dist = Dist::kGaussian);
 
 // The rows of a row-major table of rows of `width` elements at x: for each r in rows[0, num_given)
 // and j < width, x[r * width + j] += sum_k scales[k] * z(seeds[k], offset + r * width + j), the
@@ -179,7 +184,7 @@ void add_noise(void* x, int64_t n, DType dtype, const uint64_t* seeds, const flo
 // deduplicates: threads own disjoint ranges of the list, so a repeated row would be a data race).
 // Splits the list over num_threads threads; the result does not depend on the split.
 void add_noise_rows(void* x, int64_t width, const int64_t* rows, int64_t num_given, DType dtype, const uint64_t* seeds,
-                    const float* scales, int num_terms, uint64_t offset, int num_threads);
+                    const float* scales, int num_terms, uint64_t offset, int num_threads, Dist dist = Dist::kGaussian);
 
 // The CPU kernel comes in copies for instruction sets (x86-64: avx512, avx2, base), with the same
 // bits. noise_isas: the copies this CPU runs, widest first; noise_isa: the one in use (the widest

@@ -174,6 +174,14 @@ class TrainConfig:
             default_text="inplace for one client; scratch for --clients > 1, --zo-master none, --client-batch-probes",
         ),
     )
+    zo_noise: str = field(
+        default="gaussian",
+        metadata=_help(
+            "the ZO directions: gaussian, z ~ N(0, I); rademacher, each weight's direction +1 or -1 (SPSA's), the "
+            "same E[z z^T] = I from one random bit a weight, so a noise pass costs a read and a write of the weights",
+            choices=("gaussian", "rademacher"),
+        ),
+    )
     zo_master: str = field(
         default="float32",
         metadata=_help(
@@ -592,6 +600,7 @@ class TrainConfig:
             "zo_estimator": not zo_side,
             "zo_embedding": not zo_side,
             "zo_probes": not zo_side,
+            "zo_noise": not zo_side,
             "zo_master": not zo_side,
             "server_grad": not method.hybrid,
             "optimizer": not fo_side,
@@ -820,7 +829,7 @@ RESUMABLE = frozenset({"client_lr", "server_lr", "mu", "lr_scheduler", "warmup_s
 # Fields that define a run, added after runs had been saved: one dict a version, oldest first, each
 # field with the value every run had before it existed. A checkpoint saved before a version verifies
 # against the identity without them (TrainConfig.identity's era; hosl.checkpoint.check_config).
-ADDED = ({"zo_step": "sgd", "client_lora_fa": False}, {"client_train_blocks": 0})
+ADDED = ({"zo_step": "sgd", "client_lora_fa": False}, {"client_train_blocks": 0}, {"zo_noise": "gaussian"})
 
 
 def _flag(name: str) -> str:
@@ -887,7 +896,8 @@ SECTIONS = {
         "split_layer", "client_train_blocks", "dtype",
     ],
     "LoRA": ["lora_r", "client_lora_r", "server_lora_r", "lora_alpha", "client_lora_fa"],
-    "the zeroth-order client": ["q", "mu", "zo_step", "zo_estimator", "zo_embedding", "zo_probes", "zo_master",
+    "the zeroth-order client": ["q", "mu", "zo_step", "zo_estimator", "zo_embedding", "zo_probes", "zo_noise",
+                                "zo_master",
                                 "client_micro_batch", "client_batch_probes", "server_batch_probes",
                                 "server_micro_batch",
                                 "server_grad"],

@@ -8,6 +8,10 @@ never stored, so a perturbation, a restore, or a restore plus an update over man
 read and one write of x. The sum is taken in float32, in the order of the terms, and rounded once
 (to nearest even) into x's dtype.
 
+Every function takes dist="rademacher" for r(seed, j) in place of z: +1 or -1, one bit of the same
+Philox stream each (bit j % 128 of counter j // 128). A pass of r costs one read and one write of x
+and almost no arithmetic, where z's Box-Muller bounds a Gaussian pass on the CPU.
+
     add_rows_(table, rows, seeds, scales, offset=o):  the same on chosen rows of a 2-D table only,
         table[r, j] += sum_k scales[k] * z(seeds[k], o + r * width + j)
 
@@ -46,6 +50,7 @@ from hosl import _ext
 from hosl import reference as _reference
 
 BACKENDS = ("torch", "cpp", "triton")
+DISTRIBUTIONS = ("gaussian", "rademacher")  # z, r; the codes csrc/noise.h numbers them by
 MAX_TERMS = 64
 SEED_LIMIT = 1 << 63
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 3, torch.bfloat16: 4}  # csrc/dtype.h: the wire's numbering
@@ -163,6 +168,12 @@ def _check_offset(offset, n: int) -> int:
     return int(offset)
 
 
+def _check_dist(dist) -> str:
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {', '.join(DISTRIBUTIONS)}; got {dist!r}")
+    return dist
+
+
 def _check_rows(rows, num_rows: int) -> torch.Tensor:
     """The distinct row indices, sorted, as an int64 CPU tensor; TypeError or ValueError otherwise."""
     if isinstance(rows, torch.Tensor):
@@ -196,11 +207,13 @@ def add_(
     *,
     offset: int = 0,
     backend: str | None = None,
+    dist: str = "gaussian",
 ) -> torch.Tensor:
     """In place, for contiguous x viewed flat: x[i] += sum_k scales[k] * z(seeds[k], offset + i).
 
     x: float32, bfloat16 or float16. seeds: 1 to 64 ints in [0, 2**63). scales: as many finite
-    floats. Computed in float32 and rounded once into x's dtype. Returns x.
+    floats. Computed in float32 and rounded once into x's dtype. dist: "gaussian" (z) or
+    "rademacher" (r). Returns x.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
@@ -214,10 +227,12 @@ def add_(
     seed_list = _check_seeds(seeds)
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, x.numel())
-    return _launch(x, seed_list, scale_t, offset, resolve_backend(backend, x.device))
+    return _launch(x, seed_list, scale_t, offset, resolve_backend(backend, x.device), _check_dist(dist))
 
 
-def _launch(x: torch.Tensor, seed_list: list[int], scale_t: torch.Tensor, offset: int, name: str) -> torch.Tensor:
+def _launch(
+    x: torch.Tensor, seed_list: list[int], scale_t: torch.Tensor, offset: int, name: str, dist: str
+) -> torch.Tensor:
     """add_ after its checks."""
     if x.numel() == 0:
         return x
@@ -230,14 +245,15 @@ def _launch(x: torch.Tensor, seed_list: list[int], scale_t: torch.Tensor, offset
             scale_t.tolist(),
             offset,
             torch.get_num_threads(),
+            DISTRIBUTIONS.index(dist),
         )
     elif name == "triton":
         kernels, _ = _triton_kernels()
         with torch.no_grad():  # seeds and scales travel as kernel arguments: no host-device copy
-            kernels.add_noise_(x, seed_list, scale_t.tolist(), offset)
+            kernels.add_noise_(x, seed_list, scale_t.tolist(), offset, dist)
     else:
         with torch.no_grad():
-            _reference.add_(x, seed_list, scale_t, offset)
+            _reference.add_(x, seed_list, scale_t, offset, dist)
         return x
     # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
     torch.autograd.graph.increment_version(x)
@@ -252,6 +268,7 @@ def add_rows_(
     *,
     offset: int = 0,
     backend: str | None = None,
+    dist: str = "gaussian",
 ) -> torch.Tensor:
     """In place, for each distinct r in rows and every column j of the contiguous 2-D table:
     table[r, j] += sum_k scales[k] * z(seeds[k], offset + r * width + j).
@@ -277,10 +294,11 @@ def add_rows_(
     seed_list = _check_seeds(seeds, "add_rows_")
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, table.numel())
-    return _launch_rows(table, row_t, seed_list, scale_t, offset, resolve_backend(backend, table.device))
+    name = resolve_backend(backend, table.device)
+    return _launch_rows(table, row_t, seed_list, scale_t, offset, name, _check_dist(dist))
 
 
-def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str) -> torch.Tensor:
+def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str, dist: str) -> torch.Tensor:
     """add_rows_ after its checks (row_t: sorted distinct int64 rows on the CPU)."""
     num_rows, width = table.shape
     if row_t.numel() == 0 or width == 0:
@@ -297,14 +315,15 @@ def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str) -> to
             scale_t.tolist(),
             offset,
             torch.get_num_threads(),
+            DISTRIBUTIONS.index(dist),
         )
     elif name == "triton":
         kernels, _ = _triton_kernels()
         with torch.no_grad():
-            kernels.add_noise_rows_(table, row_t, seed_list, scale_t.tolist(), offset)
+            kernels.add_noise_rows_(table, row_t, seed_list, scale_t.tolist(), offset, dist)
     else:
         with torch.no_grad():
-            _reference.add_rows_(table, row_t.tolist(), seed_list, scale_t, offset)
+            _reference.add_rows_(table, row_t.tolist(), seed_list, scale_t, offset, dist)
         return table
     # Written through a raw pointer: tell autograd the tensor changed, as an in-place op would.
     torch.autograd.graph.increment_version(table)
@@ -316,9 +335,10 @@ class Terms:
     scratch probe puts one term on each module's weights in turn): the functions' results, bit
     for bit, without their per-call checks of the terms. The tensors' own checks remain."""
 
-    def __init__(self, seeds, scales, backend: str | None = None):
+    def __init__(self, seeds, scales, backend: str | None = None, dist: str = "gaussian"):
         self.seeds = _check_seeds(seeds)
         self.scales = _check_scales(scales, len(self.seeds))
+        self.dist = _check_dist(dist)
         self._backend = backend
         self._names: dict[torch.device, str] = {}
 
@@ -329,15 +349,17 @@ class Terms:
 
     def add_(self, x: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
         if x.dtype not in _DTYPE_CODES or not x.is_contiguous():
-            return add_(x, self.seeds, self.scales, offset=offset, backend=self._backend)  # it says what is wrong
-        return _launch(x, self.seeds, self.scales, _check_offset(offset, x.numel()), self._name(x.device))
+            checked = dict(offset=offset, backend=self._backend, dist=self.dist)
+            return add_(x, self.seeds, self.scales, **checked)  # it says what is wrong
+        return _launch(x, self.seeds, self.scales, _check_offset(offset, x.numel()), self._name(x.device), self.dist)
 
     def add_rows_(self, table: torch.Tensor, rows: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
         """rows: as checked_rows(rows, table.shape[0]) gives them."""
         if table.dtype not in _DTYPE_CODES or table.dim() != 2 or not table.is_contiguous():
-            return add_rows_(table, rows, self.seeds, self.scales, offset=offset, backend=self._backend)
-        name = self._name(table.device)
-        return _launch_rows(table, rows, self.seeds, self.scales, _check_offset(offset, table.numel()), name)
+            checked = dict(offset=offset, backend=self._backend, dist=self.dist)
+            return add_rows_(table, rows, self.seeds, self.scales, **checked)  # it says what is wrong
+        name, offset = self._name(table.device), _check_offset(offset, table.numel())
+        return _launch_rows(table, rows, self.seeds, self.scales, offset, name, self.dist)
 
 
 def uniform_(u: torch.Tensor, seed: int, *, offset: int = 0, backend: str | None = None) -> torch.Tensor:
@@ -392,20 +414,42 @@ def gaussian(
     n: int, seed: int, *, offset: int = 0, device: torch.device | str = "cpu", backend: str | None = None
 ) -> torch.Tensor:
     """z(seed, offset), ..., z(seed, offset + n - 1) as a new float32 tensor on `device`."""
+    return directions(n, seed, offset=offset, device=device, backend=backend)
+
+
+def rademacher(
+    n: int, seed: int, *, offset: int = 0, device: torch.device | str = "cpu", backend: str | None = None
+) -> torch.Tensor:
+    """r(seed, offset), ..., r(seed, offset + n - 1), each +1.0 or -1.0, as a new float32 tensor."""
+    return directions(n, seed, offset=offset, device=device, backend=backend, dist="rademacher")
+
+
+def directions(
+    n: int,
+    seed: int,
+    *,
+    offset: int = 0,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+    dist: str = "gaussian",
+) -> torch.Tensor:
+    """The directions of `dist` (z or r) at positions offset to offset + n - 1: the values a pass of
+    add_(x, [seed], [1.0], dist=dist) adds there, as a new float32 tensor on `device`."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be an int >= 0; got {n!r}")
     (seed,) = _check_seeds([seed])
     offset = _check_offset(offset, n)
+    dist = _check_dist(dist)
     device = torch.device(device)
     name = resolve_backend(backend, device)
     if name == "torch":
-        return _reference.gaussian(n, seed, offset, device)
+        return _reference._draw(dist, n, seed, offset, device)
     out = torch.empty(n, dtype=torch.float32, device=device)
     if n == 0:
         return out
     if name == "cpp":
-        _ext._C.gaussian(out.data_ptr(), n, seed, offset, torch.get_num_threads())
+        _ext._C.gaussian(out.data_ptr(), n, seed, offset, torch.get_num_threads(), DISTRIBUTIONS.index(dist))
     else:
         kernels, _ = _triton_kernels()
-        kernels.gaussian_(out, seed, offset)
+        kernels.gaussian_(out, seed, offset, dist)
     return out

@@ -15,6 +15,10 @@ do it. Two spots need care on the CPU: uint32 products are computed from 16-bit 
 (no uint64 multiply in torch), and sqrt is taken in float64 and rounded to float32, which is the
 correctly rounded float32 sqrt (float64 has more than 2 * 24 + 2 bits); torch's own float32 sqrt
 on the CPU is not always correctly rounded.
+
+The Rademacher directions r(seed, j) = +1 or -1 take one bit each: bit j % 32 of word (j % 128) // 32
+of the same Philox4x32-10 at counter j // 128, -1 where it is set. r times a float32 scale is exact
+(a sign flip), so every backend's sum of terms is the same float32 additions in the same order.
 """
 
 from __future__ import annotations
@@ -148,31 +152,59 @@ def _normals_chunk(seed: int, start: int, n: int, device: torch.device) -> torch
 
 def gaussian(n: int, seed: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """z(seed, offset + i) for i < n, float32."""
+    return _draw("gaussian", n, seed, offset, device)
+
+
+def _signs_chunk(seed: int, start: int, n: int, device: torch.device) -> torch.Tensor:
+    """r(seed, start), ..., r(seed, start + n - 1), +1.0 or -1.0, as a float32 tensor, n > 0."""
+    first, last = start // 128, (start + n - 1) // 128
+    counter = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox(counter, seed), dim=1)  # (counters, 4): bits 0..127 of each counter
+    bits = (words[:, :, None] >> torch.arange(32, device=device)) & 1
+    r = (1 - 2 * bits).to(torch.float32).reshape(-1)
+    return r[start - 128 * first : start - 128 * first + n]
+
+
+_DRAWS = {"gaussian": _normals_chunk, "rademacher": _signs_chunk}
+
+
+def _draw(dist: str, n: int, seed: int, offset: int, device) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=device)
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
-        out[lo:hi] = _normals_chunk(seed, offset + lo, hi - lo, out.device)
+        out[lo:hi] = _DRAWS[dist](seed, offset + lo, hi - lo, out.device)
     return out
 
 
-def add_(x: torch.Tensor, seeds: list[int], scales: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def rademacher(n: int, seed: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """r(seed, offset + i) for i < n, float32 +1.0 or -1.0."""
+    return _draw("rademacher", n, seed, offset, device)
+
+
+def add_(
+    x: torch.Tensor, seeds: list[int], scales: torch.Tensor, offset: int = 0, dist: str = "gaussian"
+) -> torch.Tensor:
     """x[i] += sum_k scales[k] * z(seeds[k], offset + i) on contiguous x, in float32 in the order
-    of k, rounded once (to nearest even) into x's dtype. scales: float32 tensor on the CPU."""
+    of k, rounded once (to nearest even) into x's dtype. scales: float32 tensor on the CPU. dist:
+    "gaussian" (z) or "rademacher" (r)."""
     flat = x.view(-1)
+    draw = _DRAWS[dist]
     for lo in range(0, flat.numel(), _CHUNK):
         hi = min(flat.numel(), lo + _CHUNK)
         acc = flat[lo:hi].to(torch.float32)
         for seed, scale in zip(seeds, scales.tolist()):
-            acc = acc + _const(scale, acc) * _normals_chunk(seed, offset + lo, hi - lo, flat.device)
+            acc = acc + _const(scale, acc) * draw(seed, offset + lo, hi - lo, flat.device)
         flat[lo:hi] = acc.to(x.dtype)
     return x
 
 
-def add_rows_(table: torch.Tensor, rows, seeds: list[int], scales: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def add_rows_(
+    table: torch.Tensor, rows, seeds: list[int], scales: torch.Tensor, offset: int = 0, dist: str = "gaussian"
+) -> torch.Tensor:
     """For each distinct r in rows (ints) and j < width: table[r, j] += sum_k scales[k] *
     z(seeds[k], offset + r * width + j) on a contiguous 2-D table, one row at a time through add_,
     each row at the position it has in the dense layout."""
     width = table.shape[1]
     for r in sorted(set(int(r) for r in rows)):
-        add_(table[r], seeds, scales, offset + r * width)
+        add_(table[r], seeds, scales, offset + r * width, dist)
     return table

@@ -54,7 +54,9 @@ def zo_params_of(model: torch.nn.Module, cfg, params=None, offset: int = 0) -> Z
     tables = set(embedding_tables(model)) if cfg.zo_embedding == "rows" else set()
     row_sparse = [n for n, _ in named if n in tables]
     master = cfg.zo_master != "none"
-    params = ZOParams(named, offset=offset, row_sparse=row_sparse, probes=cfg.zo_probes, master=master)
+    params = ZOParams(
+        named, offset=offset, row_sparse=row_sparse, probes=cfg.zo_probes, master=master, dist=cfg.zo_noise
+    )
     if cfg.zo_probes == SCRATCH:
         params.attach(model)
     if estimator_of(cfg.zo_estimator).exact:
@@ -75,6 +77,7 @@ class ZOParams:
     unsplit model would.
     row_sparse: names of 2-D parameters (embedding tables) that passes given `rows` touch only on
     those rows. A pass without rows is dense over the whole buffer.
+    dist: the directions, "gaussian" z or "rademacher" r (hosl.noise), of every pass, probe and tangent.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ZOParams:
         row_sparse: Sequence[str] = (),
         probes: str = INPLACE,
         master: bool = True,
+        dist: str = "gaussian",
     ):
         if probes not in PROBE_WRITES:
             raise ValueError(f"probes must be one of {PROBE_WRITES}, got {probes!r}")
@@ -98,6 +102,7 @@ class ZOParams:
             )
         self.offset = offset
         self.probes = probes
+        self.dist = noise._check_dist(dist)
         self._scratch: _ScratchProbes | None = None
         self._tangents: _Tangents | None = None
         self._rows_seen: list[tuple[object, int, torch.Tensor]] = []  # (given, table rows, checked)
@@ -125,6 +130,10 @@ class ZOParams:
         if at < self.numel:
             self._dense.append((at, self.numel))
 
+    def directions(self, n: int, seed: int, start: int, device) -> torch.Tensor:
+        """The n directions (z or r) that a pass of `seed` adds at buffer elements [start, start + n)."""
+        return noise.directions(n, seed, offset=self.offset + start, device=device, dist=self.dist)
+
     @property
     def in_place(self) -> bool:
         """Whether a probe is written into the weights that persist (and undone by the next pass)."""
@@ -139,7 +148,7 @@ class ZOParams:
         dense); rows=None: dense everywhere. Without a float32 master each span is summed in float32
         and rounded stochastically instead (one rounding seed for the whole pass)."""
         seeds, scales, buf = list(seeds), list(scales), self.flat.flat
-        terms = noise.Terms(seeds, scales)  # checked once for the pass's spans and tables
+        terms = noise.Terms(seeds, scales, dist=self.dist)  # checked once for the pass's spans and tables
         if self.native:
             seed = _round_seed("add", seeds, scales)
 
@@ -344,7 +353,7 @@ class _ScratchProbes:
             raise RuntimeError("a scratch probe is already active")
         if rows is not None:  # checked once for the probe's every module
             rows = [None if r is None else noise.checked_rows(r, n) for r, (_, n, _) in zip(rows, self.params.tables)]
-        self.terms = noise.Terms([seed], [scale])
+        self.terms = noise.Terms([seed], [scale], dist=self.params.dist)
         self.active, self.calls = (seed, scale, rows), [0] * len(self.owners)
         try:
             yield
@@ -489,7 +498,7 @@ class _Tangents:
         rows, where = torch.unique(ids, return_inverse=True)
         z = torch.empty(len(rows), width, device=out.device)
         for i, r in enumerate(rows.tolist()):
-            z[i] = noise.gaussian(width, self.seed, offset=self.params.offset + start + r * width, device=out.device)
+            z[i] = self.params.directions(width, self.seed, start + r * width, out.device)
         return fwAD.make_dual(out, z[where].to(out.dtype))
 
     def _enter(self, i: int) -> None:
@@ -499,7 +508,7 @@ class _Tangents:
         saved = []
         for name, start in own:
             p = module._parameters[name]
-            z = noise.gaussian(p.numel(), self.seed, offset=self.params.offset + start, device=p.device)
+            z = self.params.directions(p.numel(), self.seed, start, p.device)
             saved.append(p)
             # The primal is a copy: a view into the buffer would make forward AD zero a tangent the
             # size of the whole buffer for every parameter (dual tensors keep a view's layout).
@@ -554,7 +563,7 @@ class _BatchedProbes:
             self.points = None
 
     def _z(self, p: torch.Tensor, seed: int, start: int) -> torch.Tensor:
-        return noise.gaussian(p.numel(), seed, offset=self.params.offset + start, device=p.device).view(p.shape)
+        return self.params.directions(p.numel(), seed, start, p.device).view(p.shape)
 
     def _forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         module, own = self.owners[i]

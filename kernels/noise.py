@@ -27,6 +27,11 @@
 # without blocking the host. A seed travels as two 32-bit words, so its argument type never
 # depends on its value.
 #
+# Rademacher directions (_signs_kernel, _signs_rows_kernel): r(seed, p) = +-1 is bit p % 32 of word
+# (p % 128) // 32 of Philox counter p // 128. A program's tile is [BLOCK, 128]: row c holds counter
+# c's 128 positions, the words computed once per row and a column's bit picked by select; scale * r
+# is scale with its sign bit flipped (exact), and the terms add in float32 in order as for z.
+#
 # Numerics: the same steps as hosl/reference.py and csrc/noise.h, op for op, so the backends agree
 # bit for bit. That needs: launches with enable_fp_fusion=False (no FMA contraction); div_rn and
 # sqrt_rn (Triton's plain float32 `/` and sqrt are approximate on NVIDIA GPUs); and bfloat16
@@ -391,6 +396,76 @@ def _noise_rows_kernel(
         )  # fmt: skip
 
 
+@triton.jit
+def _signs(k0, k1, counter, col):
+    """r, +1.0 or -1.0, on an [R, 128] tile: row r the 128 positions of counter[r] ([R] int64), col =
+    [1, 128] column indices; 1.0 with its sign bit set where the position's bit is. scale * r is
+    exact, a sign flip (-0.0 for scale +0.0 and r = -1, as C++'s XOR of the sign bit gives)."""
+    x0, x1, x2, x3 = _philox((counter & 0xFFFFFFFF).to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
+    w = col // 32
+    word = tl.where(w == 0, x0[:, None], tl.where(w == 1, x1[:, None], tl.where(w == 2, x2[:, None], x3[:, None])))
+    return ((((word >> (col % 32).to(tl.uint32)) & 1) << 31) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _apply_signs(
+    ptrs, mask, counter, col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+    NUM_TERMS: tl.constexpr, ACCUMULATE: tl.constexpr,
+):  # fmt: skip
+    """_apply for r: *ptrs += sum_k scale_k * r(seed_k, .) in float32 in the order of the terms,
+    rounded once; with ACCUMULATE false, *ptrs = r of the first term."""
+    if ACCUMULATE:
+        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if NUM_TERMS == 0:
+            for k in range(num_terms):
+                k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+                acc = acc + scale * _signs(k0, k1, counter, col)
+        else:
+            for k in tl.static_range(NUM_TERMS):
+                k0, k1, scale = _term(k, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+                acc = acc + scale * _signs(k0, k1, counter, col)
+    else:
+        k0, k1, _ = _term(0, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, NUM_TERMS)
+        acc = _signs(k0, k1, counter, col)
+    _store(ptrs, acc, mask)
+
+
+@triton.jit(do_not_specialize=["n", "lead", "c_lo", "c_hi", "a_lo", "a_hi", "b_lo", "b_hi", "num_terms"])
+def _signs_kernel(
+    x_ptr, n, lead, c_lo, c_hi, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+    NUM_TERMS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # x holds positions [p0, p0 + n): counter c_lo/c_hi is p0 // 128 and x[0] its column lead = p0 % 128.
+    # Program pid takes counters [pid * BLOCK, (pid + 1) * BLOCK) from there.
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    col = tl.arange(0, 128)[None, :]
+    idx = c[:, None] * 128 + col - lead
+    mask = (idx >= 0) & (idx < n)
+    _apply_signs(
+        x_ptr + idx, mask, _counter_base(c_lo, c_hi) + c, col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale,
+        terms_ptr, num_terms, NUM_TERMS, ACCUMULATE,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["width", "offset", "a_lo", "a_hi", "b_lo", "b_hi", "num_terms"])
+def _signs_rows_kernel(
+    x_ptr, rows_ptr, width, offset, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale, terms_ptr, num_terms,
+    NUM_TERMS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Program (i, b) works on table row rows[i], whose positions [p0, p0 + width) start at column
+    # p0 % 128 of counter p0 // 128: it takes that row's counters [b * BLOCK, (b + 1) * BLOCK).
+    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
+    p0 = offset.to(tl.int64) + row * width
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    col = tl.arange(0, 128)[None, :]
+    idx = c[:, None] * 128 + col - p0 % 128  # within the row
+    mask = (idx >= 0) & (idx < width)
+    _apply_signs(
+        x_ptr + row * width + idx, mask, p0 // 128 + c, col, a_lo, a_hi, a_scale, b_lo, b_hi, b_scale,
+        terms_ptr, num_terms, NUM_TERMS, True,
+    )  # fmt: skip
+
+
 # Tile rows per program (BLOCK) and warps, tuned per kernel, dtype, number of terms and size class
 # on the device where the kernel first runs: the noise contract makes z independent of them, so
 # any choice gives the same bits. The candidates put 2 to 16 counters on each thread. Under the
@@ -503,24 +578,55 @@ def _launch(x, seeds, scales, offset, accumulate):
     return x
 
 
-def add_noise_(x, seeds, scales, offset):
+# Counters per program of the Rademacher kernels (128 positions each); not tuned: under the
+# interpreter a program is a Python-level trip, so it takes many.
+SIGNS_BLOCK = 128 if INTERPRETED else 16
+
+
+def _launch_signs(x, seeds, scales, offset, accumulate):
+    n = x.numel()
+    if n == 0:
+        return x
+    counters = (offset % 128 + n + 127) // 128
+    terms, num_terms = _terms(seeds, scales, x.device)
+    grid = (triton.cdiv(counters, SIGNS_BLOCK),)
+    _signs_kernel[grid](
+        x.view(-1), n, offset % 128, *_words(offset // 128), *terms,
+        NUM_TERMS=num_terms, ACCUMULATE=accumulate, BLOCK=SIGNS_BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
+    return x
+
+
+def add_noise_(x, seeds, scales, offset, dist="gaussian"):
     """x (contiguous, float32/bfloat16/float16) += sum_k scales[k] * z(seeds[k], offset + i), x
-    viewed flat. seeds: ints in [0, 2**63); scales: floats holding float32 values; checked by
-    hosl.noise."""
+    viewed flat (r for dist "rademacher"). seeds: ints in [0, 2**63); scales: floats holding
+    float32 values; checked by hosl.noise."""
+    if dist == "rademacher":
+        return _launch_signs(x, seeds, scales, offset, True)
     return _launch(x, seeds, scales, offset, True)
 
 
-def gaussian_(out, seed, offset):
-    """Fills float32 out with z(seed, offset + i)."""
+def gaussian_(out, seed, offset, dist="gaussian"):
+    """Fills float32 out with z(seed, offset + i) (r for dist "rademacher")."""
+    if dist == "rademacher":
+        return _launch_signs(out, [seed], [1.0], offset, False)
     return _launch(out, [seed], [1.0], offset, False)
 
 
-def add_noise_rows_(table, rows, seeds, scales, offset):
+def add_noise_rows_(table, rows, seeds, scales, offset, dist="gaussian"):
     """For each r in rows and j < width: table[r, j] += sum_k scales[k] * z(seeds[k], offset + r * width + j).
     table: contiguous (num_rows, width), float32/bfloat16/float16; rows: sorted, distinct, valid row
     indices as an int64 CPU tensor; seeds, scales as for add_noise_; checked by hosl.noise."""
     width = table.shape[1]
     if rows.numel() == 0 or width == 0:
+        return table
+    if dist == "rademacher":
+        rows = stage(rows, table.device)
+        terms, num_terms = _terms(seeds, scales, table.device)
+        grid = (rows.numel(), triton.cdiv((width + 127) // 128 + 1, SIGNS_BLOCK))
+        _signs_rows_kernel[grid](
+            table, rows, width, offset, *terms, NUM_TERMS=num_terms, BLOCK=SIGNS_BLOCK, enable_fp_fusion=False
+        )
         return table
     rows = stage(rows, table.device)
     vec = _vec(table.dtype)

@@ -207,8 +207,11 @@ def test_clients_that_sit_out_rounds_catch_up_to_the_same_bits(tmp_path, monkeyp
     assert len(applied) == 4 and all(rounds == list(range(6)) for rounds in applied.values())  # each, in order
 
 
-def test_a_many_client_run_replays_bit_for_bit(tmp_path):
-    cfg = cfg_for(tmp_path, clients=4, clients_per_round=2, partition="dirichlet", alpha=1.0, steps=5)
+@pytest.mark.parametrize("zo_noise", ["gaussian", "rademacher"])
+def test_a_many_client_run_replays_bit_for_bit(tmp_path, zo_noise):
+    cfg = cfg_for(
+        tmp_path, clients=4, clients_per_round=2, partition="dirichlet", alpha=1.0, steps=5, zo_noise=zo_noise
+    )
     run(cfg)
     examples = load_examples(cfg.task, "train", n=cfg.train_examples, seed=cfg.seed)
     _, model = build(cfg, examples)

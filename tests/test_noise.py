@@ -783,3 +783,130 @@ def test_triton_pass_is_one_launch_and_stages_only_long_term_lists(monkeypatch, 
             assert terms_arg is None
         else:
             assert terms_arg.dtype == torch.int32 and terms_arg.numel() == 3 * terms
+
+
+# --------------------------------------------------------------------------- Rademacher directions
+
+
+def rademacher_numpy(seed: int, offset: int, n: int) -> np.ndarray:
+    """r(seed, offset + i) from the numpy Philox, written from the contract: bit p % 32 of word
+    (p % 128) // 32 of counter p // 128, -1 where it is set."""
+    positions = np.arange(offset, offset + n, dtype=np.uint64)
+    counter = positions // np.uint64(128)
+    zeros = np.zeros_like(counter)
+    out = philox4x32_10(
+        counter & np.uint64(0xFFFFFFFF), counter >> np.uint64(32), zeros, zeros, seed & 0xFFFFFFFF, seed >> 32
+    )
+    lane = (positions % np.uint64(128)).astype(np.int64)
+    word = np.choose(lane // 32, [w.astype(np.uint64) for w in out])
+    bit = (word >> (lane % 32).astype(np.uint64)) & np.uint64(1)
+    return np.where(bit == 1, -1.0, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [*OFFSETS, 127, 128 * (2**32 - 3) + 5])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_rademacher_against_numpy_philox(backend, seed, offset):
+    """r from each backend equals r written from the contract over an independent Philox, across a
+    counter's 128 bits, its four words and (last offset) the counter's 32-bit word boundary."""
+    n = 4 * 128 * 3 + 37
+    got = noise.rademacher(n, seed, offset=offset, backend=backend)
+    np.testing.assert_array_equal(got.numpy(), rademacher_numpy(seed, offset, n))
+
+
+@pytest.mark.parametrize("isa", _noise_isas())
+@pytest.mark.parametrize("terms", [1, 2, 9])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_rademacher_cpp_bit_identical_on_every_instruction_set(dtype, terms, isa):
+    """add_ of r, each C++ copy against the torch reference: float32 sums in the order of the terms,
+    rounded once; and add_rows_ against the dense pass on those rows."""
+    _C = _ext.require("this test")
+    before = _C.noise_isa()
+    _C.set_noise_isa(isa)
+    try:
+        x = (torch.randn(20_011, generator=torch.Generator().manual_seed(terms)) * 0.05).to(dtype)
+        seeds = [7 + k * 2**40 for k in range(terms)]
+        scales = [(-1) ** k * 10.0 ** -(k % 4) for k in range(terms)]
+        a = noise.add_(x.clone(), seeds, scales, offset=131, backend="cpp", dist="rademacher")
+        b = noise.add_(x.clone(), seeds, scales, offset=131, backend="torch", dist="rademacher")
+        assert_bits_equal(a, b)
+        table = make_table(50, 33, dtype, seed=6)
+        rows = [49, 3, 4, 4, 20]
+        got = noise.add_rows_(table.clone(), rows, seeds, scales, offset=7, backend="cpp", dist="rademacher")
+        dense = noise.add_(table.clone(), seeds, scales, offset=7, backend="torch", dist="rademacher")
+        chosen = sorted(set(rows))
+        assert_bits_equal(got[chosen].reshape(-1), dense[chosen].reshape(-1))
+        others = [r for r in range(50) if r not in chosen]
+        assert_bits_equal(got[others].reshape(-1), table[others].reshape(-1))
+    finally:
+        _C.set_noise_isa(before)
+
+
+def test_rademacher_independent_of_thread_count_and_chunking():
+    _C = _ext.require("this test")
+    n, seed = (1 << 20) + 13, 2**62 + 5
+    whole = noise.rademacher(n, seed, offset=3, backend="torch")
+    for threads in (1, 2, 3, 7):
+        out = torch.empty(n)
+        _C.gaussian(out.data_ptr(), n, seed, 3, threads, 1)
+        assert_bits_equal(out, whole)
+        x = torch.linspace(-1, 1, n, dtype=torch.bfloat16)
+        _C.add_noise(x.data_ptr(), n, CODE[torch.bfloat16], [1, 2], [0.1, -0.2], 3, threads, 1)
+        want = noise.add_(torch.linspace(-1, 1, n, dtype=torch.bfloat16), [1, 2], [0.1, -0.2], offset=3,
+                          backend="torch", dist="rademacher")  # fmt: skip
+        assert_bits_equal(x, want)
+    cuts = [0, 1, 127, 128, 129, 4099, 100_000, n]
+    pieces = [noise.rademacher(b - a, seed, offset=3 + a, backend="cpp") for a, b in zip(cuts, cuts[1:])]
+    assert_bits_equal(whole, torch.cat(pieces))
+
+
+def test_rademacher_law():
+    """Values +-1 only, half each, uncorrelated with their neighbours and across seeds: E[r r^T] = I."""
+    n = 1 << 20
+    r = noise.rademacher(n, 2024).double()
+    assert set(r.unique().tolist()) == {-1.0, 1.0}
+    assert abs(r.mean().item()) < 5 / n**0.5
+    assert abs(torch.corrcoef(torch.stack([r[:-1], r[1:]]))[0, 1].item()) < 5 / n**0.5
+    assert abs(torch.corrcoef(torch.stack([r[:-128], r[128:]]))[0, 1].item()) < 5 / n**0.5  # next counter
+    for other in (2025, 2024 + 2**32):
+        assert abs((r * noise.rademacher(n, other).double()).mean().item()) < 5 / n**0.5
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_rademacher_scale_flips_the_sign_exactly(backend):
+    """scale * r is exact, a sign flip: a term of scale 0 adds -0.0 where r = -1 (which keeps -0.0 in
+    x), a pass on zeros writes +-scale, and two terms add in float32 in their order."""
+    x = torch.full((4096,), -0.0)
+    noise.add_(x, [3], [0.0], backend=backend, dist="rademacher")
+    r = noise.rademacher(4096, 3, backend="torch")
+    assert torch.equal(torch.signbit(x), r < 0)
+    x = noise.add_(torch.zeros(4096), [5], [0.1], backend=backend, dist="rademacher")
+    assert torch.equal(x, torch.tensor(0.1) * noise.rademacher(4096, 5, backend="torch"))
+    x = noise.add_(torch.ones(4096), [5, 6], [1e-8, 1.0], backend=backend, dist="rademacher")
+    r5, r6 = noise.rademacher(4096, 5, backend="torch"), noise.rademacher(4096, 6, backend="torch")
+    assert torch.equal(x, (torch.ones(4096) + 1e-8 * r5) + r6)  # 1 + 1e-8 rounds to 1 first: 0 or 2
+
+
+def test_dist_is_checked_before_x_is_touched():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="dist must be one of gaussian, rademacher; got 'bernoulli'"):
+        noise.add_(x, [1], [1.0], dist="bernoulli")
+    with pytest.raises(ValueError, match="dist must be one of"):
+        noise.add_rows_(x.view(2, 4), [0], [1], [1.0], dist="normal")
+    with pytest.raises(ValueError, match="dist must be one of"):
+        noise.directions(8, 1, dist="uniform")
+    with pytest.raises(ValueError, match="dist must be one of"):
+        noise.Terms([1], [1.0], dist=None)
+    assert torch.equal(x, torch.zeros(8))
+    _C = _ext.require("this test")
+    with pytest.raises(ValueError, match="dist must be 0 .gaussian. or 1 .rademacher., got 2"):
+        _C.add_noise(x.data_ptr(), 8, CODE[torch.float32], [1], [1.0], 0, 1, 2)
+
+
+def test_terms_carry_their_dist():
+    x = torch.randn(1000)
+    terms = noise.Terms([4, 5], [0.5, -0.25], dist="rademacher")
+    a = terms.add_(x.clone(), offset=9)
+    b = noise.add_(x.clone(), [4, 5], [0.5, -0.25], offset=9, dist="rademacher")
+    assert_bits_equal(a, b)
+    assert not torch.equal(a, noise.add_(x.clone(), [4, 5], [0.5, -0.25], offset=9))

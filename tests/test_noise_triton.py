@@ -254,3 +254,39 @@ def test_passes_do_not_synchronise_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("offset", [0, 127, 128 * (2**32 - 3) + 5])
+def test_rademacher_triton_bit_identical(device, offset):
+    """r over more than one program, from a position mid-counter and across the counter's 32-bit
+    word boundary."""
+    kernels, _ = noise._triton_kernels()
+    n = 128 * kernels.SIGNS_BLOCK * 2 + 301
+    want = noise.rademacher(n, 2**62 + 9, offset=offset, backend="torch")
+    got = noise.rademacher(n, 2**62 + 9, offset=offset, device=device, backend="triton")
+    assert_bits_equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device", tiers)
+@pytest.mark.parametrize("terms", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_add_rademacher_triton_bit_identical(device, dtype, terms):
+    """add_ and add_rows_ of r (scalar terms, and staged ones for 5), against the reference; -0.0
+    kept where a zero scale meets r = -1."""
+    x = (torch.randn(40_009, generator=torch.Generator().manual_seed(terms)) * 0.05).to(dtype)
+    x[:64] = -0.0
+    seeds = [2**40 + 17 * k for k in range(terms)]
+    scales = [0.0, *((-1) ** k * 10 ** -(k % 4) for k in range(1, terms))]
+    want = noise.add_(x.clone(), seeds, scales, offset=5, backend="torch", dist="rademacher")
+    got = noise.add_(x.clone().to(device), seeds, scales, offset=5, backend="triton", dist="rademacher")
+    assert_bits_equal(got.cpu(), want)
+    table = make_table(NUM_ROWS, 257, dtype, seed=terms)
+    rows = ROW_CASES["unsorted-repeats"]
+    dense = noise.add_(table.clone(), seeds, scales, offset=2**33 + 3, backend="torch", dist="rademacher")
+    got = noise.add_rows_(table.clone().to(device), rows, seeds, scales, offset=2**33 + 3, backend="triton",
+                          dist="rademacher").cpu()  # fmt: skip
+    chosen = sorted(set(rows))
+    others = [r for r in range(NUM_ROWS) if r not in chosen]
+    assert_bits_equal(got[chosen].reshape(-1), dense[chosen].reshape(-1))
+    assert_bits_equal(got[others].reshape(-1), table[others].reshape(-1))

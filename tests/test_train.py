@@ -169,6 +169,9 @@ CLIENT_ALONE = {
     "cut-grad-bf16-no-master": dict(zo_estimator="cut-grad", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"),
     "cut-grad-one-sided": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2),
     "cut-grad-one-sided-sgd": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_step="sgd"),
+    "cut-grad-one-sided-rademacher": dict(
+        zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_noise="rademacher"
+    ),
     "cut-grad-jvp": dict(zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2),
     "cut-grad-jvp-bf16-no-master": dict(
         zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"
@@ -221,7 +224,7 @@ def test_hosl_defaults_lower_the_loss_on_two_model_shapes_at_any_loss_scale(tmp_
 @pytest.mark.parametrize(
     "name",
     ["cut-grad-rows", "central", "cut-grad-bf16-no-master", "cut-grad-one-sided", "cut-grad-one-sided-sgd",
-     "cut-grad-jvp"],
+     "cut-grad-one-sided-rademacher", "cut-grad-jvp"],
 )  # fmt: skip
 def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch, name):
     """The check above, with the sign of the ZO update flipped in estimators.end_terms: the loss rises."""
@@ -789,6 +792,18 @@ def test_replay_is_bit_identical(tmp_path, estimator):
     _assert_replays(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize("estimator", ["cut-grad-one-sided", "cut-grad-jvp"])
+def test_a_rademacher_run_replays_and_is_not_the_gaussian_run(tmp_path, estimator):
+    """--zo-noise rademacher: replay from the log gives the saved client bit for bit (the config says
+    which directions), and the client differs from the Gaussian run's of the same seed."""
+    cfg = cfg_for(tmp_path, "rademacher", q=2, steps=4, zo_estimator=estimator, zo_noise="rademacher")
+    run(cfg)
+    _assert_replays(cfg, tmp_path / "rademacher")
+    run(cfg_for(tmp_path, "gaussian", q=2, steps=4, zo_estimator=estimator))
+    a, b = weights(tmp_path / "rademacher"), weights(tmp_path / "gaussian")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("client"))
+
+
 RESUMED = {
     "hosl": {},
     "fo": {"method": "fo"},
@@ -797,6 +812,7 @@ RESUMED = {
     "hosl-cut-grad-jvp": {"zo_estimator": "cut-grad-jvp", "q": 3},
     "fo-fused-checkpointed": {"method": "fo", "client_fused_step": True, "client_checkpointing": True},
     "hosl-bf16-no-master": {"dtype": "bfloat16", "zo_master": "none", "weight_decay": 0.1},
+    "hosl-rademacher-bf16-no-master": {"zo_noise": "rademacher", "dtype": "bfloat16", "zo_master": "none"},
 }
 
 
@@ -1011,6 +1027,8 @@ BAD = [
         "--client-batch-probes runs every block on (probes x batch) rows",
     ),
     (["--method", "fo", "--zo-step", "normalized"], "--zo-step normalized is not used by --method fo"),
+    (["--method", "fo", "--zo-noise", "rademacher"], "--zo-noise rademacher is not used by --method fo"),
+    (["--zo-noise", "bernoulli"], "--zo-noise must be one of gaussian, rademacher, got 'bernoulli'"),
     (["--client-lr", "-1"], "--client-lr must be a finite number >= 0"),
     (["--q", "two"], "expected int, got 'two'"),
     (["--task", "sst2", "--data-dir", "/nonexistent"], "/nonexistent"),

@@ -29,25 +29,26 @@ def _named():
     ]
 
 
-def _expected_update(w0, seeds, grads, lr, weight_decay, decayed_spans, offset=0):
+def _expected_update(w0, seeds, grads, lr, weight_decay, decayed_spans, offset=0, dist="gaussian"):
     """w0 - lr/Q * sum_q g_q z_q, then (1 - lr * wd) on the decayed spans: float64, from scratch."""
     w = w0.double().clone()
     for s, g in zip(seeds, grads):
-        w -= lr / len(seeds) * g * noise.gaussian(w0.numel(), s, offset=offset).double()
+        w -= lr / len(seeds) * g * noise.directions(w0.numel(), s, offset=offset, dist=dist).double()
     for lo, hi in decayed_spans:
         w[lo:hi] *= 1 - lr * weight_decay
     return w
 
 
+@pytest.mark.parametrize("dist", noise.DISTRIBUTIONS)
 @pytest.mark.parametrize("estimator", sorted(estimators.ESTIMATORS))
 @pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5], ids=["no-decay", "decay"])
-def test_step_end_is_the_zo_sgd_update(estimator, q, weight_decay):
+def test_step_end_is_the_zo_sgd_update(estimator, q, weight_decay, dist):
     """The plan's probe passes and its end leave w - lr/Q sum_q g_q z_q (decayed on matrices), to
-    float32 rounding; the update is ~0.1 per element, so a flipped sign, a lost 1/Q or decay on the
-    bias fail by far."""
+    float32 rounding, z_q Gaussian or Rademacher; the update is ~0.1 per element, so a flipped sign,
+    a lost 1/Q, decay on the bias or the other distribution's directions fail by far."""
     named = _named()
-    params = zo.ZOParams(named)
+    params = zo.ZOParams(named, dist=dist)
     if estimators.ESTIMATORS[estimator].exact:
         params.attach_tangents(torch.nn.ParameterDict({n.replace(".", "_"): p for n, p in named}))
     w0 = params.flat.flat.clone()
@@ -59,7 +60,7 @@ def test_step_end_is_the_zo_sgd_update(estimator, q, weight_decay):
         pass
     plan.end(params, 3, [(0, grads, None)], lr, weight_decay)
     # Decay on proj.weight (0:30) and embed.weight (35:112), not on proj.bias (30:35).
-    expected = _expected_update(w0, seeds, grads, lr, weight_decay, [(0, 30), (35, 112)])
+    expected = _expected_update(w0, seeds, grads, lr, weight_decay, [(0, 30), (35, 112)], dist=dist)
     torch.testing.assert_close(params.flat.flat.double(), expected, rtol=0, atol=2e-5)
     assert (params.flat.flat.double() - w0.double()).abs().max() > 0.05
 
@@ -235,7 +236,7 @@ def test_cut_grad_projection_is_the_loss_difference_to_first_order():
 # -- scratch probes ---------------------------------------------------------------------------------
 
 
-def _client_of(family, k=2, row_sparse=True, probes="scratch"):
+def _client_of(family, k=2, row_sparse=True, probes="scratch", dist="gaussian"):
     from _tiny_models import model
 
     from hosl.rows import embedding_tables
@@ -246,7 +247,7 @@ def _client_of(family, k=2, row_sparse=True, probes="scratch"):
     for _, p in named:
         p.requires_grad_(False)
     tables = set(embedding_tables(client)) if row_sparse else set()
-    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes=probes)
+    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes=probes, dist=dist)
     if probes == "scratch":
         params.attach(client)
     return client, params
@@ -260,16 +261,18 @@ def _hidden(client, ids, mask):
 FAMILIES_SAMPLE = ["opt", "gpt2", "llama", "gemma2", "phi"]
 
 
-@pytest.mark.parametrize("family", FAMILIES_SAMPLE)
-def test_a_scratch_probe_sees_the_perturbed_weights_and_leaves_w_exactly(family):
+@pytest.mark.parametrize(
+    "family,dist", [*((f, "gaussian") for f in FAMILIES_SAMPLE), ("llama", "rademacher"), ("opt", "rademacher")]
+)
+def test_a_scratch_probe_sees_the_perturbed_weights_and_leaves_w_exactly(family, dist):
     """Under a scratch probe the forward is the forward of weights that a whole-buffer pass set to
     w + c z (bit for bit, +mu and -mu, on the batch's rows of the token table), and afterwards the
     weights are w, bit for bit. The reference moves a second copy's weights with add_ passes."""
     from _tiny_models import batch
 
     ids, mask, _ = batch()
-    client, params = _client_of(family)
-    ref_client, ref = _client_of(family, probes="inplace")
+    client, params = _client_of(family, dist=dist)
+    ref_client, ref = _client_of(family, probes="inplace", dist=dist)
     rows = [torch.unique(ids)] + [None] * (len(params.tables) - 1)
     w0 = params.flat.flat.clone()
     seed, mu = estimators.probe_seed(3, 1, 0), 1e-3
@@ -464,7 +467,7 @@ def test_without_a_master_the_probes_must_be_scratch_ones():
 # -- the exact estimator: forward-mode tangents --------------------------------------------------------
 
 
-def _tangent_client(family, dtype=torch.float32, master=True):
+def _tangent_client(family, dtype=torch.float32, master=True, dist="gaussian"):
     """A 2-block client of `family` whose buffer carries tangents (row-sparse token table)."""
     from _tiny_models import model
 
@@ -480,7 +483,9 @@ def _tangent_client(family, dtype=torch.float32, master=True):
         p.requires_grad_(False)
     tables = set(embedding_tables(client))
     probes = "inplace" if master else "scratch"
-    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes=probes, master=master)
+    params = zo.ZOParams(
+        named, row_sparse=[n for n, _ in named if n in tables], probes=probes, master=master, dist=dist
+    )
     params.attach_tangents(client)
     return client, params
 
@@ -493,16 +498,18 @@ def _tangent_of(client, params, seed, ids, mask):
         return fwAD.unpack_dual(out).tangent
 
 
-@pytest.mark.parametrize("family", FAMILIES_SAMPLE)
-def test_a_tangent_forward_is_the_directional_derivative_autograd_gives(family):
+@pytest.mark.parametrize(
+    "family,dist", [*((f, "gaussian") for f in FAMILIES_SAMPLE), ("llama", "rademacher"), ("opt", "rademacher")]
+)
+def test_a_tangent_forward_is_the_directional_derivative_autograd_gives(family, dist):
     """cut-grad-jvp's g = < dL/dh, J_w h . z > from a tangent forward (attention on SDPA's math
-    backend, the tangent generated module by module) equals < grad_w (dL/dh . h(w)), z > from
-    torch.autograd with z built from noise.gaussian, to float32 rounding; the weights are left
-    bit for bit as they were."""
+    backend, the tangent generated module by module, Gaussian or Rademacher) equals
+    < grad_w (dL/dh . h(w)), z > from torch.autograd with z built from noise.directions, to float32
+    rounding; the weights are left bit for bit as they were."""
     from _tiny_models import batch
 
     ids, mask, _ = batch()
-    client, params = _tangent_client(family)
+    client, params = _tangent_client(family, dist=dist)
     w0 = params.flat.flat.clone()
     grad_h = torch.randn(_hidden(client, ids, mask).shape, generator=torch.Generator().manual_seed(0))
     for p in params.flat.params:
@@ -514,7 +521,7 @@ def test_a_tangent_forward_is_the_directional_derivative_autograd_gives(family):
     jvp = estimators.ESTIMATORS["cut-grad-jvp"]
     for probe in range(3):
         seed = estimators.probe_seed(9, 0, probe)
-        z = noise.gaussian(params.numel, seed).double()
+        z = noise.directions(params.numel, seed, dist=dist).double()
         want = float(grad_w @ z)
         tangent = _tangent_of(client, params, seed, ids, mask)
         got = jvp.project(grad_h, tangent, 1e-3)
