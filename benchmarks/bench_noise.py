@@ -19,6 +19,9 @@ What is measured (bench field of each record):
   StepPlan.end) on the OPT client, with the token embedding dense (all) and row-sparse (rows:
   the distinct ids of a batch of --rows-tokens uniformly random tokens, about as many rows as a
   batch of 16 x 64 real tokens touches at most), the rest of the client dense in both.
+* dists: one add_ pass of 1 and of 9 terms (a Q = 8 step's update) on the largest flat buffer, with
+  Gaussian z and with Rademacher r (dist="rademacher"), against the pass a memory-bound op makes over
+  the same buffer, x.add_(c): one read and one write, what a pass of r can at best cost.
 * copy (CUDA only): dst.copy_(src) on a large buffer, the device's copy bandwidth; the GPU rows report
   the fraction of it that each method reaches.
 
@@ -54,6 +57,7 @@ Writes one JSON object per measurement to benchmarks/results/bench_noise.jsonl (
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -334,6 +338,24 @@ def measure_rows(rec, device, params, tokens, repeats):
         )  # fmt: skip
 
 
+def measure_dists(rec, device, x, repeats):
+    """add_ of z and of r, 1 and 9 terms, on x, and x.add_(c) as the memory floor."""
+    backend = "cpp" if device.type == "cpu" else "triton"
+    timer = (lambda fn: time_cpu(fn, repeats)) if device.type == "cpu" else time_cuda
+    log(f"  {device.type} dists floor ...")
+    floor, floor_min = timer(lambda: x.add_(1e-7))
+    for terms in (1, 9):
+        seeds, scales = [SEED + k for k in range(terms)], [MU] * terms
+        for dist in noise.DISTRIBUTIONS:
+            log(f"  {device.type} dists {dist} {terms} ...")
+            median_s, min_s = timer(functools.partial(noise.add_, x, seeds, scales, backend=backend, dist=dist))
+            rec.add(
+                device, bench="dists", case=dist, method=METHODS[device.type], numel=x.numel(), terms=terms,
+                passes=1, median_s=median_s, min_s=min_s, floor_median_s=floor, floor_min_s=floor_min,
+                gbytes_per_s=2 * x.numel() * x.element_size() / median_s / 1e9,
+            )  # fmt: skip
+
+
 def copy_bandwidth(rec, device, quick):
     numel = (64 if quick else 256) * MIB
     src = torch.randn(numel, device=device)
@@ -420,6 +442,19 @@ def report(records):
     for r in records:
         if r["bench"] == "copy":
             print(f"Copy bandwidth ({r['device_name']}, {r['case']}): {r['gbytes_per_s']:.1f} GB/s.")
+    dists = [r for r in records if r["bench"] == "dists"]
+    for dev, terms in dict.fromkeys((r["device"], r["terms"]) for r in dists):
+        z, r = (
+            next(d for d in dists if (d["device"], d["terms"], d["case"]) == (dev, terms, c))
+            for c in noise.DISTRIBUTIONS
+        )
+        print(
+            f"One pass of {terms} term(s) over {fmt_numel(z['numel'])} floats on {dev}: Gaussian "
+            f"{z['median_s'] * 1e3:.1f} ms, Rademacher {r['median_s'] * 1e3:.1f} ms "
+            f"({z['median_s'] / r['median_s']:.1f}x faster, {r['gbytes_per_s']:.1f} GB/s); x.add_(c), one read and "
+            f"one write: {r['floor_median_s'] * 1e3:.1f} ms (Rademacher at {r['floor_median_s'] / r['median_s']:.0%} "
+            "of that speed)."
+        )
     steps = [r for r in records if r["bench"] == "zo_step"]
     by_rows = {(r["device"], r["case"]): r for r in records if r["bench"] == "zo_step_rows"}
     for dev in dict.fromkeys(d for d, _ in by_rows):
@@ -489,6 +524,8 @@ def main(argv=None):
         for numel in sizes:
             buf = torch.randn(numel, device=device)
             measure(rec, device, "pass", f"flat-{numel // MIB}M", buf, [buf], False, repeats, copy_gbps)
+            if numel == sizes[-1]:
+                measure_dists(rec, device, buf, repeats)
             del buf
         params = client if device.type == "cpu" else [p.detach().to(device) for p in client]
         flat = hosl.FlatParams(params).flat  # the parameters become views of it

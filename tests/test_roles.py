@@ -137,7 +137,9 @@ def test_a_consistent_step_is_answered(session):
 
 
 @pytest.mark.parametrize(
-    "change", [{"client_lr": 5e-5}, {"mu": 2e-3}, {"server_lr": 1e-2}, {"q": 3}, {"seed": 1}, {}], ids=str
+    "change",
+    [{"client_lr": 5e-5}, {"mu": 2e-3}, {"server_lr": 1e-2}, {"q": 3}, {"seed": 1}, {"zo_noise": "rademacher"}, {}],
+    ids=str,
 )
 def test_hello_refuses_a_client_of_another_config(session, change):
     """HELLO compares the run-defining fields and the resumable ones (the rates, mu, the schedule):
