@@ -8,15 +8,15 @@ never stored, so a perturbation, a restore, or a restore plus an update over man
 read and one write of x. The sum is taken in float32, in the order of the terms, and rounded once
 (to nearest even) into x's dtype.
 
-Every function takes dist="rademacher" for r(seed, j) in place of z: +1 or -1, one bit of the same
-Philox stream each (bit j % 128 of counter j // 128). A pass of r costs one read and one write of x
-and almost no arithmetic, where z's Box-Muller bounds a Gaussian pass on the CPU.
-
     add_rows_(table, rows, seeds, scales, offset=o):  the same on chosen rows of a 2-D table only,
         table[r, j] += sum_k scales[k] * z(seeds[k], o + r * width + j)
 
 is the sparse form for embedding tables: each element keeps its position in the dense layout, so
 the chosen rows get exactly the bits `add_` would give them and the other rows keep theirs.
+
+Every function takes dist="rademacher" for r(seed, j) in place of z: +1 or -1, one bit of the same
+Philox stream each (bit j % 128 of counter j // 128). A pass of r costs one read and one write of x
+and almost no arithmetic, where z's Box-Muller bounds a Gaussian pass on the CPU.
 
 Backends, all bit-identical:
 
