@@ -50,8 +50,8 @@ Run from the repository root:
     python benchmarks/bench_noise.py            # full sizes; use an idle machine
 
 Writes one JSON object per measurement to benchmarks/results/bench_noise.jsonl (--quick: _quick,
---device cpu or cuda: _cpu or _cuda before .jsonl), overwritten each run, and prints a table to stdout
-(progress to stderr).
+--device cpu or cuda: _cpu or _cuda before .jsonl; --dists-only: _dists), overwritten each run, and
+prints a table to stdout (progress to stderr).
 """
 
 from __future__ import annotations
@@ -487,6 +487,11 @@ def main(argv=None):
     parser.add_argument(
         "--rows-tokens", type=int, default=1024, help="zo_step_rows: tokens in the batch (16 x 64 = 1024)"
     )
+    parser.add_argument(
+        "--dists-only",
+        action="store_true",
+        help="only the dists bench: the Gaussian and Rademacher passes (to bench_noise[_quick]_dists.jsonl)",
+    )
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -514,9 +519,16 @@ def main(argv=None):
     print()
 
     name = "bench_noise" + ("_quick" if args.quick else "") + ("" if args.device == "all" else f"_{args.device}")
+    name += "_dists" if args.dists_only else ""
     path = args.out / f"{name}.jsonl"
     rec = Recorder(path, env)
     sizes = [1 * MIB, 4 * MIB] if args.quick else [1 * MIB, 16 * MIB, 64 * MIB]
+    if args.dists_only:
+        for device in devices:
+            measure_dists(rec, device, torch.randn(sizes[-1], device=device), repeats)
+        report(rec.records)
+        print(f"\n{len(rec.records)} records written to {path}")
+        return
     log(f"building the OPT client ({'small' if args.quick else 'OPT-125M'} config) ...")
     client_name, client = opt_client_params(args.quick)
     for device in devices:

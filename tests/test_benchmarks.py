@@ -112,6 +112,9 @@ def test_bench_noise_quick(tmp_path):
     for case in ("flat-1M", "flat-4M", "opt-small-client"):
         assert {("pass", case, "hosl-cpp"), ("pass", case, "mezo")} <= got
     assert {("zo_step", "opt-small-client", "hosl-cpp"), ("zo_step_rows", "rows", "hosl-cpp")} <= got
+    assert {(r["case"], r["terms"]) for r in rows if r["bench"] == "dists"} == {
+        (d, t) for d in ("gaussian", "rademacher") for t in (1, 9)
+    }
     assert all(r["median_s"] > 0 for r in rows)
 
 
