@@ -53,6 +53,7 @@ DEFAULT_VARIANTS = {
     "sgd-defaults": ["--zo-step", "sgd", "--client-lr", "1e-2"],  # the defaults before the normalized step
     "hosl-defaults": [],
     "hosl-rademacher": ["--zo-noise", "rademacher"],
+    "hosl-gaussian": ["--zo-noise", "gaussian"],  # the defaults before Rademacher directions
     "hosl-dense-embedding": ["--zo-embedding", "all"],
     "hosl-central-q8": ["--zo-estimator", "central", "--q", "8"],
     "hosl-one-sided": ["--zo-estimator", "cut-grad-one-sided"],
@@ -80,8 +81,9 @@ def smollm2_variants(client_lr: str, normalized_lr: str = "1e-2") -> dict[str, l
         "fo": ["--method", "fo", "--client-lr", "1e-5"],
         # the memory-frugal first-order client: the same gradients, recomputed blocks, no gradient buffer
         "fo-ckpt": ["--method", "fo", "--client-lr", "1e-5", "--client-checkpointing", "--client-fused-step"],
-        "hosl-defaults": [],  # no --client-lr, --q, --zo-estimator or --zo-step: what a user gets
-        "hosl-rademacher": ["--zo-noise", "rademacher"],  # the defaults with +-1 directions: a cheaper noise pass
+        "hosl-defaults": [],  # no --client-lr, --q, --zo-estimator, --zo-step or --zo-noise: what a user gets
+        "hosl-rademacher": ["--zo-noise", "rademacher"],  # +-1 directions, explicitly (hosl's default)
+        "hosl-gaussian": ["--zo-noise", "gaussian"],  # the defaults before: Gaussian directions
         # hosl's defaults on the client's last N blocks alone: the blocks below run once a step
         "hosl-top9": ["--client-train-blocks", "9"],
         "hosl-top3": ["--client-train-blocks", "3"],

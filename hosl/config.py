@@ -174,12 +174,13 @@ class TrainConfig:
             default_text="inplace for one client; scratch for --clients > 1, --zo-master none, --client-batch-probes",
         ),
     )
-    zo_noise: str = field(
-        default="gaussian",
+    zo_noise: str | None = field(
+        default=None,
         metadata=_help(
             "the ZO directions: gaussian, z ~ N(0, I); rademacher, each weight's direction +1 or -1 (SPSA's), the "
             "same E[z z^T] = I from one random bit a weight, so a noise pass costs a read and a write of the weights",
             choices=("gaussian", "rademacher"),
+            default_text="rademacher for hosl, gaussian for zo and zo-full",
         ),
     )
     zo_master: str = field(
@@ -423,7 +424,7 @@ class TrainConfig:
 
     def __post_init__(self):
         method = METHODS.get(self.method)  # an unknown method: check() names it
-        for name in ("zo_estimator", "client_lr", "zo_step"):
+        for name in ("zo_estimator", "client_lr", "zo_step", "zo_noise"):
             if method is not None and getattr(self, name) is None:
                 setattr(self, name, getattr(method, name))
         if self.q is None:
@@ -659,7 +660,7 @@ class TrainConfig:
         if name == "zo_probes":
             return SCRATCH if self.clients > 1 or self.zo_master == "none" or self.client_batch_probes else INPLACE
         method = METHODS[self.method]
-        if name in ("zo_estimator", "client_lr", "zo_step"):
+        if name in ("zo_estimator", "client_lr", "zo_step", "zo_noise"):
             return getattr(method, name)
         if name == "q":
             return ESTIMATORS[method.zo_estimator].q
@@ -681,6 +682,7 @@ class TrainConfig:
         # A config saved before --zo-embedding existed ran dense noise: resuming it must go on so.
         data.setdefault("zo_embedding", "all")
         data.setdefault("zo_step", "sgd")  # and before --zo-step, ZO-SGD
+        data.setdefault("zo_noise", "gaussian")  # and before --zo-noise, Gaussian directions
         for f in dataclasses.fields(cls):
             if f.name in data and not _json_fits(data[f.name], f.type):
                 raise ValueError(f"{f.name} must be {_TYPE_WORDS.get(f.type, f.type)}, got {data[f.name]!r}")

@@ -56,10 +56,12 @@ class Method:
     client: Update  # the unsplit model's update for the full methods
     server: Update | None  # None: not split
     blurb: str
-    # What an unset --zo-estimator, --client-lr and --zo-step become (an unset --q: the estimator's own Q).
+    # What an unset --zo-estimator, --client-lr, --zo-step and --zo-noise become (an unset --q: the
+    # estimator's own Q).
     zo_estimator: str = "central"
     client_lr: float = 1e-4
     zo_step: str = "sgd"
+    zo_noise: str = "gaussian"
 
     @property
     def orders(self) -> set[str]:
@@ -83,7 +85,9 @@ class Method:
 # points of that rate's accuracy on SmolLM2 at k = 27 with no flag (0.693 against 0.723, 3 seeds) and
 # trains the built-in model too
 # (benchmarks/bench_client.py; docs/training.md: "Learning rates", docs/results.md: "Does the client
-# learn?").
+# learn?"). Its directions are Rademacher: a noise pass of +-1 directions costs a read and a write of
+# the weights where the Gaussian's Box-Muller made the noise a third of a SmolLM2 client's step, and
+# the client learns as much (docs/results.md: "What each estimator costs").
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -96,6 +100,7 @@ METHODS: dict[str, Method] = {
             zo_estimator="cut-grad-one-sided",
             client_lr=5e-3,
             zo_step="normalized",
+            zo_noise="rademacher",
         ),
         Method("fo", True, Update(FO, "client_lr"), Update(FO, "server_lr"), "FO on both sides (split learning)"),
         Method("zo", True, Update(ZO, "client_lr"), Update(ZO, "client_lr"), "ZO on both sides, shared seeds"),

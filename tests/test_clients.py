@@ -122,7 +122,7 @@ def _reference(cfg: TrainConfig):
     for _, p in named:
         p.requires_grad_(False)
     tables = set(embedding_tables(client))
-    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes="scratch")
+    params = zo.ZOParams(named, row_sparse=[n for n, _ in named if n in tables], probes="scratch", dist=cfg.zo_noise)
     params.attach(client)
     optimizer = make_optimizer([p for p in server.parameters() if p.requires_grad], cfg, cfg.server_lr)
     shards = many.partition([e.label for e in examples], cfg.clients, cfg.partition, cfg.alpha, cfg.seed)

@@ -62,7 +62,8 @@ def _model_and_batch(cfg: TrainConfig):
 
 def test_projected_gradient_equals_independent_finite_difference(tmp_path):
     """The run's logged g equals (L(w + mu z) - L(w - mu z)) / 2mu computed here from scratch: z from
-    hosl.noise.gaussian laid over the client's parameters in order, the losses from the unsplit model."""
+    hosl.noise (the run's directions) laid over the client's parameters in order, the losses from the
+    unsplit model."""
     cfg = cfg_for(tmp_path, steps=1, mu=1e-2)
     run(cfg)
     g_run = read_log(tmp_path / "run" / "zo_log.jsonl")[0]["grads"][0]
@@ -70,7 +71,7 @@ def test_projected_gradient_equals_independent_finite_difference(tmp_path):
     model, batches = _model_and_batch(cfg)
     client, _ = split_model(model, cfg.split_layer)
     params = list(client.parameters())
-    z = noise.gaussian(sum(p.numel() for p in params), seed=estimators.probe_seed(cfg.seed, 0, 0))
+    z = noise.directions(sum(p.numel() for p in params), estimators.probe_seed(cfg.seed, 0, 0), dist=cfg.zo_noise)
     batch = batches(0)
 
     def loss_at(sign):
@@ -169,9 +170,7 @@ CLIENT_ALONE = {
     "cut-grad-bf16-no-master": dict(zo_estimator="cut-grad", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"),
     "cut-grad-one-sided": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2),
     "cut-grad-one-sided-sgd": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_step="sgd"),
-    "cut-grad-one-sided-rademacher": dict(
-        zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_noise="rademacher"
-    ),
+    "cut-grad-one-sided-gaussian": dict(zo_estimator="cut-grad-one-sided", q=8, client_lr=1e-2, zo_noise="gaussian"),
     "cut-grad-jvp": dict(zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2),
     "cut-grad-jvp-bf16-no-master": dict(
         zo_estimator="cut-grad-jvp", q=8, client_lr=1e-2, dtype="bfloat16", zo_master="none"
@@ -214,7 +213,7 @@ def test_hosl_defaults_lower_the_loss_on_two_model_shapes_at_any_loss_scale(tmp_
 
     monkeypatch.setattr(split.ServerModel, "forward", scaled)
     cfg = cfg_for(tmp_path, **{**ALONE, "model": model, "client_lr": None, "q": None, "zo_estimator": None})
-    assert (cfg.zo_step, cfg.zo_estimator) == ("normalized", "cut-grad-one-sided")
+    assert (cfg.zo_step, cfg.zo_estimator, cfg.zo_noise) == ("normalized", "cut-grad-one-sided", "rademacher")
     run(cfg)
     monkeypatch.undo()  # the frozen server measures the true loss
     gain = _frozen_server_loss(cfg) - _frozen_server_loss(cfg, tmp_path / "run" / "client.safetensors")
@@ -224,7 +223,7 @@ def test_hosl_defaults_lower_the_loss_on_two_model_shapes_at_any_loss_scale(tmp_
 @pytest.mark.parametrize(
     "name",
     ["cut-grad-rows", "central", "cut-grad-bf16-no-master", "cut-grad-one-sided", "cut-grad-one-sided-sgd",
-     "cut-grad-one-sided-rademacher", "cut-grad-jvp"],
+     "cut-grad-one-sided-gaussian", "cut-grad-jvp"],
 )  # fmt: skip
 def test_flipped_update_sign_fails_the_client_alone_check(tmp_path, monkeypatch, name):
     """The check above, with the sign of the ZO update flipped in estimators.end_terms: the loss rises."""
@@ -253,7 +252,8 @@ def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path, estima
     params = list(client.parameters())
     batch = batches(0)
     for probe, g in enumerate(g_run):
-        z = noise.gaussian(sum(p.numel() for p in params), seed=estimators.probe_seed(cfg.seed, 0, probe))
+        seed = estimators.probe_seed(cfg.seed, 0, probe)
+        z = noise.directions(sum(p.numel() for p in params), seed, dist=cfg.zo_noise)
 
         def loss_at(sign, z=z):
             with torch.no_grad():
@@ -275,7 +275,9 @@ def test_cut_grad_logged_g_equals_independent_finite_difference(tmp_path, estima
 
 
 def test_rows_leave_the_unused_embedding_rows_untouched(tmp_path):
-    """--zo-embedding rows: the rows no batch used keep their initial bits; all: every row moves."""
+    """--zo-embedding rows: the rows no batch used keep their initial bits; all: every row moves.
+    (An element may come back to its bits: at Q = 1 a normalized Rademacher step moves each element
+    by exactly +-lr, and two steps of opposite signs cancel.)"""
     cfg = cfg_for(tmp_path, "rows", zo_embedding="rows", train_examples=16, steps=2, batch_size=4)
     run(cfg)
     model, batches = _model_and_batch(cfg)
@@ -288,10 +290,10 @@ def test_rows_leave_the_unused_embedding_rows_untouched(tmp_path):
     assert unused.sum() > 10
     trained = load_file(tmp_path / "rows" / "client.safetensors")[name]
     assert torch.equal(trained[unused], initial[unused])
-    assert (trained[used] != initial[used]).all(dim=1).all()
+    assert (trained[used] != initial[used]).any(dim=1).all()
     run(cfg_for(tmp_path, "all", zo_embedding="all", train_examples=16, steps=2, batch_size=4))
     dense = load_file(tmp_path / "all" / "client.safetensors")[name]
-    assert (dense[unused] != initial[unused]).all(dim=1).all()
+    assert (dense[unused] != initial[unused]).any(dim=1).all()
 
 
 def test_rows_of_a_learned_position_table_are_the_positions_used(tmp_path):
@@ -327,7 +329,8 @@ def test_all_is_the_dense_step(tmp_path):
     assert all("rows" not in r for r in log)
     model, _ = _model_and_batch(cfg)
     client, _ = split_model(model, cfg.split_layer)
-    replay(zo.ZOParams([(n, p) for n, p in client.named_parameters() if p.requires_grad]), cfg, log)
+    named = [(n, p) for n, p in client.named_parameters() if p.requires_grad]
+    replay(zo.ZOParams(named, dist=cfg.zo_noise), cfg, log)
     saved = load_file(tmp_path / "run" / "client.safetensors")
     assert all(torch.equal(p.detach(), saved[n]) for n, p in client.named_parameters())
 
@@ -799,7 +802,7 @@ def test_a_rademacher_run_replays_and_is_not_the_gaussian_run(tmp_path, estimato
     cfg = cfg_for(tmp_path, "rademacher", q=2, steps=4, zo_estimator=estimator, zo_noise="rademacher")
     run(cfg)
     _assert_replays(cfg, tmp_path / "rademacher")
-    run(cfg_for(tmp_path, "gaussian", q=2, steps=4, zo_estimator=estimator))
+    run(cfg_for(tmp_path, "gaussian", q=2, steps=4, zo_estimator=estimator, zo_noise="gaussian"))
     a, b = weights(tmp_path / "rademacher"), weights(tmp_path / "gaussian")
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("client"))
 
@@ -812,7 +815,7 @@ RESUMED = {
     "hosl-cut-grad-jvp": {"zo_estimator": "cut-grad-jvp", "q": 3},
     "fo-fused-checkpointed": {"method": "fo", "client_fused_step": True, "client_checkpointing": True},
     "hosl-bf16-no-master": {"dtype": "bfloat16", "zo_master": "none", "weight_decay": 0.1},
-    "hosl-rademacher-bf16-no-master": {"zo_noise": "rademacher", "dtype": "bfloat16", "zo_master": "none"},
+    "hosl-gaussian-bf16-no-master": {"zo_noise": "gaussian", "dtype": "bfloat16", "zo_master": "none"},
 }
 
 
@@ -1178,7 +1181,7 @@ def test_a_resume_may_add_a_token_and_a_legacy_manifest_verifies(tmp_path):
     none of the fields added since) still verifies, and a wrong digest does not."""
     from hosl import checkpoint
 
-    run(cfg_for(tmp_path, steps=2, save_every=2))
+    run(cfg_for(tmp_path, steps=2, save_every=2, zo_noise="gaussian"))  # a run an older version could hold
     token = tmp_path / "token"
     assert hosl_token_main([str(token)]) == 0
     config = tmp_path / "run" / "config.json"
@@ -1196,6 +1199,24 @@ def test_a_resume_may_add_a_token_and_a_legacy_manifest_verifies(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="differ from those"):
         checkpoint.check_config({**manifest, "config": "0" * 64}, config, manifest_path.parent)
     assert main(["--resume", str(tmp_path / "run"), "--steps", "3", "--auth-token-file", str(token)]) == 0
+
+
+def test_a_run_saved_before_zo_noise_resumes_with_gaussian_directions(tmp_path):
+    """A config.json with no zo_noise, as versions before --zo-noise wrote it: the run resumes with
+    the Gaussian directions it trained with (hosl's default is Rademacher now), bit for bit as a
+    straight Gaussian run, and replays."""
+    run(cfg_for(tmp_path, "straight", steps=4, save_every=2, zo_noise="gaussian"))
+    run(cfg_for(tmp_path, "old", steps=2, save_every=2, zo_noise="gaussian"))
+    config = tmp_path / "old" / "config.json"
+    data = json.loads(config.read_text())
+    del data["zo_noise"]
+    config.write_text(json.dumps(data))
+    assert main(["--resume", str(tmp_path / "old"), "--steps", "4"]) == 0
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "old")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = TrainConfig.from_json(config.read_text())
+    assert cfg.zo_noise == "gaussian" and TrainConfig().zo_noise == "rademacher"
+    _assert_replays(cfg, tmp_path / "old")
 
 
 def test_out_dir_is_never_overwritten(tmp_path):
