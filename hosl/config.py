@@ -178,7 +178,7 @@ class TrainConfig:
         default=None,
         metadata=_help(
             "the ZO directions: gaussian, z ~ N(0, I); rademacher, each weight's direction +1 or -1 (SPSA's), the "
-            "same E[z z^T] = I from one random bit a weight, so a noise pass costs a read and a write of the weights",
+            "same E[z z^T] = I from one random bit a weight, so a noise pass is little more than a read and a write",
             choices=("gaussian", "rademacher"),
             default_text="rademacher for hosl, gaussian for zo and zo-full",
         ),

@@ -168,7 +168,8 @@ def _check_offset(offset, n: int) -> int:
     return int(offset)
 
 
-def _check_dist(dist) -> str:
+def checked_dist(dist) -> str:
+    """dist, one of DISTRIBUTIONS; ValueError naming them otherwise."""
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {', '.join(DISTRIBUTIONS)}; got {dist!r}")
     return dist
@@ -227,7 +228,7 @@ def add_(
     seed_list = _check_seeds(seeds)
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, x.numel())
-    return _launch(x, seed_list, scale_t, offset, resolve_backend(backend, x.device), _check_dist(dist))
+    return _launch(x, seed_list, scale_t, offset, resolve_backend(backend, x.device), checked_dist(dist))
 
 
 def _launch(
@@ -295,7 +296,7 @@ def add_rows_(
     scale_t = _check_scales(scales, len(seed_list))
     offset = _check_offset(offset, table.numel())
     name = resolve_backend(backend, table.device)
-    return _launch_rows(table, row_t, seed_list, scale_t, offset, name, _check_dist(dist))
+    return _launch_rows(table, row_t, seed_list, scale_t, offset, name, checked_dist(dist))
 
 
 def _launch_rows(table, row_t, seed_list, scale_t, offset: int, name: str, dist: str) -> torch.Tensor:
@@ -338,7 +339,7 @@ class Terms:
     def __init__(self, seeds, scales, backend: str | None = None, dist: str = "gaussian"):
         self.seeds = _check_seeds(seeds)
         self.scales = _check_scales(scales, len(self.seeds))
-        self.dist = _check_dist(dist)
+        self.dist = checked_dist(dist)
         self._backend = backend
         self._names: dict[torch.device, str] = {}
 
@@ -439,7 +440,7 @@ def directions(
         raise ValueError(f"n must be an int >= 0; got {n!r}")
     (seed,) = _check_seeds([seed])
     offset = _check_offset(offset, n)
-    dist = _check_dist(dist)
+    dist = checked_dist(dist)
     device = torch.device(device)
     name = resolve_backend(backend, device)
     if name == "torch":

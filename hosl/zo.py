@@ -102,7 +102,7 @@ class ZOParams:
             )
         self.offset = offset
         self.probes = probes
-        self.dist = noise._check_dist(dist)
+        self.dist = noise.checked_dist(dist)
         self._scratch: _ScratchProbes | None = None
         self._tangents: _Tangents | None = None
         self._rows_seen: list[tuple[object, int, torch.Tensor]] = []  # (given, table rows, checked)
