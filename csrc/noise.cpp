@@ -6,7 +6,7 @@
 //
 // A tile is 256 positions: 64 Philox counters of Gaussian z (4 normals each), or 2 counters of
 // Rademacher r (128 signs each). r costs one Philox per 128 elements and a sign flip of the scale,
-// so a Rademacher pass runs at the speed of memory where a Gaussian one is bound by Box-Muller.
+// no Box-Muller, which bounds a Gaussian pass.
 #include "noise.h"
 
 #include <algorithm>
@@ -35,9 +35,11 @@ static_assert(kTile % 16 == 0, "philox_tile_avx512 takes counters 16 at a time")
 // The Philox words of counters [counter0, counter0 + kTile), word w of counter counter0 + i in cw[i].
 // Portable C++; the compiler vectorises it, but it widens the 32x32->64-bit products through lane
 // shuffles, so x86-64 CPUs with AVX2 or AVX-512 run philox_tile_avx2 or philox_tile_avx512.
+// kCount counters: kTile for a Gaussian tile, the two of a Rademacher tile.
+template <int kCount = kTile>
 void philox_tile(uint64_t seed, uint64_t counter0, uint32_t* __restrict c0, uint32_t* __restrict c1,
                  uint32_t* __restrict c2, uint32_t* __restrict c3) {
-  for (int i = 0; i < kTile; ++i) {
+  for (int i = 0; i < kCount; ++i) {
     const uint64_t c = counter0 + static_cast<uint64_t>(i);
     c0[i] = static_cast<uint32_t>(c);
     c1[i] = static_cast<uint32_t>(c >> 32);
@@ -47,7 +49,7 @@ void philox_tile(uint64_t seed, uint64_t counter0, uint32_t* __restrict c0, uint
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    for (int i = 0; i < kTile; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[i];
       const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[i];
       const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
@@ -200,27 +202,19 @@ __attribute__((always_inline)) inline void tile_body(uint64_t seed, uint64_t til
   }
 }
 
-// The four Philox words of one counter, scalar: a Rademacher tile needs two counters.
-inline void philox_one(uint64_t seed, uint64_t counter, uint32_t* out) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
+constexpr int kSignCounters = kTilePositions / kSignsPerCounter;
+
+// The 4 * kSignCounters words of a Rademacher tile (tile_pos a multiple of 128), word w of the
+// tile's counter c at words[4 * c + w]: the signs of positions tile_pos + 32 * (4 * c + w) + b.
+inline void signs_words(uint64_t seed, uint64_t tile_pos, uint32_t* words) {
+  uint32_t c0[kSignCounters], c1[kSignCounters], c2[kSignCounters], c3[kSignCounters];
+  philox_tile<kSignCounters>(seed, tile_pos / kSignsPerCounter, c0, c1, c2, c3);
+  for (int c = 0; c < kSignCounters; ++c) {
+    words[4 * c + 0] = c0[c];
+    words[4 * c + 1] = c1[c];
+    words[4 * c + 2] = c2[c];
+    words[4 * c + 3] = c3[c];
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
 }
 
 // A Rademacher tile (tile_pos a multiple of 128): r[j] = +-scale, the sign bit of scale flipped
@@ -229,12 +223,11 @@ inline void philox_one(uint64_t seed, uint64_t counter, uint32_t* out) {
 template <Isa kIsa>
 __attribute__((always_inline)) inline void signs_body(uint64_t seed, uint64_t tile_pos, float scale,
                                                       float* __restrict acc, int skip, int count, bool accumulate) {
-  constexpr int kCounters = kTilePositions / kSignsPerCounter;
-  uint32_t words[4 * kCounters];
-  for (int c = 0; c < kCounters; ++c) philox_one(seed, tile_pos / kSignsPerCounter + c, words + 4 * c);
+  uint32_t words[4 * kSignCounters];
+  signs_words(seed, tile_pos, words);
   const uint32_t scale_bits = float_as_bits(scale);
   alignas(64) float r[kTilePositions];
-  for (int w = 0; w < 4 * kCounters; ++w) {
+  for (int w = 0; w < 4 * kSignCounters; ++w) {
     const uint32_t word = words[w];
     for (int b = 0; b < 32; ++b) r[32 * w + b] = bits_as_float(scale_bits ^ (((word >> b) & 1u) << 31));
   }
@@ -280,13 +273,12 @@ __attribute__((target("avx512f"))) void signs_avx512(uint64_t seed, uint64_t til
     signs_body<Isa::kAvx512>(seed, tile_pos, scale, acc, skip, count, accumulate);
     return;
   }
-  constexpr int kCounters = kTilePositions / kSignsPerCounter;
-  uint32_t words[4 * kCounters];
-  for (int c = 0; c < kCounters; ++c) philox_one(seed, tile_pos / kSignsPerCounter + c, words + 4 * c);
+  uint32_t words[4 * kSignCounters];
+  signs_words(seed, tile_pos, words);
   const __m512 plus = _mm512_set1_ps(scale);
   const __m512 minus = _mm512_castsi512_ps(
       _mm512_xor_si512(_mm512_castps_si512(plus), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-  for (int w = 0; w < 4 * kCounters; ++w) {
+  for (int w = 0; w < 4 * kSignCounters; ++w) {
     for (int half = 0; half < 2; ++half) {
       const __mmask16 set = static_cast<__mmask16>(words[w] >> (16 * half));
       float* at = acc + 32 * w + 16 * half;
