@@ -15,8 +15,8 @@ is the sparse form for embedding tables: each element keeps its position in the 
 the chosen rows get exactly the bits `add_` would give them and the other rows keep theirs.
 
 Every function takes dist="rademacher" for r(seed, j) in place of z: +1 or -1, one bit of the same
-Philox stream each (bit j % 128 of counter j // 128). A pass of r costs one read and one write of x
-and almost no arithmetic, where z's Box-Muller bounds a Gaussian pass on the CPU.
+Philox stream each (bit j % 128 of counter j // 128). A pass of r needs one Philox call per 128
+elements and no Box-Muller, which bounds a Gaussian pass on the CPU.
 
 Backends, all bit-identical:
 
